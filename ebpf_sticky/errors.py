@@ -1,0 +1,57 @@
+"""The project's errors. Every message names the cause and the fix, on one line."""
+
+from __future__ import annotations
+
+
+class StickyError(Exception):
+    """Base of every error ebpf-sticky raises on purpose; the CLI prints it as one line."""
+
+    exit_code = 2
+
+
+class ConfigError(StickyError):
+    """Bad user input: a flag, an address, a key, a target."""
+
+
+class KernelError(StickyError):
+    """The kernel refused an operation."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class PrivilegeError(KernelError):
+    """Missing CAP_BPF / CAP_NET_ADMIN (or root)."""
+
+
+class UnsupportedKernelError(KernelError):
+    """The running kernel lacks a feature the router needs."""
+
+
+class VerifierError(KernelError):
+    """The BPF verifier rejected the program; the message carries its log."""
+
+    def __init__(self, message: str, log: str, errno: int = 0) -> None:
+        super().__init__(message, errno)
+        self.log = log
+
+
+class AddressInUseError(KernelError):
+    """The port is held by a socket that is not part of a SO_REUSEPORT group we can join."""
+
+
+class LoaderUnavailableError(StickyError):
+    """The requested loader (bcc) cannot run here: package or headers missing."""
+
+
+class WorkerError(StickyError):
+    """A worker could not start its app, or a slot keeps crashing at start."""
+
+    exit_code = 4
+
+
+class ControlError(StickyError):
+    """No running instance to talk to, or it refused us."""
