@@ -75,3 +75,30 @@ def check_workers(workers: int) -> int:
     if not 1 <= workers <= MAX_SLOTS:
         raise ConfigError(f"--workers must be 1..{MAX_SLOTS}, got {workers}")
     return workers
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything `ebpf-sticky launch` needs, validated."""
+
+    bind: Bind
+    workers: int
+    spec: HashSpec
+    target: str | None = None  # Python app target; None when ``command`` is given
+    command: tuple[str, ...] = ()
+    factory: bool = False
+    udp: bool = False
+    loader: str = "native"
+    graceful_timeout: float = 30.0
+    uid: int | None = None
+    gid: int | None = None
+    pid_file: str | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if (self.target is None) == (not self.command):
+            raise ConfigError("give either a TARGET (path/app.py, module:attr) or -- COMMAND, not both")
+        if self.graceful_timeout < 0:
+            raise ConfigError(f"--graceful-timeout must be >= 0, got {self.graceful_timeout}")
+        if self.udp and self.target is not None:
+            raise ConfigError("--udp serves a -- COMMAND only: uvicorn speaks TCP")

@@ -1,0 +1,188 @@
+"""`ebpf-sticky` command line: parsing only; the work is done by the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import json
+import logging
+import os
+import pwd
+import sys
+from collections.abc import Sequence
+
+from . import config
+from .control import control_dir, find_instance, request
+from .errors import ConfigError, StickyError
+from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address, slot_of
+
+ENV_PREFIX = "EBPF_STICKY_"
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _add_hash_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hash-key", default=_env("hash-key"),
+                        help="128-bit key as 32 hex digits (default: random per launch)")  # fmt: skip
+    parser.add_argument("--prefix4", type=_int, default=_int(_env("prefix4", str(DEFAULT_PREFIX4)) or ""),
+                        help="IPv4 clients in one prefix of this length share a worker (default 32)")  # fmt: skip
+    parser.add_argument("--prefix6", type=_int, default=_int(_env("prefix6", str(DEFAULT_PREFIX6)) or ""),
+                        help="IPv6 clients in one prefix of this length share a worker (default 64)")  # fmt: skip
+
+
+def _workers_default() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ebpf-sticky",
+        description="Sticky sessions for multi-process servers, routed by the kernel.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    launch = sub.add_parser("launch", help="serve TARGET (or -- COMMAND) with sticky workers",
+                            usage="ebpf-sticky launch TARGET [options] | ebpf-sticky launch [options] -- COMMAND")  # fmt: skip
+    launch.add_argument("target", nargs="?", help="path/app.py, path/app.py:attr or package.module:attr")
+    launch.add_argument("-w", "--workers", type=_int, default=_int(_env("workers", str(_workers_default())) or ""))
+    launch.add_argument("-b", "--bind", default=_env("bind", config.DEFAULT_BIND))
+    launch.add_argument("--udp", action="store_true", default=_env("udp", "") not in ("", "0"))
+    launch.add_argument("--loader", choices=["native", "bcc"], default=_env("loader", "native"))
+    launch.add_argument("--factory", action="store_true", default=_env("factory", "") not in ("", "0"))
+    launch.add_argument("--graceful-timeout", type=float, default=float(_env("graceful-timeout", "30") or 30))
+    launch.add_argument("--user", default=_env("user"))
+    launch.add_argument("--group", default=_env("group"))
+    launch.add_argument("--pid-file", default=_env("pid-file"))
+    launch.add_argument("--log-level", default=_env("log-level", "info"),
+                        choices=["debug", "info", "warning", "error"])  # fmt: skip
+    _add_hash_options(launch)
+
+    route = sub.add_parser("route", help="which worker slot serves each ADDRESS")
+    route.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    route.add_argument("-w", "--workers", type=_int, default=None,
+                       help="with --hash-key: compute offline for this many workers")  # fmt: skip
+    route.add_argument("--port", type=_int, default=None, help="the running instance on this port")
+    _add_hash_options(route)
+
+    status = sub.add_parser("status", help="slots, pids and connections routed of a running instance")
+    status.add_argument("--port", type=_int, default=None)
+    status.add_argument("--json", action="store_true")
+
+    sub.add_parser("doctor", help="check that this machine can run ebpf-sticky, with fixes")
+    return parser
+
+
+def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
+    uid = gid = None
+    if user is not None:
+        try:
+            entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+        except KeyError:
+            raise ConfigError(f"--user {user!r}: no such user on this machine") from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if group is not None:
+        try:
+            gid = (grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))).gr_gid
+        except KeyError:
+            raise ConfigError(f"--group {group!r}: no such group on this machine") from None
+    return uid, gid
+
+
+def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.Launch:
+    from .supervisor.worker import check_target_exists, parse_target
+
+    if args.target is not None and not command:
+        check_target_exists(parse_target(args.target))
+    uid, gid = _ids(args.user, args.group)
+    key = config.parse_key(args.hash_key) if args.hash_key else os.urandom(16)
+    return config.Launch(
+        bind=config.parse_bind(args.bind), workers=config.check_workers(args.workers),
+        spec=config.hash_spec(key, args.prefix4, args.prefix6), target=args.target,
+        command=tuple(command), factory=args.factory, udp=args.udp, loader=args.loader,
+        graceful_timeout=args.graceful_timeout, uid=uid, gid=gid, pid_file=args.pid_file,
+        log_level=args.log_level,
+    )  # fmt: skip
+
+
+def cmd_launch(args: argparse.Namespace, command: Sequence[str]) -> int:
+    settings = launch_settings(args, command)
+    logging.basicConfig(level=settings.log_level.upper(), format="[ebpf-sticky] %(message)s", stream=sys.stderr)
+    from .supervisor.loop import launch
+
+    return launch(settings)
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    if args.hash_key is not None:
+        if args.workers is None:
+            raise ConfigError("route with --hash-key needs --workers N (the slot count) too")
+        spec = config.hash_spec(config.parse_key(args.hash_key), args.prefix4, args.prefix6)
+        workers = config.check_workers(args.workers)
+        for text in args.addresses:
+            try:
+                address = parse_address(text)
+            except ValueError:
+                raise ConfigError(f"{text!r} is not an IP address") from None
+            print(f"{text} {slot_of(address, spec, workers)}")
+        return 0
+    if args.workers is not None:
+        raise ConfigError("route --workers needs --hash-key too (the key decides the slots)")
+    answer = request(find_instance(control_dir(), args.port), {"cmd": "route", "addresses": args.addresses})
+    for row in answer["routes"]:
+        pids = ",".join(map(str, row["pids"])) or "-"
+        print(f"{row['address']} {row['slot']} pid={pids}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    answer = request(find_instance(control_dir(), args.port), {"cmd": "status"})
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    print(f"ebpf-sticky pid {answer['pid']}: {answer['protocol']} {answer['bind']}, {answer['loader']} loader, "
+          f"{answer['phase']}, up {answer['uptime']:.0f} s, {answer['failures']} routing failures")  # fmt: skip
+    print("slot  pids          routed")
+    for row in answer["slots"]:
+        pids = ",".join(map(str, row["pids"])) or "-"
+        print(f"{row['slot']:>4}  {pids:<12}  {row['routed']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if command and args.command != "launch":
+            raise ConfigError("'-- COMMAND' goes with launch only")
+        if args.command == "launch":
+            if command and args.target is not None:
+                raise ConfigError("give either a TARGET or -- COMMAND, not both")
+            if not command and args.target is None:
+                raise ConfigError("launch needs a TARGET (path/app.py, module:attr) or -- COMMAND")
+            return cmd_launch(args, command)
+        if args.command == "route":
+            return cmd_route(args)
+        if args.command == "status":
+            return cmd_status(args)
+        from .doctor import run_doctor
+
+        return run_doctor()
+    except StickyError as exc:
+        print(f"ebpf-sticky: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,232 @@
+"""The supervisor's I/O: fork/exec, waitpid, signals, readiness, the control socket.
+
+Every decision is the core's; this loop only turns OS happenings into core events and core actions
+into system calls.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import ctypes
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..config import Launch
+from ..kernel.router import Router
+from . import core
+from .control_server import ControlServer
+from .worker import LISTEN_FD
+
+log = logging.getLogger("ebpf_sticky")
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_SIGNALS = {
+    signal.SIGTERM: "TERM", signal.SIGINT: "INT", signal.SIGQUIT: "QUIT", signal.SIGHUP: "HUP",
+    signal.SIGTTIN: "TTIN", signal.SIGTTOU: "TTOU",
+}  # fmt: skip
+TICK = 0.05
+# A `-- COMMAND` worker that does not speak sd_notify counts as ready once alive this long.
+COMMAND_READY_AFTER = 1.0
+
+
+def _child_setup(sock_fd: int, master_pid: int) -> Callable[[], None]:
+    """Runs in the child between fork and exec (after any user/group change)."""
+
+    def setup() -> None:
+        # Set after the uid change, which would clear it; the getppid check closes the race with a
+        # master that died before the prctl.
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != master_pid:
+            os._exit(1)
+        os.dup2(sock_fd, LISTEN_FD)
+
+    return setup
+
+
+@dataclass
+class Supervisor:
+    settings: Launch
+    router: Router
+    notify_socket: socket.socket
+    notify_name: str
+    control: ControlServer
+    started: float = field(default_factory=time.monotonic)
+    children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    signals: list[str] = field(default_factory=list)
+
+    def worker_argv(self) -> list[str]:
+        s = self.settings
+        if s.command:
+            # sh replaces itself with the command, so $$ is the command's own pid.
+            return ["/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"', "ebpf-sticky-worker",
+                    *s.command]  # fmt: skip
+        assert s.target is not None
+        argv = [sys.executable, "-m", "ebpf_sticky.supervisor.worker", s.target,
+                "--graceful-timeout", str(s.graceful_timeout), "--log-level", s.log_level]  # fmt: skip
+        return argv + (["--factory"] if s.factory else [])
+
+    def spawn(self, slot: int) -> int:
+        env = dict(os.environ)
+        env.update(EBPF_STICKY_WORKER=str(slot), LISTEN_FDS="1", LISTEN_FDNAMES="ebpf-sticky",
+                   NOTIFY_SOCKET=self.notify_name)  # fmt: skip
+        env.pop("LISTEN_PID", None)
+        proc = subprocess.Popen(
+            self.worker_argv(),
+            env=env,
+            pass_fds=(LISTEN_FD,),
+            preexec_fn=_child_setup(self.router.sockets[slot].fileno(), os.getpid()),
+            user=self.settings.uid,
+            group=self.settings.gid,
+            extra_groups=[] if self.settings.uid is not None else None,
+        )
+        self.children[proc.pid] = proc
+        return proc.pid
+
+    def execute(self, sup_core: core.Core, actions: list[core.Action]) -> core.Exit | None:
+        queue = list(actions)
+        while queue:
+            action = queue.pop(0)
+            now = time.monotonic()
+            if isinstance(action, core.Spawn):
+                queue += sup_core.handle(core.Spawned(action.slot, self.spawn(action.slot), now))
+            elif isinstance(action, core.Kill):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(action.pid, signal.SIGKILL if action.signal == "KILL" else signal.SIGTERM)
+            elif isinstance(action, core.AddSlot):
+                self.router.add_slot()
+            elif isinstance(action, core.RetireSlot):
+                self.router.retire_slot()
+            elif isinstance(action, core.ReleaseSlot):
+                self.router.release_slot(action.slot)
+            elif isinstance(action, core.NotifyReady):
+                notify_systemd("READY=1")
+            elif isinstance(action, core.Log):
+                log.info(action.message)
+            else:
+                return action
+        return None
+
+    def reap(self) -> list[core.Event]:
+        events: list[core.Event] = []
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            code = os.waitstatus_to_exitcode(status)
+            proc = self.children.pop(pid, None)
+            if proc is not None:
+                proc.returncode = code  # so subprocess never waits for it again
+            events.append(core.Exited(pid, code, time.monotonic()))
+        return events
+
+    def readiness(self) -> list[core.Event]:
+        events: list[core.Event] = []
+        while True:
+            try:
+                data, ancdata, _, _ = self.notify_socket.recvmsg(4096, socket.CMSG_SPACE(12))
+            except BlockingIOError:
+                return events
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = array.array("i", payload[:12])[0]
+                    if b"READY=1" in data.split(b"\n"):
+                        events.append(core.Ready(pid, time.monotonic()))
+
+    def run(self) -> int:
+        s = self.settings
+        sup_core = core.Core(
+            slots=self.router.slots,
+            graceful_timeout=s.graceful_timeout,
+            assume_ready_after=COMMAND_READY_AFTER if s.command else None,
+        )
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        handlers = {sig: signal.signal(sig, lambda n, _f: self.signals.append(_SIGNALS[n])) for sig in _SIGNALS}
+        old_chld = signal.signal(signal.SIGCHLD, lambda _n, _f: None)
+        try:
+            log.info("%s: %d slots on %s (%s loader, %d BPF instructions)",
+                     "udp" if s.udp else "tcp", self.router.slots, self.router.bind.with_port(self.router.port),
+                     s.loader, self.router.insn_count)  # fmt: skip
+            done = self.execute(sup_core, sup_core.handle(core.Start(time.monotonic())))
+            while done is None:
+                readable, _, _ = select.select([wake_r, self.notify_socket, *self.control.sockets()], [], [], TICK)
+                if wake_r in readable:
+                    with contextlib.suppress(BlockingIOError):
+                        wake_r.recv(4096)
+                events: list[core.Event] = self.reap() + self.readiness()
+                while self.signals:
+                    events.append(core.Signal(self.signals.pop(0), time.monotonic()))
+                self.control.serve(readable, sup_core, self.started)
+                draining = sup_core.draining_slot()
+                pending = {draining: self.router.pending(draining)} if draining is not None else {}
+                events.append(core.Tick(time.monotonic(), pending))
+                for event in events:
+                    done = self.execute(sup_core, sup_core.handle(event))
+                    if done is not None:
+                        break
+            if done.message:
+                log.error(done.message)
+            return done.code
+        finally:
+            for proc in self.children.values():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            for pid in list(self.children):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+                self.children.pop(pid).returncode = -9
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            signal.signal(signal.SIGCHLD, old_chld)
+            wake_r.close()
+            wake_w.close()
+
+
+def notify_systemd(message: str) -> None:
+    from .worker import sd_notify
+
+    with contextlib.suppress(OSError):
+        sd_notify(message)
+
+
+def open_notify_socket() -> tuple[socket.socket, str]:
+    """An abstract datagram socket workers send READY=1 to; the kernel stamps each message
+    with the sender's pid (SO_PASSCRED), so only our children's messages count."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    name = f"ebpf-sticky-{os.getpid()}-{os.urandom(4).hex()}"
+    sock.bind("\0" + name)
+    sock.setblocking(False)
+    return sock, "@" + name
+
+
+def launch(settings: Launch) -> int:
+    """Build the group, run workers until told to stop; returns the exit status."""
+    # The master's own NOTIFY_SOCKET (systemd) is for the master alone; workers get ours.
+    router = Router.open(settings.bind, settings.spec, settings.workers, udp=settings.udp,
+                         loader=settings.loader)  # fmt: skip
+    with router, ControlServer.open(router, settings) as control, contextlib.ExitStack() as stack:
+        notify_sock, notify_name = open_notify_socket()
+        stack.callback(notify_sock.close)
+        if settings.pid_file:
+            with open(settings.pid_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            stack.callback(lambda: os.unlink(settings.pid_file) if settings.pid_file else None)
+        supervisor = Supervisor(settings, router, notify_sock, notify_name, control)
+        return supervisor.run()

@@ -1,0 +1,168 @@
+"""The worker side: import the target after exec and serve it with uvicorn on the slot's socket.
+
+Run by the master as ``python -m ebpf_sticky.supervisor.worker TARGET [--factory]`` with the slot's
+listening socket on fd 3 (systemd socket-activation convention, ``LISTEN_FDS=1``). The worker holds
+no BPF fd and no other slot's socket: the master execs it with only fd 3 open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import os
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .core import APP_LOAD_ERROR
+
+LISTEN_FD = 3
+APP_NAMES = ("app", "application")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the app lives: a file path or a module name, and an attribute (None: find it)."""
+
+    location: str
+    attr: str | None
+    is_path: bool
+
+
+def parse_target(text: str) -> Target:
+    location, sep, attr = text.rpartition(":") if ":" in text else (text, "", "")
+    if sep and not attr:
+        raise ConfigError(f"target {text!r}: nothing after ':' (write path/app.py:app or module:app)")
+    is_path = location.endswith(".py") or "/" in location
+    if not is_path and not all(part.isidentifier() for part in location.split(".")):
+        raise ConfigError(f"target {text!r}: expected path/to/app.py, path/to/app.py:attr or package.module:attr")
+    if not is_path and not sep:
+        raise ConfigError(f"target {text!r}: name the attribute too, e.g. {text}:app")
+    return Target(location, attr or None, is_path)
+
+
+def check_target_exists(target: Target) -> None:
+    """Fail in the master, before any fork, for the commonest mistake: a wrong path."""
+    if target.is_path and not Path(target.location).is_file():
+        raise ConfigError(f"target file {target.location!r} does not exist (relative to {os.getcwd()})")
+
+
+def _import(target: Target) -> Any:
+    if not target.is_path:
+        sys.path.insert(0, os.getcwd())
+        return importlib.import_module(target.location)
+    path = Path(target.location).resolve()
+    # Like `python app.py`: the app's directory comes first, so its sibling modules import.
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import {target.location!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _looks_like_app(value: Any) -> bool:
+    return callable(value) and not inspect.isclass(value) and not inspect.ismodule(value)
+
+
+def find_app(module: Any, target: Target) -> Any:
+    if target.attr is not None:
+        if not hasattr(module, target.attr):
+            raise ConfigError(f"{target.location!r} has no attribute {target.attr!r}")
+        return getattr(module, target.attr)
+    for name in APP_NAMES:
+        if hasattr(module, name):
+            return getattr(module, name)
+    candidates = sorted(
+        name for name, value in vars(module).items()
+        if not name.startswith("_") and _looks_like_app(value)
+        and getattr(value, "__module__", module.__name__) == module.__name__
+    )  # fmt: skip
+    seen = ", ".join(f"{target.location}:{name}" for name in candidates) or "no callables"
+    raise ConfigError(f"no 'app' or 'application' in {target.location!r}; saw {seen}: name one as PATH:ATTR")
+
+
+def is_asgi(app: Any) -> bool:
+    """ASGI apps are coroutine functions (or objects whose __call__ is); WSGI apps are not."""
+    if inspect.iscoroutinefunction(app):
+        return True
+    call = getattr(app, "__call__", None)  # noqa: B004 - the attribute itself is what we inspect
+    return inspect.iscoroutinefunction(call)
+
+
+def load_app(target: Target, factory: bool) -> Callable[..., Any]:
+    app = find_app(_import(target), target)
+    if factory:
+        app = app()
+    if not callable(app):
+        raise ConfigError(f"{target.location}: the app is not callable (is it a factory? add --factory)")
+    if is_asgi(app):
+        return app  # type: ignore[no-any-return]
+    from a2wsgi import WSGIMiddleware
+
+    return WSGIMiddleware(app)  # type: ignore[no-any-return]
+
+
+def sd_notify(message: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+
+
+async def _serve(app: Callable[..., Any], sock: socket.socket, graceful_timeout: float, log_level: str) -> bool:
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
+                            lifespan="auto", access_log=False)  # fmt: skip
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.01)
+    started = server.started
+    if started:
+        sd_notify("READY=1")
+    await task
+    return started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ebpf-sticky-worker")
+    parser.add_argument("target")
+    parser.add_argument("--factory", action="store_true")
+    parser.add_argument("--graceful-timeout", type=float, default=30.0)
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    slot = os.environ.get("EBPF_STICKY_WORKER", "?")
+    try:
+        app = load_app(parse_target(args.target), args.factory)
+    except ConfigError as exc:
+        print(f"ebpf-sticky: slot {slot}: {exc}", file=sys.stderr, flush=True)
+        return APP_LOAD_ERROR
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        print(f"ebpf-sticky: slot {slot}: importing {args.target} raised {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return APP_LOAD_ERROR
+    sock = socket.socket(fileno=LISTEN_FD)
+    started = asyncio.run(_serve(app, sock, args.graceful_timeout, args.log_level))
+    return 0 if started else APP_LOAD_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
