@@ -1,12 +1,12 @@
 // The selection program in C, for the bcc loader and for readers.
 // Mirrors ebpf_sticky/kernel/program.py instruction for instruction in meaning: read the client's
 // source address, mask it to its prefix, SipHash-1-3 it with the group's key, look the bucket up in
-// the live half of the double-buffered table, select that slot's socket, count.
+// the live one of the two bucket tables, select that slot's socket, count.
 //
 // bcc 0.26 has no reuseport_sockarray table type and does not relocate &map for
 // bpf_sk_select_reuseport, so the router creates every map and passes the fds in, as it does for
 // the native loader; both loaders then share one set of maps. Constants come as -D flags:
-//   SOCKS_FD TABLE_FD COUNTERS_FD  map fds
+//   SOCKS_FD TABLE_FD LIVE_FD COUNTERS_FD  map fds
 //   V0 V1 V2 V3                    SipHash state after keying (hashing.siphash_init)
 //   MASK4 MASK6_0 MASK6_1          prefix masks as little-endian words (hashing.program_constants)
 //   BUCKETS MAX_SLOTS              table size and the counters' failure index
@@ -76,15 +76,14 @@ int select_slot(struct sk_reuseport_md *ctx) {
     SIPROUND;
     u32 bucket = (v0 ^ v1 ^ v2 ^ v3) & (BUCKETS - 1);
 
-    u32 active_key = 2 * BUCKETS;
-    u32 *active = bpf_map_lookup_elem((void *)bpf_pseudo_fd(1, TABLE_FD), &active_key);
-    if (!active)
+    u32 zero = 0;
+    u32 *live = bpf_map_lookup_elem((void *)bpf_pseudo_fd(1, LIVE_FD), &zero);
+    if (!live)
         goto fail;
-    u32 index = *active + bucket;
-    u32 *slot = bpf_map_lookup_elem((void *)bpf_pseudo_fd(1, TABLE_FD), &index);
-    if (!slot)
+    u16 *table = bpf_map_lookup_elem((void *)bpf_pseudo_fd(1, TABLE_FD), live);
+    if (!table)
         goto fail;
-    u32 key = *slot;
+    u32 key = table[bucket];
     if (bpf_sk_select_reuseport(ctx, (void *)bpf_pseudo_fd(1, SOCKS_FD), &key, 0))
         goto fail;
     count(key);

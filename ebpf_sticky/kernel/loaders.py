@@ -73,7 +73,7 @@ def c_source() -> str:
 
 def bcc_cflags(consts: ProgramConstants, fds: program.MapFds) -> list[str]:
     defines = {
-        "SOCKS_FD": fds.socks, "TABLE_FD": fds.table, "COUNTERS_FD": fds.counters,
+        "SOCKS_FD": fds.socks, "TABLE_FD": fds.table, "LIVE_FD": fds.live, "COUNTERS_FD": fds.counters,
         "V0": consts.v_init[0], "V1": consts.v_init[1], "V2": consts.v_init[2],
         "V3": consts.v_init[3], "MASK4": consts.mask4, "MASK6_0": consts.mask6[0],
         "MASK6_1": consts.mask6[1], "BUCKETS": BUCKETS, "MAX_SLOTS": MAX_SLOTS,
@@ -86,16 +86,17 @@ def load_bcc(consts: ProgramConstants, fds: program.MapFds) -> LoadedProgram:
     if os.geteuid() != 0:
         raise PrivilegeError(f"--loader bcc needs root: {syscalls.PRIVILEGE_FIX}")
     try:
-        bpf = bcc.BPF(text=c_source(), cflags=bcc_cflags(consts, fds))
+        bpf = bcc.BPF(text=c_source().encode(), cflags=bcc_cflags(consts, fds))
     except Exception as exc:
         # bcc raises plain Exception for a failed compile, most often missing kernel headers.
-        raise LoaderUnavailableError(f"--loader bcc: compiling bpf/select.c failed ({exc}): {BCC_FIX}") from exc
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise LoaderUnavailableError(f"--loader bcc: compiling bpf/select.c failed ({first}): {BCC_FIX}") from exc
     try:
-        fn = bpf.load_func("select_slot", syscalls.PROG_TYPE_SK_REUSEPORT)
+        fn = bpf.load_func(b"select_slot", syscalls.PROG_TYPE_SK_REUSEPORT)
     except Exception as exc:
         bpf.cleanup()
         raise VerifierError(f"--loader bcc: the kernel rejected the program ({exc})", str(exc)) from exc
-    return LoadedProgram(fn.fd, len(bpf.dump_func("select_slot")) // 8, keepalive=bpf)
+    return LoadedProgram(fn.fd, len(bpf.dump_func(b"select_slot")) // 8, keepalive=bpf)
 
 
 LOADERS: dict[str, Callable[[ProgramConstants, program.MapFds], LoadedProgram]] = {

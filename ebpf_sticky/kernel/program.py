@@ -4,9 +4,11 @@ Mirrors ``hashing.py`` step for step (same message words, same rounds), and ``bp
 the bcc loader. Maps it uses (created by ``router.py``):
 
 * ``socks``    REUSEPORT_SOCKARRAY, slot → listening socket.
-* ``table``    ARRAY of u32, two bucket tables back to back plus one word at index 2*BUCKETS that
-               holds the offset (0 or BUCKETS) of the live one: the router writes the idle table,
-               then flips the word, so no connection ever sees a half-written table.
+* ``table``    ARRAY of two entries, each a whole bucket table (BUCKETS u16 slot numbers, 8 KiB):
+               a compact table stays in cache, where one slot per 8-byte array element would cost
+               a cache miss per connection (see hashing.BUCKETS for the measurements).
+* ``live``     ARRAY of one u32: which of the two tables is live. The router writes the idle
+               table, then flips this word, so no connection ever sees a half-written table.
 * ``counters`` PERCPU_ARRAY of u64: selections per slot, and failures at index MAX_SLOTS.
 
 On any failure the program returns SK_PASS without selecting, which lets the kernel pick by its own
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from ..hashing import BUCKETS, MAX_SLOTS, ProgramConstants
 from .asm import (
     DW,
+    H,
     R0,
     R1,
     R2,
@@ -62,7 +65,6 @@ HDR_START_NET = 1
 # Source address offsets in the network header.
 IPV4_SRC_OFFSET, IPV6_SRC_OFFSET = 12, 8
 SK_PASS = 1
-TABLE_ACTIVE_INDEX = 2 * BUCKETS
 FAILURE_INDEX = MAX_SLOTS
 V4_MAPPED_HIGH = 0xFFFF << 16
 LENGTH_WORD = 16 << 56
@@ -77,6 +79,7 @@ SLOT = -24  # u32 slot key for bpf_sk_select_reuseport
 class MapFds:
     socks: int
     table: int
+    live: int
     counters: int
 
 
@@ -155,14 +158,15 @@ def build(consts: ProgramConstants, fds: MapFds) -> list[Insn]:
         alu64r("xor", v0, v2),
         alu64r("xor", v0, v3),
         alu64("and", v0, BUCKETS - 1),
-        movr(R7, R0),  # bucket
-        # slot = table[active + bucket]
-        mov(R1, TABLE_ACTIVE_INDEX),
-        *_lookup(fds.table, R1, "fail"),
+        alu64("lsh", v0, 1),
+        movr(R7, R0),  # byte offset of the bucket's u16 in a table
+        # slot = tables[live][bucket]
+        mov(R1, 0),
+        *_lookup(fds.live, R1, "fail"),
         ldx(W, R1, R0, 0),
-        alu64r("add", R7, R1),
-        *_lookup(fds.table, R7, "fail"),
-        ldx(W, R9, R0, 0),
+        *_lookup(fds.table, R1, "fail"),
+        alu64r("add", R0, R7),
+        ldx(H, R9, R0, 0),
         stx(W, R10, R9, SLOT),
         movr(R1, R6),
         *ld_map_fd(R2, fds.socks),

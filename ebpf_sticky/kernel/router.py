@@ -11,7 +11,6 @@ import errno as errno_mod
 import os
 import socket
 import struct
-from array import array
 from contextlib import ExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -21,13 +20,11 @@ from ..errors import AddressInUseError, ConfigError, KernelError
 from ..hashing import BUCKETS, MAX_SLOTS, HashSpec, bucket_table, program_constants
 from . import syscalls
 from .loaders import LOADERS, LoadedProgram
-from .program import FAILURE_INDEX, TABLE_ACTIVE_INDEX, MapFds
+from .program import FAILURE_INDEX, MapFds
 
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
-# An ARRAY map stores each value in an 8-byte-aligned element, whatever value_size is; the
-# mmap'd table is laid out with that stride.
-_ELEM_STRIDE = 8
+_TABLE = struct.Struct(f"={BUCKETS}H")
 _TCPI_UNACKED = 24  # offset of tcpi_unacked in struct tcp_info: a listener's accept-queue length
 DEFAULT_BACKLOG = 1024
 
@@ -83,12 +80,9 @@ class Router:
         self.sockets: list[socket.socket] = []
         self._fds: MapFds | None = None
         self._program: LoadedProgram | None = None
-        self._table: memoryview | None = None
-        # Everything to undo on close, in reverse order of creation: map fds, the table's mmap.
-        self._resources = ExitStack()
-        # Offset of the live table half; starting "at the second half" makes the first publish
-        # fill the first half.
-        self._active = BUCKETS
+        self._resources = ExitStack()  # the map fds, closed on close()
+        # Which of the two tables is live; starting at 1 makes the first publish fill table 0.
+        self._live = 1
 
     @classmethod
     def open(cls, bind: Bind, spec: HashSpec, slots: int, *, udp: bool = False,
@@ -113,14 +107,10 @@ class Router:
     def _build(self, slots: int, backlog: int) -> None:
         self._fds = MapFds(
             socks=self._map(syscalls.MAP_TYPE_REUSEPORT_SOCKARRAY, 8, MAX_SLOTS, "sticky_socks"),
-            table=self._map(syscalls.MAP_TYPE_ARRAY, 4, 2 * BUCKETS + 1, "sticky_table",
-                            syscalls.MAP_F_MMAPABLE),
+            table=self._map(syscalls.MAP_TYPE_ARRAY, _TABLE.size, 2, "sticky_table"),
+            live=self._map(syscalls.MAP_TYPE_ARRAY, 4, 1, "sticky_live"),
             counters=self._map(syscalls.MAP_TYPE_PERCPU_ARRAY, 8, MAX_SLOTS + 1, "sticky_counts"),
-        )  # fmt: skip
-        mapped = syscalls.map_mmap(self._fds.table, (2 * BUCKETS + 1) * _ELEM_STRIDE)
-        self._resources.callback(mapped.close)
-        self._table = memoryview(mapped)
-        self._resources.callback(self._table.release)
+        )
         self._publish_table(slots)
         # Every socket listens and sits in the sockarray before the program is attached, so the
         # program never sees a slot it cannot select. Connections in the microseconds between the
@@ -146,19 +136,16 @@ class Router:
         self.sockets.append(sock)
 
     def _publish_table(self, slots: int) -> None:
-        """Write the table for ``slots`` into the idle half, then flip the live-half word.
+        """Write the table for ``slots`` into the idle entry, then flip the live word.
 
         The flip is one map update, so a connection sees either the old table or the new one.
         """
-        assert self._fds is not None and self._table is not None
-        idle = BUCKETS - self._active
-        words = array("I", bytes(2 * BUCKETS * 4))
-        words[0::2] = array("I", bucket_table(slots))
-        start = idle * _ELEM_STRIDE
-        self._table[start : start + BUCKETS * _ELEM_STRIDE] = words.tobytes()
-        syscalls.map_update(self._fds.table, _U32.pack(TABLE_ACTIVE_INDEX), _U32.pack(idle),
-                            "switching the bucket table")  # fmt: skip
-        self._active = idle
+        assert self._fds is not None
+        idle = 1 - self._live
+        syscalls.map_update(self._fds.table, _U32.pack(idle), _TABLE.pack(*bucket_table(slots)),
+                            "writing the bucket table")  # fmt: skip
+        syscalls.map_update(self._fds.live, _U32.pack(0), _U32.pack(idle), "switching the bucket table")
+        self._live = idle
 
     @property
     def port(self) -> int:
@@ -230,7 +217,6 @@ class Router:
             self._program.close()
             self._program = None
         self._resources.close()
-        self._table = None
         self._fds = None
 
     def __enter__(self) -> Router:

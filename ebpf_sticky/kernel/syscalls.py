@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import errno as errno_mod
-import mmap
 import os
 import platform
 import socket
@@ -22,7 +21,6 @@ MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, PROG_LOAD = 0, 1,
 MAP_TYPE_ARRAY, MAP_TYPE_PERCPU_ARRAY, MAP_TYPE_REUSEPORT_SOCKARRAY = 2, 6, 20
 PROG_TYPE_SK_REUSEPORT = 21
 ATTACH_SK_REUSEPORT_SELECT = 39
-MAP_F_MMAPABLE = 1 << 10
 UPDATE_ANY = 0
 # Socket options (x86 and arm values; parisc and sparc differ and are not supported).
 SO_ATTACH_REUSEPORT_EBPF = 52
@@ -86,7 +84,8 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> tuple[int, int]:
 
 
 def _raise_common(err: int, what: str) -> None:
-    if err in (errno_mod.EPERM, errno_mod.EACCES):
+    # EPERM is the capability check; EACCES from PROG_LOAD is the verifier's "invalid access".
+    if err == errno_mod.EPERM:
         raise PrivilegeError(f"the kernel refused {what} (permission denied): {PRIVILEGE_FIX}", err)
     if err == errno_mod.ENOSYS:
         raise UnsupportedKernelError(
@@ -142,12 +141,6 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
         _raise_common(err, "reading a BPF map")
         raise KernelError(f"reading a BPF map failed: {os.strerror(err)}", err)
     return value.raw
-
-
-def map_mmap(fd: int, size: int) -> mmap.mmap:
-    """Map a BPF_F_MMAPABLE array into memory, so a whole table is written with one copy."""
-    length = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
-    return mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def prog_load(prog_type: int, code: bytes, name: str, expected_attach_type: int) -> int:

@@ -1,0 +1,108 @@
+"""Real clients from many source addresses, and throwaway network namespaces, for the tests."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from typing import Any
+
+CLONE_NEWNET = 0x40000000
+IFA_F_NODAD = 0x02
+
+
+def v4_sources(count: int, start: int = 2) -> list[str]:
+    """Distinct loopback addresses 127.x.y.z, usable as client sources with no setup."""
+    sources: list[str] = []
+    i = start
+    while len(sources) < count:
+        if i & 0xFF not in (0, 255):
+            sources.append(f"127.{(i >> 16) & 0xFF}.{(i >> 8) & 0xFF}.{i & 0xFF}")
+        i += 1
+    return sources
+
+
+def connect_all(sources: Iterable[str], host: str, port: int, family: int = socket.AF_INET) -> list[socket.socket]:
+    clients = []
+    for source in sources:
+        client = socket.socket(family, socket.SOCK_STREAM)
+        client.bind((source, 0))
+        client.connect((host, port))
+        clients.append(client)
+    return clients
+
+
+def accept_all(listeners: list[socket.socket], expected: int, deadline: float = 10.0) -> dict[str, int]:
+    """Accept from every listener until ``expected`` connections arrived: peer address → slot."""
+    seen: dict[str, int] = {}
+    end = time.monotonic() + deadline
+    while len(seen) < expected and time.monotonic() < end:
+        readable, _, _ = select.select(listeners, [], [], 0.2)
+        for sock in readable:
+            conn, peer = sock.accept()
+            seen[peer[0]] = listeners.index(sock)
+            conn.close()
+    return seen
+
+
+def send_all_udp(sources: Iterable[str], host: str, port: int, family: int = socket.AF_INET) -> None:
+    for source in sources:
+        with socket.socket(family, socket.SOCK_DGRAM) as client:
+            client.bind((source, 0))
+            client.sendto(b"x", (host, port))
+
+
+def recv_all_udp(listeners: list[socket.socket], expected: int, deadline: float = 10.0) -> dict[str, int]:
+    seen: dict[str, int] = {}
+    end = time.monotonic() + deadline
+    while len(seen) < expected and time.monotonic() < end:
+        readable, _, _ = select.select(listeners, [], [], 0.2)
+        for sock in readable:
+            _, peer = sock.recvfrom(16)
+            seen[peer[0]] = listeners.index(sock)
+    return seen
+
+
+def in_new_netns(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a forked child inside a fresh network namespace; return its JSON result.
+
+    Everything the child adds (addresses, sockets) dies with the namespace: nothing to clean up.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        code = 0
+        try:
+            if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
+            payload = {"result": fn()}
+        except BaseException:
+            payload, code = {"error": traceback.format_exc()}, 1
+        with os.fdopen(write_end, "w") as f:
+            json.dump(payload, f)
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    payload = json.loads(data)
+    if "error" in payload:
+        raise AssertionError("child in netns failed:\n" + payload["error"])
+    return payload["result"]
+
+
+def loopback_with(addresses: Iterable[str]) -> None:
+    """Inside a fresh netns: bring lo up and give it these IPv6 addresses (no DAD)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.link("set", index=lo, state="up")
+        for address in addresses:
+            ipr.addr("add", index=lo, address=address, prefixlen=128, flags=IFA_F_NODAD)
