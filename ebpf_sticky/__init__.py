@@ -1,0 +1,37 @@
+"""ebpf-sticky: sticky sessions for multi-process servers, routed in the kernel by eBPF."""
+
+from .api import run
+from .config import Bind, parse_bind
+from .errors import (
+    AddressInUseError,
+    ConfigError,
+    ControlError,
+    KernelError,
+    LoaderUnavailableError,
+    PrivilegeError,
+    StickyError,
+    UnsupportedKernelError,
+    VerifierError,
+)
+from .hashing import HashSpec, parse_address, slot_of
+from .kernel.router import Counters, Router
+
+__all__ = [
+    "AddressInUseError",
+    "Bind",
+    "ConfigError",
+    "ControlError",
+    "Counters",
+    "HashSpec",
+    "KernelError",
+    "LoaderUnavailableError",
+    "PrivilegeError",
+    "Router",
+    "StickyError",
+    "UnsupportedKernelError",
+    "VerifierError",
+    "parse_address",
+    "parse_bind",
+    "run",
+    "slot_of",
+]

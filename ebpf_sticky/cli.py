@@ -31,12 +31,23 @@ def _int(text: str) -> int:
 
 
 def _add_hash_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hash-key", default=_env("hash-key"),
-                        help="128-bit key as 32 hex digits (default: random per launch)")  # fmt: skip
-    parser.add_argument("--prefix4", type=_int, default=_int(_env("prefix4", str(DEFAULT_PREFIX4)) or ""),
-                        help="IPv4 clients in one prefix of this length share a worker (default 32)")  # fmt: skip
-    parser.add_argument("--prefix6", type=_int, default=_int(_env("prefix6", str(DEFAULT_PREFIX6)) or ""),
-                        help="IPv6 clients in one prefix of this length share a worker (default 64)")  # fmt: skip
+    parser.add_argument(
+        "--hash-key",
+        default=_env("hash-key"),
+        help="128-bit key as 32 hex digits (default: random per launch)",
+    )
+    parser.add_argument(
+        "--prefix4",
+        type=_int,
+        default=_int(_env("prefix4", str(DEFAULT_PREFIX4)) or ""),
+        help="IPv4 clients in one prefix of this length share a worker (default 32)",
+    )
+    parser.add_argument(
+        "--prefix6",
+        type=_int,
+        default=_int(_env("prefix6", str(DEFAULT_PREFIX6)) or ""),
+        help="IPv6 clients in one prefix of this length share a worker (default 64)",
+    )
 
 
 def _workers_default() -> int:
@@ -50,10 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    launch = sub.add_parser("launch", help="serve TARGET (or -- COMMAND) with sticky workers",
-                            usage="ebpf-sticky launch TARGET [options] | ebpf-sticky launch [options] -- COMMAND")  # fmt: skip
+    launch = sub.add_parser(
+        "launch",
+        help="serve TARGET (or -- COMMAND) with sticky workers",
+        usage="ebpf-sticky launch TARGET [options] | ebpf-sticky launch [options] -- COMMAND",
+    )
     launch.add_argument("target", nargs="?", help="path/app.py, path/app.py:attr or package.module:attr")
-    launch.add_argument("-w", "--workers", type=_int, default=_int(_env("workers", str(_workers_default())) or ""))
+    launch.add_argument(
+        "-w", "--workers", type=_int, default=_int(_env("workers", str(_workers_default())) or "")
+    )
     launch.add_argument("-b", "--bind", default=_env("bind", config.DEFAULT_BIND))
     launch.add_argument("--udp", action="store_true", default=_env("udp", "") not in ("", "0"))
     launch.add_argument("--loader", choices=["native", "bcc"], default=_env("loader", "native"))
@@ -62,14 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--user", default=_env("user"))
     launch.add_argument("--group", default=_env("group"))
     launch.add_argument("--pid-file", default=_env("pid-file"))
-    launch.add_argument("--log-level", default=_env("log-level", "info"),
-                        choices=["debug", "info", "warning", "error"])  # fmt: skip
+    launch.add_argument(
+        "--log-level", default=_env("log-level", "info"), choices=["debug", "info", "warning", "error"]
+    )
     _add_hash_options(launch)
 
     route = sub.add_parser("route", help="which worker slot serves each ADDRESS")
     route.add_argument("addresses", nargs="+", metavar="ADDRESS")
-    route.add_argument("-w", "--workers", type=_int, default=None,
-                       help="with --hash-key: compute offline for this many workers")  # fmt: skip
+    route.add_argument(
+        "-w",
+        "--workers",
+        type=_int,
+        default=None,
+        help="with --hash-key: compute offline for this many workers",
+    )
     route.add_argument("--port", type=_int, default=None, help="the running instance on this port")
     _add_hash_options(route)
 
@@ -105,17 +127,27 @@ def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.
     uid, gid = _ids(args.user, args.group)
     key = config.parse_key(args.hash_key) if args.hash_key else os.urandom(16)
     return config.Launch(
-        bind=config.parse_bind(args.bind), workers=config.check_workers(args.workers),
-        spec=config.hash_spec(key, args.prefix4, args.prefix6), target=args.target,
-        command=tuple(command), factory=args.factory, udp=args.udp, loader=args.loader,
-        graceful_timeout=args.graceful_timeout, uid=uid, gid=gid, pid_file=args.pid_file,
+        bind=config.parse_bind(args.bind),
+        workers=config.check_workers(args.workers),
+        spec=config.hash_spec(key, args.prefix4, args.prefix6),
+        target=args.target,
+        command=tuple(command),
+        factory=args.factory,
+        udp=args.udp,
+        loader=args.loader,
+        graceful_timeout=args.graceful_timeout,
+        uid=uid,
+        gid=gid,
+        pid_file=args.pid_file,
         log_level=args.log_level,
-    )  # fmt: skip
+    )
 
 
 def cmd_launch(args: argparse.Namespace, command: Sequence[str]) -> int:
     settings = launch_settings(args, command)
-    logging.basicConfig(level=settings.log_level.upper(), format="[ebpf-sticky] %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="[ebpf-sticky] %(message)s", stream=sys.stderr
+    )
     from .supervisor.loop import launch
 
     return launch(settings)
@@ -148,8 +180,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2))
         return 0
-    print(f"ebpf-sticky pid {answer['pid']}: {answer['protocol']} {answer['bind']}, {answer['loader']} loader, "
-          f"{answer['phase']}, up {answer['uptime']:.0f} s, {answer['failures']} routing failures")  # fmt: skip
+    print(
+        f"ebpf-sticky pid {answer['pid']}: {answer['protocol']} {answer['bind']}, {answer['loader']} loader, "
+        f"{answer['phase']}, up {answer['uptime']:.0f} s, {answer['failures']} routing failures"
+    )
     print("slot  pids          routed")
     for row in answer["slots"]:
         pids = ",".join(map(str, row["pids"])) or "-"

@@ -43,8 +43,10 @@ def find_instance(directory: Path, port: int | None) -> Path:
         live = [path for path in live if path.stem.endswith(f"-{port}")]
     if not live:
         where = f" on port {port}" if port is not None else ""
-        raise ControlError(f"no running ebpf-sticky instance{where} found in {directory}: start one with "
-                           "`ebpf-sticky launch`, or run this as the user who launched it")  # fmt: skip
+        raise ControlError(
+            f"no running ebpf-sticky instance{where} found in {directory}: start one with "
+            "`ebpf-sticky launch`, or run this as the user who launched it"
+        )
     if len(live) > 1:
         names = ", ".join(path.stem for path in live)
         raise ControlError(f"several instances are running ({names}): choose one with --port")

@@ -49,14 +49,17 @@ def check_privileges() -> Check:
     has_bpf = bool(caps & (1 << CAP_BPF) or caps & (1 << CAP_SYS_ADMIN))
     has_net = bool(caps & (1 << CAP_NET_ADMIN))
     ok = has_bpf and has_net
-    detail = f"uid {os.geteuid()}, CAP_BPF/CAP_SYS_ADMIN {'yes' if has_bpf else 'no'}, CAP_NET_ADMIN {'yes' if has_net else 'no'}"
+    yes_no = {True: "yes", False: "no"}
+    detail = f"uid {os.geteuid()}, CAP_BPF/CAP_SYS_ADMIN {yes_no[has_bpf]}, CAP_NET_ADMIN {yes_no[has_net]}"
     return Check("privileges", ok, detail, "" if ok else "run as root, or grant CAP_BPF and CAP_NET_ADMIN")
 
 
 def check_group() -> Check:
     try:
         with Router.open(parse_bind("127.0.0.1:0"), HashSpec(os.urandom(16)), 2) as router:
-            return Check("sticky group", True, f"native program loads ({router.insn_count} instructions) and attaches")
+            return Check(
+                "sticky group", True, f"native program loads ({router.insn_count} instructions) and attaches"
+            )
     except StickyError as exc:
         return Check("sticky group", False, str(exc), "see the privileges and kernel lines")
 
@@ -68,18 +71,29 @@ def check_bcc() -> Check:
         return Check("bcc", False, "not importable", BCC_FIX, required=False)
     build = Path(f"/lib/modules/{platform.release()}/build")
     if not build.exists():
-        return Check("bcc", False, f"bcc {getattr(bcc, '__version__', '?')} but no {build}", BCC_FIX, required=False)
-    return Check("bcc", True, f"bcc {getattr(bcc, '__version__', '?')}, headers at {build.resolve()}", required=False)
+        return Check(
+            "bcc", False, f"bcc {getattr(bcc, '__version__', '?')} but no {build}", BCC_FIX, required=False
+        )
+    return Check(
+        "bcc", True, f"bcc {getattr(bcc, '__version__', '?')}, headers at {build.resolve()}", required=False
+    )
 
 
 def check_migrate() -> Check:
     path = Path("/proc/sys/net/ipv4/tcp_migrate_req")
     value = path.read_text().strip() if path.exists() else "absent"
-    return Check("tcp_migrate_req", True, f"{value} (not needed: the master keeps every slot's socket)",
-                 required=False)  # fmt: skip
+    return Check(
+        "tcp_migrate_req", True, f"{value} (not needed: the master keeps every slot's socket)", required=False
+    )
 
 
-CHECKS: tuple[Callable[[], Check], ...] = (check_kernel, check_privileges, check_group, check_bcc, check_migrate)
+CHECKS: tuple[Callable[[], Check], ...] = (
+    check_kernel,
+    check_privileges,
+    check_group,
+    check_bcc,
+    check_migrate,
+)
 
 
 def run_doctor() -> int:

@@ -47,11 +47,5 @@ class LoaderUnavailableError(StickyError):
     """The requested loader (bcc) cannot run here: package or headers missing."""
 
 
-class WorkerError(StickyError):
-    """A worker could not start its app, or a slot keeps crashing at start."""
-
-    exit_code = 4
-
-
 class ControlError(StickyError):
     """No running instance to talk to, or it refused us."""

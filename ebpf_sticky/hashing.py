@@ -109,9 +109,7 @@ def siphash(key: bytes, message: bytes, c_rounds: int = 1, d_rounds: int = 3) ->
     """SipHash-c-d of any message (reference form, used to check the fast path)."""
     v0, v1, v2, v3 = siphash_init(key)
     tail_len = len(message) % 8
-    words = [
-        int.from_bytes(message[i : i + 8], "little") for i in range(0, len(message) - tail_len, 8)
-    ]
+    words = [int.from_bytes(message[i : i + 8], "little") for i in range(0, len(message) - tail_len, 8)]
     last = ((len(message) & 0xFF) << 56) | int.from_bytes(message[len(message) - tail_len :], "little")
     for m in [*words, last]:
         v3 ^= m

@@ -27,7 +27,9 @@ def v4_sources(count: int, start: int = 2) -> list[str]:
     return sources
 
 
-def connect_all(sources: Iterable[str], host: str, port: int, family: int = socket.AF_INET) -> list[socket.socket]:
+def connect_all(
+    sources: Iterable[str], host: str, port: int, family: int = socket.AF_INET
+) -> list[socket.socket]:
     clients = []
     for source in sources:
         client = socket.socket(family, socket.SOCK_STREAM)

@@ -21,13 +21,31 @@ IMM, MEM = 0x00, 0x60
 K, X = 0x00, 0x08
 
 ALU_OPS = {
-    "add": 0x00, "sub": 0x10, "mul": 0x20, "div": 0x30, "or": 0x40, "and": 0x50, "lsh": 0x60,
-    "rsh": 0x70, "mod": 0x90, "xor": 0xA0, "mov": 0xB0, "arsh": 0xC0,
-}  # fmt: skip
+    "add": 0x00,
+    "sub": 0x10,
+    "mul": 0x20,
+    "div": 0x30,
+    "or": 0x40,
+    "and": 0x50,
+    "lsh": 0x60,
+    "rsh": 0x70,
+    "mod": 0x90,
+    "xor": 0xA0,
+    "mov": 0xB0,
+    "arsh": 0xC0,
+}
 JMP_OPS = {
-    "ja": 0x00, "jeq": 0x10, "jgt": 0x20, "jge": 0x30, "jset": 0x40, "jne": 0x50, "jsgt": 0x60,
-    "jsge": 0x70, "jlt": 0xA0, "jle": 0xB0,
-}  # fmt: skip
+    "ja": 0x00,
+    "jeq": 0x10,
+    "jgt": 0x20,
+    "jge": 0x30,
+    "jset": 0x40,
+    "jne": 0x50,
+    "jsgt": 0x60,
+    "jsge": 0x70,
+    "jlt": 0xA0,
+    "jle": 0xB0,
+}
 CALL, EXIT = 0x80, 0x90
 PSEUDO_MAP_FD = 1
 
@@ -37,9 +55,16 @@ _SIZE_NAMES = {W: "u32", H: "u16", B: "u8", DW: "u64"}
 _ALU_NAMES = {v: k for k, v in ALU_OPS.items()}
 _JMP_NAMES = {v: k for k, v in JMP_OPS.items()}
 _JMP_SYMBOLS = {
-    "jeq": "==", "jgt": ">", "jge": ">=", "jset": "&", "jne": "!=", "jsgt": "s>", "jsge": "s>=",
-    "jlt": "<", "jle": "<=",
-}  # fmt: skip
+    "jeq": "==",
+    "jgt": ">",
+    "jge": ">=",
+    "jset": "&",
+    "jne": "!=",
+    "jsgt": "s>",
+    "jsge": "s>=",
+    "jlt": "<",
+    "jle": "<=",
+}
 
 
 @dataclass(frozen=True)
@@ -161,8 +186,19 @@ def _format(pc: int, insn: Insn, nxt: Insn | None) -> str:
         op = _ALU_NAMES[insn.code & 0xF0]
         if op == "mov":
             return f"{reg}{insn.dst} = {_operand(insn)}"
-        symbol = {"add": "+", "sub": "-", "mul": "*", "div": "/", "or": "|", "and": "&",
-                  "lsh": "<<", "rsh": ">>", "mod": "%", "xor": "^", "arsh": "s>>"}[op]  # fmt: skip
+        symbol = {
+            "add": "+",
+            "sub": "-",
+            "mul": "*",
+            "div": "/",
+            "or": "|",
+            "and": "&",
+            "lsh": "<<",
+            "rsh": ">>",
+            "mod": "%",
+            "xor": "^",
+            "arsh": "s>>",
+        }[op]
         return f"{reg}{insn.dst} {symbol}= {_operand(insn)}"
     if insn.code == LD | DW | IMM and nxt is not None:
         if insn.src == PSEUDO_MAP_FD:
@@ -176,12 +212,12 @@ def _format(pc: int, insn: Insn, nxt: Insn | None) -> str:
     if cls == ST:
         return f"*({_SIZE_NAMES[insn.code & 0x18]} *)(r{insn.dst} {insn.off:+d}) = {insn.imm}"
     if cls == JMP:
-        op = insn.code & 0xF0
-        if op == CALL:
+        jop = insn.code & 0xF0
+        if jop == CALL:
             return f"call {insn.imm}"
-        if op == EXIT:
+        if jop == EXIT:
             return "exit"
-        name = _JMP_NAMES[op]
+        name = _JMP_NAMES[jop]
         where = f"goto {pc + 1 + insn.off}"
         if name == "ja":
             return where

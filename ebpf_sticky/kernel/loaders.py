@@ -47,9 +47,11 @@ class LoadedProgram:
 def load_native(consts: ProgramConstants, fds: program.MapFds) -> LoadedProgram:
     insns = program.build(consts, fds)
     fd = syscalls.prog_load(
-        syscalls.PROG_TYPE_SK_REUSEPORT, encode(insns), PROGRAM_NAME,
+        syscalls.PROG_TYPE_SK_REUSEPORT,
+        encode(insns),
+        PROGRAM_NAME,
         syscalls.ATTACH_SK_REUSEPORT_SELECT,
-    )  # fmt: skip
+    )
     return LoadedProgram(fd, len(insns))
 
 
@@ -73,11 +75,20 @@ def c_source() -> str:
 
 def bcc_cflags(consts: ProgramConstants, fds: program.MapFds) -> list[str]:
     defines = {
-        "SOCKS_FD": fds.socks, "TABLE_FD": fds.table, "LIVE_FD": fds.live, "COUNTERS_FD": fds.counters,
-        "V0": consts.v_init[0], "V1": consts.v_init[1], "V2": consts.v_init[2],
-        "V3": consts.v_init[3], "MASK4": consts.mask4, "MASK6_0": consts.mask6[0],
-        "MASK6_1": consts.mask6[1], "BUCKETS": BUCKETS, "MAX_SLOTS": MAX_SLOTS,
-    }  # fmt: skip
+        "SOCKS_FD": fds.socks,
+        "TABLE_FD": fds.table,
+        "LIVE_FD": fds.live,
+        "COUNTERS_FD": fds.counters,
+        "V0": consts.v_init[0],
+        "V1": consts.v_init[1],
+        "V2": consts.v_init[2],
+        "V3": consts.v_init[3],
+        "MASK4": consts.mask4,
+        "MASK6_0": consts.mask6[0],
+        "MASK6_1": consts.mask6[1],
+        "BUCKETS": BUCKETS,
+        "MAX_SLOTS": MAX_SLOTS,
+    }
     return [f"-D{name}={value:#x}ULL" for name, value in defines.items()]
 
 
@@ -90,7 +101,9 @@ def load_bcc(consts: ProgramConstants, fds: program.MapFds) -> LoadedProgram:
     except Exception as exc:
         # bcc raises plain Exception for a failed compile, most often missing kernel headers.
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise LoaderUnavailableError(f"--loader bcc: compiling bpf/select.c failed ({first}): {BCC_FIX}") from exc
+        raise LoaderUnavailableError(
+            f"--loader bcc: compiling bpf/select.c failed ({first}): {BCC_FIX}"
+        ) from exc
     try:
         fn = bpf.load_func(b"select_slot", syscalls.PROG_TYPE_SK_REUSEPORT)
     except Exception as exc:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from ..hashing import BUCKETS, MAX_SLOTS, ProgramConstants
 from .asm import (
     DW,
-    H,
     R0,
     R1,
     R2,
@@ -34,9 +33,10 @@ from .asm import (
     R8,
     R9,
     R10,
-    W,
+    H,
     Insn,
     Item,
+    W,
     alu32,
     alu64,
     alu64r,
@@ -84,33 +84,52 @@ class MapFds:
 
 
 def _rotl(reg: int, bits: int, tmp: int) -> list[Item]:
-    return [movr(tmp, reg), alu64("lsh", reg, bits), alu64("rsh", tmp, 64 - bits),
-            alu64r("or", reg, tmp)]  # fmt: skip
+    return [movr(tmp, reg), alu64("lsh", reg, bits), alu64("rsh", tmp, 64 - bits), alu64r("or", reg, tmp)]
 
 
 def _sipround(v0: int, v1: int, v2: int, v3: int, tmp: int) -> list[Item]:
     return [
-        alu64r("add", v0, v1), *_rotl(v1, 13, tmp), alu64r("xor", v1, v0), *_rotl(v0, 32, tmp),
-        alu64r("add", v2, v3), *_rotl(v3, 16, tmp), alu64r("xor", v3, v2),
-        alu64r("add", v0, v3), *_rotl(v3, 21, tmp), alu64r("xor", v3, v0),
-        alu64r("add", v2, v1), *_rotl(v1, 17, tmp), alu64r("xor", v1, v2), *_rotl(v2, 32, tmp),
-    ]  # fmt: skip
+        alu64r("add", v0, v1),
+        *_rotl(v1, 13, tmp),
+        alu64r("xor", v1, v0),
+        *_rotl(v0, 32, tmp),
+        alu64r("add", v2, v3),
+        *_rotl(v3, 16, tmp),
+        alu64r("xor", v3, v2),
+        alu64r("add", v0, v3),
+        *_rotl(v3, 21, tmp),
+        alu64r("xor", v3, v0),
+        alu64r("add", v2, v1),
+        *_rotl(v1, 17, tmp),
+        alu64r("xor", v1, v2),
+        *_rotl(v2, 32, tmp),
+    ]
 
 
 def _load_source(offset: int, length: int) -> list[Item]:
     """bpf_skb_load_bytes_relative(ctx, offset, fp+ADDR, length, BPF_HDR_START_NET)."""
     return [
-        movr(R1, R6), mov(R2, offset), movr(R3, R10), alu64("add", R3, ADDR), mov(R4, length),
-        mov(R5, HDR_START_NET), call(HELPER_SKB_LOAD_BYTES_RELATIVE), jmp("jne", R0, 0, "fail"),
-    ]  # fmt: skip
+        movr(R1, R6),
+        mov(R2, offset),
+        movr(R3, R10),
+        alu64("add", R3, ADDR),
+        mov(R4, length),
+        mov(R5, HDR_START_NET),
+        call(HELPER_SKB_LOAD_BYTES_RELATIVE),
+        jmp("jne", R0, 0, "fail"),
+    ]
 
 
 def _lookup(map_fd: int, key_reg: int, null_target: str) -> list[Item]:
     """r0 = bpf_map_lookup_elem(map, &key_reg), jumping to null_target when absent."""
     return [
-        stx(W, R10, key_reg, KEY), *ld_map_fd(R1, map_fd), movr(R2, R10), alu64("add", R2, KEY),
-        call(HELPER_MAP_LOOKUP_ELEM), jmp("jeq", R0, 0, null_target),
-    ]  # fmt: skip
+        stx(W, R10, key_reg, KEY),
+        *ld_map_fd(R1, map_fd),
+        movr(R2, R10),
+        alu64("add", R2, KEY),
+        call(HELPER_MAP_LOOKUP_ELEM),
+        jmp("jeq", R0, 0, null_target),
+    ]
 
 
 def build(consts: ProgramConstants, fds: MapFds) -> list[Insn]:

@@ -55,8 +55,7 @@ def _listener(bind: Bind, udp: bool, backlog: int) -> socket.socket:
                 raise ConfigError(f"cannot bind {bind}: no interface has that address") from exc
             if exc.errno == errno_mod.EACCES:
                 raise KernelError(
-                    f"binding {bind} needs privilege (ports below 1024): run as root or use a "
-                    "higher port",
+                    f"binding {bind} needs privilege (ports below 1024): run as root or use a higher port",
                     exc.errno,
                 ) from exc
             raise
@@ -85,8 +84,16 @@ class Router:
         self._live = 1
 
     @classmethod
-    def open(cls, bind: Bind, spec: HashSpec, slots: int, *, udp: bool = False,
-             loader: str = "native", backlog: int = DEFAULT_BACKLOG) -> Router:  # fmt: skip
+    def open(
+        cls,
+        bind: Bind,
+        spec: HashSpec,
+        slots: int,
+        *,
+        udp: bool = False,
+        loader: str = "native",
+        backlog: int = DEFAULT_BACKLOG,
+    ) -> Router:
         if not 1 <= slots <= MAX_SLOTS:
             raise ConfigError(f"workers must be 1..{MAX_SLOTS}, got {slots}")
         if loader not in LOADERS:
@@ -128,8 +135,12 @@ class Router:
         sock = _listener(bind, self.udp, backlog)
         try:
             slot = len(self.sockets)
-            syscalls.map_update(self._fds.socks, _U32.pack(slot), _U64.pack(sock.fileno()),
-                                f"adding slot {slot}'s socket to the sockarray")  # fmt: skip
+            syscalls.map_update(
+                self._fds.socks,
+                _U32.pack(slot),
+                _U64.pack(sock.fileno()),
+                f"adding slot {slot}'s socket to the sockarray",
+            )
         except BaseException:
             sock.close()
             raise
@@ -142,8 +153,9 @@ class Router:
         """
         assert self._fds is not None
         idle = 1 - self._live
-        syscalls.map_update(self._fds.table, _U32.pack(idle), _TABLE.pack(*bucket_table(slots)),
-                            "writing the bucket table")  # fmt: skip
+        syscalls.map_update(
+            self._fds.table, _U32.pack(idle), _TABLE.pack(*bucket_table(slots)), "writing the bucket table"
+        )
         syscalls.map_update(self._fds.live, _U32.pack(0), _U32.pack(idle), "switching the bucket table")
         self._live = idle
 
@@ -222,7 +234,7 @@ class Router:
     def __enter__(self) -> Router:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:  # fmt: skip
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
-

@@ -76,8 +76,7 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> tuple[int, int]:
     number = _SYS_BPF.get(platform.machine())
     if number is None:
         raise UnsupportedKernelError(
-            f"bpf(2) syscall number unknown on {platform.machine()}: "
-            "ebpf-sticky supports x86_64 and aarch64"
+            f"bpf(2) syscall number unknown on {platform.machine()}: ebpf-sticky supports x86_64 and aarch64"
         )
     result = _libc.syscall(number, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
     return result, (ctypes.get_errno() if result < 0 else 0)
@@ -94,8 +93,9 @@ def _raise_common(err: int, what: str) -> None:
         )
 
 
-def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
-               name: str, flags: int = 0) -> int:  # fmt: skip
+def map_create(
+    map_type: int, key_size: int, value_size: int, max_entries: int, name: str, flags: int = 0
+) -> int:
     attr = _MapCreateAttr(map_type, key_size, value_size, max_entries, flags, 0, 0, name.encode())
     fd, err = _bpf(MAP_CREATE, attr)
     if fd < 0:
@@ -110,16 +110,26 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
     return int(fd)
 
 
-def _elem(cmd: int, fd: int, key: ctypes.Array[ctypes.c_char], value: ctypes.Array[ctypes.c_char] | None,
-          flags: int = 0) -> int:  # fmt: skip
+def _elem(
+    cmd: int,
+    fd: int,
+    key: ctypes.Array[ctypes.c_char],
+    value: ctypes.Array[ctypes.c_char] | None,
+    flags: int = 0,
+) -> int:
     attr = _ElemAttr(fd, ctypes.addressof(key), ctypes.addressof(value) if value is not None else 0, flags)
     result, err = _bpf(cmd, attr)
     return err if result < 0 else 0
 
 
 def map_update(fd: int, key: bytes, value: bytes, what: str) -> None:
-    err = _elem(MAP_UPDATE_ELEM, fd, ctypes.create_string_buffer(key, len(key)),
-                ctypes.create_string_buffer(value, len(value)), UPDATE_ANY)  # fmt: skip
+    err = _elem(
+        MAP_UPDATE_ELEM,
+        fd,
+        ctypes.create_string_buffer(key, len(key)),
+        ctypes.create_string_buffer(value, len(value)),
+        UPDATE_ANY,
+    )
     if err:
         _raise_common(err, what)
         raise KernelError(f"{what} failed: {os.strerror(err)}", err)
@@ -186,7 +196,9 @@ def attach_reuseport(sock: socket.socket, prog_fd: int) -> None:
     except OSError as exc:
         if exc.errno == errno_mod.EPERM:
             raise PrivilegeError(f"attaching the program was refused: {PRIVILEGE_FIX}", exc.errno) from exc
-        raise KernelError(f"attaching the program to the socket failed: {exc.strerror}", exc.errno or 0) from exc
+        raise KernelError(
+            f"attaching the program to the socket failed: {exc.strerror}", exc.errno or 0
+        ) from exc
 
 
 def possible_cpus() -> int:
@@ -194,4 +206,3 @@ def possible_cpus() -> int:
     with open("/sys/devices/system/cpu/possible") as f:
         text = f.read().strip()
     return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
-

@@ -30,12 +30,18 @@ def answer(message: dict[str, Any], router: Router, sup_core: Core, uptime: floa
     if message.get("cmd") == "status":
         counters = router.counters()
         return {
-            "pid": os.getpid(), "bind": str(router.bind.with_port(router.port)),
-            "protocol": "udp" if router.udp else "tcp", "loader": router.loader,
-            "phase": sup_core.phase.value, "uptime": round(uptime, 3), "failures": counters.failures,
-            "slots": [{"slot": slot, "pids": sorted(pids.get(slot, [])), "routed": counters.per_slot[slot]}
-                      for slot in range(router.slots)],
-        }  # fmt: skip
+            "pid": os.getpid(),
+            "bind": str(router.bind.with_port(router.port)),
+            "protocol": "udp" if router.udp else "tcp",
+            "loader": router.loader,
+            "phase": sup_core.phase.value,
+            "uptime": round(uptime, 3),
+            "failures": counters.failures,
+            "slots": [
+                {"slot": slot, "pids": sorted(pids.get(slot, [])), "routed": counters.per_slot[slot]}
+                for slot in range(router.slots)
+            ],
+        }
     if message.get("cmd") == "route":
         rows = []
         for text in message.get("addresses", []):

@@ -19,6 +19,7 @@ from enum import Enum
 
 # The worker's exit code when it cannot load the app: deterministic, so never worth retrying.
 APP_LOAD_ERROR = 4
+SIGTERM = 15  # the same number on every Linux architecture
 # After a retired slot's table flip, handshakes already in flight may still land in its queue
 # for about one round trip; wait this long before trusting an empty queue.
 DRAIN_SETTLE = 0.2
@@ -207,6 +208,8 @@ class Core:
         if worker is None:
             return []
         how = f"exited with {event.code}" if event.code >= 0 else f"killed by signal {-event.code}"
+        if worker.stop_sent is not None and event.code in (0, -SIGTERM):
+            how = "stopped"  # as asked: servers re-raise the TERM they handled
         actions: list[Action] = []
         if self.phase is Phase.STOPPING:
             actions.append(Log(f"slot {worker.slot}: worker {worker.pid} {how}"))
@@ -214,7 +217,7 @@ class Core:
                 actions.append(Exit(self.exit_code, self.exit_message))
             return actions
         if worker.stop_sent is not None:
-            actions.append(Log(f"slot {worker.slot}: worker {worker.pid} stopped"))
+            actions.append(Log(f"slot {worker.slot}: worker {worker.pid} {how}"))
             if self.retiring and self.retiring.slot == worker.slot and not self.slot_workers(worker.slot):
                 self.retiring = None
                 self.slots -= 1
@@ -222,12 +225,18 @@ class Core:
             return actions
         actions.append(Log(f"slot {worker.slot}: worker {worker.pid} {how}"))
         if not worker.ready and event.code == APP_LOAD_ERROR:
-            return actions + self._fail(f"slot {worker.slot}: the worker could not load the app (its error is above)")
+            return actions + self._fail(
+                f"slot {worker.slot}: the worker could not load the app (its error is above)"
+            )
         if self.reloading == worker.slot and not worker.ready:
             self.reloading = None
             self.reload_queue.clear()
-            return actions + [Log(f"reload aborted: the new worker for slot {worker.slot} failed; "
-                                  "the old workers keep serving")]  # fmt: skip
+            return actions + [
+                Log(
+                    f"reload aborted: the new worker for slot {worker.slot} failed; "
+                    "the old workers keep serving"
+                )
+            ]
         if event.now - worker.started < self.boot_window:
             failures = self.boot_failures.get(worker.slot, 0) + 1
             self.boot_failures[worker.slot] = failures
@@ -268,8 +277,10 @@ class Core:
                 return [Log("stopping now"), *(Kill(pid, "KILL") for pid in self.workers)]
             return []
         if event.name in ("TERM", "INT"):
-            return [Log(f"SIG{event.name}: graceful stop (up to {self.graceful_timeout:g} s)"),
-                    *self._stop_all(event.now, graceful=True)]  # fmt: skip
+            return [
+                Log(f"SIG{event.name}: graceful stop (up to {self.graceful_timeout:g} s)"),
+                *self._stop_all(event.now, graceful=True),
+            ]
         if event.name == "QUIT":
             return [Log("SIGQUIT: stopping now"), *self._stop_all(event.now, graceful=False)]
         if event.name == "HUP":
@@ -304,8 +315,10 @@ class Core:
         for worker in self.workers.values():
             late = worker.stop_sent is not None and now - worker.stop_sent > self.graceful_timeout
             if late and self.phase is not Phase.STOPPING:
-                actions += [Log(f"slot {worker.slot}: worker {worker.pid} ignored TERM; killing"),
-                            Kill(worker.pid, "KILL")]  # fmt: skip
+                actions += [
+                    Log(f"slot {worker.slot}: worker {worker.pid} ignored TERM; killing"),
+                    Kill(worker.pid, "KILL"),
+                ]
                 worker.stop_sent = now  # once per timeout
         if self.phase is Phase.STOPPING and self.stop_deadline is not None and now > self.stop_deadline:
             self.stop_deadline = None

@@ -31,9 +31,13 @@ log = logging.getLogger("ebpf_sticky")
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 _SIGNALS = {
-    signal.SIGTERM: "TERM", signal.SIGINT: "INT", signal.SIGQUIT: "QUIT", signal.SIGHUP: "HUP",
-    signal.SIGTTIN: "TTIN", signal.SIGTTOU: "TTOU",
-}  # fmt: skip
+    signal.SIGTERM: "TERM",
+    signal.SIGINT: "INT",
+    signal.SIGQUIT: "QUIT",
+    signal.SIGHUP: "HUP",
+    signal.SIGTTIN: "TTIN",
+    signal.SIGTTOU: "TTOU",
+}
 TICK = 0.05
 # A `-- COMMAND` worker that does not speak sd_notify counts as ready once alive this long.
 COMMAND_READY_AFTER = 1.0
@@ -68,17 +72,34 @@ class Supervisor:
         s = self.settings
         if s.command:
             # sh replaces itself with the command, so $$ is the command's own pid.
-            return ["/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"', "ebpf-sticky-worker",
-                    *s.command]  # fmt: skip
+            return [
+                "/bin/sh",
+                "-c",
+                'LISTEN_PID=$$; export LISTEN_PID; exec "$@"',
+                "ebpf-sticky-worker",
+                *s.command,
+            ]
         assert s.target is not None
-        argv = [sys.executable, "-m", "ebpf_sticky.supervisor.worker", s.target,
-                "--graceful-timeout", str(s.graceful_timeout), "--log-level", s.log_level]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "ebpf_sticky.supervisor.worker",
+            s.target,
+            "--graceful-timeout",
+            str(s.graceful_timeout),
+            "--log-level",
+            s.log_level,
+        ]
         return argv + (["--factory"] if s.factory else [])
 
     def spawn(self, slot: int) -> int:
         env = dict(os.environ)
-        env.update(EBPF_STICKY_WORKER=str(slot), LISTEN_FDS="1", LISTEN_FDNAMES="ebpf-sticky",
-                   NOTIFY_SOCKET=self.notify_name)  # fmt: skip
+        env.update(
+            EBPF_STICKY_WORKER=str(slot),
+            LISTEN_FDS="1",
+            LISTEN_FDNAMES="ebpf-sticky",
+            NOTIFY_SOCKET=self.notify_name,
+        )
         env.pop("LISTEN_PID", None)
         proc = subprocess.Popen(
             self.worker_argv(),
@@ -156,15 +177,26 @@ class Supervisor:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        handlers = {sig: signal.signal(sig, lambda n, _f: self.signals.append(_SIGNALS[n])) for sig in _SIGNALS}
+
+        def on_signal(number: int, _frame: object) -> None:
+            self.signals.append(_SIGNALS[signal.Signals(number)])
+
+        handlers = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS}
         old_chld = signal.signal(signal.SIGCHLD, lambda _n, _f: None)
         try:
-            log.info("%s: %d slots on %s (%s loader, %d BPF instructions)",
-                     "udp" if s.udp else "tcp", self.router.slots, self.router.bind.with_port(self.router.port),
-                     s.loader, self.router.insn_count)  # fmt: skip
+            log.info(
+                "%s: %d slots on %s (%s loader, %d BPF instructions)",
+                "udp" if s.udp else "tcp",
+                self.router.slots,
+                self.router.bind.with_port(self.router.port),
+                s.loader,
+                self.router.insn_count,
+            )
             done = self.execute(sup_core, sup_core.handle(core.Start(time.monotonic())))
             while done is None:
-                readable, _, _ = select.select([wake_r, self.notify_socket, *self.control.sockets()], [], [], TICK)
+                readable, _, _ = select.select(
+                    [wake_r, self.notify_socket, *self.control.sockets()], [], [], TICK
+                )
                 if wake_r in readable:
                     with contextlib.suppress(BlockingIOError):
                         wake_r.recv(4096)
@@ -219,8 +251,9 @@ def open_notify_socket() -> tuple[socket.socket, str]:
 def launch(settings: Launch) -> int:
     """Build the group, run workers until told to stop; returns the exit status."""
     # The master's own NOTIFY_SOCKET (systemd) is for the master alone; workers get ours.
-    router = Router.open(settings.bind, settings.spec, settings.workers, udp=settings.udp,
-                         loader=settings.loader)  # fmt: skip
+    router = Router.open(
+        settings.bind, settings.spec, settings.workers, udp=settings.udp, loader=settings.loader
+    )
     with router, ControlServer.open(router, settings) as control, contextlib.ExitStack() as stack:
         notify_sock, notify_name = open_notify_socket()
         stack.callback(notify_sock.close)

@@ -42,7 +42,9 @@ def parse_target(text: str) -> Target:
         raise ConfigError(f"target {text!r}: nothing after ':' (write path/app.py:app or module:app)")
     is_path = location.endswith(".py") or "/" in location
     if not is_path and not all(part.isidentifier() for part in location.split(".")):
-        raise ConfigError(f"target {text!r}: expected path/to/app.py, path/to/app.py:attr or package.module:attr")
+        raise ConfigError(
+            f"target {text!r}: expected path/to/app.py, path/to/app.py:attr or package.module:attr"
+        )
     if not is_path and not sep:
         raise ConfigError(f"target {text!r}: name the attribute too, e.g. {text}:app")
     return Target(location, attr or None, is_path)
@@ -83,10 +85,12 @@ def find_app(module: Any, target: Target) -> Any:
         if hasattr(module, name):
             return getattr(module, name)
     candidates = sorted(
-        name for name, value in vars(module).items()
-        if not name.startswith("_") and _looks_like_app(value)
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and _looks_like_app(value)
         and getattr(value, "__module__", module.__name__) == module.__name__
-    )  # fmt: skip
+    )
     seen = ", ".join(f"{target.location}:{name}" for name in candidates) or "no callables"
     raise ConfigError(f"no 'app' or 'application' in {target.location!r}; saw {seen}: name one as PATH:ATTR")
 
@@ -100,16 +104,17 @@ def is_asgi(app: Any) -> bool:
 
 
 def load_app(target: Target, factory: bool) -> Callable[..., Any]:
-    app = find_app(_import(target), target)
+    app: Callable[..., Any] = find_app(_import(target), target)
     if factory:
         app = app()
     if not callable(app):
         raise ConfigError(f"{target.location}: the app is not callable (is it a factory? add --factory)")
     if is_asgi(app):
-        return app  # type: ignore[no-any-return]
+        return app
     from a2wsgi import WSGIMiddleware
 
-    return WSGIMiddleware(app)  # type: ignore[no-any-return]
+    wrapped: Callable[..., Any] = WSGIMiddleware(app)
+    return wrapped
 
 
 def sd_notify(message: str) -> None:
@@ -123,11 +128,18 @@ def sd_notify(message: str) -> None:
         sock.sendall(message.encode())
 
 
-async def _serve(app: Callable[..., Any], sock: socket.socket, graceful_timeout: float, log_level: str) -> bool:
+async def _serve(
+    app: Callable[..., Any], sock: socket.socket, graceful_timeout: float, log_level: str
+) -> bool:
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
-                            lifespan="auto", access_log=False)  # fmt: skip
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=round(graceful_timeout),
+        lifespan="auto",
+        access_log=False,
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
@@ -156,8 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        print(f"ebpf-sticky: slot {slot}: importing {args.target} raised {type(exc).__name__}: {exc}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"ebpf-sticky: slot {slot}: importing {args.target} raised {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
         return APP_LOAD_ERROR
     sock = socket.socket(fileno=LISTEN_FD)
     started = asyncio.run(_serve(app, sock, args.graceful_timeout, args.log_level))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -10,12 +11,6 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-
-from ebpf_sticky.config import parse_bind
-from ebpf_sticky.errors import AddressInUseError, VerifierError
-from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
-from ebpf_sticky.kernel import asm, syscalls
-from ebpf_sticky.kernel.router import Router
 from netlab import (
     accept_all,
     connect_all,
@@ -25,6 +20,12 @@ from netlab import (
     send_all_udp,
     v4_sources,
 )
+
+from ebpf_sticky.config import parse_bind
+from ebpf_sticky.errors import AddressInUseError, VerifierError
+from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
+from ebpf_sticky.kernel import asm, syscalls
+from ebpf_sticky.kernel.router import Router
 
 SPEC = HashSpec(bytes.fromhex("00112233445566778899aabbccddeeff"))
 SOURCES = v4_sources(512)
@@ -79,7 +80,10 @@ def test_dual_stack_ipv4_client_hashes_as_on_an_ipv4_socket(loader: str) -> None
 
 def test_native_and_bcc_route_identically() -> None:
     bind = parse_bind("127.0.0.1:0")
-    with Router.open(bind, SPEC, 7, loader="native") as native, Router.open(bind, SPEC, 7, loader="bcc") as bcc:
+    with (
+        Router.open(bind, SPEC, 7, loader="native") as native,
+        Router.open(bind, SPEC, 7, loader="bcc") as bcc,
+    ):
         assert routed_tcp(native, SOURCES) == routed_tcp(bcc, SOURCES)
 
 
@@ -174,10 +178,8 @@ def test_port_taken_by_a_plain_socket() -> None:
 def assert_no_leaked_bpf_fds() -> None:
     links = []
     for fd in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(FileNotFoundError):  # the fd listdir itself used
             links.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except FileNotFoundError:
-            pass  # the fd listdir itself used
     assert not [link for link in links if "bpf" in link], links
 
 
@@ -203,7 +205,9 @@ def test_no_privilege_gives_one_clear_line() -> None:
     )
     proc = subprocess.run(
         ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--", sys.executable, "-c", script],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 7, proc.stderr
     assert "CAP_BPF and CAP_NET_ADMIN" in proc.stdout

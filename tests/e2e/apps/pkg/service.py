@@ -1,0 +1,3 @@
+from asgi_app import app as asgi
+
+web = asgi

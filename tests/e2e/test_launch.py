@@ -1,0 +1,257 @@
+"""`ebpf-sticky launch` with real workers, real clients from many sources, real signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from launcher import APPS, KEY, Load, get, launched, tagged_processes, wait_for
+from netlab import v4_sources
+
+from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
+
+SPEC = HashSpec(bytes.fromhex(KEY))
+SOURCES = v4_sources(64)
+
+
+def predicted(source: str, slots: int) -> int:
+    return slot_of(parse_address(source), SPEC, slots)
+
+
+def assert_sticky(port: int, slots: int, sources: list[str] = SOURCES, rounds: int = 2) -> dict[str, int]:
+    pids: dict[str, int] = {}
+    for _ in range(rounds):
+        for source in sources:
+            slot, pid, _ = get(source, port)
+            assert slot == predicted(source, slots), source
+            assert pids.setdefault(source, pid) == pid, source
+    return {source: predicted(source, slots) for source in sources}
+
+
+BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "10"]
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        ["asgi_app.py"],
+        ["wsgi_app.py"],
+        ["wsgi_app.py:create_app", "--factory"],
+        ["pkg.service:web"],
+    ],
+    ids=["asgi-path", "wsgi-path", "factory", "module-attr"],
+)
+def test_python_targets_serve_stickily(target: list[str]) -> None:
+    with launched([*target, "-w", "3", *BASE]) as instance:
+        assert_sticky(instance.port, 3)
+
+
+def test_any_command_serves_stickily_on_fd3() -> None:
+    node = shutil.which("node")
+    assert node, "node is installed by .ci/run"
+    with launched(["-w", "3", *BASE, "--", node, "server.js"]) as instance:
+        assert_sticky(instance.port, 3)
+
+
+def test_bcc_loader_launch_routes_like_native() -> None:
+    with launched(["asgi_app.py", "-w", "3", *BASE, "--loader", "bcc"]) as instance:
+        assert_sticky(instance.port, 3)
+
+
+def test_status_and_route_of_a_running_instance() -> None:
+    from ebpf_sticky.cli import main
+
+    with launched(["asgi_app.py", "-w", "2", *BASE]) as instance:
+        assert_sticky(instance.port, 2, SOURCES[:10], rounds=1)
+        status = instance.status()
+        assert sum(row["routed"] for row in status["slots"]) == 10
+        assert status["failures"] == 0
+        assert main(["route", "--port", str(instance.port), SOURCES[0]]) == 0
+
+
+def test_worker_kill_9_loses_no_connection_and_moves_no_client() -> None:
+    with launched(["asgi_app.py", "-w", "3", *BASE]) as instance:
+        victims = [s for s in SOURCES if predicted(s, 3) == 1]
+        others = [s for s in SOURCES if predicted(s, 3) != 1]
+        with Load(instance.port, others, threads=2) as load:
+            before = {s: get(s, instance.port) for s in victims}
+            old_pid = instance.slot_pids()[1][0]
+            os.kill(old_pid, signal.SIGKILL)
+            # Connect while slot 1 has no worker: the connections wait in its socket's queue.
+            after = {s: get(s, instance.port) for s in victims}
+            load.wait_requests(50)
+        assert load.failures == []
+        assert all(slot == 1 for slot, _, _ in after.values())
+        assert {pid for _, pid, _ in after.values()} != {old_pid}
+        assert {pid for _, pid, _ in before.values()} == {old_pid}
+        for source, answers in load.seen.items():
+            assert {slot for slot, _ in answers} == {predicted(source, 3)}
+
+
+def test_hup_reload_under_load_fails_no_request() -> None:
+    with launched(["asgi_app.py", "-w", "2", *BASE]) as instance:
+        old = instance.slot_pids()
+        with Load(instance.port, SOURCES, threads=4) as load:
+            load.wait_requests(40)
+            instance.signal(signal.SIGHUP)
+            wait_for(lambda: "reload complete" in instance.output(), 60, "reload")
+            wait_for(lambda: all(len(p) == 1 for p in instance.slot_pids().values()), 30, "old workers gone")
+            load.wait_requests(40)
+        new = instance.slot_pids()
+        assert load.failures == []
+        assert all(set(new[slot]).isdisjoint(old[slot]) for slot in old)
+        for source, answers in load.seen.items():
+            assert {slot for slot, _ in answers} == {predicted(source, 2)}
+
+
+def test_ttin_then_ttou_under_load() -> None:
+    with launched(["asgi_app.py", "-w", "3", *BASE]) as instance:
+        with Load(instance.port, SOURCES, threads=4) as load:
+            load.wait_requests(40)
+            instance.signal(signal.SIGTTIN)
+            wait_for(lambda: re.search(r"slot 3: worker \d+ ready", instance.output()), 60, "slot 3 ready")
+            load.wait_requests(100)
+            grown = dict(load.seen)
+            load.seen.clear()
+            instance.signal(signal.SIGTTOU)
+            wait_for(lambda: len(instance.slot_pids()) == 3, 60, "slot 3 retired")
+            load.wait_requests(100)
+        assert load.failures == []
+        moved = [s for s in SOURCES if predicted(s, 4) != predicted(s, 3)]
+        assert all(predicted(s, 4) == 3 for s in moved)
+        assert 0.1 <= len(moved) / len(SOURCES) <= 0.45  # ≈ 1/4 of 64 sources
+        for source, answers in grown.items():
+            # Each source's answers: its 3-slot home, then (if it moved) slot 3, never elsewhere.
+            assert {slot for slot, _ in answers} <= {predicted(source, 3), predicted(source, 4)}
+        for source, answers in load.seen.items():
+            assert {slot for slot, _ in answers} <= {predicted(source, 3), 3}
+            assert answers[-1][0] == predicted(source, 3)
+
+
+def test_master_kill_9_takes_the_workers_with_it() -> None:
+    with launched(["asgi_app.py", "-w", "2", *BASE]) as instance:
+        workers = [pid for pids in instance.slot_pids().values() for pid in pids]
+        instance.proc.kill()
+        instance.proc.wait()
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 2.0, "workers to die")
+
+
+@pytest.fixture
+def world_readable_apps() -> Iterator[Path]:
+    # pytest's tmp dirs are private to root; a worker dropped to nobody must read the app.
+    directory = Path(tempfile.mkdtemp(prefix="ebpf-sticky-apps-"))
+    try:
+        shutil.copy(APPS / "asgi_app.py", directory)
+        directory.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+        yield directory
+    finally:
+        shutil.rmtree(directory)
+
+
+def test_workers_drop_to_user(world_readable_apps: Path) -> None:
+    with launched(["asgi_app.py", "-w", "2", *BASE, "--user", "nobody"], cwd=world_readable_apps) as instance:
+        _, _, uid = get(SOURCES[0], instance.port)
+        assert uid == 65534
+
+
+# Bad inputs: a clear line, a non-zero exit, nothing left running. -------------------------------
+def run_bad(args: list[str], expected: str, **kwargs: object) -> str:
+    from launcher import Instance
+
+    instance = Instance(args, **kwargs)  # type: ignore[arg-type]
+    try:
+        code = instance.finish()
+        output = instance.output()
+        assert code != 0, output
+        assert expected in output, output
+        error_lines = [line for line in output.splitlines() if line.startswith("ebpf-sticky: error:")]
+        assert len(error_lines) <= 1, output
+        assert tagged_processes(instance.tag) == []
+        return output
+    finally:
+        instance.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["missing.py"], "target file 'missing.py' does not exist"),
+        (
+            ["no_app.py"],
+            "no 'app' or 'application' in 'no_app.py'; saw no_app.py:handler, no_app.py:make_server",
+        ),
+        (["broken_app.py"], "importing broken_app.py raised RuntimeError: this app cannot start"),
+        (["asgi_app.py", "--bind", "localhost:80x"], "expected HOST:PORT"),
+        (["asgi_app.py", "--bind", "::1:8000"], "write an IPv6 address in brackets"),
+        (["asgi_app.py", "--workers", "0"], "--workers must be 1..256, got 0"),
+        (["asgi_app.py", "--hash-key", "abc"], "--hash-key must be 32 hex digits"),
+        (["asgi_app.py", "--user", "no-such-user-xyz"], "--user 'no-such-user-xyz': no such user"),
+        (["asgi_app.py:nothing"], "has no attribute 'nothing'"),
+    ],
+    ids=[
+        "missing-file",
+        "no-app",
+        "raises-on-import",
+        "bad-bind",
+        "bad-v6-bind",
+        "zero-workers",
+        "bad-key",
+        "unknown-user",
+        "bad-attr",
+    ],
+)
+def test_bad_input(args: list[str], expected: str) -> None:
+    run_bad([*args, "-w", "2"] if "--workers" not in args else args, expected)
+
+
+def test_port_taken_by_a_plain_socket() -> None:
+    with socket.socket() as plain:
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        port = plain.getsockname()[1]
+        run_bad(
+            ["asgi_app.py", "-w", "2", "--bind", f"127.0.0.1:{port}"], "in use by a socket that is not ours"
+        )
+
+
+def test_no_privileges() -> None:
+    run_bad(
+        ["asgi_app.py", "-w", "2", "--bind", "127.0.0.1:0"],
+        "CAP_BPF and CAP_NET_ADMIN",
+        prefix=["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"],
+    )
+
+
+def test_bcc_loader_without_bcc() -> None:
+    # Hide bcc's Python package in a private mount namespace: the real import fails, as on a
+    # machine without python3-bpfcc.
+    hidden = "/usr/lib/python3/dist-packages/bcc"
+    run_bad(
+        ["asgi_app.py", "-w", "2", "--bind", "127.0.0.1:0", "--loader", "bcc"],
+        "apt-get install python3-bpfcc",
+        prefix=[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f'mount -t tmpfs none {hidden} && exec "$@"',
+            "sh",
+        ],
+    )
+
+
+def test_python_api_run_from_a_script() -> None:
+    import sys
+
+    with launched([], argv=[sys.executable, "run_api.py", KEY]) as instance:
+        assert_sticky(instance.port, 2, SOURCES[:20])

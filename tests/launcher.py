@@ -1,0 +1,188 @@
+"""Launch `ebpf-sticky` as a user would, and talk to it with real HTTP clients."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ebpf_sticky.control import control_dir, request, socket_name
+
+KEY = "00112233445566778899aabbccddeeff"
+APPS = Path(__file__).parent / "e2e" / "apps"
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Pids whose environment carries ``tag``: what a launch left running."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes()
+            except OSError:
+                continue
+            if f"EBPF_STICKY_TEST_TAG={tag}".encode() in environ:
+                pids.append(int(entry))
+    return pids
+
+
+@dataclass
+class Instance:
+    args: list[str]
+    cwd: Path = APPS
+    extra_env: dict[str, str] = field(default_factory=dict)
+    prefix: list[str] = field(default_factory=list)  # e.g. setpriv ... --
+    argv: list[str] | None = None  # instead of `python -m ebpf_sticky launch ARGS`
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="ebpf-sticky-", suffix=".log")  # noqa: SIM115
+        env = {**os.environ, "EBPF_STICKY_TEST_TAG": self.tag, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        self.proc = subprocess.Popen(
+            [*self.prefix, *(self.argv or [sys.executable, "-m", "ebpf_sticky", "launch", *self.args])],
+            cwd=self.cwd,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text()
+
+    def wait_serving(self, timeout: float = 60.0) -> int:
+        def serving() -> int | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"launch exited with {self.proc.returncode}:\n{self.output()}")
+            text = self.output()
+            match = re.search(r"slots on \S+:(\d+) ", text)
+            return int(match.group(1)) if match and "slots serving" in text else None
+
+        self.port = int(wait_for(serving, timeout, "all slots serving"))
+        return self.port
+
+    def status(self) -> dict[str, Any]:
+        host = re.search(r"slots on (\S+):\d+ ", self.output())
+        assert host
+        name = socket_name(host.group(1).strip("[]"), self.port)
+        return request(control_dir() / name, {"cmd": "status"})
+
+    def slot_pids(self) -> dict[int, list[int]]:
+        return {row["slot"]: row["pids"] for row in self.status()["slots"]}
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def finish(self, timeout: float = 30.0) -> int:
+        """Exit status, once the launch has exited by itself."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"launch did not exit:\n{self.output()}") from None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in tagged_processes(self.tag):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.log.close()
+
+
+@contextlib.contextmanager
+def launched(args: list[str], **kwargs: Any) -> Iterator[Instance]:
+    instance = Instance(args, **kwargs)
+    try:
+        instance.wait_serving()
+        yield instance
+    finally:
+        instance.close()
+
+
+def get(source: str, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> tuple[int, int, int]:
+    """One request on a new connection from ``source``: (slot, pid, uid) of the worker."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout, source_address=(source, 0))
+    try:
+        conn.request("GET", "/", headers={"Connection": "close"})
+        response = conn.getresponse()
+        assert response.status == 200, response.status
+        slot, pid, uid = response.read().split()
+        return int(slot), int(pid), int(uid)
+    finally:
+        conn.close()
+
+
+@dataclass
+class Load:
+    """Client threads requesting from their own sources until stopped; counts every outcome."""
+
+    port: int
+    sources: list[str]
+    threads: int = 4
+    seen: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    requests: int = 0
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers = [
+            threading.Thread(target=self._run, args=(self.sources[i :: self.threads],))
+            for i in range(self.threads)
+        ]
+
+    def _run(self, sources: list[str]) -> None:
+        while not self._stop.is_set():
+            for source in sources:
+                if self._stop.is_set():
+                    return
+                try:
+                    slot, pid, _ = get(source, self.port)
+                except Exception as exc:
+                    with self._lock:
+                        self.failures.append(f"{source}: {exc!r}")
+                    continue
+                with self._lock:
+                    self.requests += 1
+                    self.seen.setdefault(source, []).append((slot, pid))
+
+    def __enter__(self) -> Load:
+        for thread in self._workers:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._workers:
+            thread.join()
+
+    def wait_requests(self, count: int, timeout: float = 30.0) -> None:
+        start = self.requests
+        wait_for(lambda: self.requests >= start + count, timeout, f"{count} more requests")
