@@ -1,0 +1,257 @@
+"""Socket.IO end to end: real clients nobody here wrote, long-polling across 4 workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import socketio
+
+from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
+from launcher import KEY, launched, wait_for
+from netlab import v4_sources
+from sio_clients import node_swarm, python_swarm, session_for
+
+CHAT = Path(__file__).parents[2] / "examples" / "socketio_chat"
+SPEC = HashSpec(bytes.fromhex(KEY))
+SOURCES = v4_sources(120, start=1000)
+TRANSPORTS = {"polling": ["polling"], "upgrade": ["polling", "websocket"]}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def chat_args(workers: int = 4) -> list[str]:
+    return [str(CHAT / "app.py"), "-w", str(workers), "--bind", "127.0.0.1:0", "--hash-key", KEY,
+            "--graceful-timeout", "5"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chat() -> Iterator[str]:
+    with launched(chat_args()) as instance:
+        yield f"http://127.0.0.1:{instance.port}"
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+@pytest.mark.parametrize("swarm", [python_swarm, node_swarm], ids=["python-socketio", "node-socket.io-client"])
+def test_swarm_keeps_every_session(chat: str, swarm: Any, transport: str) -> None:
+    result = swarm(chat, SOURCES, TRANSPORTS[transport])
+    assert (result.ok, result.failed) == (len(SOURCES), 0), result.errors[:5]
+    assert set(result.workers.values()) == {"0", "1", "2", "3"}
+    for source, worker in result.workers.items():
+        assert int(worker) == slot_of(parse_address(source), SPEC, 4)
+
+
+def test_negative_control_unsticky_workers_break_sessions() -> None:
+    # The same app and the same clients under `uvicorn --workers 4` (one shared socket, no
+    # stickiness): long-polling sessions must fail, or the test above could not tell.
+    port = free_port()
+    uvicorn = [sys.executable, "-m", "uvicorn", "app:app", "--workers", "4", "--port", str(port),
+               "--log-level", "error"]  # fmt: skip
+    proc = subprocess.Popen(
+        uvicorn, cwd=CHAT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_for(up, 30, "uvicorn")
+        sources = SOURCES[:60]
+        py = python_swarm(url, sources, ["polling"], timeout=3)
+        node = node_swarm(url, sources, ["polling"], timeout=3)
+        print(f"control sessions failed: python-socketio {py.failed}/60, node {node.failed}/60")
+        assert py.failed > 0 and node.failed > 0
+    finally:
+        # uvicorn would wait out the clients' pending long-polls; its whole group goes at once.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+
+        def ping() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_for(ping, 30, "redis-server")
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def chat_with_redis(redis_url: str) -> Iterator[str]:
+    with launched(chat_args(), extra_env={"REDIS_URL": redis_url}) as instance:
+        yield f"http://127.0.0.1:{instance.port}"
+
+
+class Member:
+    """A chat client from one source address that records what it hears."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.heard: list[dict[str, Any]] = []
+        self.disconnects = 0
+
+    async def start(self, url: str, room: str = "all", reconnection: bool = False) -> str:
+        self.http = session_for(self.source)
+        self.client = socketio.AsyncClient(http_session=self.http, reconnection=reconnection,
+                                           reconnection_delay=0.2, reconnection_delay_max=0.5)  # fmt: skip
+        self.client.on("message", self.heard.append)
+        self.client.on("disconnect", self._disconnected)
+        await self.client.connect(url, transports=["polling", "websocket"], wait_timeout=15)
+        await self.client.call("join", {"room": room, "name": self.source}, timeout=15)
+        return str((await self.client.call("whoami", timeout=15))["worker"])
+
+    def _disconnected(self, *args: Any) -> None:
+        self.disconnects += 1
+
+    async def stop(self) -> None:
+        await self.client.eio.disconnect(abort=True)
+        await self.http.close()
+
+
+async def wait_async(predicate: Any, timeout: float, what: str) -> None:
+    end = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def test_broadcast_reaches_every_worker_exactly_once(chat_with_redis: str) -> None:
+    async def scenario() -> None:
+        members = [Member(s) for s in SOURCES[:40]]
+        workers = await asyncio.gather(*(m.start(chat_with_redis) for m in members))
+        assert set(workers) == {"0", "1", "2", "3"}
+        try:
+            await members[0].client.call("say", {"room": "all", "text": "hello"}, timeout=15)
+            # A second message from a client on another worker: once everyone has it, the first
+            # one has had every chance to arrive twice.
+            other = next(m for m, w in zip(members, workers) if w != workers[0])
+            await other.client.call("say", {"room": "all", "text": "sentinel"}, timeout=15)
+            await wait_async(lambda: all(len(m.heard) >= 2 for m in members), 30, "both messages everywhere")
+            for member in members:
+                assert [m["text"] for m in member.heard] == ["hello", "sentinel"], member.source
+        finally:
+            await asyncio.gather(*(m.stop() for m in members))
+
+    asyncio.run(scenario())
+
+
+def test_real_browser_chats_with_a_client_on_another_worker(chat_with_redis: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    browser_slot = str(slot_of(parse_address("127.0.0.1"), SPEC, 4))
+    source = next(s for s in SOURCES if str(slot_of(parse_address(s), SPEC, 4)) != browser_slot)
+    browser_joined = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    async def python_side() -> None:
+        member = Member(source)
+        try:
+            outcome["python_worker"] = await member.start(chat_with_redis, room="lobby")
+            await asyncio.to_thread(browser_joined.wait, 60)
+            await member.client.call("say", {"room": "lobby", "text": "hello from python"}, timeout=15)
+            await wait_async(lambda: any(m["text"] == "hello from the browser" for m in member.heard), 60,
+                             "the browser's message")  # fmt: skip
+            outcome["heard"] = next(m for m in member.heard if m["text"] == "hello from the browser")
+        finally:
+            await member.stop()
+
+    # Playwright's sync API owns this thread's event loop; the python client gets a thread of its own.
+    thread = threading.Thread(target=lambda: asyncio.run(python_side()))
+    thread.start()
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(
+                executable_path="/usr/bin/chromium",
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run"],
+            )  # fmt: skip
+            try:
+                page = browser.new_page()
+                page.goto(chat_with_redis + "/")
+                page.wait_for_function("document.getElementById('status').textContent.startsWith('joined')")
+                assert page.text_content("#status") == f"joined lobby on worker {browser_slot}"
+                browser_joined.set()
+                page.wait_for_function(
+                    "[...document.querySelectorAll('#log li')].some(li => li.textContent.includes('hello from python'))"
+                )
+                page.fill("#text", "hello from the browser")
+                page.click("button")
+                thread.join(60)
+            finally:
+                browser.close()
+    finally:
+        browser_joined.set()
+        thread.join(60)
+    assert outcome["python_worker"] != browser_slot
+    assert outcome["heard"]["worker"] == browser_slot
+    assert outcome["heard"]["from"] == "browser"
+
+
+def test_kill_9_one_worker_mid_run(chat: str) -> None:
+    async def scenario() -> None:
+        members = [Member(s) for s in SOURCES[:40]]
+        workers = dict(zip(members, await asyncio.gather(*(m.start(chat, reconnection=True) for m in members))))
+        try:
+            victim_slot = workers[members[0]]
+            before = {m: (await m.client.call("whoami", timeout=15))["pid"] for m in members}
+            victim_pid = before[members[0]]
+            os.kill(victim_pid, signal.SIGKILL)
+            victims = [m for m in members if workers[m] == victim_slot]
+            others = [m for m in members if workers[m] != victim_slot]
+
+            async def back_on_new_worker(member: Member) -> bool:
+                if not member.client.connected:
+                    return False
+                try:
+                    answer = await member.client.call("whoami", timeout=2)
+                except socketio.exceptions.SocketIOError:
+                    return False
+                return bool(answer["pid"] != victim_pid and answer["worker"] == victim_slot)
+
+            end = asyncio.get_running_loop().time() + 60
+            pending = list(victims)
+            while pending:
+                assert asyncio.get_running_loop().time() < end, "victims did not come back"
+                pending = [m for m in pending if not await back_on_new_worker(m)]
+                await asyncio.sleep(0.1)
+            for member in others:
+                assert member.disconnects == 0, member.source
+                assert (await member.client.call("whoami", timeout=15))["pid"] == before[member]
+            assert all(m.disconnects >= 1 for m in victims)
+        finally:
+            await asyncio.gather(*(m.stop() for m in members))
+
+    asyncio.run(scenario())

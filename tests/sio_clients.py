@@ -1,0 +1,88 @@
+"""Swarms of real Socket.IO clients, each from its own source address.
+
+Python clients use python-socketio over an aiohttp session bound to the source; every HTTP request
+opens a new connection (force_close), so each long-polling request is routed afresh, as behind a
+proxy or with browsers' connection churn. Node clients use the npm socket.io-client with an
+http.Agent bound to the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import socketio
+
+SWARM_JS = Path(__file__).parent / "e2e" / "sio_swarm.js"
+
+
+@dataclass
+class SwarmResult:
+    ok: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    workers: dict[str, str] = field(default_factory=dict)  # source → worker slot
+
+
+def session_for(source: str) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0), force_close=True))
+
+
+async def _one(
+    url: str, source: str, transports: list[str], rounds: int, timeout: float, result: SwarmResult
+) -> None:
+    async with session_for(source) as http:
+        client = socketio.AsyncClient(http_session=http, reconnection=False, request_timeout=timeout)
+        try:
+            # Bounded from outside too: a failed polling connect otherwise disconnects gracefully,
+            # which waits out the pending long-poll (pingInterval, 25 s).
+            await asyncio.wait_for(client.connect(url, transports=transports, wait_timeout=timeout), timeout)
+            workers = set()
+            for _ in range(rounds):
+                answer = await client.call("whoami", timeout=timeout)
+                workers.add(answer["worker"])
+            if "websocket" in transports and client.transport() != "websocket":
+                raise AssertionError(f"still on {client.transport()} after {rounds} round trips")
+            if len(workers) != 1:
+                raise AssertionError(f"session answered from workers {sorted(workers)}")
+            result.ok += 1
+            result.workers[source] = workers.pop()
+        except Exception as exc:
+            result.failed += 1
+            result.errors.append(f"{source}: {type(exc).__name__}: {exc}")
+        finally:
+            # abort: python-engineio's polling client otherwise waits for the pending long-poll
+            # (up to pingInterval, 25 s) before its graceful disconnect returns.
+            await client.eio.disconnect(abort=True)
+
+
+def python_swarm(
+    url: str, sources: list[str], transports: list[str], rounds: int = 4, timeout: float = 15
+) -> SwarmResult:
+    result = SwarmResult()
+
+    async def main() -> None:
+        await asyncio.gather(*(_one(url, s, transports, rounds, timeout, result) for s in sources))
+
+    asyncio.run(main())
+    return result
+
+
+def node_swarm(
+    url: str, sources: list[str], transports: list[str], rounds: int = 4, timeout: float = 15
+) -> SwarmResult:
+    proc = subprocess.run(
+        ["node", str(SWARM_JS), url, ",".join(transports), str(rounds), str(int(timeout * 1000)), *sources],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=SWARM_JS.parents[2],
+    )
+    assert proc.returncode == 0, proc.stderr
+    data: dict[str, Any] = json.loads(proc.stdout)
+    return SwarmResult(data["ok"], data["failed"], data["errors"], data["workers"])
