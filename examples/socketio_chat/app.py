@@ -38,18 +38,15 @@ else:
 sio = socketio.AsyncServer(async_mode="asgi", client_manager=manager, cors_allowed_origins="*")
 
 
-@sio.event
 async def connect(sid: str, environ: dict[str, Any]) -> None:
     await sio.save_session(sid, {"name": sid[:6]})
 
 
-@sio.event
 async def whoami(sid: str) -> dict[str, Any]:
     """Which worker holds this session: lets clients and tests see stickiness."""
     return {"worker": WORKER, "pid": os.getpid(), "sid": sid}
 
 
-@sio.event
 async def join(sid: str, data: dict[str, Any]) -> dict[str, Any]:
     room = str(data.get("room", "lobby"))
     async with sio.session(sid) as session:
@@ -58,13 +55,15 @@ async def join(sid: str, data: dict[str, Any]) -> dict[str, Any]:
     return {"room": room, "worker": WORKER}
 
 
-@sio.event
 async def say(sid: str, data: dict[str, Any]) -> dict[str, Any]:
     session = await sio.get_session(sid)
     message = {"room": data["room"], "from": session["name"], "text": data["text"], "worker": WORKER}
     await sio.emit("message", message, room=data["room"])
     return {"ok": True}
 
+
+for handler in (connect, whoami, join, say):
+    sio.on(handler.__name__, handler)
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>ebpf-sticky chat</title></head>

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import socketio
-
-from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 from launcher import KEY, launched, wait_for
 from netlab import v4_sources
 from sio_clients import node_swarm, python_swarm, session_for
+
+from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 
 CHAT = Path(__file__).parents[2] / "examples" / "socketio_chat"
 SPEC = HashSpec(bytes.fromhex(KEY))
@@ -45,7 +45,9 @@ def chat() -> Iterator[str]:
 
 
 @pytest.mark.parametrize("transport", list(TRANSPORTS))
-@pytest.mark.parametrize("swarm", [python_swarm, node_swarm], ids=["python-socketio", "node-socket.io-client"])
+@pytest.mark.parametrize(
+    "swarm", [python_swarm, node_swarm], ids=["python-socketio", "node-socket.io-client"]
+)
 def test_swarm_keeps_every_session(chat: str, swarm: Any, transport: str) -> None:
     result = swarm(chat, SOURCES, TRANSPORTS[transport])
     assert (result.ok, result.failed) == (len(SOURCES), 0), result.errors[:5]
@@ -157,7 +159,7 @@ def test_broadcast_reaches_every_worker_exactly_once(chat_with_redis: str) -> No
             await members[0].client.call("say", {"room": "all", "text": "hello"}, timeout=15)
             # A second message from a client on another worker: once everyone has it, the first
             # one has had every chance to arrive twice.
-            other = next(m for m, w in zip(members, workers) if w != workers[0])
+            other = next(m for m, w in zip(members, workers, strict=True) if w != workers[0])
             await other.client.call("say", {"room": "all", "text": "sentinel"}, timeout=15)
             await wait_async(lambda: all(len(m.heard) >= 2 for m in members), 30, "both messages everywhere")
             for member in members:
@@ -204,9 +206,10 @@ def test_real_browser_chats_with_a_client_on_another_worker(chat_with_redis: str
                 page.wait_for_function("document.getElementById('status').textContent.startsWith('joined')")
                 assert page.text_content("#status") == f"joined lobby on worker {browser_slot}"
                 browser_joined.set()
-                page.wait_for_function(
-                    "[...document.querySelectorAll('#log li')].some(li => li.textContent.includes('hello from python'))"
+                heard_python = (
+                    "[...document.querySelectorAll('#log li')].some(li => li.textContent.includes('%s'))"
                 )
+                page.wait_for_function(heard_python % "hello from python")
                 page.fill("#text", "hello from the browser")
                 page.click("button")
                 thread.join(60)
@@ -223,7 +226,13 @@ def test_real_browser_chats_with_a_client_on_another_worker(chat_with_redis: str
 def test_kill_9_one_worker_mid_run(chat: str) -> None:
     async def scenario() -> None:
         members = [Member(s) for s in SOURCES[:40]]
-        workers = dict(zip(members, await asyncio.gather(*(m.start(chat, reconnection=True) for m in members))))
+        workers = dict(
+            zip(
+                members,
+                await asyncio.gather(*(m.start(chat, reconnection=True) for m in members)),
+                strict=True,
+            )
+        )
         try:
             victim_slot = workers[members[0]]
             before = {m: (await m.client.call("whoami", timeout=15))["pid"] for m in members}
