@@ -1,0 +1,187 @@
+// loadgen: new-connection HTTP load from many source addresses, for scripts/bench.
+//
+//   loadgen HOST PORT SOURCES CONCURRENCY SECONDS [FIRST_SOURCE_INDEX]
+//
+// Keeps CONCURRENCY connections in flight; each binds the next source address (127.x.y.z, by
+// index, cycling through SOURCES of them), connects, sends one GET with "Connection: close",
+// reads the whole response and records latency and the worker id (the body's first integer).
+// Prints one JSON object: completed, errors, latencies, per-worker counts, stickiness per source.
+// Single-threaded epoll: one core of load, so the bench can measure this generator's ceiling.
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_WORKERS 64
+#define BUF 1024
+
+struct conn {
+    int fd;
+    int source;
+    size_t got;
+    uint64_t started_ns;
+    char buf[BUF];
+};
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint32_t source_addr(int index) {
+    // Skip .0 and .255 host bytes, as tests/netlab.py does.
+    int i = 2, n = 0;
+    for (;;) {
+        if ((i & 0xff) != 0 && (i & 0xff) != 255) {
+            if (n == index) break;
+            n++;
+        }
+        i++;
+    }
+    return htonl((127u << 24) | (uint32_t)i);
+}
+
+static int cmp_u32(const void *a, const void *b) {
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x > y) - (x < y);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 6) {
+        fprintf(stderr, "usage: loadgen HOST PORT SOURCES CONCURRENCY SECONDS [FIRST]\n");
+        return 2;
+    }
+    struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(argv[2]))};
+    inet_pton(AF_INET, argv[1], &dst.sin_addr);
+    int nsources = atoi(argv[3]), concurrency = atoi(argv[4]);
+    double seconds = atof(argv[5]);
+    int first = argc > 6 ? atoi(argv[6]) : 0;
+
+    uint32_t *addrs = calloc((size_t)nsources, sizeof *addrs);
+    int *first_worker = malloc((size_t)nsources * sizeof(int));
+    char *moved = calloc((size_t)nsources, 1);
+    long *per_source = calloc((size_t)nsources, sizeof(long));
+    for (int i = 0; i < nsources; i++) {
+        addrs[i] = source_addr(first + i);
+        first_worker[i] = -1;
+    }
+    size_t lat_cap = 1 << 20, lat_n = 0;
+    uint32_t *lat_us = malloc(lat_cap * sizeof *lat_us);
+    long per_worker[MAX_WORKERS] = {0};
+    long completed = 0, errors = 0;
+    char request[256];
+    int request_len = snprintf(request, sizeof request,
+                               "GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", argv[1]);
+
+    int ep = epoll_create1(0);
+    struct conn *conns = calloc((size_t)concurrency, sizeof *conns);
+    int next_source = 0;
+    uint64_t start = now_ns(), deadline = start + (uint64_t)(seconds * 1e9);
+
+    // Open a connection in slot c; returns 0 on success.
+    #define OPEN(c)                                                                            \
+        do {                                                                                   \
+            struct conn *k = &conns[c];                                                        \
+            k->source = next_source;                                                           \
+            next_source = (next_source + 1) % nsources;                                        \
+            k->got = 0;                                                                        \
+            k->started_ns = now_ns();                                                          \
+            k->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);                           \
+            int one = 1;                                                                       \
+            setsockopt(k->fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);                     \
+            setsockopt(k->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);          \
+            struct sockaddr_in src = {.sin_family = AF_INET, .sin_addr.s_addr = addrs[k->source]}; \
+            bind(k->fd, (struct sockaddr *)&src, sizeof src);                                  \
+            connect(k->fd, (struct sockaddr *)&dst, sizeof dst);                               \
+            struct epoll_event ev = {.events = EPOLLOUT, .data.u32 = (uint32_t)(c)};           \
+            epoll_ctl(ep, EPOLL_CTL_ADD, k->fd, &ev);                                          \
+        } while (0)
+
+    for (int c = 0; c < concurrency; c++) OPEN(c);
+    struct epoll_event events[256];
+    int open_conns = concurrency;
+    while (open_conns > 0) {
+        int n = epoll_wait(ep, events, 256, 100);
+        uint64_t t = now_ns();
+        for (int e = 0; e < n; e++) {
+            int c = (int)events[e].data.u32;
+            struct conn *k = &conns[c];
+            int done = 0, failed = 0;
+            if (events[e].events & (EPOLLERR | EPOLLHUP) && !(events[e].events & EPOLLIN)) {
+                failed = 1;
+            } else if (events[e].events & EPOLLOUT) {
+                if (write(k->fd, request, (size_t)request_len) != request_len) {
+                    failed = 1;
+                } else {
+                    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)c};
+                    epoll_ctl(ep, EPOLL_CTL_MOD, k->fd, &ev);
+                }
+            } else if (events[e].events & EPOLLIN) {
+                ssize_t r = read(k->fd, k->buf + k->got, BUF - 1 - k->got);
+                if (r > 0) {
+                    k->got += (size_t)r;
+                    if (k->got >= BUF - 1) failed = 1;
+                } else if (r == 0) {
+                    k->buf[k->got] = 0;
+                    char *body = strstr(k->buf, "\r\n\r\n");
+                    if (body && strncmp(k->buf, "HTTP/1.1 200", 12) == 0) {
+                        int worker = atoi(body + 4);
+                        done = 1;
+                        if (worker >= 0 && worker < MAX_WORKERS) per_worker[worker]++;
+                        if (first_worker[k->source] < 0) first_worker[k->source] = worker;
+                        else if (first_worker[k->source] != worker) moved[k->source] = 1;
+                        per_source[k->source]++;
+                    } else {
+                        failed = 1;
+                    }
+                } else if (errno != EAGAIN) {
+                    failed = 1;
+                }
+            }
+            if (done || failed) {
+                close(k->fd);
+                if (done) {
+                    completed++;
+                    if (lat_n == lat_cap) lat_us = realloc(lat_us, (lat_cap *= 2) * sizeof *lat_us);
+                    lat_us[lat_n++] = (uint32_t)((t - k->started_ns) / 1000);
+                } else {
+                    errors++;
+                }
+                if (t < deadline) {
+                    OPEN(c);
+                } else {
+                    open_conns--;
+                }
+            }
+        }
+    }
+    double elapsed = (double)(now_ns() - start) / 1e9;
+    qsort(lat_us, lat_n, sizeof *lat_us, cmp_u32);
+    long sticky_sources = 0, multi = 0;
+    for (int i = 0; i < nsources; i++) {
+        if (per_source[i] >= 2) {
+            multi++;
+            if (!moved[i]) sticky_sources++;
+        }
+    }
+    printf("{\"completed\": %ld, \"errors\": %ld, \"elapsed\": %.4f, ", completed, errors, elapsed);
+    printf("\"p50_us\": %u, \"p99_us\": %u, ", lat_n ? lat_us[lat_n / 2] : 0,
+           lat_n ? lat_us[(size_t)((double)lat_n * 0.99)] : 0);
+    printf("\"sources_seen_twice\": %ld, \"sticky_sources\": %ld, \"per_worker\": [", multi, sticky_sources);
+    int last = MAX_WORKERS - 1;
+    while (last > 0 && per_worker[last] == 0) last--;
+    for (int w = 0; w <= last; w++) printf("%s%ld", w ? ", " : "", per_worker[w]);
+    printf("]}\n");
+    return 0;
+}
