@@ -20,6 +20,8 @@ ENV_PREFIX = "EBPF_STICKY_"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
+    """The EBPF_STICKY_* twin of an option. argparse converts (and checks) string defaults with
+    the option's type, so a bad environment value is reported like a bad flag."""
     return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
 
 
@@ -39,13 +41,13 @@ def _add_hash_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prefix4",
         type=_int,
-        default=_int(_env("prefix4", str(DEFAULT_PREFIX4)) or ""),
+        default=_env("prefix4", str(DEFAULT_PREFIX4)),
         help="IPv4 clients in one prefix of this length share a worker (default 32)",
     )
     parser.add_argument(
         "--prefix6",
         type=_int,
-        default=_int(_env("prefix6", str(DEFAULT_PREFIX6)) or ""),
+        default=_env("prefix6", str(DEFAULT_PREFIX6)),
         help="IPv6 clients in one prefix of this length share a worker (default 64)",
     )
 
@@ -67,14 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         usage="ebpf-sticky launch TARGET [options] | ebpf-sticky launch [options] -- COMMAND",
     )
     launch.add_argument("target", nargs="?", help="path/app.py, path/app.py:attr or package.module:attr")
-    launch.add_argument(
-        "-w", "--workers", type=_int, default=_int(_env("workers", str(_workers_default())) or "")
-    )
+    launch.add_argument("-w", "--workers", type=_int, default=_env("workers", str(_workers_default())))
     launch.add_argument("-b", "--bind", default=_env("bind", config.DEFAULT_BIND))
     launch.add_argument("--udp", action="store_true", default=_env("udp", "") not in ("", "0"))
     launch.add_argument("--loader", choices=["native", "bcc"], default=_env("loader", "native"))
     launch.add_argument("--factory", action="store_true", default=_env("factory", "") not in ("", "0"))
-    launch.add_argument("--graceful-timeout", type=float, default=float(_env("graceful-timeout", "30") or 30))
+    launch.add_argument("--graceful-timeout", type=float, default=_env("graceful-timeout", "30"))
     launch.add_argument("--user", default=_env("user"))
     launch.add_argument("--group", default=_env("group"))
     launch.add_argument("--pid-file", default=_env("pid-file"))
@@ -203,10 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command and args.command != "launch":
             raise ConfigError("'-- COMMAND' goes with launch only")
         if args.command == "launch":
-            if command and args.target is not None:
-                raise ConfigError("give either a TARGET or -- COMMAND, not both")
-            if not command and args.target is None:
-                raise ConfigError("launch needs a TARGET (path/app.py, module:attr) or -- COMMAND")
             return cmd_launch(args, command)
         if args.command == "route":
             return cmd_route(args)

@@ -97,7 +97,9 @@ class Launch:
 
     def __post_init__(self) -> None:
         if (self.target is None) == (not self.command):
-            raise ConfigError("give either a TARGET (path/app.py, module:attr) or -- COMMAND, not both")
+            raise ConfigError(
+                "launch takes either a TARGET (path/app.py, module:attr) or -- COMMAND: one of them"
+            )
         if self.graceful_timeout < 0:
             raise ConfigError(f"--graceful-timeout must be >= 0, got {self.graceful_timeout}")
         if self.udp and self.target is not None:

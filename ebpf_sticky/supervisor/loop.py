@@ -29,6 +29,10 @@ from .worker import LISTEN_FD
 log = logging.getLogger("ebpf_sticky")
 
 _PR_SET_PDEATHSIG = 1
+_PR_CAPBSET_DROP = 24
+# CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF: what loading or detaching BPF programs takes.
+# Dropped from a root worker's bounding set, so its exec grants them no more.
+_BPF_CAPS = (12, 21, 38, 39)
 _libc = ctypes.CDLL(None, use_errno=True)
 _SIGNALS = {
     signal.SIGTERM: "TERM",
@@ -52,6 +56,8 @@ def _child_setup(sock_fd: int, master_pid: int) -> Callable[[], None]:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != master_pid:
             os._exit(1)
+        for cap in _BPF_CAPS:
+            _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # EPERM without CAP_SETPCAP: then nothing to drop
         os.dup2(sock_fd, LISTEN_FD)
 
     return setup

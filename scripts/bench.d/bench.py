@@ -48,7 +48,7 @@ from ebpf_sticky.kernel import asm, syscalls  # noqa: E402
 from ebpf_sticky.kernel.router import Router  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
-SOURCES = 1000  # client addresses 127.0.x.y cycled by the load generator
+SOURCES = 4096  # client addresses 127.0.x.y cycled by the load generator
 
 
 def free_port() -> int:
@@ -281,12 +281,20 @@ def busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def load(port: int, concurrency: int, seconds: float) -> dict[str, Any]:
+def load(port: int, concurrency: int, seconds: float, per_connection: int) -> dict[str, Any]:
     """One load-generator run, plus CPU: the generator's own, and the server side's (the whole
     machine's busy time minus the generator's), so kernel and softirq work count too."""
     busy = busy_seconds()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    argv = [str(TOOLS / "loadgen"), "127.0.0.1", str(port), str(SOURCES), str(concurrency), str(seconds)]
+    argv = [
+        str(TOOLS / "loadgen"),
+        "127.0.0.1",
+        str(port),
+        str(SOURCES),
+        str(concurrency),
+        str(seconds),
+        str(per_connection),
+    ]
     out = subprocess.run(argv, capture_output=True, check=True, timeout=seconds + 60).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result: dict[str, Any] = json.loads(out)
@@ -295,18 +303,21 @@ def load(port: int, concurrency: int, seconds: float) -> dict[str, Any]:
     return result
 
 
-def measure(routers: list[Router_], levels: list[int], rounds: int, seconds: float) -> dict[str, Any]:
+def measure(
+    routers: list[Router_], levels: list[int], rounds: int, seconds: float, per_connection: int = 1
+) -> dict[str, Any]:
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {r.name: {c: [] for c in levels} for r in routers}
     for round_ in range(rounds):
         order = routers[round_ % len(routers) :] + routers[: round_ % len(routers)]
         for concurrency in levels:
             for router in order:
-                result = load(router.port, concurrency, seconds)
+                result = load(router.port, concurrency, seconds, per_connection)
                 completed = result["completed"]
                 per_worker = result["per_worker"]
                 runs[router.name][concurrency].append(
                     {
-                        "conn_per_s": completed / result["elapsed"],
+                        "conn_per_s": completed / result["elapsed"] / per_connection,
+                        "req_per_s": completed / result["elapsed"],
                         "p50_ms": result["p50_us"] / 1000,
                         "p99_ms": result["p99_us"] / 1000,
                         "errors": result["errors"],
@@ -337,11 +348,11 @@ def summarize(runs: dict[str, Any], levels: list[int]) -> dict[str, Any]:
 
 
 def ratios(runs: dict[str, Any], levels: list[int], base: str) -> dict[str, float]:
-    """ebpf-sticky's conn/s over ``base``'s, per round and level (side by side), then the median."""
+    """ebpf-sticky's req/s over ``base``'s, per round and level (side by side), then the median."""
     if base not in runs:
         return {}
     values = [
-        ours["conn_per_s"] / theirs["conn_per_s"]
+        ours["req_per_s"] / theirs["req_per_s"]
         for c in levels
         for ours, theirs in zip(runs["ebpf-sticky"][c], runs[base][c], strict=True)
     ]
@@ -485,33 +496,71 @@ def write_outputs(result: dict[str, Any], out_dir: Path, stamp: str) -> list[Pat
     return written
 
 
+def _router_table(routers: dict[str, Any], rate: str) -> list[str]:
+    lines = [
+        f"| router | {rate} | p50 ms | p99 ms | sticky % | balance | server CPU s / 1k conn | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    key = "conn_per_s" if rate == "conn/s" else "req_per_s"
+    for name, r in routers.items():
+        lines.append(
+            f"| {name} | {r[key]:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['sticky_pct']:.1f} | {r['balance']:.3f} | {r['cpu_s_per_1k']:.3f} | {r['errors']:.0f} |"
+        )
+    return lines
+
+
+def _ratio_line(ratios_: dict[str, Any]) -> str:
+    return ", ".join(f"vs {k} **{v['median']}×** ({v['min']}–{v['max']})" for k, v in ratios_.items())
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# ebpf-sticky benchmark {result['date']}", "", result["setup"], ""]
     for kind, block in result["workers"].items():
         lines += [
-            f"## {kind} worker, {block['levels'][-1]} concurrent connections "
+            f"## {kind} worker: one request per new connection, {block['levels'][-1]} concurrent "
             f"(medians of {block['rounds']} rounds)",
             "",
-            "| router | conn/s | p50 ms | p99 ms | sticky % | balance | server CPU s / 1k conn | errors |",
-            "|---|---|---|---|---|---|---|---|",
         ]
-        for name, r in block["routers"].items():
-            lines.append(
-                f"| {name} | {r['conn_per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                f"{r['sticky_pct']:.1f} | {r['balance']:.3f} | {r['cpu_s_per_1k']:.3f} | {r['errors']:.0f} |"
-            )
+        lines += _router_table(block["routers"], "conn/s")
         lines += [
             "",
-            "ebpf-sticky's conn/s ratio, median of per-round side-by-side ratios over all levels: "
-            + ", ".join(f"vs {k} {v['median']}× ({v['min']}–{v['max']})" for k, v in block["ratios"].items()),
+            "ebpf-sticky's rate, median of side-by-side per-round ratios over levels "
+            f"{block['levels']}: " + _ratio_line(block["ratios"]),
             "",
         ]
-    k = result["kernel"]
-    lines += ["## Kernel", "", "| figure | value |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in k.items()]
-    h = result["hash"]
+        ka = block["keepalive"]
+        lines += [
+            f"### {kind} worker: {ka['requests_per_connection']} requests per connection, "
+            f"{ka['concurrency']} concurrent",
+            "",
+        ]
+        lines += _router_table(ka["routers"], "req/s")
+        lines += ["", "ebpf-sticky's rate: " + _ratio_line(ka["ratios"]), ""]
+    lines += [
+        "## Kernel",
+        "",
+        "| router/worker | launch to serving s | BPF insns | master RSS KiB | "
+        "selections | ns per selection |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, k in result["kernel"].items():
+        if name != "floor":
+            lines.append(
+                f"| {name} | {k['launch_to_serving_s']} | {k['insns']} | {k['master_rss_kib']} | "
+                f"{k.get('run_cnt', '-')} | {k.get('ns_per_selection', '-')} |"
+            )
+    floor = result["kernel"]["floor"]
     lines += [
         "",
+        "Same connections, same machine, one after another: an empty program "
+        f"{floor['empty_program_ns']} ns, "
+        f"reading the address and selecting a socket only {floor['load_and_select_ns']} ns, "
+        f"the full program {floor['full_program_ns']} ns per selection.",
+        "",
+    ]
+    h = result["hash"]
+    lines += [
         "## Hash",
         "",
         f"{h['buckets']} buckets, 8 slots: "
@@ -658,6 +707,9 @@ def main() -> int:
                         except RuntimeError as exc:
                             raise router.stop_with_log(exc) from exc
                 runs = measure(all_routers, levels, rounds, seconds)
+                # Long-lived connections (Socket.IO's case after the handshake): 20 requests each.
+                # The bare accept loop answers one request per connection, so it sits this out.
+                keepalive = measure(routers, [64], rounds, seconds, per_connection=KEEPALIVE_REQUESTS)
                 for router in routers:
                     if router.name.startswith("ebpf-sticky"):
                         stats = bpf_stats(router.procs[0].pid)
@@ -671,6 +723,12 @@ def main() -> int:
                         for base in ("reuseport", "sticky-session", "nginx-ip-hash", "haproxy-source")
                         if base in runs
                     },
+                }
+                block["keepalive"] = {
+                    "requests_per_connection": KEEPALIVE_REQUESTS,
+                    "concurrency": 64,
+                    "routers": summarize(keepalive, [64]),
+                    "ratios": {base: ratios(keepalive, [64], base) for base in BASES if base in keepalive},
                 }
                 result["workers"][kind] = block
             finally:
@@ -693,6 +751,8 @@ def main() -> int:
 
 WORKERS = 4
 TOOLS = Path()
+KEEPALIVE_REQUESTS = 20
+BASES = ("reuseport", "sticky-session", "nginx-ip-hash", "haproxy-source")
 
 if __name__ == "__main__":
     sys.exit(main())

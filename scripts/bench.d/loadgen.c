@@ -1,10 +1,11 @@
 // loadgen: new-connection HTTP load from many source addresses, for scripts/bench.
 //
-//   loadgen HOST PORT SOURCES CONCURRENCY SECONDS [FIRST_SOURCE_INDEX]
+//   loadgen HOST PORT SOURCES CONCURRENCY SECONDS [REQUESTS_PER_CONNECTION]
 //
 // Keeps CONCURRENCY connections in flight; each binds the next source address (127.x.y.z, by
-// index, cycling through SOURCES of them), connects, sends one GET with "Connection: close",
-// reads the whole response and records latency and the worker id (the body's first integer).
+// index, cycling through SOURCES of them), connects, sends REQUESTS_PER_CONNECTION (default 1)
+// GETs one after another (keep-alive; the last says "Connection: close"), and records each
+// response's latency and worker id (the body's first integer). Responses need Content-Length.
 // Prints one JSON object: completed, errors, latencies, per-worker counts, stickiness per source.
 // Single-threaded epoll: one core of load, so the bench can measure this generator's ceiling.
 #define _GNU_SOURCE
@@ -28,10 +29,21 @@
 struct conn {
     int fd;
     int source;
+    int sent;  // requests sent on this connection
     size_t got;
     uint64_t started_ns;
     char buf[BUF];
 };
+
+// Length of a complete response at the start of buf (0: not complete yet, -1: malformed).
+static long response_length(const char *buf, size_t got) {
+    const char *end = memmem(buf, got, "\r\n\r\n", 4);
+    if (!end) return 0;
+    const char *cl = strcasestr(buf, "\r\ncontent-length:");
+    if (!cl || cl > end) return -1;
+    long total = (end + 4 - buf) + atol(cl + 17);
+    return (size_t)total <= got ? total : 0;
+}
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -59,30 +71,31 @@ static int cmp_u32(const void *a, const void *b) {
 
 int main(int argc, char **argv) {
     if (argc < 6) {
-        fprintf(stderr, "usage: loadgen HOST PORT SOURCES CONCURRENCY SECONDS [FIRST]\n");
+        fprintf(stderr, "usage: loadgen HOST PORT SOURCES CONCURRENCY SECONDS [REQUESTS_PER_CONNECTION]\n");
         return 2;
     }
     struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(argv[2]))};
     inet_pton(AF_INET, argv[1], &dst.sin_addr);
     int nsources = atoi(argv[3]), concurrency = atoi(argv[4]);
     double seconds = atof(argv[5]);
-    int first = argc > 6 ? atoi(argv[6]) : 0;
+    int per_conn = argc > 6 ? atoi(argv[6]) : 1;
 
     uint32_t *addrs = calloc((size_t)nsources, sizeof *addrs);
     int *first_worker = malloc((size_t)nsources * sizeof(int));
     char *moved = calloc((size_t)nsources, 1);
     long *per_source = calloc((size_t)nsources, sizeof(long));
     for (int i = 0; i < nsources; i++) {
-        addrs[i] = source_addr(first + i);
+        addrs[i] = source_addr(i);
         first_worker[i] = -1;
     }
     size_t lat_cap = 1 << 20, lat_n = 0;
     uint32_t *lat_us = malloc(lat_cap * sizeof *lat_us);
     long per_worker[MAX_WORKERS] = {0};
     long completed = 0, errors = 0;
-    char request[256];
-    int request_len = snprintf(request, sizeof request,
-                               "GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", argv[1]);
+    char request[256], last_request[256];
+    int request_len = snprintf(request, sizeof request, "GET / HTTP/1.1\r\nHost: %s\r\n\r\n", argv[1]);
+    int last_len = snprintf(last_request, sizeof last_request,
+                            "GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", argv[1]);
 
     int ep = epoll_create1(0);
     struct conn *conns = calloc((size_t)concurrency, sizeof *conns);
@@ -96,6 +109,7 @@ int main(int argc, char **argv) {
             k->source = next_source;                                                           \
             next_source = (next_source + 1) % nsources;                                        \
             k->got = 0;                                                                        \
+            k->sent = 0;                                                                       \
             k->started_ns = now_ns();                                                          \
             k->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);                           \
             int one = 1;                                                                       \
@@ -121,43 +135,49 @@ int main(int argc, char **argv) {
             if (events[e].events & (EPOLLERR | EPOLLHUP) && !(events[e].events & EPOLLIN)) {
                 failed = 1;
             } else if (events[e].events & EPOLLOUT) {
-                if (write(k->fd, request, (size_t)request_len) != request_len) {
+                int last = k->sent + 1 >= per_conn;
+                ssize_t len = last ? last_len : request_len;
+                if (write(k->fd, last ? last_request : request, (size_t)len) != len) {
                     failed = 1;
                 } else {
+                    k->sent++;
                     struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)c};
                     epoll_ctl(ep, EPOLL_CTL_MOD, k->fd, &ev);
                 }
             } else if (events[e].events & EPOLLIN) {
                 ssize_t r = read(k->fd, k->buf + k->got, BUF - 1 - k->got);
-                if (r > 0) {
+                if (r <= 0) {
+                    failed = r == 0 || errno != EAGAIN;
+                } else {
                     k->got += (size_t)r;
-                    if (k->got >= BUF - 1) failed = 1;
-                } else if (r == 0) {
                     k->buf[k->got] = 0;
-                    char *body = strstr(k->buf, "\r\n\r\n");
-                    if (body && strncmp(k->buf, "HTTP/1.1 200", 12) == 0) {
-                        int worker = atoi(body + 4);
-                        done = 1;
+                    long length = response_length(k->buf, k->got);
+                    if (length < 0 || k->got >= BUF - 1 || strncmp(k->buf, "HTTP/1.1 200", 12) != 0) {
+                        failed = length != 0 || k->got >= BUF - 1;
+                    }
+                    if (length > 0 && !failed) {
+                        int worker = atoi(strstr(k->buf, "\r\n\r\n") + 4);
+                        completed++;
+                        if (lat_n == lat_cap) lat_us = realloc(lat_us, (lat_cap *= 2) * sizeof *lat_us);
+                        lat_us[lat_n++] = (uint32_t)((t - k->started_ns) / 1000);
                         if (worker >= 0 && worker < MAX_WORKERS) per_worker[worker]++;
                         if (first_worker[k->source] < 0) first_worker[k->source] = worker;
                         else if (first_worker[k->source] != worker) moved[k->source] = 1;
                         per_source[k->source]++;
-                    } else {
-                        failed = 1;
+                        if (k->sent >= per_conn || t >= deadline) {
+                            done = 1;
+                        } else {  // next request on the same connection
+                            k->got = 0;
+                            k->started_ns = t;
+                            struct epoll_event ev = {.events = EPOLLOUT, .data.u32 = (uint32_t)c};
+                            epoll_ctl(ep, EPOLL_CTL_MOD, k->fd, &ev);
+                        }
                     }
-                } else if (errno != EAGAIN) {
-                    failed = 1;
                 }
             }
             if (done || failed) {
                 close(k->fd);
-                if (done) {
-                    completed++;
-                    if (lat_n == lat_cap) lat_us = realloc(lat_us, (lat_cap *= 2) * sizeof *lat_us);
-                    lat_us[lat_n++] = (uint32_t)((t - k->started_ns) / 1000);
-                } else {
-                    errors++;
-                }
+                if (failed) errors++;
                 if (t < deadline) {
                     OPEN(c);
                 } else {
@@ -176,6 +196,7 @@ int main(int argc, char **argv) {
         }
     }
     printf("{\"completed\": %ld, \"errors\": %ld, \"elapsed\": %.4f, ", completed, errors, elapsed);
+    printf("\"requests_per_connection\": %d, ", per_conn);
     printf("\"p50_us\": %u, \"p99_us\": %u, ", lat_n ? lat_us[lat_n / 2] : 0,
            lat_n ? lat_us[(size_t)((double)lat_n * 0.99)] : 0);
     printf("\"sources_seen_twice\": %ld, \"sticky_sources\": %ld, \"per_worker\": [", multi, sticky_sources);

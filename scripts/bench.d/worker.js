@@ -10,6 +10,7 @@ function handler(id) {
   const body = `${id}\n`;
   return (req, res) => {
     res.setHeader("Content-Type", "text/plain");
+    res.setHeader("Content-Length", Buffer.byteLength(body));
     res.end(body);
   };
 }

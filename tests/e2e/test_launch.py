@@ -8,6 +8,8 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,3 +257,102 @@ def test_python_api_run_from_a_script() -> None:
 
     with launched([], argv=[sys.executable, "run_api.py", KEY]) as instance:
         assert_sticky(instance.port, 2, SOURCES[:20])
+
+
+def test_term_stops_gracefully_with_status_0_and_cleans_up(tmp_path: Path) -> None:
+    pid_file = tmp_path / "master.pid"
+    with launched(["asgi_app.py", "-w", "2", *BASE, "--pid-file", str(pid_file)]) as instance:
+        assert pid_file.read_text().strip() == str(instance.proc.pid)
+        control = list(Path("/run/ebpf-sticky").glob(f"*-{instance.port}.sock"))
+        assert len(control) == 1
+        instance.signal(signal.SIGTERM)
+        assert instance.finish() == 0
+        assert not pid_file.exists() and not control[0].exists()
+        assert tagged_processes(instance.tag) == []
+
+
+def test_ready_is_notified_to_systemd(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify"))
+        notify.settimeout(60)
+        with launched(
+            ["asgi_app.py", "-w", "2", *BASE], extra_env={"NOTIFY_SOCKET": str(tmp_path / "notify")}
+        ):
+            assert notify.recv(64) == b"READY=1"
+
+
+def test_workers_hold_no_bpf_capability() -> None:
+    script = (
+        "import os, re, socket; s = socket.socket(fileno=3); "
+        "caps = int(re.search(r'CapEff:\\s*(\\w+)', open('/proc/self/status').read()).group(1), 16); "
+        "bpf = [c for c in (12, 21, 38, 39) if caps >> c & 1]; "
+        "c, _ = s.accept(); c.sendall(f'{bpf}'.encode()); c.close()"
+    )
+    with (
+        launched(["-w", "1", *BASE, "--", sys.executable, "-c", script]) as instance,
+        socket.create_connection(("127.0.0.1", instance.port)) as client,
+    ):
+        assert client.recv(64) == b"[]"
+
+
+def test_udp_command_workers_are_sticky() -> None:
+    script = (
+        "import os, socket; s = socket.socket(fileno=3)\n"
+        "while True:\n"
+        "    data, peer = s.recvfrom(64); s.sendto(os.environ['EBPF_STICKY_WORKER'].encode(), peer)\n"
+    )
+    with launched(["-w", "3", *BASE, "--udp", "--", sys.executable, "-c", script]) as instance:
+        for source in SOURCES[:30]:
+            for _ in range(2):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                    client.bind((source, 0))
+                    client.settimeout(10)
+                    client.sendto(b"?", ("127.0.0.1", instance.port))
+                    assert int(client.recv(64)) == predicted(source, 3)
+
+
+def test_crash_looping_command_stops_the_launch() -> None:
+    output = run_bad(
+        ["-w", "2", "--bind", "127.0.0.1:0", "--", "sh", "-c", "exit 1"], "died 2 times within 5 s"
+    )
+    assert "exited with 1" in output
+
+
+def test_doctor_says_launch_will_work() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ebpf_sticky", "doctor"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout
+    assert "ok   sticky group: native program loads" in proc.stdout
+    assert "launch will work" in proc.stdout
+
+
+def test_doctor_without_privileges_names_the_fix() -> None:
+    proc = subprocess.run(
+        [
+            "setpriv",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            "--",
+            sys.executable,
+            "-m",
+            "ebpf_sticky",
+            "doctor",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "FAIL privileges" in proc.stdout and "fix: run as root, or grant CAP_BPF" in proc.stdout
+
+
+def test_status_without_an_instance() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ebpf_sticky", "status", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("ebpf-sticky: error: no running ebpf-sticky instance on port 1")

@@ -1,0 +1,110 @@
+"""Parsing and validation: pure, no root."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from ebpf_sticky.cli import main
+from ebpf_sticky.config import parse_bind, parse_key
+from ebpf_sticky.errors import ConfigError
+from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
+from ebpf_sticky.supervisor.worker import Target, is_asgi, parse_target
+
+KEY = "00112233445566778899aabbccddeeff"
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port", "family", "dual"),
+    [
+        ("127.0.0.1:8000", "127.0.0.1", 8000, socket.AF_INET, False),
+        (":9000", "0.0.0.0", 9000, socket.AF_INET, False),
+        ("[::]:80", "::", 80, socket.AF_INET6, True),
+        ("[::1]:0", "::1", 0, socket.AF_INET6, False),
+    ],
+)
+def test_bind(text: str, host: str, port: int, family: int, dual: bool) -> None:
+    bind = parse_bind(text)
+    assert (bind.host, bind.port, bind.family, bind.dual_stack) == (host, port, family, dual)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("localhost:80", "a numeric address"),
+        ("127.0.0.1", "expected HOST:PORT"),
+        ("127.0.0.1:70000", "port must be 0..65535"),
+        ("::1:80", "in brackets"),
+    ],
+)
+def test_bad_bind(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_bind(text)
+
+
+def test_key() -> None:
+    assert parse_key(KEY) == bytes.fromhex(KEY)
+    for bad in ("", "zz" * 16, KEY[:-2]):
+        with pytest.raises(ConfigError, match="32 hex digits"):
+            parse_key(bad)
+
+
+def test_targets() -> None:
+    assert parse_target("app.py") == Target("app.py", None, True)
+    assert parse_target("dir/app.py:api") == Target("dir/app.py", "api", True)
+    assert parse_target("pkg.mod:app") == Target("pkg.mod", "app", False)
+    with pytest.raises(ConfigError, match="name the attribute"):
+        parse_target("pkg.mod")
+    with pytest.raises(ConfigError, match="nothing after ':'"):
+        parse_target("app.py:")
+
+
+def test_asgi_or_wsgi() -> None:
+    async def asgi(scope: object, receive: object, send: object) -> None: ...
+
+    def wsgi(environ: object, start_response: object) -> list[bytes]:
+        return []
+
+    class AsgiObject:
+        async def __call__(self, scope: object, receive: object, send: object) -> None: ...
+
+    assert is_asgi(asgi) and is_asgi(AsgiObject()) and not is_asgi(wsgi)
+
+
+def test_route_offline_matches_the_mirror(capsys: pytest.CaptureFixture[str]) -> None:
+    addresses = ["10.0.0.1", "::ffff:10.0.0.1", "2001:db8::1", "[2001:db8::2]"]
+    assert main(["route", "--workers", "5", "--hash-key", KEY, "--prefix6", "64", *addresses]) == 0
+    lines = capsys.readouterr().out.split("\n")
+    spec = HashSpec(bytes.fromhex(KEY))
+    for line, address in zip(lines, addresses, strict=False):
+        assert line == f"{address} {slot_of(parse_address(address), spec, 5)}"
+    assert lines[0].split()[1] == lines[1].split()[1]  # IPv4-mapped is the IPv4 client
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["route", "--hash-key", KEY, "10.0.0.1"], "needs --workers"),
+        (["route", "--workers", "3", "10.0.0.1"], "needs --hash-key"),
+        (["route", "--workers", "3", "--hash-key", KEY, "not-an-ip"], "is not an IP address"),
+        (["route", "--workers", "0", "--hash-key", KEY, "10.0.0.1"], "--workers must be 1..256"),
+        (["status", "--", "x"], "goes with launch only"),
+        (["launch"], "either a TARGET"),
+        (["launch", "app.py", "--", "node", "x.js"], "either a TARGET"),
+    ],
+)
+def test_bad_cli_input(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ebpf-sticky: error: ") and message in err and err.count("\n") == 1
+
+
+def test_bad_environment_twin_is_reported_like_a_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EBPF_STICKY_WORKERS", "many")
+    with pytest.raises(SystemExit) as info:
+        main(["launch", "app.py"])
+    assert info.value.code == 2
+    assert "expected a whole number, got 'many'" in capsys.readouterr().err
