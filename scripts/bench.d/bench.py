@@ -328,8 +328,8 @@ def measure(
                     }
                 )
                 print(
-                    f"  round {round_ + 1} c={concurrency:<4} {router.name:<16} "
-                    f"{runs[router.name][concurrency][-1]['conn_per_s']:9.0f} conn/s",
+                    f"  round {round_ + 1} c={concurrency:<4} requests/conn={per_connection:<3} "
+                    f"{router.name:<16} {runs[router.name][concurrency][-1]['req_per_s']:9.0f} req/s",
                     flush=True,
                 )
     return runs
@@ -640,6 +640,21 @@ def plots(result: dict[str, Any], out_dir: Path, stamp: str) -> list[Path]:
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
 
+    fig, axes = plt.subplots(
+        1, len(result["workers"]), figsize=(6 * len(result["workers"]), 4), squeeze=False
+    )
+    for ax, (kind, block) in zip(axes[0], result["workers"].items(), strict=True):
+        ka = block["keepalive"]
+        names = list(ka["routers"])
+        ax.bar(range(len(names)), [ka["routers"][n]["req_per_s"] for n in names], 0.6)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_ylabel("requests / s")
+        ax.set_title(f"{kind} worker, {ka['requests_per_connection']} requests per connection")
+    fig.tight_layout()
+    written.append(out_dir / f"{stamp}-keepalive.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
     remap = result["hash"]["remap"]
     fig, ax = plt.subplots(figsize=(6, 4))
     ns = [r["n"] for r in remap]
@@ -676,7 +691,14 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--tools", type=Path, required=True, help="where loadgen and bare were built")
+    parser.add_argument("--replot", type=Path, help="only rewrite the table and plots of this results JSON")
     args = parser.parse_args()
+    if args.replot:
+        saved: dict[str, Any] = json.loads(args.replot.read_text())
+        WORKERS = int(re.search(r"(\d+) workers", saved["setup"]).group(1))  # type: ignore[union-attr]
+        for path in write_outputs(saved, args.replot.parent, args.replot.stem):
+            print(f"wrote {path}")
+        return 0
     WORKERS, TOOLS = args.workers, args.tools
     levels = [64] if args.quick else [16, 64, 256]
     rounds = 2 if args.quick else 3

@@ -6,6 +6,7 @@
 // index, cycling through SOURCES of them), connects, sends REQUESTS_PER_CONNECTION (default 1)
 // GETs one after another (keep-alive; the last says "Connection: close"), and records each
 // response's latency and worker id (the body's first integer). Responses need Content-Length.
+// A source is sticky when every connection it made was answered by the same worker.
 // Prints one JSON object: completed, errors, latencies, per-worker counts, stickiness per source.
 // Single-threaded epoll: one core of load, so the bench can measure this generator's ceiling.
 #define _GNU_SOURCE
@@ -161,9 +162,11 @@ int main(int argc, char **argv) {
                         if (lat_n == lat_cap) lat_us = realloc(lat_us, (lat_cap *= 2) * sizeof *lat_us);
                         lat_us[lat_n++] = (uint32_t)((t - k->started_ns) / 1000);
                         if (worker >= 0 && worker < MAX_WORKERS) per_worker[worker]++;
-                        if (first_worker[k->source] < 0) first_worker[k->source] = worker;
-                        else if (first_worker[k->source] != worker) moved[k->source] = 1;
-                        per_source[k->source]++;
+                        if (k->sent == 1) {  // stickiness is about a source's connections
+                            if (first_worker[k->source] < 0) first_worker[k->source] = worker;
+                            else if (first_worker[k->source] != worker) moved[k->source] = 1;
+                            per_source[k->source]++;
+                        }
                         if (k->sent >= per_conn || t >= deadline) {
                             done = 1;
                         } else {  // next request on the same connection
