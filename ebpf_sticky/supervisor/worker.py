@@ -25,6 +25,11 @@ from .core import APP_LOAD_ERROR
 
 LISTEN_FD = 3
 APP_NAMES = ("app", "application")
+# On stop, how long a worker keeps connections it has just accepted before closing idle ones:
+# a connection accepted a moment before TERM has often not delivered its request yet, and
+# uvicorn would reset it as idle. The slot's socket stays open in the master, so connections not
+# yet accepted are never at risk: the next worker on the slot takes them.
+STOP_GRACE = 0.5
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,13 @@ async def _serve(
 ) -> bool:
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            for server in self.servers:
+                server.close()  # stop accepting first ...
+            await asyncio.sleep(STOP_GRACE)  # ... so just-accepted connections get their request in
+            await super().shutdown(sockets)
+
     config = uvicorn.Config(
         app,
         log_level=log_level,
@@ -140,11 +152,11 @@ async def _serve(
         lifespan="auto",
         access_log=False,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
-    started = server.started
+    started: bool = server.started
     if started:
         sd_notify("READY=1")
     await task
