@@ -49,6 +49,9 @@ from ebpf_sticky.kernel.router import Router  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 SOURCES = 4096  # client addresses 127.0.x.y cycled by the load generator
+# Keep-alive runs make 20 times fewer connections: fewer sources, so each still makes several
+# connections and stickiness across them can be judged.
+KEEPALIVE_SOURCES = 512
 
 
 def free_port() -> int:
@@ -281,7 +284,7 @@ def busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def load(port: int, concurrency: int, seconds: float, per_connection: int) -> dict[str, Any]:
+def load(port: int, concurrency: int, seconds: float, per_connection: int, sources: int) -> dict[str, Any]:
     """One load-generator run, plus CPU: the generator's own, and the server side's (the whole
     machine's busy time minus the generator's), so kernel and softirq work count too."""
     busy = busy_seconds()
@@ -290,7 +293,7 @@ def load(port: int, concurrency: int, seconds: float, per_connection: int) -> di
         str(TOOLS / "loadgen"),
         "127.0.0.1",
         str(port),
-        str(SOURCES),
+        str(sources),
         str(concurrency),
         str(seconds),
         str(per_connection),
@@ -311,7 +314,8 @@ def measure(
         order = routers[round_ % len(routers) :] + routers[: round_ % len(routers)]
         for concurrency in levels:
             for router in order:
-                result = load(router.port, concurrency, seconds, per_connection)
+                sources = SOURCES if per_connection == 1 else KEEPALIVE_SOURCES
+                result = load(router.port, concurrency, seconds, per_connection, sources)
                 completed = result["completed"]
                 per_worker = result["per_worker"]
                 runs[router.name][concurrency].append(
@@ -321,7 +325,10 @@ def measure(
                         "p50_ms": result["p50_us"] / 1000,
                         "p99_ms": result["p99_us"] / 1000,
                         "errors": result["errors"],
-                        "sticky_pct": 100.0 * result["sticky_sources"] / max(result["sources_seen_twice"], 1),
+                        # None: no source made two connections, so stickiness was not observed.
+                        "sticky_pct": 100.0 * result["sticky_sources"] / result["sources_seen_twice"]
+                        if result["sources_seen_twice"]
+                        else None,
                         "balance": max(per_worker) / (sum(per_worker) / WORKERS) if per_worker else 0.0,
                         "cpu_s_per_1k": 1000 * result["server_cpu_s"] / max(completed, 1),
                         "loadgen_cpu_s_per_1k": 1000 * result["loadgen_cpu_s"] / max(completed, 1),
@@ -335,13 +342,18 @@ def measure(
     return runs
 
 
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 4) if known else None
+
+
 def summarize(runs: dict[str, Any], levels: list[int]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for name, per_level in runs.items():
         levels_out = {}
         for concurrency in levels:
             rs = per_level[concurrency]
-            levels_out[str(concurrency)] = {k: round(statistics.median(r[k] for r in rs), 4) for k in rs[0]}
+            levels_out[str(concurrency)] = {k: _median([r[k] for r in rs]) for k in rs[0]}
         top = levels_out[str(max(levels))]
         summary[name] = {**top, "by_concurrency": levels_out}
     return summary
@@ -503,9 +515,10 @@ def _router_table(routers: dict[str, Any], rate: str) -> list[str]:
     ]
     key = "conn_per_s" if rate == "conn/s" else "req_per_s"
     for name, r in routers.items():
+        sticky = "n/a" if r["sticky_pct"] is None else f"{r['sticky_pct']:.1f}"
         lines.append(
-            f"| {name} | {r[key]:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-            f"{r['sticky_pct']:.1f} | {r['balance']:.3f} | {r['cpu_s_per_1k']:.3f} | {r['errors']:.0f} |"
+            f"| {name} | {r[key]:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {sticky} | "
+            f"{r['balance']:.3f} | {r['cpu_s_per_1k']:.3f} | {r['errors']:.0f} |"
         )
     return lines
 
@@ -590,71 +603,56 @@ def plots(result: dict[str, Any], out_dir: Path, stamp: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    fig, axes = plt.subplots(
-        1, len(result["workers"]), figsize=(6 * len(result["workers"]), 4), squeeze=False
-    )
-    for ax, (kind, block) in zip(axes[0], result["workers"].items(), strict=True):
+    def save(fig: Any, name: str) -> Path:
+        path = out_dir / f"{stamp}-{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def per_kind(name: str, draw: Callable[[Any, str, dict[str, Any]], None]) -> Path:
+        """One panel per worker kind (node, python)."""
+        kinds = result["workers"]
+        fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+        for ax, (kind, block) in zip(axes[0], kinds.items(), strict=True):
+            draw(ax, kind, block)
+        return save(fig, name)
+
+    def conn_per_s(ax: Any, kind: str, block: dict[str, Any]) -> None:
         names = list(block["routers"])
         width = 0.8 / len(block["levels"])
         for i, level in enumerate(block["levels"]):
             values = [block["routers"][n]["by_concurrency"][str(level)]["conn_per_s"] for n in names]
             ax.bar([x + i * width for x in range(len(names))], values, width, label=f"{level} concurrent")
-        ax.set_xticks(
-            [x + width * (len(block["levels"]) - 1) / 2 for x in range(len(names))],
-            names,
-            rotation=30,
-            ha="right",
-        )
+        middle = width * (len(block["levels"]) - 1) / 2
+        ax.set_xticks([x + middle for x in range(len(names))], names, rotation=30, ha="right")
         ax.set_ylabel("new connections / s")
-        ax.set_title(f"{kind} worker, {WORKERS} workers")
+        ax.set_title(f"{kind} worker, {WORKERS} workers, one request per connection")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out_dir / f"{stamp}-conn-per-s.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(
-        1, len(result["workers"]), figsize=(6 * len(result["workers"]), 4), squeeze=False
-    )
-    for ax, (kind, block) in zip(axes[0], result["workers"].items(), strict=True):
+    def latency(ax: Any, kind: str, block: dict[str, Any]) -> None:
         names = list(block["routers"])
-        ax.bar(
-            [x - 0.2 for x in range(len(names))],
-            [block["routers"][n]["p50_ms"] for n in names],
-            0.4,
-            label="p50",
-        )
-        ax.bar(
-            [x + 0.2 for x in range(len(names))],
-            [block["routers"][n]["p99_ms"] for n in names],
-            0.4,
-            label="p99",
-        )
+        for offset, key in ((-0.2, "p50_ms"), (0.2, "p99_ms")):
+            values = [block["routers"][n][key] for n in names]
+            ax.bar([x + offset for x in range(len(names))], values, 0.4, label=key.split("_")[0])
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_ylabel(f"latency ms at {block['levels'][-1]} concurrent")
         ax.set_title(f"{kind} worker")
         ax.legend()
-    fig.tight_layout()
-    written.append(out_dir / f"{stamp}-latency.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(
-        1, len(result["workers"]), figsize=(6 * len(result["workers"]), 4), squeeze=False
-    )
-    for ax, (kind, block) in zip(axes[0], result["workers"].items(), strict=True):
+    def keepalive(ax: Any, kind: str, block: dict[str, Any]) -> None:
         ka = block["keepalive"]
         names = list(ka["routers"])
         ax.bar(range(len(names)), [ka["routers"][n]["req_per_s"] for n in names], 0.6)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_ylabel("requests / s")
         ax.set_title(f"{kind} worker, {ka['requests_per_connection']} requests per connection")
-    fig.tight_layout()
-    written.append(out_dir / f"{stamp}-keepalive.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
 
+    written = [
+        per_kind("conn-per-s", conn_per_s),
+        per_kind("latency", latency),
+        per_kind("keepalive", keepalive),
+    ]
     remap = result["hash"]["remap"]
     fig, ax = plt.subplots(figsize=(6, 4))
     ns = [r["n"] for r in remap]
@@ -665,11 +663,7 @@ def plots(result: dict[str, Any], out_dir: Path, stamp: str) -> list[Path]:
     ax.set_ylabel("fraction of clients moved")
     ax.set_ylim(0, 1)
     ax.legend()
-    fig.tight_layout()
-    written.append(out_dir / f"{stamp}-remap.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-    return written
+    return [*written, save(fig, "remap")]
 
 
 @contextlib.contextmanager
