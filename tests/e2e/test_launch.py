@@ -90,6 +90,7 @@ def test_worker_kill_9_loses_no_connection_and_moves_no_client() -> None:
             # Connect while slot 1 has no worker: the connections wait in its socket's queue.
             after = {s: get(s, instance.port) for s in victims}
             load.wait_requests(50)
+        print(f"kill -9: {load.requests} requests, {len(load.failures)} failed")
         assert load.failures == []
         assert all(slot == 1 for slot, _, _ in after.values())
         assert {pid for _, pid, _ in after.values()} != {old_pid}
@@ -108,6 +109,7 @@ def test_hup_reload_under_load_fails_no_request() -> None:
             wait_for(lambda: all(len(p) == 1 for p in instance.slot_pids().values()), 30, "old workers gone")
             load.wait_requests(40)
         new = instance.slot_pids()
+        print(f"HUP: {load.requests} requests, {len(load.failures)} failed")
         assert load.failures == []
         assert all(set(new[slot]).isdisjoint(old[slot]) for slot in old)
         for source, answers in load.seen.items():
@@ -126,6 +128,7 @@ def test_ttin_then_ttou_under_load() -> None:
             instance.signal(signal.SIGTTOU)
             wait_for(lambda: len(instance.slot_pids()) == 3, 60, "slot 3 retired")
             load.wait_requests(100)
+        print(f"TTIN+TTOU: {load.requests} requests, {len(load.failures)} failed")
         assert load.failures == []
         moved = [s for s in SOURCES if predicted(s, 4) != predicted(s, 3)]
         assert all(predicted(s, 4) == 3 for s in moved)
