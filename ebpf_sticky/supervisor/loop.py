@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from ..config import Launch
 from ..kernel.router import Router
+from ..kernel.seccomp import forbid_program_changes
 from . import core
 from .control_server import ControlServer
 from .worker import LISTEN_FD
@@ -58,6 +59,8 @@ def _child_setup(sock_fd: int, master_pid: int) -> Callable[[], None]:
             os._exit(1)
         for cap in _BPF_CAPS:
             _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # EPERM without CAP_SETPCAP: then nothing to drop
+        # Even without capabilities a socket's holder may detach or replace the group's program.
+        forbid_program_changes()
         os.dup2(sock_fd, LISTEN_FD)
 
     return setup

@@ -359,3 +359,24 @@ def test_status_without_an_instance() -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("ebpf-sticky: error: no running ebpf-sticky instance on port 1")
+
+
+def test_workers_cannot_detach_or_replace_the_program() -> None:
+    # Without a filter, SO_DETACH_REUSEPORT_BPF needs no privilege: one worker could unstick all.
+    script = (
+        "import socket; s = socket.socket(fileno=3); out = []\n"
+        "for opt, val in ((68, 0), (51, b'\\0' * 16), (52, 0)):\n"
+        "    try:\n"
+        "        s.setsockopt(socket.SOL_SOCKET, opt, val); out.append('allowed')\n"
+        "    except OSError as exc:\n"
+        "        out.append(exc.errno)\n"
+        "while True:\n"
+        "    c, _ = s.accept(); c.sendall(repr(out).encode()); c.close()\n"
+    )
+    with launched(["-w", "3", *BASE, "--", sys.executable, "-c", script]) as instance:
+        for source in SOURCES[:40]:
+            with socket.create_connection(("127.0.0.1", instance.port), source_address=(source, 0)) as client:
+                assert client.recv(64) == b"[1, 1, 1]"  # EPERM, three times
+            assert instance.slot_pids()  # still answering
+        routed = instance.status()["slots"]
+        assert sum(row["routed"] for row in routed) == 40  # every connection went through the program
