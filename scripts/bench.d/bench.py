@@ -118,10 +118,17 @@ class Router_:
         return (self.tmp / f"{index}.log").read_text(errors="replace")
 
     def stop(self) -> None:
+        # TERM first, so every router cleans up after itself (ebpf-sticky's control socket).
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
