@@ -455,7 +455,7 @@ def _fd_stats(fd: int) -> tuple[int, int]:
 def hash_figures(quick: bool) -> dict[str, Any]:
     spec = HashSpec(os.urandom(16))
     rng = random.Random(7)
-    n4, seq_prefix = (200_000, 14) if quick else (1_000_000, 12)
+    n4, seq_prefix = (100_000, 15) if quick else (1_000_000, 12)
     sets: dict[str, list[Address]] = {
         "random_ipv4": [ipaddress.IPv4Address(rng.getrandbits(32)) for _ in range(n4)],
         f"sequential_ipv4_{seq_prefix}": [
@@ -703,7 +703,7 @@ def main() -> int:
     WORKERS, TOOLS = args.workers, args.tools
     levels = [64] if args.quick else [16, 64, 256]
     rounds = 2 if args.quick else 3
-    seconds = 1.5 if args.quick else 4.0
+    seconds = 1.0 if args.quick else 4.0
     kinds = ["node"] if args.quick else ["node", "python"]
     started = time.monotonic()
     result: dict[str, Any] = {
