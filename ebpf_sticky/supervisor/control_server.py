@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..config import Launch
 from ..control import alive, control_dir, peer_uid, socket_name
 from ..errors import ControlError
 from ..hashing import parse_address, slot_of
@@ -62,7 +61,7 @@ class ControlServer:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, router: Router, settings: Launch) -> Iterator[ControlServer]:
+    def open(cls, router: Router) -> Iterator[ControlServer]:
         directory = control_dir()
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)

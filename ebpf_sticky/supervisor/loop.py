@@ -103,6 +103,7 @@ class Supervisor:
 
     def spawn(self, slot: int) -> int:
         env = dict(os.environ)
+        # The master's own NOTIFY_SOCKET (systemd's) is for the master alone; workers get ours.
         env.update(
             EBPF_STICKY_WORKER=str(slot),
             LISTEN_FDS="1",
@@ -259,16 +260,15 @@ def open_notify_socket() -> tuple[socket.socket, str]:
 
 def launch(settings: Launch) -> int:
     """Build the group, run workers until told to stop; returns the exit status."""
-    # The master's own NOTIFY_SOCKET (systemd) is for the master alone; workers get ours.
     router = Router.open(
         settings.bind, settings.spec, settings.workers, udp=settings.udp, loader=settings.loader
     )
-    with router, ControlServer.open(router, settings) as control, contextlib.ExitStack() as stack:
+    with router, ControlServer.open(router) as control, contextlib.ExitStack() as stack:
         notify_sock, notify_name = open_notify_socket()
         stack.callback(notify_sock.close)
         if settings.pid_file:
             with open(settings.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
-            stack.callback(lambda: os.unlink(settings.pid_file) if settings.pid_file else None)
+            stack.callback(os.unlink, settings.pid_file)
         supervisor = Supervisor(settings, router, notify_sock, notify_name, control)
         return supervisor.run()
