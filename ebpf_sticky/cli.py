@@ -69,15 +69,46 @@ def build_parser() -> argparse.ArgumentParser:
         usage="ebpf-sticky launch TARGET [options] | ebpf-sticky launch [options] -- COMMAND",
     )
     launch.add_argument("target", nargs="?", help="path/app.py, path/app.py:attr or package.module:attr")
-    launch.add_argument("-w", "--workers", type=_int, default=_env("workers", str(_workers_default())))
-    launch.add_argument("-b", "--bind", default=_env("bind", config.DEFAULT_BIND))
-    launch.add_argument("--udp", action="store_true", default=_env("udp", "") not in ("", "0"))
-    launch.add_argument("--loader", choices=["native", "bcc"], default=_env("loader", "native"))
-    launch.add_argument("--factory", action="store_true", default=_env("factory", "") not in ("", "0"))
-    launch.add_argument("--graceful-timeout", type=float, default=_env("graceful-timeout", "30"))
-    launch.add_argument("--user", default=_env("user"))
-    launch.add_argument("--group", default=_env("group"))
-    launch.add_argument("--pid-file", default=_env("pid-file"))
+    launch.add_argument(
+        "-w",
+        "--workers",
+        type=_int,
+        default=_env("workers", str(_workers_default())),
+        help="worker processes, one per slot (default: CPUs)",
+    )
+    launch.add_argument(
+        "-b",
+        "--bind",
+        default=_env("bind", config.DEFAULT_BIND),
+        help="HOST:PORT; [::]:PORT is dual-stack (default 127.0.0.1:8000)",
+    )
+    launch.add_argument(
+        "--udp",
+        action="store_true",
+        default=_env("udp", "") not in ("", "0"),
+        help="UDP sockets, for -- COMMAND servers",
+    )
+    launch.add_argument(
+        "--loader",
+        choices=["native", "bcc"],
+        default=_env("loader", "native"),
+        help="native: bytecode built in Python (default); bcc: compile bpf/select.c",
+    )
+    launch.add_argument(
+        "--factory",
+        action="store_true",
+        default=_env("factory", "") not in ("", "0"),
+        help="TARGET is a callable that returns the app",
+    )
+    launch.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=_env("graceful-timeout", "30"),
+        help="seconds workers get to finish on TERM, HUP or TTOU (default 30)",
+    )
+    launch.add_argument("--user", default=_env("user"), help="workers run as this user")
+    launch.add_argument("--group", default=_env("group"), help="workers run as this group")
+    launch.add_argument("--pid-file", default=_env("pid-file"), help="write the master's pid here")
     launch.add_argument(
         "--log-level", default=_env("log-level", "info"), choices=["debug", "info", "warning", "error"]
     )
