@@ -108,3 +108,35 @@ def test_bad_environment_twin_is_reported_like_a_flag(
         main(["launch", "app.py"])
     assert info.value.code == 2
     assert "expected a whole number, got 'many'" in capsys.readouterr().err
+
+
+def test_environment_twins(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ebpf_sticky.cli import build_parser
+
+    twins = {
+        "WORKERS": "3",
+        "BIND": "[::]:9000",
+        "UDP": "1",
+        "LOADER": "bcc",
+        "HASH_KEY": KEY,
+        "PREFIX4": "24",
+        "PREFIX6": "48",
+        "GRACEFUL_TIMEOUT": "2.5",
+        "USER": "nobody",
+        "PID_FILE": "/tmp/x.pid",
+        "LOG_LEVEL": "warning",
+        "FACTORY": "1",
+    }
+    for name, value in twins.items():
+        monkeypatch.setenv(f"EBPF_STICKY_{name}", value)
+    args = build_parser().parse_args(["launch", "app.py"])
+    assert (args.workers, args.bind, args.udp, args.loader, args.hash_key) == (
+        3,
+        "[::]:9000",
+        True,
+        "bcc",
+        KEY,
+    )
+    assert (args.prefix4, args.prefix6, args.graceful_timeout, args.user) == (24, 48, 2.5, "nobody")
+    assert (args.pid_file, args.log_level, args.factory) == ("/tmp/x.pid", "warning", True)
+    assert build_parser().parse_args(["launch", "app.py", "-w", "5"]).workers == 5  # the flag wins
