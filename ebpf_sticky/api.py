@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Any
@@ -49,24 +48,31 @@ def run(
     log_level: str = "info",
 ) -> int:
     """Serve ``app`` (an ASGI/WSGI app, a factory with ``factory=True``, or a target string) with
-    sticky workers until stopped; returns the exit status. Errors print one line, as the CLI does."""
-    from .supervisor.loop import launch
+    sticky workers until stopped; returns the exit status. Exactly `ebpf-sticky launch`: the same
+    validation, defaults and one-line errors."""
+    from .cli import main, report
 
-    logging.basicConfig(level=log_level.upper(), format="[ebpf-sticky] %(message)s", stream=sys.stderr)
     try:
-        settings = config.Launch(
-            bind=config.parse_bind(bind),
-            workers=config.check_workers(workers or len(os.sched_getaffinity(0))),
-            spec=config.hash_spec(
-                config.parse_key(hash_key) if hash_key else os.urandom(16), prefix4, prefix6
-            ),
-            target=locate(app),
-            factory=factory,
-            loader=loader,
-            graceful_timeout=graceful_timeout,
-            log_level=log_level,
-        )
-        return launch(settings)
+        target = locate(app)
     except StickyError as exc:
-        print(f"ebpf-sticky: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report(exc)
+    argv = [
+        "launch",
+        target,
+        "--bind",
+        bind,
+        "--loader",
+        loader,
+        "--prefix4",
+        str(prefix4),
+        "--prefix6",
+        str(prefix6),
+        "--graceful-timeout",
+        str(graceful_timeout),
+        "--log-level",
+        log_level,
+    ]
+    argv += ["--workers", str(workers)] if workers is not None else []
+    argv += ["--hash-key", hash_key] if hash_key is not None else []
+    argv += ["--factory"] if factory else []
+    return main(argv)

@@ -222,6 +222,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def report(exc: StickyError) -> int:
+    """The one line every user-facing error becomes; returns the exit status it calls for."""
+    print(f"ebpf-sticky: error: {exc}", file=sys.stderr)
+    return exc.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
@@ -243,7 +249,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_doctor()
     except StickyError as exc:
-        print(f"ebpf-sticky: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return report(exc)
     except KeyboardInterrupt:
         return 130

@@ -204,8 +204,3 @@ def buckets_of(addresses: Iterable[Address], spec: HashSpec) -> list[int]:
     """``bucket_of`` for many addresses, computing the per-spec constants once."""
     consts = program_constants(spec)
     return [hash_words(consts.v_init, *message_words(a, consts)) & (BUCKETS - 1) for a in addresses]
-
-
-def slots_of(addresses: Iterable[Address], spec: HashSpec, slots: int) -> list[int]:
-    table = bucket_table(slots)
-    return [table[bucket] for bucket in buckets_of(addresses, spec)]

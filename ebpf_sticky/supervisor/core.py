@@ -219,9 +219,7 @@ class Core:
         if worker.stop_sent is not None:
             actions.append(Log(f"slot {worker.slot}: worker {worker.pid} {how}"))
             if self.retiring and self.retiring.slot == worker.slot and not self.slot_workers(worker.slot):
-                self.retiring = None
-                self.slots -= 1
-                actions += [ReleaseSlot(worker.slot), Log(f"slot {worker.slot} retired; {self.slots} slots")]
+                actions += self._release_retired()
             return actions
         actions.append(Log(f"slot {worker.slot}: worker {worker.pid} {how}"))
         if not worker.ready and event.code == APP_LOAD_ERROR:
@@ -333,7 +331,13 @@ class Core:
                 for worker in workers:
                     actions += self._stop(worker, now)
                 if not workers:
-                    self.retiring = None
-                    self.slots -= 1
-                    actions.append(ReleaseSlot(retiring.slot))
+                    actions += self._release_retired()
         return actions
+
+    def _release_retired(self) -> list[Action]:
+        """The retiring slot has no worker left: close its socket."""
+        assert self.retiring is not None
+        slot = self.retiring.slot
+        self.retiring = None
+        self.slots -= 1
+        return [ReleaseSlot(slot), Log(f"slot {slot} retired; {self.slots} slots")]

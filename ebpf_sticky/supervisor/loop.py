@@ -25,7 +25,7 @@ from ..kernel.router import Router
 from ..kernel.seccomp import forbid_program_changes
 from . import core
 from .control_server import ControlServer
-from .worker import LISTEN_FD
+from .worker import LISTEN_FD, sd_notify
 
 log = logging.getLogger("ebpf_sticky")
 
@@ -241,8 +241,6 @@ class Supervisor:
 
 
 def notify_systemd(message: str) -> None:
-    from .worker import sd_notify
-
     with contextlib.suppress(OSError):
         sd_notify(message)
 
