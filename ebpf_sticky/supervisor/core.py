@@ -395,8 +395,8 @@ class Core:
 
     def _fail(self, message: str, now: float) -> list[Action]:
         self.exit_code = APP_LOAD_ERROR
-        self.exit_message = message
-        return [Log(message, "error"), *self._stop_all(now, graceful=True)]
+        self.exit_message = message  # printed last, as the launch's one error line
+        return [Log("stopping: the app cannot start"), *self._stop_all(now, graceful=True)]
 
     def _exit_if_done(self) -> list[Action]:
         return [] if self.workers else [Exit(self.exit_code, self.exit_message)]
