@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..stopping import run_stop_hooks
 from .core import APP_LOAD_ERROR
 from .reports import encode_load_error
 
@@ -179,6 +180,7 @@ async def _serve(
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             for server in self.servers:
                 server.close()  # stop accepting first ...
+            await run_stop_hooks(STOP_GRACE)  # ... let the app release requests it holds open ...
             await asyncio.sleep(STOP_GRACE)  # ... so just-accepted connections get their request in
             await super().shutdown(sockets)
 

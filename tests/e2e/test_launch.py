@@ -226,7 +226,10 @@ def test_bad_input_is_one_line_before_any_fork_and_status_2(args: list[str], exp
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["no_app.py"], "no 'app' or 'application' in 'no_app.py'; saw no_app.py:handler, no_app.py:make_server"),
+        (
+            ["no_app.py"],
+            "no 'app' or 'application' in 'no_app.py'; saw no_app.py:handler, no_app.py:make_server",
+        ),
         (["asgi_app.py:nothing"], "has no attribute 'nothing'"),
     ],
     ids=["no-app", "bad-attr"],

@@ -131,7 +131,9 @@ def test_an_app_that_never_loads_stops_with_term_not_kill() -> None:
     c.handle(Start(0.0))
     boot(c, 0, 10, 0.0)
     boot(c, 1, 11, 0.0)
-    c.handle(core.LoadFailed(10, "slot 0: importing app.py raised RuntimeError: boom", "Traceback ...\n", 0.2))
+    c.handle(
+        core.LoadFailed(10, "slot 0: importing app.py raised RuntimeError: boom", "Traceback ...\n", 0.2)
+    )
     actions = c.handle(Exited(10, core.APP_LOAD_ERROR, 0.3))
     assert kinds(actions, Kill) == [Kill(11, "TERM")]
     assert c.exit_message == "the app cannot be loaded: slot 0: importing app.py raised RuntimeError: boom"
@@ -157,7 +159,9 @@ def test_load_error_shown_once_for_all_workers() -> None:
         boot(c, slot, 10 + slot, 0.0)
     logs = []
     for slot in range(3):
-        logs += c.handle(core.LoadFailed(10 + slot, "raised X", "Traceback (most recent call last):\nX\n", 0.1))
+        logs += c.handle(
+            core.LoadFailed(10 + slot, "raised X", "Traceback (most recent call last):\nX\n", 0.1)
+        )
     tracebacks = [a for a in logs if isinstance(a, core.Log) and a.message.startswith("Traceback")]
     assert len(tracebacks) == 1 and tracebacks[0].level == "error"
 
