@@ -17,7 +17,7 @@ from netlab import v4_sources
 BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--loader", "native"]
 # A `-- COMMAND` worker that ignores TERM: only SIGKILL ends it.
 STUBBORN = (
-    "import signal, socket, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); s = socket.socket(fileno=3)\n"
+    "import signal, socket; signal.signal(signal.SIGTERM, signal.SIG_IGN); s = socket.socket(fileno=3)\n"
     "while True:\n"
     "    c, _ = s.accept(); c.sendall(b'x'); c.close()\n"
 )
@@ -35,7 +35,9 @@ def test_int_stops_gracefully_with_status_0() -> None:
 
 
 def test_quit_stops_at_once_even_when_workers_ignore_term() -> None:
-    with launched(["-w", "2", *BASE, "--graceful-timeout", "60", "--", sys.executable, "-c", STUBBORN]) as instance:
+    with launched(
+        ["-w", "2", *BASE, "--graceful-timeout", "60", "--", sys.executable, "-c", STUBBORN]
+    ) as instance:
         start = time.monotonic()
         instance.signal(signal.SIGQUIT)
         assert instance.finish() == 0
@@ -49,7 +51,9 @@ def test_quit_stops_at_once_even_when_workers_ignore_term() -> None:
 
 @pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
 def test_second_signal_during_a_graceful_stop_stops_at_once(second: signal.Signals) -> None:
-    with launched(["-w", "2", *BASE, "--graceful-timeout", "60", "--", sys.executable, "-c", STUBBORN]) as instance:
+    with launched(
+        ["-w", "2", *BASE, "--graceful-timeout", "60", "--", sys.executable, "-c", STUBBORN]
+    ) as instance:
         instance.signal(signal.SIGTERM)
         wait_for(lambda: "SIGTERM: graceful stop" in instance.output(), 10, "the graceful stop")
         time.sleep(0.5)  # negative control: the stubborn workers are still there
@@ -67,7 +71,10 @@ def test_second_signal_during_a_graceful_stop_stops_at_once(second: signal.Signa
 @pytest.mark.parametrize("when", ["serving", "booting"])
 @pytest.mark.parametrize(
     "target",
-    [["asgi_app.py"], ["--", sys.executable, "-c", "import socket, time; s = socket.socket(fileno=3); time.sleep(60)"]],
+    [
+        ["asgi_app.py"],
+        ["--", sys.executable, "-c", "import socket, time; s = socket.socket(fileno=3); time.sleep(60)"],
+    ],
     ids=["uvicorn", "python-command"],
 )
 def test_ctrl_c_to_the_process_group_stops_without_worker_tracebacks(target: list[str], when: str) -> None:
@@ -102,8 +109,8 @@ def test_status_command_prints_text_and_json() -> None:
         text = subprocess.run(status, capture_output=True, text=True, timeout=60, check=True).stdout
         lines = text.splitlines()
         assert re.fullmatch(
-            rf"ebpf-sticky pid {instance.proc.pid}: tcp 127\.0\.0\.1:{instance.port}, native loader, running, "
-            r"up \d+ s, 0 routing failures",
+            rf"ebpf-sticky pid {instance.proc.pid}: tcp 127\.0\.0\.1:{instance.port}, native loader, "
+            r"running, up \d+ s, 0 routing failures",
             lines[0],
         ), text
         assert lines[1].split() == ["slot", "pids", "routed"]
@@ -112,7 +119,9 @@ def test_status_command_prints_text_and_json() -> None:
         assert [row[1] for row in rows] == [str(pids[0][0]), str(pids[1][0])], text
         assert sum(int(row[2]) for row in rows) == len(sources), text
 
-        raw = subprocess.run([*status, "--json"], capture_output=True, text=True, timeout=60, check=True).stdout
+        raw = subprocess.run(
+            [*status, "--json"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout
         answer = json.loads(raw)
         assert answer["pid"] == instance.proc.pid and answer["phase"] == "running"
         assert answer["bind"] == f"127.0.0.1:{instance.port}" and answer["protocol"] == "tcp"
