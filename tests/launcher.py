@@ -68,7 +68,7 @@ class Instance:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            process_group=0 if self.own_group else None,
+            start_new_session=self.own_group,
         )
 
     def output(self) -> str:
