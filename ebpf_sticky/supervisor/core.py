@@ -224,6 +224,8 @@ class Core:
             return [Spawn(slot) for slot in range(self.slots)]
         if isinstance(event, Spawned):
             self.workers[event.pid] = Worker(event.pid, event.slot, event.now)
+            if event.slot in self.health:  # started another way meanwhile (a reload): no second one
+                self.health[event.slot].respawn_at = None
             return [Log(f"slot {event.slot}: worker {event.pid} started")]
         if isinstance(event, Ready):
             return self._ready(event)
