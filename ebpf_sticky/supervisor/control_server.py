@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..control import alive, control_dir, peer_uid, socket_name
-from ..errors import ControlError
+from ..errors import ControlError, StickyError
 from ..hashing import parse_address, slot_of
 from ..kernel.router import Router
 from .core import Core
@@ -164,7 +164,7 @@ class ControlServer:
             return
         try:
             reply = answer(json.loads(conn.inbox), self.router, sup_core, uptime)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, StickyError) as exc:  # never the supervisor's problem
             log.warning("control request failed: %s", exc)
             reply = {"error": f"bad request: {exc}"}
         conn.outbox = json.dumps(reply).encode()
