@@ -14,10 +14,13 @@ MAX_REPORT = 65536  # one datagram; a longer traceback keeps its end, where the 
 
 
 def encode_load_error(summary: str, detail: str) -> str:
-    room = MAX_REPORT - len(LOAD_ERROR_PREFIX) - len(summary.encode()) - 64
-    if len(detail.encode()) > room:
-        detail = "...\n" + detail.encode()[-room:].decode(errors="replace")
-    return LOAD_ERROR_PREFIX.decode() + json.dumps({"summary": summary, "detail": detail})
+    """The datagram text, at most ``MAX_REPORT`` bytes (JSON is ASCII here: characters are bytes)."""
+    while True:
+        text = LOAD_ERROR_PREFIX.decode() + json.dumps({"summary": summary, "detail": detail})
+        excess = len(text) - MAX_REPORT
+        if excess <= 0:
+            return text
+        detail = "...\n" + detail[excess + 8 :]
 
 
 def parse_load_error(data: bytes) -> tuple[str, str] | None:
