@@ -1,0 +1,515 @@
+"""The multi-host lab: ebpf-sticky behind an L4 balancer that hashes the client address.
+
+    clients ──▶ lb ──▶ host-a   ebpf-sticky launch examples/socketio_chat/app.py -w 4
+    (4096       │  └─▶ host-b   ebpf-sticky launch examples/socketio_chat/app.py -w 4
+    addresses)  └───▶ redis     redis-server: python-socketio's Redis manager relays broadcasts
+
+Every box is a network namespace, every arrow a veth pair, every address in 198.18.0.0/15 (the
+benchmarking range): nothing leaves the namespaces the lab made. `lb` routes between its links and
+DNATs the service address with nftables, `jhash ip saddr` over a bucket map: the balancer picks a
+host from the client's address and keeps that address, so each host's kernel program picks the
+worker from it too. Draining a host rewrites its buckets in one nftables transaction.
+
+The network is described as data (`Topology`, `Service`) and built with pyroute2;
+tests/e2e/test_multihost.py and `scripts/lab up|test|down|drain` use this one module. Everything a
+lab starts runs inside its namespaces, so `down` (and the test's `finally`) find and stop it by
+namespace, then remove the namespaces: a half-built lab cleans up the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ebpf_sticky.control import control_dir, request, socket_name
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+NETNS_DIR = Path("/run/netns")
+ROOT = Path(__file__).resolve().parents[1]
+CHAT_APP = ROOT / "examples" / "socketio_chat" / "app.py"
+TABLE = "ebpf_sticky_lab"
+
+
+@dataclass(frozen=True)
+class Link:
+    """A veth pair: ``a`` is the router side (``.1`` of ``subnet``), ``b`` the leaf (``.2``)."""
+
+    a: str
+    b: str
+    subnet: str
+
+    def address(self, node: str) -> str:
+        net = ipaddress.ip_network(self.subnet)
+        return str(net[1] if node == self.a else net[2])
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Namespaces and the veth pairs between them. Leaves route everything through their link's
+    router end; a router forwards, and reaches each leaf's ``local_ranges`` through that leaf."""
+
+    nodes: tuple[str, ...]
+    links: tuple[Link, ...] = ()
+    # Whole prefixes answered by a node's loopback (`ip route add local P dev lo`): a client can
+    # bind any address in them, thousands of sources at no cost.
+    local_ranges: tuple[tuple[str, str], ...] = ()
+    # Extra addresses on a node's loopback, e.g. the balancer's service address.
+    loopback: tuple[tuple[str, str], ...] = ()
+
+    def address(self, node: str) -> str:
+        """``node``'s address on its (first) link."""
+        return next(link.address(node) for link in self.links if node in (link.a, link.b))
+
+
+@dataclass(frozen=True)
+class Service:
+    """What runs on the topology: the balancer, the hosts behind it, Redis, the clients."""
+
+    balancer: str = "lb"
+    hosts: tuple[str, ...] = ("host-a", "host-b")
+    redis: str = "redis"
+    clients: str = "clients"
+    vip: str = "198.18.0.80"
+    bind_host: str = "0.0.0.0"
+    port: int = 8000
+    redis_port: int = 6379
+    buckets: int = 16  # balancer buckets: draining a host moves only its own
+
+
+TOPOLOGY = Topology(
+    nodes=("clients", "lb", "host-a", "host-b", "redis"),
+    links=(
+        Link("lb", "clients", "198.18.1.0/24"),
+        Link("lb", "host-a", "198.18.2.0/24"),
+        Link("lb", "host-b", "198.18.3.0/24"),
+        Link("lb", "redis", "198.18.4.0/24"),
+    ),
+    local_ranges=(("clients", "198.18.128.0/20"),),
+    loopback=(("lb", "198.18.0.80"),),
+)
+SERVICE = Service()
+CLIENT_RANGE = ipaddress.ip_network(TOPOLOGY.local_ranges[0][1])
+
+
+def client_sources(count: int) -> list[str]:
+    """``count`` distinct client addresses from the clients' range."""
+    hosts = CLIENT_RANGE.hosts()
+    return [str(next(hosts)) for _ in range(count)]
+
+
+# Decisions: pure functions of the description.
+
+
+def bucket_owners(hosts: Sequence[str], buckets: int) -> list[str]:
+    """The balancer's bucket → host table: round robin, so every host gets an equal share."""
+    return [hosts[i % len(hosts)] for i in range(buckets)]
+
+
+def drained(owners: Sequence[str], host: str) -> list[str]:
+    """The table without ``host``: its buckets go round robin to the others, nobody else moves."""
+    others = sorted(set(owners) - {host})
+    if not others:
+        raise ValueError(f"cannot drain {host}: it is the only host")
+    moved = iter(others * len(owners))
+    return [next(moved) if owner == host else owner for owner in owners]
+
+
+def by_client(buckets: int, seed: int) -> str:
+    """The bucket as a keyed hash of the client's address: what an L4 balancer must do."""
+    return f"jhash ip saddr mod {buckets} seed {seed:#x}"
+
+
+def at_random(buckets: int) -> str:
+    """A bucket per connection regardless of the client: what breaks sessions."""
+    return f"numgen random mod {buckets}"
+
+
+def nft_ruleset(service: Service, backends: Sequence[str], bucket: str, snat: bool = False) -> str:
+    """The balancer's nftables table; ``backends[i]`` is bucket i's host address.
+
+    ``bucket`` is the expression that picks a bucket (`by_client`, `at_random`); ``snat`` hides the
+    client behind the balancer's address. Those two are the lab's ways to break stickiness.
+    """
+    masquerade = "  chain post { type nat hook postrouting priority srcnat; ct status dnat masquerade; }\n"
+    # `typeof numgen`: the plain integer type that jhash and numgen both yield.
+    key = f"typeof numgen inc mod {len(backends)} : ip daddr"
+    return (
+        f"table ip {TABLE}\n"  # create it if missing, so that the delete cannot fail
+        f"delete table ip {TABLE}\n"
+        f"table ip {TABLE} {{\n"
+        f"  map backends {{ {key}; elements = {_elements(backends)}; }}\n"
+        f"  chain pre {{ type nat hook prerouting priority dstnat;\n"
+        f"    ip daddr {service.vip} tcp dport {service.port} dnat to {bucket} map @backends; }}\n"
+        f"{masquerade if snat else ''}"
+        f"}}\n"
+    )
+
+
+def nft_remap(backends: Sequence[str]) -> str:
+    """Replace the bucket map in one transaction: a new connection sees the old map or the new."""
+    return f"flush map ip {TABLE} backends\nadd element ip {TABLE} backends {_elements(backends)}\n"
+
+
+def _elements(backends: Sequence[str]) -> str:
+    return "{ " + ", ".join(f"{i} : {address}" for i, address in enumerate(backends)) + " }"
+
+
+# I/O: namespaces, processes, the balancer.
+
+
+def _setns(path: Path) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"setns({path}): {os.strerror(errno)}")
+    finally:
+        os.close(fd)
+
+
+def in_netns(netns: str, fn: Callable[[], T]) -> T:
+    """``fn()`` in a thread inside the named namespace (setns is per thread): the sockets it opens
+    and the processes it starts live there, while the caller stays where it is."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            _setns(NETNS_DIR / netns)
+            outcome["value"] = fn()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"netns-{netns}")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    value: T = outcome["value"]
+    return value
+
+
+def _sysctl(name: str, value: str) -> None:
+    Path("/proc/sys", *name.split(".")).write_text(value)
+
+
+@dataclass
+class Lab:
+    """One lab, its namespaces named ``<name>-<node>`` so that several can run side by side."""
+
+    name: str
+    topology: Topology = TOPOLOGY
+    service: Service = SERVICE
+    owners: list[str] = field(default_factory=list)
+    started: list[subprocess.Popen[bytes]] = field(default_factory=list)  # to reap at `down`
+    # nftables would draw a new random seed at every load of the table; a lab keeps one.
+    seed: int = field(default_factory=lambda: int.from_bytes(os.urandom(4), "little"))
+
+    def __post_init__(self) -> None:
+        self.logs = Path(tempfile.gettempdir()) / f"ebpf-sticky-lab-{self.name}"
+        self.owners = self.owners or bucket_owners(self.service.hosts, self.service.buckets)
+
+    def netns(self, node: str) -> str:
+        return f"{self.name}-{node}"
+
+    def netns_inode(self, node: str) -> int:
+        return os.stat(NETNS_DIR / self.netns(node)).st_ino
+
+    def run_in(self, node: str, fn: Callable[[], T]) -> T:
+        return in_netns(self.netns(node), fn)
+
+    def exec_argv(self, node: str, argv: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns(node), *argv]
+
+    # The network.
+
+    def build(self) -> None:
+        from pyroute2 import IPRoute, netns
+
+        for node in self.topology.nodes:
+            netns.create(self.netns(node))
+            with IPRoute(netns=self.netns(node), flags=0) as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        for link in self.topology.links:
+            # Made inside `a` with its peer placed straight into `b`: no interface ever exists in
+            # the host's namespace, so labs running side by side cannot collide on names.
+            with IPRoute(netns=self.netns(link.a), flags=0) as ipr:
+                ipr.link(
+                    "add",
+                    ifname=link.b,
+                    kind="veth",
+                    peer={"ifname": link.a, "net_ns_fd": self.netns(link.b)},
+                )
+            for node, ifname in ((link.a, link.b), (link.b, link.a)):
+                with IPRoute(netns=self.netns(node), flags=0) as ipr:
+                    index = ipr.link_lookup(ifname=ifname)[0]
+                    ipr.addr("add", index=index, address=link.address(node), prefixlen=24)
+                    ipr.link("set", index=index, state="up")
+            with IPRoute(netns=self.netns(link.b), flags=0) as ipr:
+                ipr.route("add", dst="0.0.0.0/0", gateway=link.address(link.a))
+            for node, prefix in self.topology.local_ranges:
+                if node == link.b:
+                    with IPRoute(netns=self.netns(link.a), flags=0) as ipr:
+                        ipr.route("add", dst=prefix, gateway=link.address(link.b))
+        for node, prefix in self.topology.local_ranges:
+            with IPRoute(netns=self.netns(node), flags=0) as ipr:
+                lo = ipr.link_lookup(ifname="lo")[0]
+                ipr.route("add", dst=prefix, type="local", oif=lo, table=255, scope=254)
+        for node, address in self.topology.loopback:
+            with IPRoute(netns=self.netns(node), flags=0) as ipr:
+                ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=address, prefixlen=32)
+        routers = {link.a for link in self.topology.links}
+        for node in routers:
+            self.run_in(node, lambda: _sysctl("net.ipv4.ip_forward", "1"))
+
+    def balance(self, random: bool = False, snat: bool = False) -> None:
+        """Load the balancer's table. It hashes the client's address with the lab's own seed, so
+        loading it again puts every client back on the same host; ``random`` and ``snat`` break it."""
+        buckets = len(self.owners)
+        bucket = at_random(buckets) if random else by_client(buckets, self.seed)
+        self.nft(nft_ruleset(self.service, self.backends(), bucket, snat))
+
+    def backends(self) -> list[str]:
+        return [self.topology.address(host) for host in self.owners]
+
+    def nft(self, script: str) -> None:
+        proc = subprocess.run(
+            self.exec_argv(self.service.balancer, ["nft", "-f", "-"]),
+            input=script,
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"nft refused:\n{script}\n{proc.stderr}")
+
+    # The processes.
+
+    def spawn(
+        self, node: str, argv: Sequence[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in ``node``'s namespace, in a session of its own, logging to a file."""
+        self.logs.mkdir(exist_ok=True)
+        with open(self.logs / f"{node}.log", "ab") as log:
+            proc = subprocess.Popen(
+                self.exec_argv(node, argv),
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+        self.started.append(proc)
+        return proc
+
+    def start_redis(self, timeout: float = 30.0) -> None:
+        """redis-server, answering PING before any host starts: the hosts' Redis managers find it at once."""
+        redis = self.topology.address(self.service.redis)
+        proc = self.spawn(
+            self.service.redis,
+            ["redis-server", "--bind", redis, "--port", str(self.service.redis_port), "--save", "",
+             "--appendonly", "no", "--protected-mode", "no"],
+        )  # fmt: skip
+
+        def pong() -> bool:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((redis, self.service.redis_port), 1) as conn,
+            ):
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+            return False
+
+        end = time.monotonic() + timeout
+        while not self.run_in(self.service.redis, pong):
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"redis-server not answering:\n{self.log(self.service.redis)}")
+            time.sleep(0.05)
+
+    def start_hosts(self, app: Path = CHAT_APP, workers: int = 4, launch_args: Sequence[str] = ()) -> None:
+        """ebpf-sticky on every host, the same address and port on each (`ip netns exec` execs,
+        so each Popen is a master)."""
+        redis = f"redis://{self.topology.address(self.service.redis)}:{self.service.redis_port}/0"
+        self.masters = {
+            host: self.spawn(
+                host,
+                [
+                    sys.executable,
+                    "-m",
+                    "ebpf_sticky",
+                    "launch",
+                    str(app),
+                    "-w",
+                    str(workers),
+                    "--bind",
+                    f"{self.service.bind_host}:{self.service.port}",
+                    *launch_args,
+                ],
+                env={"REDIS_URL": redis, "HOSTNAME": host},
+            )  # fmt: skip
+            for host in self.service.hosts
+        }
+
+    def control(self, host: str) -> Path:
+        """The host's control socket: the same path on every host but for the namespace's inode."""
+        return control_dir() / socket_name(self.service.bind_host, self.service.port, self.netns_inode(host))
+
+    def status(self, host: str) -> dict[str, Any]:
+        return request(self.control(host), {"cmd": "status"})
+
+    def wait_running(self, timeout: float = 90.0) -> None:
+        end = time.monotonic() + timeout
+        for host in self.service.hosts:
+            while True:
+                master = self.masters[host]
+                if master.poll() is not None:
+                    raise RuntimeError(f"{host}: launch exited with {master.returncode}:\n{self.log(host)}")
+                with contextlib.suppress(Exception):
+                    if self.status(host)["phase"] == "running":
+                        break
+                if time.monotonic() > end:
+                    raise RuntimeError(f"{host} not serving after {timeout} s:\n{self.log(host)}")
+                time.sleep(0.1)
+
+    def log(self, node: str) -> str:
+        path = self.logs / f"{node}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def current_owners(self) -> list[str]:
+        """The bucket table as the balancer has it now (another process may have drained)."""
+        listing = subprocess.run(
+            self.exec_argv(self.service.balancer, ["nft", "-j", "list", "map", "ip", TABLE, "backends"]),
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        elements = next(item["map"]["elem"] for item in json.loads(listing)["nftables"] if "map" in item)
+        host_of = {self.topology.address(host): host for host in self.service.hosts}
+        return [host_of[address] for _, address in sorted(elements)]
+
+    def drain(self, host: str) -> None:
+        """Take ``host`` out of the balancer: only its buckets move; its open connections stay."""
+        self.owners = drained(self.owners, host)
+        self.nft(nft_remap(self.backends()))
+
+    def stop(self, host: str) -> int:
+        """TERM the host's master (found through its control socket); returns its pid."""
+        pid = int(self.status(host)["pid"])
+        os.kill(pid, signal.SIGTERM)
+        return pid
+
+    # Teardown.
+
+    def processes(self) -> list[int]:
+        """Every process inside one of this lab's namespaces."""
+        inodes = set()
+        for node in self.topology.nodes:
+            with contextlib.suppress(FileNotFoundError):
+                inodes.add(self.netns_inode(node))
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
+                        pids.append(int(entry))
+        return pids
+
+    def down(self, timeout: float = 15.0) -> None:
+        """Stop what runs in the lab (TERM, then KILL), then remove its namespaces and logs."""
+        from pyroute2 import netns
+
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.processes():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            end = time.monotonic() + timeout
+            while self.processes() and time.monotonic() < end:
+                time.sleep(0.1)
+        for proc in self.started:
+            proc.wait()
+        for node in self.topology.nodes:
+            if (NETNS_DIR / self.netns(node)).exists():
+                netns.remove(self.netns(node))
+        shutil.rmtree(self.logs, ignore_errors=True)
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, name: str, workers: int = 4, launch_args: Sequence[str] = ()) -> Iterator[Lab]:
+        """A built, balanced, serving lab, torn down whatever happens."""
+        lab = cls(name)
+        try:
+            lab.build()
+            lab.balance()
+            lab.start_redis()
+            lab.start_hosts(workers=workers, launch_args=launch_args)
+            lab.wait_running()
+            yield lab
+        finally:
+            lab.down()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/lab", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", default="lab", help="namespace prefix (default: lab)")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="build the lab and start Redis and both hosts")
+    up.add_argument("-w", "--workers", type=int, default=4)
+    sub.add_parser("down", help="stop everything in the lab and remove it (also a half-built one)")
+    drain = sub.add_parser("drain", help="take a host out of the balancer, then TERM it")
+    drain.add_argument("host", choices=SERVICE.hosts)
+    args = parser.parse_args(argv)
+    lab = Lab(args.name)
+    if args.cmd == "down":
+        lab.down()
+        return 0
+    if args.cmd == "drain":
+        lab.owners = lab.current_owners()
+        lab.drain(args.host)
+        print(f"{args.host} drained; its master (pid {lab.stop(args.host)}) was sent TERM")
+        return 0
+    if (NETNS_DIR / lab.netns(SERVICE.balancer)).exists():
+        print(
+            f"scripts/lab: error: a lab named {args.name!r} exists: `scripts/lab down` first", file=sys.stderr
+        )
+        return 2
+    try:
+        lab.build()
+        lab.balance()
+        lab.start_redis()
+        lab.start_hosts(workers=args.workers)
+        lab.wait_running()
+    except BaseException:
+        lab.down()
+        raise
+    source = client_sources(7)[-1]
+    print(
+        f"lab {args.name!r} is up: clients {CLIENT_RANGE} → {SERVICE.balancer} {SERVICE.vip}:{SERVICE.port} "
+        f"(nftables jhash ip saddr) → {', '.join(SERVICE.hosts)} (ebpf-sticky -w {args.workers}); "
+        f"redis {TOPOLOGY.address(SERVICE.redis)}; logs in {lab.logs}\n"
+        f"  ip netns exec {lab.netns('clients')} curl --interface {source} "
+        f"'http://{SERVICE.vip}:{SERVICE.port}/socket.io/?EIO=4&transport=polling'\n"
+        f"  ip netns exec {lab.netns('host-a')} ebpf-sticky status\n"
+        f"  ip netns exec {lab.netns(SERVICE.balancer)} nft list ruleset\n"
+        f"  scripts/lab drain host-a\n"
+        f"  scripts/lab down"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
