@@ -324,9 +324,20 @@ class Lab:
         redis = self.topology.address(self.service.redis)
         proc = self.spawn(
             self.service.redis,
-            ["redis-server", "--bind", redis, "--port", str(self.service.redis_port), "--save", "",
-             "--appendonly", "no", "--protected-mode", "no"],
-        )  # fmt: skip
+            [
+                "redis-server",
+                "--bind",
+                redis,
+                "--port",
+                str(self.service.redis_port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+        )
 
         def pong() -> bool:
             with (
@@ -346,7 +357,11 @@ class Lab:
     def start_hosts(self, app: Path = CHAT_APP, workers: int = 4, launch_args: Sequence[str] = ()) -> None:
         """ebpf-sticky on every host, the same address and port on each (`ip netns exec` execs,
         so each Popen is a master)."""
-        redis = f"redis://{self.topology.address(self.service.redis)}:{self.service.redis_port}/0"
+        env = {}
+        if self.service.redis in self.topology.nodes:
+            env["REDIS_URL"] = (
+                f"redis://{self.topology.address(self.service.redis)}:{self.service.redis_port}/0"
+            )
         self.masters = {
             host: self.spawn(
                 host,
@@ -362,8 +377,8 @@ class Lab:
                     f"{self.service.bind_host}:{self.service.port}",
                     *launch_args,
                 ],
-                env={"REDIS_URL": redis, "HOSTNAME": host},
-            )  # fmt: skip
+                env={**env, "HOSTNAME": host},
+            )
             for host in self.service.hosts
         }
 
@@ -396,8 +411,10 @@ class Lab:
         """The bucket table as the balancer has it now (another process may have drained)."""
         listing = subprocess.run(
             self.exec_argv(self.service.balancer, ["nft", "-j", "list", "map", "ip", TABLE, "backends"]),
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         elements = next(item["map"]["elem"] for item in json.loads(listing)["nftables"] if "map" in item)
         host_of = {self.topology.address(host): host for host in self.service.hosts}
         return [host_of[address] for _, address in sorted(elements)]
@@ -415,31 +432,37 @@ class Lab:
 
     # Teardown.
 
-    def processes(self) -> list[int]:
-        """Every process inside one of this lab's namespaces."""
+    def processes(self) -> dict[int, int]:
+        """Every process inside one of this lab's namespaces: pid → parent pid."""
         inodes = set()
         for node in self.topology.nodes:
             with contextlib.suppress(FileNotFoundError):
                 inodes.add(self.netns_inode(node))
-        pids = []
+        found = {}
         for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError):
-                    if os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
-                        pids.append(int(entry))
-        return pids
+            with contextlib.suppress(OSError, ValueError):
+                if entry.isdigit() and os.stat(f"/proc/{entry}/ns/net").st_ino in inodes:
+                    status = Path(f"/proc/{entry}/status").read_text()
+                    found[int(entry)] = int(status.split("PPid:")[1].split()[0])
+        return found
 
     def down(self, timeout: float = 15.0) -> None:
-        """Stop what runs in the lab (TERM, then KILL), then remove its namespaces and logs."""
+        """Stop what runs in the lab, then remove its namespaces and logs. Only the topmost
+        processes get TERM (a master stops its own workers, and removes its control socket);
+        whatever is left after ``timeout`` gets KILL."""
         from pyroute2 import netns
 
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in self.processes():
+        processes = self.processes()
+        for pid, parent in processes.items():
+            if parent not in processes:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            end = time.monotonic() + timeout
-            while self.processes() and time.monotonic() < end:
-                time.sleep(0.1)
+                    os.kill(pid, signal.SIGTERM)
+        end = time.monotonic() + timeout
+        while self.processes() and time.monotonic() < end:
+            time.sleep(0.1)
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for proc in self.started:
             proc.wait()
         for node in self.topology.nodes:
@@ -491,22 +514,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         lab.build()
         lab.balance()
         lab.start_redis()
-        lab.start_hosts(workers=args.workers)
+        lab.start_hosts(workers=args.workers, launch_args=["--graceful-timeout", "5"])
         lab.wait_running()
     except BaseException:
         lab.down()
         raise
-    source = client_sources(7)[-1]
+    cli = Path(sys.executable).with_name("ebpf-sticky")
     print(
         f"lab {args.name!r} is up: clients {CLIENT_RANGE} → {SERVICE.balancer} {SERVICE.vip}:{SERVICE.port} "
-        f"(nftables jhash ip saddr) → {', '.join(SERVICE.hosts)} (ebpf-sticky -w {args.workers}); "
+        f"(nftables jhash ip saddr) → {', '.join(SERVICE.hosts)} (ebpf-sticky -w {args.workers} each), "
         f"redis {TOPOLOGY.address(SERVICE.redis)}; logs in {lab.logs}\n"
-        f"  ip netns exec {lab.netns('clients')} curl --interface {source} "
+        f"  ip netns exec {lab.netns('clients')} curl --interface {client_sources(7)[-1]} "
         f"'http://{SERVICE.vip}:{SERVICE.port}/socket.io/?EIO=4&transport=polling'\n"
-        f"  ip netns exec {lab.netns('host-a')} ebpf-sticky status\n"
+        f"  ip netns exec {lab.netns('host-a')} {cli} status\n"
         f"  ip netns exec {lab.netns(SERVICE.balancer)} nft list ruleset\n"
-        f"  scripts/lab drain host-a\n"
-        f"  scripts/lab down"
+        f"  scripts/lab{'' if args.name == 'lab' else f' --name {args.name}'} drain host-a\n"
+        f"  scripts/lab{'' if args.name == 'lab' else f' --name {args.name}'} down"
     )
     return 0
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from launcher import KEY
-from multihost import SERVICE, Lab, client_sources
+from multihost import NETNS_DIR, SERVICE, Lab, client_sources, main
 from sio_clients import Member, SwarmResult, node_swarm, python_swarm, wait_async
 
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
@@ -34,6 +34,19 @@ def lab() -> Iterator[Lab]:
     args = ["--hash-key", KEY, "--graceful-timeout", "5"]
     with Lab.running(f"t{uuid.uuid4().hex[:6]}", WORKERS, args) as running:
         yield running
+
+
+def test_down_cleans_up_a_half_built_lab() -> None:
+    # As if `scripts/lab up` had died after Redis: `scripts/lab down` finds what it left by name.
+    lab = Lab(f"h{uuid.uuid4().hex[:6]}")
+    try:
+        lab.build()
+        lab.start_redis()
+    finally:
+        assert main(["--name", lab.name, "down"]) == 0
+    assert lab.started[0].wait(10) is not None
+    assert not [node for node in lab.topology.nodes if (NETNS_DIR / lab.netns(node)).exists()]
+    assert not lab.logs.exists()
 
 
 def percentiles(values: list[float]) -> str:
