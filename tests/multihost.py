@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ebpf_sticky.control import control_dir, request, socket_name
+from ebpf_sticky.errors import ControlError
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
@@ -486,6 +487,11 @@ class Lab:
             lab.down()
 
 
+def fail(message: str) -> int:
+    print(f"scripts/lab: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/lab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default="lab", help="namespace prefix (default: lab)")
@@ -497,19 +503,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     drain.add_argument("host", choices=SERVICE.hosts)
     args = parser.parse_args(argv)
     lab = Lab(args.name)
+    exists = (NETNS_DIR / lab.netns(SERVICE.balancer)).exists()
     if args.cmd == "down":
         lab.down()
         return 0
-    if args.cmd == "drain":
-        lab.owners = lab.current_owners()
-        lab.drain(args.host)
-        print(f"{args.host} drained; its master (pid {lab.stop(args.host)}) was sent TERM")
+    if args.cmd == "drain" and exists:
+        try:
+            lab.owners = lab.current_owners()
+            lab.drain(args.host)
+            print(f"{args.host} drained; its master (pid {lab.stop(args.host)}) was sent TERM")
+        except (ValueError, ControlError) as exc:  # the last host, or one already stopped
+            return fail(str(exc))
         return 0
-    if (NETNS_DIR / lab.netns(SERVICE.balancer)).exists():
-        print(
-            f"scripts/lab: error: a lab named {args.name!r} exists: `scripts/lab down` first", file=sys.stderr
-        )
-        return 2
+    if args.cmd == "drain":
+        return fail(f"no lab named {args.name!r}: `scripts/lab up` first")
+    if exists:
+        return fail(f"a lab named {args.name!r} exists: `scripts/lab down` first")
     try:
         lab.build()
         lab.balance()

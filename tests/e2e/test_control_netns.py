@@ -19,7 +19,7 @@ SERVICE = Service(hosts=("one", "two"), bind_host="127.0.0.1", port=8000)
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab(f"c{uuid.uuid4().hex[:6]}", Topology(nodes=(*SERVICE.hosts, "empty")), SERVICE)
+    lab = Lab(f"sticky-{uuid.uuid4().hex[:6]}", Topology(nodes=(*SERVICE.hosts, "empty")), SERVICE)
     try:
         lab.build()
         lab.start_hosts(APPS / "asgi_app.py", workers=2, launch_args=["--hash-key", KEY])

@@ -32,13 +32,13 @@ WORKERS = 4
 def lab() -> Iterator[Lab]:
     # A name of its own: other runs of this test may be building their labs at the same time.
     args = ["--hash-key", KEY, "--graceful-timeout", "5"]
-    with Lab.running(f"t{uuid.uuid4().hex[:6]}", WORKERS, args) as running:
+    with Lab.running(f"sticky-{uuid.uuid4().hex[:6]}", WORKERS, args) as running:
         yield running
 
 
 def test_down_cleans_up_a_half_built_lab() -> None:
     # As if `scripts/lab up` had died after Redis: `scripts/lab down` finds what it left by name.
-    lab = Lab(f"h{uuid.uuid4().hex[:6]}")
+    lab = Lab(f"sticky-{uuid.uuid4().hex[:6]}")
     try:
         lab.build()
         lab.start_redis()
@@ -47,6 +47,20 @@ def test_down_cleans_up_a_half_built_lab() -> None:
     assert lab.started[0].wait(10) is not None
     assert not [node for node in lab.topology.nodes if (NETNS_DIR / lab.netns(node)).exists()]
     assert not lab.logs.exists()
+
+
+def test_the_lab_command_refuses_bad_input(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    cases = {
+        ("--name", lab.name, "up"): f"a lab named {lab.name!r} exists: `scripts/lab down` first",
+        ("--name", "sticky-none", "drain", "host-a"): "no lab named 'sticky-none': `scripts/lab up` first",
+    }
+    for argv, message in cases.items():
+        assert main(list(argv)) == 2
+        assert capsys.readouterr().err == f"scripts/lab: error: {message}\n"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["drain", "host-c"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'host-c'" in capsys.readouterr().err
 
 
 def percentiles(values: list[float]) -> str:
@@ -140,7 +154,9 @@ def test_negative_controls_what_breaks_it(lab: Lab, breakage: str) -> None:
         lab.balance()
 
 
-def test_draining_a_host_moves_its_clients_and_nobody_else(lab: Lab) -> None:
+def test_draining_a_host_moves_its_clients_and_nobody_else(
+    lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Last in this module: host-a does not come back.
     drained_host, other_host = SERVICE.hosts
 
@@ -189,3 +205,13 @@ def test_draining_a_host_moves_its_clients_and_nobody_else(lab: Lab) -> None:
             await asyncio.gather(*(m.stop() for m in members))
 
     lab.run_in("clients", lambda: asyncio.run(scenario()))
+
+
+def test_the_last_host_cannot_be_drained(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    # After the drain above, the balancer has one host left: `scripts/lab drain` refuses it.
+    assert lab.current_owners() == [SERVICE.hosts[1]] * SERVICE.buckets
+    assert main(["--name", lab.name, "drain", SERVICE.hosts[1]]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"scripts/lab: error: cannot drain {SERVICE.hosts[1]}: it is the only host\n"
+    )
