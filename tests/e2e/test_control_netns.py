@@ -60,3 +60,30 @@ def test_a_namespace_without_an_instance_finds_none(lab: Lab) -> None:
     assert proc.returncode == 2
     error = "ebpf-sticky: error: no running ebpf-sticky instance in this network namespace found in /run/"
     assert proc.stderr.startswith(error)
+
+
+def test_another_user_in_the_namespace_can_neither_reach_nor_take_the_socket(lab: Lab) -> None:
+    # What an abstract socket would allow: any user of the namespace connecting, or binding the
+    # name before the master does. The path sits in a root-only directory: both are refused.
+    path = lab.control("one")
+    probe = (
+        "import errno, socket, sys\n"
+        "for verb in ('connect', 'bind'):\n"
+        "    try:\n"
+        "        getattr(socket.socket(socket.AF_UNIX), verb)(sys.argv[1])\n"
+        "        print(verb, 'ok')\n"
+        "    except OSError as exc:\n"
+        "        print(verb, errno.errorcode[exc.errno])\n"
+    )
+    nobody = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
+    proc = subprocess.run(
+        lab.exec_argv("one", [*nobody, sys.executable, "-c", probe, str(path)]),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.stdout == "connect EACCES\nbind EACCES\n", proc.stderr
+    # Negative control: root reaches it.
+    proc = subprocess.run(
+        lab.exec_argv("one", [sys.executable, "-c", probe, str(path)]), capture_output=True, text=True
+    )
+    assert proc.stdout == "connect ok\nbind EADDRINUSE\n", proc.stderr
