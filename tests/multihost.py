@@ -5,10 +5,11 @@
     addresses)  └───▶ redis     redis-server: python-socketio's Redis manager relays broadcasts
 
 Every box is a network namespace, every arrow a veth pair, every address in 198.18.0.0/15 (the
-benchmarking range): nothing leaves the namespaces the lab made. `lb` routes between its links and
-DNATs the service address with nftables, `jhash ip saddr` over a bucket map: the balancer picks a
-host from the client's address and keeps that address, so each host's kernel program picks the
-worker from it too. Draining a host rewrites its buckets in one nftables transaction.
+benchmarking range) or fd00::/8: nothing leaves the namespaces the lab made. `lb` routes between
+its links and DNATs the service address with nftables, `jhash ip saddr` (`ip6 saddr`) over a
+bucket map: the balancer picks a host from the client's address and keeps that address, so each
+host's kernel program picks the worker from it too. Draining a host rewrites its buckets in one
+nftables transaction.
 
 The network is described as data (`Topology`, `Service`) and built with pyroute2;
 tests/e2e/test_multihost.py and `scripts/lab up|test|down|drain` use this one module. Everything a
@@ -42,7 +43,9 @@ from ebpf_sticky.errors import ControlError
 
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
+IFA_F_NODAD = 0x02  # no duplicate address detection: an IPv6 address is usable at once
 NETNS_DIR = Path("/run/netns")
+DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_APP = ROOT / "examples" / "socketio_chat" / "app.py"
 TABLE = "ebpf_sticky_lab"
@@ -50,15 +53,20 @@ TABLE = "ebpf_sticky_lab"
 
 @dataclass(frozen=True)
 class Link:
-    """A veth pair: ``a`` is the router side (``.1`` of ``subnet``), ``b`` the leaf (``.2``)."""
+    """A veth pair: ``a`` is the router side (``.1`` of each subnet), ``b`` the leaf (``.2``)."""
 
     a: str
     b: str
-    subnet: str
+    subnets: tuple[str, ...]  # one per IP version
 
-    def address(self, node: str) -> str:
-        net = ipaddress.ip_network(self.subnet)
+    def address(self, node: str, version: int = 4) -> str:
+        net = next(n for n in map(ipaddress.ip_network, self.subnets) if n.version == version)
         return str(net[1] if node == self.a else net[2])
+
+    def prefixes(self) -> Iterator[tuple[int, int]]:
+        """(IP version, prefix length) of each subnet."""
+        for net in map(ipaddress.ip_network, self.subnets):
+            yield net.version, net.prefixlen
 
 
 @dataclass(frozen=True)
@@ -74,9 +82,9 @@ class Topology:
     # Extra addresses on a node's loopback, e.g. the balancer's service address.
     loopback: tuple[tuple[str, str], ...] = ()
 
-    def address(self, node: str) -> str:
+    def address(self, node: str, version: int = 4) -> str:
         """``node``'s address on its (first) link."""
-        return next(link.address(node) for link in self.links if node in (link.a, link.b))
+        return next(link.address(node, version) for link in self.links if node in (link.a, link.b))
 
 
 @dataclass(frozen=True)
@@ -88,29 +96,42 @@ class Service:
     redis: str = "redis"
     clients: str = "clients"
     vip: str = "198.18.0.80"
-    bind_host: str = "0.0.0.0"
+    vip6: str = "fd00:18::80"
+    bind_host: str = "::"  # dual-stack
     port: int = 8000
     redis_port: int = 6379
     buckets: int = 16  # balancer buckets: draining a host moves only its own
+
+    def bind(self) -> str:
+        """The hosts' `--bind`."""
+        host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
+        return f"{host}:{self.port}"
+
+    def url(self, version: int = 4) -> str:
+        """The service as clients reach it, through the balancer."""
+        return f"http://{self.vip}:{self.port}" if version == 4 else f"http://[{self.vip6}]:{self.port}"
 
 
 TOPOLOGY = Topology(
     nodes=("clients", "lb", "host-a", "host-b", "redis"),
     links=(
-        Link("lb", "clients", "198.18.1.0/24"),
-        Link("lb", "host-a", "198.18.2.0/24"),
-        Link("lb", "host-b", "198.18.3.0/24"),
-        Link("lb", "redis", "198.18.4.0/24"),
+        Link("lb", "clients", ("198.18.1.0/24", "fd00:18:1::/64")),
+        Link("lb", "host-a", ("198.18.2.0/24", "fd00:18:2::/64")),
+        Link("lb", "host-b", ("198.18.3.0/24", "fd00:18:3::/64")),
+        Link("lb", "redis", ("198.18.4.0/24",)),
     ),
-    local_ranges=(("clients", "198.18.128.0/20"),),
-    loopback=(("lb", "198.18.0.80"),),
+    local_ranges=(("clients", "198.18.128.0/20"), ("clients", "fd00:18:8000::/48")),
+    loopback=(("lb", "198.18.0.80"), ("lb", "fd00:18::80")),
 )
 SERVICE = Service()
-CLIENT_RANGE = ipaddress.ip_network(TOPOLOGY.local_ranges[0][1])
+CLIENT_RANGE, CLIENT_RANGE6 = (ipaddress.ip_network(prefix) for _, prefix in TOPOLOGY.local_ranges)
 
 
-def client_sources(count: int) -> list[str]:
-    """``count`` distinct client addresses from the clients' range."""
+def client_sources(count: int, version: int = 4) -> list[str]:
+    """``count`` distinct client addresses from the clients' range; IPv6 ones each in a /64 of
+    its own, since ebpf-sticky (like most) treats a /64 as one client."""
+    if version == 6:
+        return [str(CLIENT_RANGE6[(i << 64) + 7]) for i in range(count)]
     hosts = CLIENT_RANGE.hosts()
     return [str(next(hosts)) for _ in range(count)]
 
@@ -132,44 +153,59 @@ def drained(owners: Sequence[str], host: str) -> list[str]:
     return [next(moved) if owner == host else owner for owner in owners]
 
 
-def by_client(buckets: int, seed: int) -> str:
-    """The bucket as a keyed hash of the client's address: what an L4 balancer must do."""
-    return f"jhash ip saddr mod {buckets} seed {seed:#x}"
+def bucket(family: str, buckets: int, seed: int | None) -> str:
+    """The expression that picks a balancer bucket: a keyed hash of the client's address (what an
+    L4 balancer must do), or with no seed, a random bucket per connection (what breaks sessions)."""
+    if seed is None:
+        return f"numgen random mod {buckets}"
+    return f"jhash {family} saddr mod {buckets} seed {seed:#x}"
 
 
-def at_random(buckets: int) -> str:
-    """A bucket per connection regardless of the client: what breaks sessions."""
-    return f"numgen random mod {buckets}"
+FAMILIES = (("ip", "backends"), ("ip6", "backends6"))  # nftables family, its bucket map
 
 
-def nft_ruleset(service: Service, backends: Sequence[str], bucket: str, snat: bool = False) -> str:
-    """The balancer's nftables table; ``backends[i]`` is bucket i's host address.
+def nft_ruleset(
+    service: Service, backends: Sequence[tuple[str, str]], seed: int | None, snat: bool = False
+) -> str:
+    """The balancer's nftables table; ``backends[i]`` is bucket i's host (IPv4, IPv6 address).
 
-    ``bucket`` is the expression that picks a bucket (`by_client`, `at_random`); ``snat`` hides the
-    client behind the balancer's address. Those two are the lab's ways to break stickiness.
+    No ``seed`` (random buckets) and ``snat`` (the client hidden behind the balancer's address)
+    are the lab's two ways to break stickiness.
     """
-    masquerade = "  chain post { type nat hook postrouting priority srcnat; ct status dnat masquerade; }\n"
+    n = len(backends)
+    vips = {"ip": service.vip, "ip6": service.vip6}
     # `typeof numgen`: the plain integer type that jhash and numgen both yield.
-    key = f"typeof numgen inc mod {len(backends)} : ip daddr"
+    maps = "".join(
+        f"  map {name} {{ typeof numgen inc mod {n} : {family} daddr; "
+        f"elements = {_elements(backends, family)}; }}\n"
+        for family, name in FAMILIES
+    )
+    dnat = "".join(
+        f"    {family} daddr {vips[family]} tcp dport {service.port} "
+        f"dnat {family} to {bucket(family, n, seed)} map @{name}\n"
+        for family, name in FAMILIES
+    )
+    masquerade = "  chain post { type nat hook postrouting priority srcnat; ct status dnat masquerade; }\n"
     return (
-        f"table ip {TABLE}\n"  # create it if missing, so that the delete cannot fail
-        f"delete table ip {TABLE}\n"
-        f"table ip {TABLE} {{\n"
-        f"  map backends {{ {key}; elements = {_elements(backends)}; }}\n"
-        f"  chain pre {{ type nat hook prerouting priority dstnat;\n"
-        f"    ip daddr {service.vip} tcp dport {service.port} dnat to {bucket} map @backends; }}\n"
-        f"{masquerade if snat else ''}"
-        f"}}\n"
+        f"table inet {TABLE}\n"  # create it if missing, so that the delete cannot fail
+        f"delete table inet {TABLE}\n"
+        f"table inet {TABLE} {{\n{maps}"
+        f"  chain pre {{ type nat hook prerouting priority dstnat;\n{dnat}  }}\n"
+        f"{masquerade if snat else ''}}}\n"
     )
 
 
-def nft_remap(backends: Sequence[str]) -> str:
-    """Replace the bucket map in one transaction: a new connection sees the old map or the new."""
-    return f"flush map ip {TABLE} backends\nadd element ip {TABLE} backends {_elements(backends)}\n"
+def nft_remap(backends: Sequence[tuple[str, str]]) -> str:
+    """Replace the bucket maps in one transaction: a new connection sees the old map or the new."""
+    return "".join(
+        f"flush map inet {TABLE} {name}\nadd element inet {TABLE} {name} {_elements(backends, family)}\n"
+        for family, name in FAMILIES
+    )
 
 
-def _elements(backends: Sequence[str]) -> str:
-    return "{ " + ", ".join(f"{i} : {address}" for i, address in enumerate(backends)) + " }"
+def _elements(backends: Sequence[tuple[str, str]], family: str) -> str:
+    column = 0 if family == "ip" else 1
+    return "{ " + ", ".join(f"{i} : {pair[column]}" for i, pair in enumerate(backends)) + " }"
 
 
 # I/O: namespaces, processes, the balancer.
@@ -252,43 +288,45 @@ class Lab:
             # Made inside `a` with its peer placed straight into `b`: no interface ever exists in
             # the host's namespace, so labs running side by side cannot collide on names.
             with IPRoute(netns=self.netns(link.a), flags=0) as ipr:
-                ipr.link(
-                    "add",
-                    ifname=link.b,
-                    kind="veth",
-                    peer={"ifname": link.a, "net_ns_fd": self.netns(link.b)},
-                )
+                peer = {"ifname": link.a, "net_ns_fd": self.netns(link.b)}
+                ipr.link("add", ifname=link.b, kind="veth", peer=peer)
             for node, ifname in ((link.a, link.b), (link.b, link.a)):
                 with IPRoute(netns=self.netns(node), flags=0) as ipr:
                     index = ipr.link_lookup(ifname=ifname)[0]
-                    ipr.addr("add", index=index, address=link.address(node), prefixlen=24)
+                    for version, length in link.prefixes():
+                        address = link.address(node, version)
+                        ipr.addr("add", index=index, address=address, prefixlen=length, flags=IFA_F_NODAD)
                     ipr.link("set", index=index, state="up")
             with IPRoute(netns=self.netns(link.b), flags=0) as ipr:
-                ipr.route("add", dst="0.0.0.0/0", gateway=link.address(link.a))
+                for version, _ in link.prefixes():
+                    ipr.route("add", dst=DEFAULT[version], gateway=link.address(link.a, version))
             for node, prefix in self.topology.local_ranges:
+                version = ipaddress.ip_network(prefix).version
                 if node == link.b:
                     with IPRoute(netns=self.netns(link.a), flags=0) as ipr:
-                        ipr.route("add", dst=prefix, gateway=link.address(link.b))
+                        ipr.route("add", dst=prefix, gateway=link.address(link.b, version))
         for node, prefix in self.topology.local_ranges:
             with IPRoute(netns=self.netns(node), flags=0) as ipr:
                 lo = ipr.link_lookup(ifname="lo")[0]
                 ipr.route("add", dst=prefix, type="local", oif=lo, table=255, scope=254)
+            if ipaddress.ip_network(prefix).version == 6:
+                # IPv4 binds any address a local route covers; IPv6 asks for this as well.
+                self.run_in(node, lambda: _sysctl("net.ipv6.ip_nonlocal_bind", "1"))
         for node, address in self.topology.loopback:
             with IPRoute(netns=self.netns(node), flags=0) as ipr:
-                ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=address, prefixlen=32)
-        routers = {link.a for link in self.topology.links}
-        for node in routers:
+                length = ipaddress.ip_address(address).max_prefixlen
+                ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=address, prefixlen=length)
+        for node in {link.a for link in self.topology.links}:
             self.run_in(node, lambda: _sysctl("net.ipv4.ip_forward", "1"))
+            self.run_in(node, lambda: _sysctl("net.ipv6.conf.all.forwarding", "1"))
 
     def balance(self, random: bool = False, snat: bool = False) -> None:
         """Load the balancer's table. It hashes the client's address with the lab's own seed, so
         loading it again puts every client back on the same host; ``random`` and ``snat`` break it."""
-        buckets = len(self.owners)
-        bucket = at_random(buckets) if random else by_client(buckets, self.seed)
-        self.nft(nft_ruleset(self.service, self.backends(), bucket, snat))
+        self.nft(nft_ruleset(self.service, self.backends(), None if random else self.seed, snat))
 
-    def backends(self) -> list[str]:
-        return [self.topology.address(host) for host in self.owners]
+    def backends(self) -> list[tuple[str, str]]:
+        return [(self.topology.address(host), self.topology.address(host, 6)) for host in self.owners]
 
     def nft(self, script: str) -> None:
         proc = subprocess.run(
@@ -375,7 +413,7 @@ class Lab:
                     "-w",
                     str(workers),
                     "--bind",
-                    f"{self.service.bind_host}:{self.service.port}",
+                    self.service.bind(),
                     *launch_args,
                 ],
                 env={**env, "HOSTNAME": host},
@@ -411,7 +449,7 @@ class Lab:
     def current_owners(self) -> list[str]:
         """The bucket table as the balancer has it now (another process may have drained)."""
         listing = subprocess.run(
-            self.exec_argv(self.service.balancer, ["nft", "-j", "list", "map", "ip", TABLE, "backends"]),
+            self.exec_argv(self.service.balancer, ["nft", "-j", "list", "map", "inet", TABLE, "backends"]),
             capture_output=True,
             text=True,
             check=True,
@@ -530,11 +568,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     cli = Path(sys.executable).with_name("ebpf-sticky")
     print(
-        f"lab {args.name!r} is up: clients {CLIENT_RANGE} → {SERVICE.balancer} {SERVICE.vip}:{SERVICE.port} "
-        f"(nftables jhash ip saddr) → {', '.join(SERVICE.hosts)} (ebpf-sticky -w {args.workers} each), "
+        f"lab {args.name!r} is up: clients {CLIENT_RANGE} {CLIENT_RANGE6} → {SERVICE.balancer} "
+        f"{SERVICE.vip} {SERVICE.vip6} port {SERVICE.port} "
+        f"(nftables jhash of the client address) → {', '.join(SERVICE.hosts)} "
+        f"(ebpf-sticky -w {args.workers} on {SERVICE.bind()} each), "
         f"redis {TOPOLOGY.address(SERVICE.redis)}; logs in {lab.logs}\n"
-        f"  ip netns exec {lab.netns('clients')} curl --interface {client_sources(7)[-1]} "
-        f"'http://{SERVICE.vip}:{SERVICE.port}/socket.io/?EIO=4&transport=polling'\n"
+        f"  ip netns exec {lab.netns(SERVICE.clients)} curl --interface {client_sources(7)[-1]} "
+        f"'{SERVICE.url()}/socket.io/?EIO=4&transport=polling'\n"
+        f"  ip netns exec {lab.netns(SERVICE.clients)} curl -g --interface {client_sources(7, 6)[-1]} "
+        f"'{SERVICE.url(6)}/socket.io/?EIO=4&transport=polling'\n"
         f"  ip netns exec {lab.netns('host-a')} {cli} status\n"
         f"  ip netns exec {lab.netns(SERVICE.balancer)} nft list ruleset\n"
         f"  scripts/lab{'' if args.name == 'lab' else f' --name {args.name}'} drain host-a\n"

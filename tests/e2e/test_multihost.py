@@ -24,7 +24,8 @@ from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 
 SPEC = HashSpec(bytes.fromhex(KEY))
 SOURCES = client_sources(200)
-URL = f"http://{SERVICE.vip}:{SERVICE.port}"
+SOURCES6 = client_sources(100, 6)
+URL = SERVICE.url()
 WORKERS = 4
 
 
@@ -75,7 +76,7 @@ def test_every_session_stays_on_one_host_and_one_worker(lab: Lab) -> None:
     for name, swarm in (("python-socketio", python_swarm), ("node socket.io-client", node_swarm)):
         for transports in (["polling"], ["polling", "websocket"]):
             label = f"{name} {'→'.join(transports)}"
-            runs[label] = lab.run_in("clients", functools.partial(swarm, URL, SOURCES, transports))
+            runs[label] = lab.run_in(SERVICE.clients, functools.partial(swarm, URL, SOURCES, transports))
             assert (runs[label].ok, runs[label].failed) == (len(SOURCES), 0), (label, runs[label].errors[:5])
     print(f"sessions kept: {sum(r.ok for r in runs.values())}/{len(runs) * len(SOURCES)} ({', '.join(runs)})")
     # Every session, whatever the client and transport, lands on the same host and worker: the
@@ -93,6 +94,21 @@ def test_every_session_stays_on_one_host_and_one_worker(lab: Lab) -> None:
         assert {first.workers[s] for s in SOURCES if first.hosts[s] == host} == {
             str(w) for w in range(WORKERS)
         }
+
+
+def test_ipv6_clients_keep_their_sessions_too(lab: Lab) -> None:
+    # The hosts listen on [::]:8000, dual-stack; IPv6 clients come through the balancer's ip6 rule.
+    runs = [
+        lab.run_in(SERVICE.clients, functools.partial(swarm, SERVICE.url(6), SOURCES6, transports))
+        for swarm, transports in ((python_swarm, ["polling", "websocket"]), (node_swarm, ["polling"]))
+    ]
+    for result in runs:
+        assert (result.ok, result.failed) == (len(SOURCES6), 0), result.errors[:5]
+    print(f"IPv6 sessions kept: {sum(r.ok for r in runs)}/{2 * len(SOURCES6)}")
+    assert runs[0].hosts == runs[1].hosts and runs[0].workers == runs[1].workers
+    assert set(runs[0].hosts.values()) == set(SERVICE.hosts)
+    for source in SOURCES6:
+        assert int(runs[0].workers[source]) == slot_of(parse_address(source), SPEC, WORKERS), source
 
 
 def test_room_broadcast_reaches_every_client_once_across_hosts(lab: Lab) -> None:
@@ -126,7 +142,7 @@ def test_room_broadcast_reaches_every_client_once_across_hosts(lab: Lab) -> None
         finally:
             await asyncio.gather(*(m.stop() for m in members))
 
-    lab.run_in("clients", lambda: asyncio.run(scenario()))
+    lab.run_in(SERVICE.clients, lambda: asyncio.run(scenario()))
 
 
 @pytest.mark.parametrize("breakage", ["random balancer", "snat"])
@@ -137,12 +153,12 @@ def test_negative_controls_what_breaks_it(lab: Lab, breakage: str) -> None:
     try:
         if breakage == "random balancer":
             lab.balance(random=True)
-            result = lab.run_in("clients", lambda: python_swarm(URL, sources, ["polling"], timeout=3))
+            result = lab.run_in(SERVICE.clients, lambda: python_swarm(URL, sources, ["polling"], timeout=3))
             print(f"random balancer: {result.failed}/{len(sources)} sessions failed")
             assert result.failed > 0
         else:
             lab.balance(snat=True)
-            result = lab.run_in("clients", lambda: python_swarm(URL, sources, ["polling"]))
+            result = lab.run_in(SERVICE.clients, lambda: python_swarm(URL, sources, ["polling"]))
             assert (result.ok, result.failed) == (len(sources), 0), result.errors[:5]
             workers = {
                 host: {result.workers[s] for s in sources if result.hosts[s] == host}
@@ -204,7 +220,7 @@ def test_draining_a_host_moves_its_clients_and_nobody_else(
         finally:
             await asyncio.gather(*(m.stop() for m in members))
 
-    lab.run_in("clients", lambda: asyncio.run(scenario()))
+    lab.run_in(SERVICE.clients, lambda: asyncio.run(scenario()))
 
 
 def test_the_last_host_cannot_be_drained(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
