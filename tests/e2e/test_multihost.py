@@ -1,8 +1,9 @@
 """Beyond one host: clients → nftables balancer (jhash of the client address) → two ebpf-sticky hosts.
 
-The lab (tests/multihost.py) runs everything in network namespaces of its own: 200 clients, each
-from its own address, keep their Socket.IO session on one host and one worker; a room broadcast
-crosses hosts through Redis exactly once; draining a host moves its clients and nobody else's.
+The lab (tests/multihost.py) runs everything in network namespaces of its own: 200 clients (and
+100 IPv6 ones), each from its own address, keep their Socket.IO session on one host and one
+worker; a room broadcast crosses hosts through Redis exactly once; draining a host moves its
+clients and nobody else's.
 """
 
 from __future__ import annotations
