@@ -525,9 +525,9 @@ class Lab:
             lab.down()
 
 
-def fail(message: str) -> int:
+def fail(message: str, status: int = 2) -> int:
     print(f"scripts/lab: error: {message}", file=sys.stderr)
-    return 2
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -540,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     drain = sub.add_parser("drain", help="take a host out of the balancer, then TERM it")
     drain.add_argument("host", choices=SERVICE.hosts)
     args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        return fail("the lab needs root (network namespaces, nftables): run it with sudo", 3)
     lab = Lab(args.name)
     exists = (NETNS_DIR / lab.netns(SERVICE.balancer)).exists()
     if args.cmd == "down":

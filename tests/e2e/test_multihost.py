@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
+import multihost
 import pytest
 from launcher import KEY
 from multihost import NETNS_DIR, SERVICE, Lab, client_sources, main
@@ -63,6 +67,15 @@ def test_the_lab_command_refuses_bad_input(lab: Lab, capsys: pytest.CaptureFixtu
         main(["drain", "host-c"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'host-c'" in capsys.readouterr().err
+    nobody = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
+    script = Path(multihost.__file__)
+    proc = subprocess.run(
+        [*nobody, sys.executable, str(script), "up"], capture_output=True, text=True, cwd="/"
+    )
+    assert (proc.returncode, proc.stderr) == (
+        3,
+        "scripts/lab: error: the lab needs root (network namespaces, nftables): run it with sudo\n",
+    )
 
 
 def percentiles(values: list[float]) -> str:
