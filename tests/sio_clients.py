@@ -99,13 +99,15 @@ class Member:
         self.heard_at: list[float] = []  # time.monotonic() of each message heard
         self.disconnects = 0
 
-    async def start(self, url: str, room: str = "all", reconnection: bool = False) -> str:
+    async def start(
+        self, url: str, room: str = "all", reconnection: bool = False, transports: list[str] | None = None
+    ) -> str:
         self.http = session_for(self.source)
         self.client = socketio.AsyncClient(http_session=self.http, reconnection=reconnection,
                                            reconnection_delay=0.2, reconnection_delay_max=0.5)  # fmt: skip
         self.client.on("message", self._heard)
         self.client.on("disconnect", self._disconnected)
-        await self.client.connect(url, transports=["polling", "websocket"], wait_timeout=15)
+        await self.client.connect(url, transports=transports or ["polling", "websocket"], wait_timeout=15)
         await self.client.call("join", {"room": room, "name": self.source}, timeout=15)
         self.home: dict[str, Any] = await self.client.call("whoami", timeout=15)
         return str(self.home["worker"])
