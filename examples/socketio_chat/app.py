@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from ebpf_sticky import on_stop
 
 log = logging.getLogger("chat")
 WORKER = os.environ.get("EBPF_STICKY_WORKER", "?")
+# Which host answered, when several run behind a balancer (Kubernetes sets HOSTNAME to the pod's name).
+HOST = os.environ.get("HOSTNAME") or socket.gethostname()
 HERE = Path(__file__).resolve().parent
 CLIENT_JS = Path(
     os.environ.get(
@@ -51,8 +54,8 @@ async def connect(sid: str, environ: dict[str, Any]) -> None:
 
 
 async def whoami(sid: str) -> dict[str, Any]:
-    """Which worker holds this session: lets clients and tests see stickiness."""
-    return {"worker": WORKER, "pid": os.getpid(), "sid": sid}
+    """Which host and worker hold this session: lets clients and tests see stickiness."""
+    return {"worker": WORKER, "host": HOST, "pid": os.getpid(), "sid": sid}
 
 
 async def join(sid: str, data: dict[str, Any]) -> dict[str, Any]:

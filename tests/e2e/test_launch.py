@@ -18,6 +18,7 @@ import pytest
 from launcher import APPS, KEY, Load, get, launched, tagged_processes, wait_for
 from netlab import v4_sources
 
+from ebpf_sticky.control import control_dir, socket_name
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 
 SPEC = HashSpec(bytes.fromhex(KEY))
@@ -144,7 +145,7 @@ def test_ttin_then_ttou_under_load() -> None:
 def test_master_kill_9_takes_the_workers_with_it() -> None:
     with launched(["asgi_app.py", "-w", "2", *BASE]) as instance:
         workers = [pid for pids in instance.slot_pids().values() for pid in pids]
-        control = Path("/run/ebpf-sticky") / f"127.0.0.1-{instance.port}.sock"
+        control = control_dir() / socket_name("127.0.0.1", instance.port)
         instance.proc.kill()
         instance.proc.wait()
         wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 2.0, "workers to die")

@@ -17,7 +17,7 @@ import pytest
 import socketio
 from launcher import KEY, Instance, launched, wait_for
 from netlab import v4_sources
-from sio_clients import node_swarm, python_swarm, session_for
+from sio_clients import Member, node_swarm, python_swarm, wait_async
 
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 
@@ -114,42 +114,6 @@ def redis_url() -> Iterator[str]:
 def chat_with_redis(redis_url: str) -> Iterator[str]:
     with launched(chat_args(), extra_env={"REDIS_URL": redis_url}) as instance:
         yield f"http://127.0.0.1:{instance.port}"
-
-
-class Member:
-    """A chat client from one source address that records what it hears."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.heard: list[dict[str, Any]] = []
-        self.disconnects = 0
-
-    async def start(
-        self, url: str, room: str = "all", reconnection: bool = False, transports: list[str] | None = None
-    ) -> str:
-        self.http = session_for(self.source)
-        self.client = socketio.AsyncClient(http_session=self.http, reconnection=reconnection,
-                                           reconnection_delay=0.2, reconnection_delay_max=0.5)  # fmt: skip
-        self.client.on("message", self.heard.append)
-        self.client.on("disconnect", self._disconnected)
-        await self.client.connect(url, transports=transports or TRANSPORTS["upgrade"], wait_timeout=15)
-        await self.client.call("join", {"room": room, "name": self.source}, timeout=15)
-        return str((await self.client.call("whoami", timeout=15))["worker"])
-
-    def _disconnected(self, *args: Any) -> None:
-        self.disconnects += 1
-
-    async def stop(self) -> None:
-        await self.client.eio.disconnect(abort=True)
-        await self.http.close()
-
-
-async def wait_async(predicate: Any, timeout: float, what: str) -> None:
-    end = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def test_broadcast_reaches_every_worker_exactly_once(chat_with_redis: str) -> None:
