@@ -10,6 +10,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 CLONE_NEWNET = 0x40000000
@@ -75,13 +76,19 @@ def in_new_netns(fn: Callable[[], Any]) -> Any:
 
     Everything the child adds (addresses, sockets) dies with the namespace: nothing to clean up.
     """
+    return in_child(fn, new_netns=True)
+
+
+def in_child(fn: Callable[[], Any], *, new_netns: bool = False) -> Any:
+    """Run ``fn`` in a forked child (optionally in a fresh network namespace); return its JSON
+    result. What the child changes in itself (a privilege drop, a seccomp filter) stays there."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
         code = 0
         try:
-            if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
+            if new_netns and ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
             payload = {"result": fn()}
         except BaseException:
@@ -95,8 +102,21 @@ def in_new_netns(fn: Callable[[], Any]) -> Any:
     os.waitpid(pid, 0)
     payload = json.loads(data)
     if "error" in payload:
-        raise AssertionError("child in netns failed:\n" + payload["error"])
+        raise AssertionError("child failed:\n" + payload["error"])
     return payload["result"]
+
+
+def drop_to_nobody() -> None:
+    """In a child: become nobody/nogroup with no capability at all, and check it from /proc."""
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)  # from root to non-root: the kernel clears every capability
+    status = Path("/proc/self/status").read_text()
+    caps = {
+        line.split(":")[0]: int(line.split()[1], 16) for line in status.splitlines() if line.startswith("Cap")
+    }
+    assert caps["CapEff"] == caps["CapPrm"] == caps["CapAmb"] == 0, caps
+    assert os.geteuid() == 65534
 
 
 def loopback_with(addresses: Iterable[str]) -> None:

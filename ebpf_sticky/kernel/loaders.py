@@ -295,3 +295,9 @@ AUTO_ORDER = ("native", "cbpf")
 # What makes auto try the next loader: the kernel or the platform refusing, never bad input.
 FALLBACK_ERRORS = (PrivilegeError, UnsupportedKernelError)
 CHOICES = (*LOADERS, "auto")
+
+
+def max_slots(loader: str) -> int:
+    """The most slots ``loader`` can route; auto can use whichever of its loaders fits."""
+    names = AUTO_ORDER if loader == "auto" else (loader,)
+    return max(LOADERS[name].max_slots for name in names)

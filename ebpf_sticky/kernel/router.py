@@ -76,9 +76,9 @@ class Router:
     down before closing it, which takes it out of the group at once even if another process
     still holds a duplicate of its fd (a worker's leftover child). Without that, the duplicate
     would keep the retired socket in the group, the next ``add_slot`` would join *behind* it, and
-    the new slot's clients would be sent to the dead socket. A UDP socket cannot be taken out
-    that way (shutdown does not unhash it): a duplicate held elsewhere keeps a retired UDP slot's
-    socket in the group until it is closed (the README says so).
+    the new slot's clients would be sent to the dead socket (tested). UDP offers no such call: a
+    UDP worker's leftover child that keeps fd 3 open after its slot is retired keeps that socket
+    in the group, and slots added later are misrouted until it closes (the README says so).
     """
 
     def __init__(self, bind: Bind, spec: HashSpec, *, udp: bool, loader: str, routing: Routing) -> None:
@@ -218,10 +218,7 @@ class Router:
             raise ValueError("only the retired highest slot can be released")
         self._routing.leave(slot)
         sock = self.sockets.pop()
-        if not self.udp:
-            # Out of the group now, even if some other process holds a duplicate (see the class).
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RD)
+        _leave_group(sock, self.udp)
         sock.close()
         self.retiring = None
 
@@ -248,6 +245,18 @@ class Router:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _leave_group(sock: socket.socket, udp: bool) -> None:
+    """Take a TCP listener out of its group now, even if another process holds a duplicate of it:
+    shutdown(SHUT_RD) makes tcp_disconnect unhash it. It is the group's last member, so the kernel
+    moves nothing into its place. UDP has no such call (shutdown does not unhash; connect() only
+    makes lookups skip it; SO_BINDTODEVICE detaches it but then it outscores the group on that
+    device), so a duplicate held elsewhere keeps a retired UDP socket in the group: see the class.
+    """
+    if not udp:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RD)
 
 
 class _TooManySlots(ConfigError):

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ..hashing import MAX_SLOTS
+
 # The worker's exit code when it cannot load the app: deterministic, so never worth retrying.
 APP_LOAD_ERROR = 4
 SIGTERM = 15  # the same number on every Linux architecture
@@ -138,6 +140,7 @@ class Retiring:
 class Core:
     slots: int
     graceful_timeout: float = 30.0
+    max_slots: int = MAX_SLOTS  # what the router fits (the classic-BPF program has a size limit)
     boot_window: float = 5.0
     assume_ready_after: float | None = None  # for commands that never send READY=1
     phase: Phase = Phase.STARTING
@@ -290,6 +293,8 @@ class Core:
         if event.name == "TTIN":
             if self.retiring is not None:
                 return [Log("SIGTTIN ignored: a slot is still retiring")]
+            if self.slots >= self.max_slots:
+                return [Log(f"SIGTTIN ignored: {self.max_slots} slots is the most this router fits")]
             slot = self.slots
             self.slots += 1
             return [Log(f"SIGTTIN: adding slot {slot}"), AddSlot(slot), Spawn(slot)]

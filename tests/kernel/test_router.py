@@ -199,7 +199,7 @@ def test_no_privilege_gives_one_clear_line() -> None:
         "from ebpf_sticky.hashing import HashSpec\n"
         "from ebpf_sticky.kernel.router import Router\n"
         "try:\n"
-        "    Router.open(parse_bind('127.0.0.1:0'), HashSpec(os.urandom(16)), 2)\n"
+        "    Router.open(parse_bind('127.0.0.1:0'), HashSpec(os.urandom(16)), 2, loader='native')\n"
         "except PrivilegeError as exc:\n"
         "    print(exc); sys.exit(7)\n"
     )
