@@ -15,7 +15,7 @@ from netlab import (
     accept_all,
     connect_all,
     in_new_netns,
-    loopback_with,
+    local_ipv6_prefix,
     recv_all_udp,
     send_all_udp,
     v4_sources,
@@ -91,7 +91,7 @@ def _ipv6_routes(loader: str) -> dict[str, dict[str, int]]:
     # 128 subscribers in distinct /64s, plus a second address in each of the first 16 /64s.
     sources = [str(parse_address(f"fd00:5e:0:{i:x}::1")) for i in range(128)]
     sources += [str(parse_address(f"fd00:5e:0:{i:x}::beef")) for i in range(16)]
-    loopback_with(sources + ["fd00:5e:ffff::1"])
+    local_ipv6_prefix("fd00:5e::/32", "fd00:5e:ffff::1")
     result: dict[str, dict[str, int]] = {}
     for bind in ("[fd00:5e:ffff::1]:0", "[::]:0"):
         with Router.open(parse_bind(bind), SPEC, 6, loader=loader) as router:
