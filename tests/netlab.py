@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import json
 import os
 import select
@@ -69,6 +70,32 @@ def recv_all_udp(listeners: list[socket.socket], expected: int, deadline: float 
             _, peer = sock.recvfrom(16)
             seen[peer[0]] = listeners.index(sock)
     return seen
+
+
+def routed(
+    sockets: list[socket.socket], port: int, sources: list[str], host: str = "127.0.0.1", *, udp: bool = False
+) -> dict[str, int]:
+    """One connection (or datagram) from each source to host:port: source → index of the socket
+    that got it. An IPv4 client seen on a dual-stack socket is reported as its IPv4 address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if udp:
+        send_all_udp(sources, host, port, family)
+        seen = recv_all_udp(sockets, len(sources))
+    else:
+        clients = connect_all(sources, host, port, family)
+        try:
+            seen = accept_all(sockets, len(sources))
+        finally:
+            for client in clients:
+                client.close()
+    return {_canonical(peer): index for peer, index in seen.items()}
+
+
+def _canonical(peer: str) -> str:
+    address = ipaddress.ip_address(peer)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def in_new_netns(fn: Callable[[], Any]) -> Any:

@@ -13,27 +13,22 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-# Instruction classes.
-LD, LDX, ST, STX, ALU, JMP, RET, MISC = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07
-# Sizes and modes.
-W, H, B = 0x00, 0x08, 0x10
-IMM, ABS, MEM = 0x00, 0x20, 0x60
-# Operand source: the constant k or register X (for RET: A).
-K, X, RET_A = 0x00, 0x08, 0x10
-TAX, TXA = 0x00, 0x80
+from . import asm
+from .asm import ALU, IMM, JMP, LD, LDX, MEM, ST, B, H, K, W, X, split_labels
 
-ALU_OPS = {
-    "add": 0x00,
-    "sub": 0x10,
-    "mul": 0x20,
-    "div": 0x30,
-    "or": 0x40,
-    "and": 0x50,
-    "lsh": 0x60,
-    "rsh": 0x70,
-    "mod": 0x90,
-    "xor": 0xA0,
-}
+# Classic BPF shares eBPF's encoding of classes, sizes, modes, sources and ALU operations;
+# RET and MISC are classic only (eBPF reuses those class numbers for JMP32 and ALU64).
+RET, MISC = 0x06, 0x07
+ABS = 0x20
+RET_A = 0x10  # ``ret a`` rather than ``ret #k``
+TAX, TXA = 0x00, 0x80
+ALU_OPS = {name: op for name, op in asm.ALU_OPS.items() if name not in ("mov", "arsh")}
+__all__ = [
+    "ABS", "ALU", "ALU_OPS", "B", "H", "IMM", "JMP", "JMP_OPS", "K", "LD", "LDX", "MAXINSNS", "MEM",
+    "MEMWORDS", "MISC", "RET", "RET_A", "SKF_AD_OFF", "SKF_AD_PROTOCOL", "SKF_NET_OFF", "ST", "TAX",
+    "TXA", "W", "X", "CInsn", "Item", "alu", "alux", "assemble", "disassemble", "encode", "ja", "jmp",
+    "ld_abs", "ld_imm", "ld_mem", "ldx_mem", "ret", "st", "tax", "txa",
+]  # fmt: skip
 JMP_OPS = {"ja": 0x00, "jeq": 0x10, "jgt": 0x20, "jge": 0x30, "jset": 0x40}
 MAXINSNS = 4096  # BPF_MAXINSNS: the kernel refuses longer classic programs
 MEMWORDS = 16  # BPF_MEMWORDS: scratch words M[0..15]
@@ -126,15 +121,7 @@ def _is_ja(insn: CInsn) -> bool:
 
 def assemble(items: Sequence[Item]) -> list[CInsn]:
     """Resolve labels into forward offsets; returns the instructions only."""
-    positions: dict[str, int] = {}
-    insns: list[CInsn] = []
-    for item in items:
-        if isinstance(item, str):
-            if item in positions:
-                raise ValueError(f"label {item!r} defined twice")
-            positions[item] = len(insns)
-        else:
-            insns.append(item)
+    positions, insns = split_labels(items)
 
     def offset(pc: int, label: str | None, limit: int) -> int:
         if label is None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import netlab
 import pytest
 from netlab import (
     accept_all,
@@ -22,8 +23,6 @@ from netlab import (
     drop_to_nobody,
     in_child,
     local_ipv6_prefix,
-    recv_all_udp,
-    send_all_udp,
     v4_sources,
 )
 
@@ -43,18 +42,7 @@ def predicted(sources: list[str], slots: int, spec: HashSpec = SPEC) -> dict[str
 
 
 def routed(router: Router, sources: list[str], host: str = "127.0.0.1") -> dict[str, int]:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if router.udp:
-        send_all_udp(sources, host, router.port, family)
-        seen = recv_all_udp(router.sockets, len(sources))
-    else:
-        clients = connect_all(sources, host, router.port, family)
-        try:
-            seen = accept_all(router.sockets, len(sources))
-        finally:
-            for client in clients:
-                client.close()
-    return {str(parse_address(peer)): slot for peer, slot in seen.items()}
+    return netlab.routed(router.sockets, router.port, sources, host, udp=router.udp)
 
 
 def as_nobody(
@@ -130,16 +118,6 @@ def test_ipv6_tcp_udp_specific_and_dual_stack_in_a_netns() -> None:
         assert len(got) == 144 and set(got.values()) == set(range(6)), name
         for i in range(16):
             assert got[sources[i]] == got[sources[128 + i]], name
-
-
-@pytest.mark.parametrize("udp", [False, True], ids=["tcp", "udp"])
-def _routable(address: str) -> bool:
-    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect((address, 9))  # a route lookup; sends nothing
-        except OSError:
-            return False
-    return True
 
 
 @pytest.mark.parametrize("udp", [False, True], ids=["tcp", "udp"])

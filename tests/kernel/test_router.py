@@ -17,6 +17,7 @@ from netlab import (
     in_new_netns,
     local_ipv6_prefix,
     recv_all_udp,
+    routed,
     send_all_udp,
     v4_sources,
 )
@@ -36,14 +37,7 @@ def predicted(sources: list[str], slots: int, spec: HashSpec = SPEC) -> dict[str
 
 
 def routed_tcp(router: Router, sources: list[str], host: str = "127.0.0.1") -> dict[str, int]:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    clients = connect_all(sources, host, router.port, family)
-    try:
-        seen = accept_all(router.sockets, len(sources))
-    finally:
-        for client in clients:
-            client.close()
-    return {str(parse_address(peer)): slot for peer, slot in seen.items()}
+    return routed(router.sockets, router.port, sources, host)
 
 
 @pytest.fixture(params=["native", "bcc"])
