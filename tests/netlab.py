@@ -133,19 +133,6 @@ def in_child(fn: Callable[[], Any], *, new_netns: bool = False) -> Any:
     return payload["result"]
 
 
-def drop_to_nobody() -> None:
-    """In a child: become nobody/nogroup with no capability at all, and check it from /proc."""
-    os.setgroups([])
-    os.setresgid(65534, 65534, 65534)
-    os.setresuid(65534, 65534, 65534)  # from root to non-root: the kernel clears every capability
-    status = Path("/proc/self/status").read_text()
-    caps = {
-        line.split(":")[0]: int(line.split()[1], 16) for line in status.splitlines() if line.startswith("Cap")
-    }
-    assert caps["CapEff"] == caps["CapPrm"] == caps["CapAmb"] == 0, caps
-    assert os.geteuid() == 65534
-
-
 def local_ipv6_prefix(prefix: str, probe: str) -> None:
     """Inside a fresh netns: every address of ``prefix`` is local and bindable, at once.
 

@@ -176,3 +176,20 @@ def test_kill_9_ttin_ttou_ttin_keep_position_equal_slot(runtime_dir: Path) -> No
             lambda: len(re.findall(r"slot 3: worker \d+ ready", instance.output())) == 2, 60, "slot 3 again"
         )
         assert slots_of(ask(instance.port)) == predicted(4)
+
+
+def test_launch_under_a_seccomp_filter_that_denies_bpf_runs_cbpf() -> None:
+    # Root with every capability, but the launching process carries a filter that refuses bpf(2)
+    # (what Debian's podman profile does without CAP_SYS_ADMIN): auto must say so and run cbpf.
+    tests = Path(__file__).resolve().parents[1]
+    launcher = (
+        f"import os, sys; sys.path.insert(0, {str(tests)!r}); from sandbox import deny_bpf_syscall\n"
+        "deny_bpf_syscall()\n"
+        "os.execv(sys.executable, [sys.executable, '-m', 'ebpf_sticky', 'launch', *sys.argv[1:]])\n"
+    )
+    argv = [sys.executable, "-c", launcher, *launch_args(2), "--", sys.executable, "-c", WORKER]
+    with launched([], argv=argv) as instance:
+        output = instance.output()
+        assert "router: cbpf (classic BPF, unprivileged), chosen by --loader auto: native refused" in output
+        assert "permission denied" in output
+        assert slots_of(ask(instance.port, SOURCES[:100])) == {s: predicted(2)[s] for s in SOURCES[:100]}

@@ -7,10 +7,8 @@ connection against the cbpf mirror.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,14 +18,15 @@ import pytest
 from netlab import (
     accept_all,
     connect_all,
-    drop_to_nobody,
     in_child,
     local_ipv6_prefix,
     v4_sources,
 )
+from sandbox import deny_bpf_syscall, drop_to_nobody
 
 from ebpf_sticky import hashing_cbpf
 from ebpf_sticky.config import parse_bind
+from ebpf_sticky.errors import StickyError
 from ebpf_sticky.hashing import HashSpec, parse_address
 from ebpf_sticky.kernel import casm
 from ebpf_sticky.kernel.router import Router
@@ -186,32 +185,10 @@ def test_negative_control_any_holder_of_a_member_can_replace_the_program() -> No
     assert as_nobody(check) == [0]
 
 
-def _deny_bpf_syscall() -> None:
-    """A seccomp filter of our own, built with casm: bpf(2) → EPERM, everything else allowed."""
-    arch, nr = {"x86_64": (0xC000003E, 321), "aarch64": (0xC00000B7, 280)}[os.uname().machine]
-    program = casm.assemble(
-        [
-            casm.ld_abs(casm.W, 4),  # seccomp_data.arch
-            casm.jmp("jeq", arch, None, "allow"),
-            casm.ld_abs(casm.W, 0),  # seccomp_data.nr
-            casm.jmp("jeq", nr, None, "allow"),
-            casm.ret(0x00050000 | 1),  # SECCOMP_RET_ERRNO | EPERM
-            "allow",
-            casm.ret(0x7FFF0000),
-        ]
-    )
-    code = casm.encode(program)
-    buffer = ctypes.create_string_buffer(code, len(code))
-    fprog = struct.pack("=H6xQ", len(program), ctypes.addressof(buffer))
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(38, 1, 0, 0, 0) == 0  # no_new_privs
-    assert libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) == 0, ctypes.get_errno()
-
-
 def test_auto_picks_cbpf_when_a_seccomp_filter_denies_bpf_and_native_as_root() -> None:
     def open_auto(deny: bool) -> dict[str, Any]:
         if deny:
-            _deny_bpf_syscall()
+            deny_bpf_syscall()
         status = Path("/proc/self/status").read_text().splitlines()
         caps = next(line for line in status if line.startswith("CapEff"))
         with Router.open(parse_bind("127.0.0.1:0"), SPEC, 3) as router:
@@ -230,3 +207,17 @@ def test_auto_picks_cbpf_when_a_seccomp_filter_denies_bpf_and_native_as_root() -
     native = in_child(lambda: open_auto(False))
     assert native["loader"] == "native"
     assert native["choice"].endswith("the kernel allows eBPF")
+
+
+def test_auto_without_privilege_and_too_many_workers_names_both_refusals() -> None:
+    def check() -> dict[str, Any]:
+        try:
+            Router.open(parse_bind("127.0.0.1:0"), SPEC, 100)
+        except StickyError as exc:
+            return {"type": type(exc).__name__, "message": str(exc), "exit": exc.exit_code}
+        return {}
+
+    got = as_nobody(check)
+    assert got["type"] == "PrivilegeError" and got["exit"] == 3
+    assert got["message"].startswith("no router can run here (native refused: the kernel refused")
+    assert "cbpf refused: --workers 100 is more than the cbpf router fits (71 slots)" in got["message"]
