@@ -134,7 +134,7 @@ def test_auto_runs_cbpf_unprivileged_and_status_route_say_so(runtime_dir: Path) 
             assert online_line.split()[:2] == offline_line.split() == [source, str(answers[source][0])]
 
 
-def test_kill_9_ttin_ttou_ttin_keep_position_equal_slot(runtime_dir: Path) -> None:
+def test_kill_9_hup_ttin_ttou_ttin_keep_position_equal_slot(runtime_dir: Path) -> None:
     with launched(
         [*launch_args(3), "--loader", "cbpf", "--", sys.executable, "-c", WORKER],
         prefix=NOBODY,
@@ -154,6 +154,18 @@ def test_kill_9_ttin_ttou_ttin_keep_position_equal_slot(runtime_dir: Path) -> No
         after_kill = ask(instance.port)
         assert slots_of(after_kill) == predicted(3)
         assert {pid for slot, pid, _ in after_kill.values() if slot == 1}.isdisjoint({old[1]})
+
+        # HUP: a new worker per slot on the same sockets, then the old ones stop.
+        instance.signal(signal.SIGHUP)
+        wait_for(lambda: "reload complete" in instance.output(), 60, "reload")
+        wait_for(
+            lambda: all(len(row["pids"]) == 1 for row in status(instance, runtime_dir)["slots"]),
+            30,
+            "old gone",
+        )
+        reloaded = ask(instance.port)
+        assert slots_of(reloaded) == predicted(3)
+        assert {pid for _, pid, _ in reloaded.values()}.isdisjoint({pid for _, pid, _ in after_kill.values()})
 
         instance.signal(signal.SIGTTIN)
         wait_for(lambda: re.search(r"slot 3: worker \d+ ready", instance.output()), 60, "slot 3 ready")
