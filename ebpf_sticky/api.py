@@ -40,7 +40,7 @@ def run(
     bind: str = config.DEFAULT_BIND,
     workers: int | None = None,
     factory: bool = False,
-    loader: str = "native",
+    loader: str = "auto",
     hash_key: str | None = None,
     prefix4: int = DEFAULT_PREFIX4,
     prefix6: int = DEFAULT_PREFIX6,

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from . import config
 from .control import control_dir, find_instance, request
 from .errors import ConfigError, StickyError
-from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address, slot_of
+from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address
+from .kernel.cbpf import MAX_CBPF_SLOTS
+from .kernel.loaders import CHOICES, LOADERS, max_slots
 
 ENV_PREFIX = "EBPF_STICKY_"
 
@@ -90,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.add_argument(
         "--loader",
-        choices=["native", "bcc"],
-        default=_env("loader", "native"),
-        help="native: bytecode built in Python (default); bcc: compile bpf/select.c",
+        choices=CHOICES,
+        default=_env("loader", "auto"),
+        help="auto (default): native if the kernel allows eBPF, else cbpf; native: eBPF built in "
+        "Python; bcc: compile bpf/select.c; cbpf: classic BPF, no privilege, "
+        f"at most {MAX_CBPF_SLOTS} workers",
     )
     launch.add_argument(
         "--factory",
@@ -122,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int,
         default=None,
         help="with --hash-key: compute offline for this many workers",
+    )
+    route.add_argument(
+        "--loader",
+        choices=list(LOADERS),
+        default="native",
+        help="with --hash-key: the router the instance runs (its `status` says; default native)",
     )
     route.add_argument("--port", type=_int, default=None, help="the running instance on this port")
     _add_hash_options(route)
@@ -159,7 +169,7 @@ def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.
     key = config.parse_key(args.hash_key) if args.hash_key else os.urandom(16)
     return config.Launch(
         bind=config.parse_bind(args.bind),
-        workers=config.check_workers(args.workers),
+        workers=config.check_workers(args.workers, max_slots(args.loader), args.loader),
         spec=config.hash_spec(key, args.prefix4, args.prefix6),
         target=args.target,
         command=tuple(command),
@@ -189,17 +199,20 @@ def cmd_route(args: argparse.Namespace) -> int:
         if args.workers is None:
             raise ConfigError("route with --hash-key needs --workers N (the slot count) too")
         spec = config.hash_spec(config.parse_key(args.hash_key), args.prefix4, args.prefix6)
-        workers = config.check_workers(args.workers)
+        loader = LOADERS[args.loader]
+        workers = config.check_workers(args.workers, loader.max_slots, args.loader)
         for text in args.addresses:
             try:
                 address = parse_address(text)
             except ValueError:
                 raise ConfigError(f"{text!r} is not an IP address") from None
-            print(f"{text} {slot_of(address, spec, workers)}")
+            print(f"{text} {loader.slot_of(address, spec, workers)}")
         return 0
     if args.workers is not None:
         raise ConfigError("route --workers needs --hash-key too (the key decides the slots)")
     answer = request(find_instance(control_dir(), args.port), {"cmd": "route", "addresses": args.addresses})
+    if "loader" in answer:
+        print(f"router: {answer['loader']}")
     for row in answer["routes"]:
         pids = ",".join(map(str, row["pids"])) or "-"
         print(f"{row['address']} {row['slot']} pid={pids}")
@@ -213,12 +226,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(
         f"ebpf-sticky pid {answer['pid']}: {answer['protocol']} {answer['bind']}, {answer['loader']} loader, "
-        f"{answer['phase']}, up {answer['uptime']:.0f} s, {answer['failures']} routing failures"
+        f"{answer['phase']}, up {answer['uptime']:.0f} s, "
+        + (
+            "no counters (classic BPF)"
+            if answer["failures"] is None
+            else f"{answer['failures']} routing failures"
+        )
     )
     print("slot  pids          routed")
     for row in answer["slots"]:
         pids = ",".join(map(str, row["pids"])) or "-"
-        print(f"{row['slot']:>4}  {pids:<12}  {row['routed']}")
+        # The cbpf router has no map to count in: no per-slot figures rather than made-up ones.
+        routed = "-" if row["routed"] is None else row["routed"]
+        print(f"{row['slot']:>4}  {pids:<12}  {routed}")
     return 0
 
 

@@ -71,9 +71,11 @@ def hash_spec(key: bytes, prefix4: int = DEFAULT_PREFIX4, prefix6: int = DEFAULT
     return HashSpec(key, prefix4, prefix6)
 
 
-def check_workers(workers: int) -> int:
-    if not 1 <= workers <= MAX_SLOTS:
-        raise ConfigError(f"--workers must be 1..{MAX_SLOTS}, got {workers}")
+def check_workers(workers: int, most: int = MAX_SLOTS, loader: str | None = None) -> int:
+    """``most`` is what the chosen loader fits (the classic-BPF program has a size limit)."""
+    if not 1 <= workers <= most:
+        under = f" with --loader {loader}" if most < MAX_SLOTS else ""
+        raise ConfigError(f"--workers must be 1..{most}{under}, got {workers}")
     return workers
 
 
@@ -88,7 +90,7 @@ class Launch:
     command: tuple[str, ...] = ()
     factory: bool = False
     udp: bool = False
-    loader: str = "native"
+    loader: str = "auto"
     graceful_timeout: float = 30.0
     uid: int | None = None
     gid: int | None = None

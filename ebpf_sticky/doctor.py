@@ -12,6 +12,7 @@ from pathlib import Path
 from .config import parse_bind
 from .errors import StickyError
 from .hashing import HashSpec
+from .kernel.cbpf import MAX_CBPF_SLOTS
 from .kernel.loaders import BCC_FIX, import_bcc
 from .kernel.router import Router
 
@@ -51,14 +52,22 @@ def check_privileges() -> Check:
     ok = has_bpf and has_net
     yes_no = {True: "yes", False: "no"}
     detail = f"uid {os.geteuid()}, CAP_BPF/CAP_SYS_ADMIN {yes_no[has_bpf]}, CAP_NET_ADMIN {yes_no[has_net]}"
-    return Check("privileges", ok, detail, "" if ok else "run as root, or grant CAP_BPF and CAP_NET_ADMIN")
+    # Without them --loader auto runs the classic-BPF router: a warning, not a failure.
+    fix = (
+        "run as root, or grant CAP_BPF and CAP_NET_ADMIN, for the eBPF router "
+        f"(without: the classic-BPF router, no counters, at most {MAX_CBPF_SLOTS} workers)"
+    )
+    return Check("privileges", ok, detail, "" if ok else fix, required=False)
 
 
 def check_group() -> Check:
+    """A real group with --loader auto: which router a launch would run here, and why."""
     try:
         with Router.open(parse_bind("127.0.0.1:0"), HashSpec(os.urandom(16)), 2) as router:
             return Check(
-                "sticky group", True, f"native program loads ({router.insn_count} instructions) and attaches"
+                "sticky group",
+                True,
+                f"router {router.choice}; its program ({router.insn_count} instructions) attaches",
             )
     except StickyError as exc:
         return Check("sticky group", False, str(exc), "see the privileges and kernel lines")

@@ -23,6 +23,7 @@ PROG_TYPE_SK_REUSEPORT = 21
 ATTACH_SK_REUSEPORT_SELECT = 39
 UPDATE_ANY = 0
 # Socket options (x86 and arm values; parisc and sparc differ and are not supported).
+SO_ATTACH_REUSEPORT_CBPF = 51
 SO_ATTACH_REUSEPORT_EBPF = 52
 SO_DETACH_REUSEPORT_BPF = 68
 
@@ -198,6 +199,36 @@ def attach_reuseport(sock: socket.socket, prog_fd: int) -> None:
             raise PrivilegeError(f"attaching the program was refused: {PRIVILEGE_FIX}", exc.errno) from exc
         raise KernelError(
             f"attaching the program to the socket failed: {exc.strerror}", exc.errno or 0
+        ) from exc
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def attach_reuseport_cbpf(sock: socket.socket, code: bytes) -> None:
+    """Attach (or atomically replace) a classic BPF program on the socket's whole group.
+
+    Needs no capability and no bpf(2): only a socket of the group.
+    """
+    insns = ctypes.create_string_buffer(code, len(code))
+    fprog = _SockFprog(len(code) // 8, ctypes.addressof(insns))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+    except OSError as exc:
+        if exc.errno == errno_mod.EPERM:
+            raise PrivilegeError(
+                "attaching the classic BPF program was refused (permission denied): a seccomp filter "
+                "or LSM forbids SO_ATTACH_REUSEPORT_CBPF here; allow it, or use --loader native",
+                exc.errno,
+            ) from exc
+        if exc.errno == errno_mod.EINVAL:
+            raise UnsupportedKernelError(
+                "the kernel rejected the classic BPF program (EINVAL): use Linux 5.14 or newer",
+                exc.errno,
+            ) from exc
+        raise KernelError(
+            f"attaching the classic BPF program failed: {exc.strerror}", exc.errno or 0
         ) from exc
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ..hashing import MAX_SLOTS
+
 # The worker's exit code when it cannot load the app: deterministic, so never worth retrying.
 APP_LOAD_ERROR = 4
 SIGINT = 2  # the same numbers on every Linux architecture
@@ -193,6 +195,7 @@ def backoff(streak: int) -> float:
 class Core:
     slots: int
     graceful_timeout: float = 30.0
+    max_slots: int = MAX_SLOTS  # what the router fits (the classic-BPF program has a size limit)
     assume_ready_after: float | None = None  # for commands that never send READY=1
     # The exit status meaning "cannot load the app"; None for commands, whose statuses are their own.
     load_error_status: int | None = APP_LOAD_ERROR
@@ -442,6 +445,8 @@ class Core:
         if event.name == "TTIN":
             if self.retiring is not None:
                 return [Log("SIGTTIN ignored: a slot is still retiring")]
+            if self.slots >= self.max_slots:
+                return [Log(f"SIGTTIN ignored: {self.max_slots} slots is the most this router fits")]
             return [Log(f"SIGTTIN: adding slot {self.slots}"), AddSlot(self.slots)]
         if event.name == "TTOU":
             if self.slots <= 1:

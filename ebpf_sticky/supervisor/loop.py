@@ -208,6 +208,7 @@ class Supervisor:
         sup_core = core.Core(
             slots=self.router.slots,
             graceful_timeout=s.graceful_timeout,
+            max_slots=self.router.max_slots,
             assume_ready_after=COMMAND_READY_AFTER if s.command else None,
             load_error_status=None if s.command else core.APP_LOAD_ERROR,
         )
@@ -227,7 +228,7 @@ class Supervisor:
                 "udp" if s.udp else "tcp",
                 self.router.slots,
                 self.router.bind.with_port(self.router.port),
-                s.loader,
+                self.router.loader,
                 self.router.insn_count,
             )
             done = self.execute(sup_core, sup_core.handle(core.Start(time.monotonic())))
