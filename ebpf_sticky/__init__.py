@@ -4,10 +4,12 @@ from .api import run
 from .config import Bind, parse_bind
 from .errors import (
     AddressInUseError,
+    BpfDeniedError,
     ConfigError,
     ControlError,
     KernelError,
     LoaderUnavailableError,
+    LockdownError,
     PrivilegeError,
     StickyError,
     UnsupportedKernelError,
@@ -19,12 +21,14 @@ from .kernel.router import Counters, Router
 __all__ = [
     "AddressInUseError",
     "Bind",
+    "BpfDeniedError",
     "ConfigError",
     "ControlError",
     "Counters",
     "HashSpec",
     "KernelError",
     "LoaderUnavailableError",
+    "LockdownError",
     "PrivilegeError",
     "Router",
     "StickyError",

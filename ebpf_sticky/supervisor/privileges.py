@@ -1,0 +1,157 @@
+"""Least privilege for a running group: what every worker gives up before exec, what the master keeps.
+
+Workers: no capability of ``WORKER_FORBIDDEN`` in any set that can reach the exec'd program
+(effective, permitted, inheritable, ambient), no_new_privs so no exec gains one back (a root exec
+would regain the bounding set; a binary with file capabilities its own), and the seccomp filter.
+Each step is checked: a worker that cannot be locked down is never exec'd.
+
+The master, once the group is built, keeps only what running it still takes (``master_needs``):
+map updates through the fds it holds need no capability, so not CAP_BPF nor CAP_NET_ADMIN.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import LockdownError
+from ..kernel import capabilities as caps
+from ..kernel import seccomp
+
+log = logging.getLogger("ebpf_sticky")
+
+# A child that could not be locked down exits with this status before exec (EX_OSERR).
+EXIT_LOCKDOWN = 71
+_FIXES = {
+    "seccomp": "this platform refuses seccomp filters to the launched process: allow seccomp(2) and "
+    "prctl(PR_SET_SECCOMP) in its own seccomp profile (a filter that denies them is unusual)",
+    "no_new_privs": "the kernel refused prctl(PR_SET_NO_NEW_PRIVS): check the platform's seccomp profile",
+}
+
+
+def master_needs(
+    *, worker_uid: int | None, worker_gid: int | None, port: int, unprivileged_port_start: int
+) -> int:
+    """The capabilities the master uses after the group is built; pure.
+
+    Spawning workers as --user/--group takes CAP_SETUID and CAP_SETGID (setgroups, setregid,
+    setreuid in each new worker), signalling workers of another uid CAP_KILL, and a new slot's
+    socket on a port below ip_unprivileged_port_start CAP_NET_BIND_SERVICE. Everything else it does
+    (adding or retiring a slot, reading counters) goes through sockets and map fds it holds.
+    """
+    needs = 0
+    if worker_uid is not None or worker_gid is not None:
+        needs |= caps.mask(caps.CAP_SETUID, caps.CAP_SETGID)
+    if worker_uid is not None:
+        needs |= caps.mask(caps.CAP_KILL)
+    if 0 < port < unprivileged_port_start:
+        needs |= caps.mask(caps.CAP_NET_BIND_SERVICE)
+    return needs
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+def lock_down_worker() -> None:
+    """In a new worker, between fork and exec: drop, filter, then verify from /proc/self/status.
+    Raises LockdownError naming the step that failed."""
+    step = "capabilities"
+    try:
+        caps.drop(caps.WORKER_FORBIDDEN)
+        step = "no_new_privs"
+        caps.set_no_new_privs()
+        step = "seccomp"
+        seccomp.forbid_program_changes()
+        status = caps.read_status()
+    except OSError as exc:
+        fix = _FIXES.get(step, "report this at the project's issue tracker")
+        raise LockdownError(
+            f"cannot lock down the workers ({exc.strerror or exc}): refusing to start them with "
+            f"privileges they must not have; {fix}",
+            exc.errno or 0,
+        ) from exc
+    held = caps.parse_status(status).holding(caps.WORKER_FORBIDDEN)
+    if held or caps.status_field(status, "NoNewPrivs") != "1" or caps.status_field(status, "Seccomp") != "2":
+        raise LockdownError(
+            f"cannot lock down the workers: after dropping, a worker still holds {caps.names(held)} "
+            f"(NoNewPrivs {caps.status_field(status, 'NoNewPrivs')}, Seccomp "
+            f"{caps.status_field(status, 'Seccomp')}): refusing to start them; report this"
+        )
+
+
+def refuse_to_exec(reason: BaseException) -> None:
+    """End a child that must not exec; subprocess would hide an exception's message, so the reason
+    goes to stderr (the master's log) and the status is distinct."""
+    os.write(2, f"[ebpf-sticky] worker not started: {reason}\n".encode())
+    os._exit(EXIT_LOCKDOWN)
+
+
+def _probe_workers(uid: int | None, gid: int | None) -> None:
+    """Lock down a throwaway child exactly as a worker (same user change, same steps) and report
+    the outcome through a pipe: a failure becomes one error line here, before any worker starts."""
+    read_end, write_end = os.pipe()
+
+    def probe() -> None:
+        try:
+            lock_down_worker()
+            os.write(write_end, b"ok")
+        except BaseException as exc:  # anything: the master reports it
+            os.write(write_end, str(exc).encode())
+        os._exit(0)
+
+    try:
+        try:
+            proc = subprocess.Popen(
+                [sys.executable],  # never exec'd: the probe exits first
+                preexec_fn=probe,
+                user=uid,
+                group=gid,
+                extra_groups=[] if uid is not None else None,
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            effective = caps.capget()[0]
+            raise LockdownError(
+                f"cannot start workers as --user/--group ({exc.strerror}): the master needs CAP_SETUID "
+                f"and CAP_SETGID for that, it holds {caps.names(effective)}: grant them, or drop --user",
+                exc.errno or 0,
+            ) from exc
+        os.close(write_end)
+        write_end = -1
+        proc.wait()
+        verdict = os.read(read_end, 4096).decode(errors="replace")
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if verdict != "ok":
+        raise LockdownError(verdict or f"the workers' lock-down probe died ({proc.returncode})")
+
+
+def secure_group(uid: int | None, gid: int | None, port: int) -> None:
+    """Once the group is built: drop what the master no longer needs, make sure workers can be
+    locked down, and log what each holds. Raises LockdownError (nothing started yet)."""
+    needs = master_needs(
+        worker_uid=uid if uid != os.geteuid() else None,
+        worker_gid=gid,
+        port=port,
+        unprivileged_port_start=_unprivileged_port_start(),
+    )
+    try:
+        # Also from the bounding set where CAP_SETPCAP allows: it is inherited by every worker.
+        caps.drop((caps.capget()[1] | caps.WORKER_FORBIDDEN) & ~needs)
+    except OSError as exc:
+        raise LockdownError(f"cannot drop the master's capabilities ({exc.strerror}): report this") from exc
+    _probe_workers(uid, gid)
+    log.info(
+        "privileges: the master keeps %s; workers hold none of %s",
+        caps.names(caps.capget()[1]),
+        caps.names(caps.WORKER_FORBIDDEN),
+    )
