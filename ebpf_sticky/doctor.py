@@ -56,7 +56,7 @@ def check_privileges() -> Check:
     filtered = {"0": "no", "2": "yes"}.get(seccomp, seccomp)
     detail = f"uid {os.geteuid()}, {held}, seccomp filter {filtered}"
     try:
-        if capabilities.missing_for_bpf(effective):
+        if capabilities.lacks_bpf(effective):
             raise capabilities.explain_own_eperm("bpf(2)")
         os.close(syscalls.map_create(syscalls.MAP_TYPE_ARRAY, 4, 4, 1, "sticky_probe"))
     except PrivilegeError as exc:

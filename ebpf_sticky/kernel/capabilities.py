@@ -180,15 +180,17 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
 
 
 def drop(caps: int) -> None:
-    """Remove ``caps`` from this process for good: from every set, and from the bounding set where
-    CAP_SETPCAP allows it. Raises OSError naming the step that failed."""
-    effective, permitted, inheritable = capget()
+    """Remove ``caps`` from this process for good: from the effective and permitted sets, and from
+    the bounding set where CAP_SETPCAP allows it. The inheritable and ambient sets are emptied:
+    they only hand capabilities over an exec, which nothing here should. Raises OSError naming the
+    step that failed."""
+    effective, permitted, _ = capget()
     if effective >> CAP_SETPCAP & 1:
         for cap in range(len(_NAMES)):
             if caps >> cap & 1:
                 prctl(_PR_CAPBSET_DROP, cap, f"dropping cap_{_NAMES[cap]} from the bounding set")
     prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "clearing the ambient capabilities")
-    capset(effective & ~caps, permitted & ~caps, inheritable & ~caps)
+    capset(effective & ~caps, permitted & ~caps, 0)
 
 
 def set_no_new_privs() -> None:
@@ -200,11 +202,13 @@ def no_new_privs() -> bool:
 
 
 # ---- what an EPERM from bpf(2) means ---------------------------------------------------------------
-GRANT = "run as root, or grant CAP_BPF and CAP_NET_ADMIN"
+# SK_REUSEPORT programs and their maps need CAP_BPF only (or CAP_SYS_ADMIN, which covers it): the
+# kernel lists the type with socket filters, not among the CAP_NET_ADMIN ones (verified: a launch
+# with CAP_BPF alone serves).
+GRANT = "run as root, or grant CAP_BPF"
 _GRANT_HOW = (
-    f"{GRANT} (Kubernetes: capabilities add [BPF, NET_ADMIN]; docker/podman: --cap-add BPF "
-    "--cap-add NET_ADMIN; systemd: AmbientCapabilities=CAP_BPF CAP_NET_ADMIN), or use the "
-    "unprivileged router --loader cbpf"
+    f"{GRANT} (Kubernetes: capabilities add [BPF]; docker/podman: --cap-add BPF; systemd: "
+    "AmbientCapabilities=CAP_BPF), or use the unprivileged router --loader cbpf"
 )
 _WAYS_OUT = (
     "run it under a seccomp profile that allows bpf(2) (deploy/ has one), or add CAP_SYS_ADMIN "
@@ -212,24 +216,17 @@ _WAYS_OUT = (
 )
 
 
-def missing_for_bpf(effective: int) -> list[str]:
-    """The capabilities a networking BPF program needs that ``effective`` lacks; pure."""
-    missing = []
-    if not effective & mask(CAP_BPF, CAP_SYS_ADMIN):
-        missing.append("CAP_BPF (or CAP_SYS_ADMIN)")
-    if not effective >> CAP_NET_ADMIN & 1:
-        missing.append("CAP_NET_ADMIN")
-    return missing
+def lacks_bpf(effective: int) -> bool:
+    return not effective & mask(CAP_BPF, CAP_SYS_ADMIN)
 
 
 def explain_eperm(what: str, effective: int, seccomp_mode: str, initial_userns: bool) -> PrivilegeError:
-    """The error for an EPERM from ``what``: a missing capability (named), or capabilities that are
-    there and a filter that still says no. Pure: the caller reads the process's state."""
+    """The error for an EPERM from ``what``: a missing capability (named), or the capability there
+    and a filter that still says no. Pure: the caller reads the process's state."""
     refused = f"the kernel refused {what} (permission denied)"
-    missing = missing_for_bpf(effective)
-    if missing:
+    if lacks_bpf(effective):
         fix = _GRANT_HOW
-        return PrivilegeError(f"{refused}: this process lacks {' and '.join(missing)}: {fix}", EPERM, fix)
+        return PrivilegeError(f"{refused}: this process lacks CAP_BPF (or CAP_SYS_ADMIN): {fix}", EPERM, fix)
     held = ", ".join(
         f"CAP_{_NAMES[cap].upper()}"
         for cap in (CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN)
@@ -237,7 +234,7 @@ def explain_eperm(what: str, effective: int, seccomp_mode: str, initial_userns: 
     )
     if not initial_userns:
         fix = (
-            "run it with CAP_BPF and CAP_NET_ADMIN outside a user namespace, or use the "
+            "run it with CAP_BPF outside a user namespace (a rootful container), or use the "
             "unprivileged router --loader cbpf"
         )
         return PrivilegeError(

@@ -93,7 +93,7 @@ def refuse_to_exec(reason: BaseException) -> None:
     os._exit(EXIT_LOCKDOWN)
 
 
-def _probe_workers(uid: int | None, gid: int | None) -> None:
+def _probe_workers(uid: int | None, gid: int | None, started_with: int) -> None:
     """Lock down a throwaway child exactly as a worker (same user change, same steps) and report
     the outcome through a pipe: a failure becomes one error line here, before any worker starts."""
     read_end, write_end = os.pipe()
@@ -117,10 +117,10 @@ def _probe_workers(uid: int | None, gid: int | None) -> None:
                 stdin=subprocess.DEVNULL,
             )
         except OSError as exc:
-            effective = caps.capget()[0]
             raise LockdownError(
                 f"cannot start workers as --user/--group ({exc.strerror}): the master needs CAP_SETUID "
-                f"and CAP_SETGID for that, it holds {caps.names(effective)}: grant them, or drop --user",
+                f"and CAP_SETGID for that, and was started with {caps.names(started_with)}: grant "
+                "them, or drop --user/--group",
                 exc.errno or 0,
             ) from exc
         os.close(write_end)
@@ -144,12 +144,13 @@ def secure_group(uid: int | None, gid: int | None, port: int) -> None:
         port=port,
         unprivileged_port_start=_unprivileged_port_start(),
     )
+    started_with = caps.capget()[1]
     try:
         # Also from the bounding set where CAP_SETPCAP allows: it is inherited by every worker.
-        caps.drop((caps.capget()[1] | caps.WORKER_FORBIDDEN) & ~needs)
+        caps.drop((started_with | caps.WORKER_FORBIDDEN) & ~needs)
     except OSError as exc:
         raise LockdownError(f"cannot drop the master's capabilities ({exc.strerror}): report this") from exc
-    _probe_workers(uid, gid)
+    _probe_workers(uid, gid, started_with)
     log.info(
         "privileges: the master keeps %s; workers hold none of %s",
         caps.names(caps.capget()[1]),

@@ -2,12 +2,15 @@
  * the command line, the way an attacker holding one worker would:
  *   i386  int $0x80 from this 64-bit process (setsockopt is 366 there),
  *   x32   the x32 bit (0x40000000) on x32's setsockopt (541),
- *   64    the native setsockopt.
+ *   64    the native setsockopt,
+ *   uring io_uring's socket command (Linux 6.7+), which sets options without the setsockopt call.
  * Each attempt runs in a child, so a seccomp kill ends only that attempt. Prints one word per
  * attempt ("0" detached, "errno:N", "signal:N"); with "serve" first, then answers every connection
  * on fd 3 with "<EBPF_STICKY_WORKER> <words>". Built by the tests with gcc; x86_64 only. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <linux/io_uring.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,7 +24,40 @@
 
 static int *zero; /* the option value, below 4 GiB so the i386 ABI can point at it */
 
+/* One SOCKET_URING_OP_SETSOCKOPT through a one-entry ring; the result is the completion's. The
+ * installed headers may predate the socket command, so its fields are written at their offsets. */
+static long attempt_uring(void) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    int ring = syscall(__NR_io_uring_setup, 1, &p);
+    if (ring < 0) return -errno;
+    size_t sq_size = p.sq_off.array + p.sq_entries * sizeof(uint32_t);
+    size_t cq_size = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    char *sq = mmap(NULL, sq_size, PROT_READ | PROT_WRITE, MAP_SHARED, ring, IORING_OFF_SQ_RING);
+    char *cq = mmap(NULL, cq_size, PROT_READ | PROT_WRITE, MAP_SHARED, ring, IORING_OFF_CQ_RING);
+    unsigned char *sqe = mmap(NULL, 64, PROT_READ | PROT_WRITE, MAP_SHARED, ring, IORING_OFF_SQES);
+    if (sq == MAP_FAILED || cq == MAP_FAILED || sqe == MAP_FAILED) return -errno;
+    memset(sqe, 0, 64);
+    sqe[0] = IORING_OP_URING_CMD;
+    int32_t fd = 3;
+    uint32_t cmd_op = 3 /* SOCKET_URING_OP_SETSOCKOPT */, level = SOL_SOCKET, optname = SO_DETACH_REUSEPORT_BPF, optlen = 4;
+    uint64_t optval = (uintptr_t)zero;
+    memcpy(sqe + 4, &fd, 4);
+    memcpy(sqe + 8, &cmd_op, 4);
+    memcpy(sqe + 16, &level, 4);
+    memcpy(sqe + 20, &optname, 4);
+    memcpy(sqe + 44, &optlen, 4);
+    memcpy(sqe + 48, &optval, 8);
+    uint32_t *tail = (uint32_t *)(sq + p.sq_off.tail), mask = *(uint32_t *)(sq + p.sq_off.ring_mask);
+    ((uint32_t *)(sq + p.sq_off.array))[*tail & mask] = 0;
+    __atomic_store_n(tail, *tail + 1, __ATOMIC_RELEASE);
+    if (syscall(__NR_io_uring_enter, ring, 1, 1, IORING_ENTER_GETEVENTS, NULL, 0) < 0) return -errno;
+    struct io_uring_cqe *cqe = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+    return cqe[*(uint32_t *)(cq + p.cq_off.head) & *(uint32_t *)(cq + p.cq_off.ring_mask)].res;
+}
+
 static long attempt(const char *abi) {
+    if (strcmp(abi, "uring") == 0) return attempt_uring();
     long ret;
     if (strcmp(abi, "i386") == 0) {
         /* int $0x80 takes the i386 numbers and registers, and clobbers r8-r11. */
