@@ -79,10 +79,8 @@ def names(caps: int) -> str:
     return ",".join(found) or "none"
 
 
-# What no worker may hold: loading, attaching or detaching BPF programs (CAP_BPF, CAP_SYS_ADMIN,
-# CAP_PERFMON, CAP_NET_ADMIN), reaching into the master, which holds the group's map fds
-# (CAP_SYS_PTRACE: ptrace or pidfd_getfd), and loading kernel code (CAP_SYS_MODULE).
-WORKER_FORBIDDEN = mask(CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF, CAP_SYS_PTRACE, CAP_SYS_MODULE)
+# Every capability, present and future: what a worker drops.
+ALL = (1 << 64) - 1
 
 
 @dataclass(frozen=True)

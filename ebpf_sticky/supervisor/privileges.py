@@ -1,9 +1,10 @@
 """Least privilege for a running group: what every worker gives up before exec, what the master keeps.
 
-Workers: no capability of ``WORKER_FORBIDDEN`` in any set that can reach the exec'd program
-(effective, permitted, inheritable, ambient), no_new_privs so no exec gains one back (a root exec
-would regain the bounding set; a binary with file capabilities its own), and the seccomp filter.
-Each step is checked: a worker that cannot be locked down is never exec'd.
+Workers: no capability at all in any set that can reach the exec'd program (effective,
+permitted, inheritable, ambient; they are handed their socket and need none), no_new_privs so no
+exec gains one back (a root exec would regain the bounding set; a binary with file capabilities
+its own), and the seccomp filter. Each step is checked: a worker that cannot be locked down is
+never exec'd.
 
 The master, once the group is built, keeps only what running it still takes (``master_needs``):
 map updates through the fds it holds need no capability, so not CAP_BPF nor CAP_NET_ADMIN.
@@ -64,7 +65,7 @@ def lock_down_worker() -> None:
     Raises LockdownError naming the step that failed."""
     step = "capabilities"
     try:
-        caps.drop(caps.WORKER_FORBIDDEN)
+        caps.drop(caps.ALL)
         step = "no_new_privs"
         caps.set_no_new_privs()
         step = "seccomp"
@@ -77,7 +78,7 @@ def lock_down_worker() -> None:
             f"privileges they must not have; {fix}",
             exc.errno or 0,
         ) from exc
-    held = caps.parse_status(status).holding(caps.WORKER_FORBIDDEN)
+    held = caps.parse_status(status).holding(caps.ALL)
     if held or caps.status_field(status, "NoNewPrivs") != "1" or caps.status_field(status, "Seccomp") != "2":
         raise LockdownError(
             f"cannot lock down the workers: after dropping, a worker still holds {caps.names(held)} "
@@ -147,12 +148,8 @@ def secure_group(uid: int | None, gid: int | None, port: int) -> None:
     started_with = caps.capget()[1]
     try:
         # Also from the bounding set where CAP_SETPCAP allows: it is inherited by every worker.
-        caps.drop((started_with | caps.WORKER_FORBIDDEN) & ~needs)
+        caps.drop(caps.ALL & ~needs)
     except OSError as exc:
         raise LockdownError(f"cannot drop the master's capabilities ({exc.strerror}): report this") from exc
     _probe_workers(uid, gid, started_with)
-    log.info(
-        "privileges: the master keeps %s; workers hold none of %s",
-        caps.names(caps.capget()[1]),
-        caps.names(caps.WORKER_FORBIDDEN),
-    )
+    log.info("privileges: the master keeps %s; workers hold no capability", caps.names(caps.capget()[1]))
