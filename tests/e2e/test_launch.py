@@ -7,15 +7,12 @@ import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from launcher import APPS, KEY, Load, get, launched, tagged_processes, wait_for
+from launcher import KEY, Load, get, launched, tagged_processes, wait_for
 from netlab import v4_sources
 
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
@@ -152,18 +149,6 @@ def test_master_kill_9_takes_the_workers_with_it() -> None:
         # replaces it, and this test removes the one it caused.
         assert control.exists()
         control.unlink()
-
-
-@pytest.fixture
-def world_readable_apps() -> Iterator[Path]:
-    # pytest's tmp dirs are private to root; a worker dropped to nobody must read the app.
-    directory = Path(tempfile.mkdtemp(prefix="ebpf-sticky-apps-"))
-    try:
-        shutil.copy(APPS / "asgi_app.py", directory)
-        directory.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
-        yield directory
-    finally:
-        shutil.rmtree(directory)
 
 
 def test_workers_drop_to_user(world_readable_apps: Path) -> None:

@@ -9,12 +9,9 @@ import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import sysconfig
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -77,18 +74,6 @@ def assert_locked_down(instance: Instance, count: int, bounding_dropped: bool) -
     return found
 
 
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A directory other users can read (pytest's are root's only), with the test app in it."""
-    directory = Path(tempfile.mkdtemp(prefix="ebpf-sticky-priv-"))
-    try:
-        shutil.copy(APPS / "asgi_app.py", directory)
-        directory.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
-        yield directory
-    finally:
-        shutil.rmtree(directory)
-
-
 def assert_sticky(port: int, slots: int) -> None:
     for source in SOURCES[:16]:
         slot, _, _ = get(source, port)
@@ -105,8 +90,10 @@ def test_root_with_every_capability() -> None:
         assert_sticky(instance.port, 2)
 
 
-def test_root_with_every_capability_and_user(public_dir: Path) -> None:
-    with launched(["-w", "2", *BASE, "--user", "nobody", "--", "sleep", "600"], cwd=public_dir) as instance:
+def test_root_with_every_capability_and_user(world_readable_apps: Path) -> None:
+    with launched(
+        ["-w", "2", *BASE, "--user", "nobody", "--", "sleep", "600"], cwd=world_readable_apps
+    ) as instance:
         for worker in assert_locked_down(instance, 2, bounding_dropped=True):
             assert worker.permitted == worker.effective == 0
         master = sets(instance.proc.pid)
@@ -131,7 +118,7 @@ def test_root_with_only_bpf_and_net_admin() -> None:
         assert_sticky(instance.port, 3)
 
 
-def test_root_with_bpf_net_admin_and_user_switching(public_dir: Path) -> None:
+def test_root_with_bpf_net_admin_and_user_switching(world_readable_apps: Path) -> None:
     prefix = [
         "setpriv",
         "--bounding-set=-all,+bpf,+net_admin,+setuid,+setgid,+kill",
@@ -139,7 +126,7 @@ def test_root_with_bpf_net_admin_and_user_switching(public_dir: Path) -> None:
         "--",
     ]
     with launched(
-        ["asgi_app.py", "-w", "2", *BASE, "--user", "nobody"], prefix=prefix, cwd=public_dir
+        ["asgi_app.py", "-w", "2", *BASE, "--user", "nobody"], prefix=prefix, cwd=world_readable_apps
     ) as instance:
         assert_locked_down(instance, 2, bounding_dropped=False)
         assert sets(instance.proc.pid).permitted == caps.mask(caps.CAP_KILL, caps.CAP_SETUID, caps.CAP_SETGID)
@@ -147,7 +134,7 @@ def test_root_with_bpf_net_admin_and_user_switching(public_dir: Path) -> None:
         assert uid == 65534
 
 
-def test_non_root_with_ambient_capabilities(public_dir: Path) -> None:
+def test_non_root_with_ambient_capabilities(world_readable_apps: Path) -> None:
     """systemd's User= with AmbientCapabilities=CAP_BPF CAP_NET_ADMIN."""
     prefix = [
         "setpriv",
@@ -156,7 +143,7 @@ def test_non_root_with_ambient_capabilities(public_dir: Path) -> None:
         "--ambient-caps=-all,+bpf,+net_admin",
         "--",
     ]
-    with launched(["asgi_app.py", "-w", "2", *BASE], prefix=prefix, cwd=public_dir) as instance:
+    with launched(["asgi_app.py", "-w", "2", *BASE], prefix=prefix, cwd=world_readable_apps) as instance:
         assert_locked_down(instance, 2, bounding_dropped=False)
         master = sets(instance.proc.pid)
         print(show("master", master))
@@ -164,12 +151,12 @@ def test_non_root_with_ambient_capabilities(public_dir: Path) -> None:
         assert_sticky(instance.port, 2)
 
 
-def test_non_root_with_file_capabilities(public_dir: Path) -> None:
+def test_non_root_with_file_capabilities(world_readable_apps: Path) -> None:
     """A copy of the interpreter with cap_bpf,cap_net_admin+ep: workers exec that very binary, and
     no_new_privs keeps its file capabilities from applying to them."""
     if shutil.which("setcap") is None:
         pytest.skip("setcap is absent (scripts/setup installs libcap2-bin)")
-    python = public_dir / "python3"
+    python = world_readable_apps / "python3"
     shutil.copy(os.path.realpath(sys.executable), python)
     subprocess.run(["setcap", "cap_bpf,cap_net_admin+ep", str(python)], check=True)
     # The copy is not in the venv: the venv's packages (this tree installed, uvicorn) by path.
@@ -178,7 +165,7 @@ def test_non_root_with_file_capabilities(public_dir: Path) -> None:
         [],
         argv=[str(python), "-m", "ebpf_sticky", "launch", "asgi_app.py", "-w", "2", *BASE],
         prefix=["setpriv", *AS_NOBODY, "--"],
-        cwd=public_dir,
+        cwd=world_readable_apps,
         extra_env={"PYTHONPATH": site},
     ) as instance:
         assert sets(instance.proc.pid).permitted == 0  # held them at start, dropped them after the build
