@@ -125,7 +125,7 @@ def in_initial_user_namespace() -> bool:
 
 # ---- the system calls ------------------------------------------------------------------------------
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-_PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS, _PR_GET_NO_NEW_PRIVS = 24, 38, 39
+_PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 24, 38
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -193,10 +193,6 @@ def drop(caps: int) -> None:
 
 def set_no_new_privs() -> None:
     prctl(_PR_SET_NO_NEW_PRIVS, 1, "setting no_new_privs")
-
-
-def no_new_privs() -> bool:
-    return prctl(_PR_GET_NO_NEW_PRIVS, 0, "reading no_new_privs") == 1
 
 
 # ---- what an EPERM from bpf(2) means ---------------------------------------------------------------
