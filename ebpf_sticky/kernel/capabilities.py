@@ -125,7 +125,7 @@ def in_initial_user_namespace() -> bool:
 
 # ---- the system calls ------------------------------------------------------------------------------
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
-_PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 24, 38
+_PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 4, 24, 38
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -193,6 +193,12 @@ def drop(caps: int) -> None:
 
 def set_no_new_privs() -> None:
     prctl(_PR_SET_NO_NEW_PRIVS, 1, "setting no_new_privs")
+
+
+def set_not_dumpable() -> None:
+    """Only CAP_SYS_PTRACE may then ptrace this process, read its memory or take its fds
+    (pidfd_getfd); an exec'd child is dumpable again."""
+    prctl(_PR_SET_DUMPABLE, 0, "making the process non-dumpable")
 
 
 # ---- what an EPERM from bpf(2) means ---------------------------------------------------------------

@@ -15,7 +15,9 @@ attempt ends the worker, which the supervisor logs and replaces.
 
 io_uring can set socket options without the setsockopt system call (IORING_OP_URING_CMD,
 Linux 6.7+), out of the filter's sight: its three calls answer EPERM, as under Docker's default
-profile; libuv and friends then fall back to epoll.
+profile; libuv and friends then fall back to epoll. bpf(2) answers EPERM too: updating a map
+through an fd needs no capability, so a worker that somehow got one of the master's map fds could
+rewrite the routing; no worker has a use for bpf(2).
 """
 
 from __future__ import annotations
@@ -38,16 +40,16 @@ X32_SYSCALL_BIT = 0x40000000
 class Arch:
     """What the filter needs to know of one architecture."""
 
-    def __init__(self, audit: int, setsockopt: int, io_uring: tuple[int, int, int], x32: bool) -> None:
+    def __init__(self, audit: int, setsockopt: int, denied: tuple[int, ...], x32: bool) -> None:
         self.audit = audit  # AUDIT_ARCH_* of the native ABI
         self.setsockopt = setsockopt
-        self.io_uring = io_uring  # io_uring_setup, io_uring_enter, io_uring_register
+        self.denied = denied  # bpf, io_uring_setup, io_uring_enter, io_uring_register
         self.x32 = x32  # numbers with X32_SYSCALL_BIT are another ABI on this arch
 
 
 ARCHES = {
-    "x86_64": Arch(0xC000003E, 54, (425, 426, 427), x32=True),
-    "aarch64": Arch(0xC00000B7, 208, (425, 426, 427), x32=False),
+    "x86_64": Arch(0xC000003E, 54, (321, 425, 426, 427), x32=True),
+    "aarch64": Arch(0xC00000B7, 208, (280, 425, 426, 427), x32=False),
 }
 # Classic BPF opcodes: load word absolute, jump if equal / greater or equal (constant), return.
 LD_W_ABS, JEQ_K, JGE_K, RET_K = 0x20, 0x15, 0x35, 0x06
@@ -78,7 +80,7 @@ def filter_program(machine: str) -> bytes:
     ]
     if arch.x32:
         body.append((JGE_K, X32_SYSCALL_BIT, "kill", None))
-    body += [(JEQ_K, nr, "eperm", None) for nr in arch.io_uring]
+    body += [(JEQ_K, nr, "eperm", None) for nr in arch.denied]
     body += [
         (JEQ_K, arch.setsockopt, None, "allow"),
         (LD_W_ABS, _LEVEL, None, None),

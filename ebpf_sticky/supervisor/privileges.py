@@ -149,6 +149,9 @@ def secure_group(uid: int | None, gid: int | None, port: int) -> None:
     try:
         # Also from the bounding set where CAP_SETPCAP allows: it is inherited by every worker.
         caps.drop(caps.ALL & ~needs)
+        # Workers of the master's uid, without capabilities, would otherwise pass the ptrace check
+        # (same uid, no capability the master lacks) and could take its map fds with pidfd_getfd.
+        caps.set_not_dumpable()
     except OSError as exc:
         raise LockdownError(f"cannot drop the master's capabilities ({exc.strerror}): report this") from exc
     _probe_workers(uid, gid, started_with)

@@ -4,6 +4,7 @@ refuses the lock-down; bpf(2) filtered while the capabilities are held."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -235,6 +236,30 @@ def test_workers_cannot_detach_through_any_abi(detach_binary: Path) -> None:
             assert answer[1:] == [f"signal:{signal.SIGSYS}", f"signal:{signal.SIGSYS}", "errno:1", "errno:1"]
             assert int(answer[0]) == slot_of(parse_address(source), SPEC, 3), source
         assert sum(row["routed"] for row in instance.status()["slots"]) == len(SOURCES)
+
+
+def test_workers_cannot_reach_the_masters_map_fds() -> None:
+    """Workers of the master's uid and a master without capabilities: the ptrace check alone would
+    let a worker take the master's fds (map updates through them need no capability). The master
+    is non-dumpable and bpf(2) is filtered. The control: the same program under an ordinary parent
+    without capabilities takes its fds, and bpf(2) reaches the kernel."""
+    script = str(APPS / "reach_master.py")
+    control = subprocess.run(
+        [
+            *["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--", sys.executable, "-c"],
+            f"import subprocess, sys; subprocess.run([sys.executable, {script!r}], check=True)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.split()
+    assert int(control[0]) > 0 and int(control[1]) != errno.EPERM
+    with launched(["-w", "2", *BASE, "--", sys.executable, script, "serve"]) as instance:
+        for source in SOURCES[:8]:
+            with socket.create_connection(("127.0.0.1", instance.port), source_address=(source, 0)) as client:
+                client.settimeout(10)
+                assert client.recv(64) == f"0 {errno.EPERM}".encode()
 
 
 # 3. Fail closed -----------------------------------------------------------------------------------
