@@ -345,3 +345,10 @@ def test_cap_bpf_alone_is_enough() -> None:
     prefix = ["setpriv", "--bounding-set=-all,+bpf", "--inh-caps=-all,+bpf", "--"]
     with launched(["-w", "2", *BASE, "--loader", "native", "--", "sleep", "600"], prefix=prefix) as instance:
         assert_locked_down(instance, 2, bounding_dropped=False)
+
+
+def test_user_namespace_capabilities_are_named_as_such() -> None:
+    """Rootless containers: every capability, of a user namespace, which bpf(2) ignores."""
+    line = refused(["-w", "2", *BASE, "--loader", "native", "--", "sleep", "600"], prefix=["unshare", "-Ur"])
+    assert "they are a user namespace's (rootless container), which bpf(2) does not honour" in line
+    assert "seccomp" not in line
