@@ -60,7 +60,7 @@ def _child_setup(sock_fd: int, master_pid: int) -> Callable[[], None]:
             prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
             if os.getppid() != master_pid:
                 os._exit(1)
-            # No BPF or admin capability, no_new_privs, and the filter that keeps the socket's
+            # No capability, no_new_privs, and the filter that keeps the socket's
             # holder from detaching or replacing the group's program (no privilege needed for that).
             lock_down_worker()
             os.dup2(sock_fd, LISTEN_FD)
@@ -273,6 +273,6 @@ def launch(settings: Launch) -> int:
                 f.write(f"{os.getpid()}\n")
             stack.callback(os.unlink, settings.pid_file)
         # The group is built: from here on the master needs (almost) no privilege.
-        secure_group(settings.uid, settings.gid, router.port)
+        secure_group(settings.uid, settings.gid, router.port, settings.pid_file)
         supervisor = Supervisor(settings, router, notify_sock, notify_name, control)
         return supervisor.run()

@@ -34,14 +34,20 @@ _FIXES = {
 
 
 def master_needs(
-    *, worker_uid: int | None, worker_gid: int | None, port: int, unprivileged_port_start: int
+    *,
+    worker_uid: int | None,
+    worker_gid: int | None,
+    port: int,
+    unprivileged_port_start: int,
+    pid_dir_writable: bool = True,
 ) -> int:
     """The capabilities the master uses after the group is built; pure.
 
     Spawning workers as --user/--group takes CAP_SETUID and CAP_SETGID (setgroups, setregid,
-    setreuid in each new worker), signalling workers of another uid CAP_KILL, and a new slot's
-    socket on a port below ip_unprivileged_port_start CAP_NET_BIND_SERVICE. Everything else it does
-    (adding or retiring a slot, reading counters) goes through sockets and map fds it holds.
+    setreuid in each new worker), signalling workers of another uid CAP_KILL, a new slot's socket
+    on a port below ip_unprivileged_port_start CAP_NET_BIND_SERVICE, and removing the pid file at
+    exit from a directory its uid cannot write CAP_DAC_OVERRIDE. Everything else it does (adding
+    or retiring a slot, reading counters) goes through sockets and map fds it holds.
     """
     needs = 0
     if worker_uid is not None or worker_gid is not None:
@@ -50,7 +56,21 @@ def master_needs(
         needs |= caps.mask(caps.CAP_KILL)
     if 0 < port < unprivileged_port_start:
         needs |= caps.mask(caps.CAP_NET_BIND_SERVICE)
+    if not pid_dir_writable:
+        needs |= caps.mask(caps.CAP_DAC_OVERRIDE)
     return needs
+
+
+def _writable_without_privilege(directory: Path) -> bool:
+    """Whether this process's uid and groups alone let it remove an entry it owns there."""
+    st = directory.stat()
+    if st.st_uid == os.geteuid():
+        bits = st.st_mode >> 6
+    elif st.st_gid == os.getegid() or st.st_gid in os.getgroups():
+        bits = st.st_mode >> 3
+    else:
+        bits = st.st_mode
+    return bits & 0o3 == 0o3  # write and search
 
 
 def _unprivileged_port_start() -> int:
@@ -136,7 +156,7 @@ def _probe_workers(uid: int | None, gid: int | None, started_with: int) -> None:
         raise LockdownError(verdict or f"the workers' lock-down probe died ({proc.returncode})")
 
 
-def secure_group(uid: int | None, gid: int | None, port: int) -> None:
+def secure_group(uid: int | None, gid: int | None, port: int, pid_file: str | None) -> None:
     """Once the group is built: drop what the master no longer needs, make sure workers can be
     locked down, and log what each holds. Raises LockdownError (nothing started yet)."""
     needs = master_needs(
@@ -144,6 +164,7 @@ def secure_group(uid: int | None, gid: int | None, port: int) -> None:
         worker_gid=gid,
         port=port,
         unprivileged_port_start=_unprivileged_port_start(),
+        pid_dir_writable=pid_file is None or _writable_without_privilege(Path(pid_file).absolute().parent),
     )
     started_with = caps.capget()[1]
     try:

@@ -352,3 +352,17 @@ def test_user_namespace_capabilities_are_named_as_such() -> None:
     line = refused(["-w", "2", *BASE, "--loader", "native", "--", "sleep", "600"], prefix=["unshare", "-Ur"])
     assert "they are a user namespace's (rootless container), which bpf(2) does not honour" in line
     assert "seccomp" not in line
+
+
+def test_pid_file_in_a_directory_only_privilege_can_write(tmp_path: Path) -> None:
+    """The master removes its pid file at exit: where its uid alone may not, it keeps
+    CAP_DAC_OVERRIDE for that, and nothing else."""
+    directory = tmp_path / "nobodys"
+    directory.mkdir(mode=0o755)
+    os.chown(directory, 65534, 65534)
+    pid_file = directory / "master.pid"
+    with launched(["-w", "1", *BASE, "--pid-file", str(pid_file), "--", "sleep", "600"]) as instance:
+        assert sets(instance.proc.pid).permitted == caps.mask(caps.CAP_DAC_OVERRIDE)
+        instance.signal(signal.SIGTERM)
+        assert instance.finish() == 0, instance.output()
+        assert not pid_file.exists()

@@ -38,6 +38,13 @@ def test_master_keeps_only_what_running_the_group_takes(
     assert not needs & (BPF | SYS_ADMIN | NET_ADMIN)
 
 
+def test_a_pid_file_where_the_master_cannot_write_keeps_dac_override() -> None:
+    needs = master_needs(
+        worker_uid=None, worker_gid=None, port=8000, unprivileged_port_start=1024, pid_dir_writable=False
+    )
+    assert needs == caps.mask(caps.CAP_DAC_OVERRIDE)
+
+
 def test_missing_cap_bpf_is_named_and_never_says_privileged() -> None:
     error = caps.explain_eperm("creating BPF map 'm'", NET_ADMIN, "0", True)
     assert type(error) is PrivilegeError
