@@ -175,5 +175,14 @@ def secure_group(uid: int | None, gid: int | None, port: int, pid_file: str | No
         caps.set_not_dumpable()
     except OSError as exc:
         raise LockdownError(f"cannot drop the master's capabilities ({exc.strerror}): report this") from exc
+    # Capabilities belong to threads: one started before the drop would keep them.
+    kept = [
+        caps.parse_status(task.read_text()).permitted for task in Path("/proc/self/task").glob("*/status")
+    ]
+    if any(permitted & ~needs for permitted in kept):
+        raise LockdownError(
+            f"{len(kept)} threads run in the master and only this one dropped its capabilities: start "
+            "threads after the privilege drop (supervisor.privileges.secure_group)"
+        )
     _probe_workers(uid, gid, started_with)
     log.info("privileges: the master keeps %s; workers hold no capability", caps.names(caps.capget()[1]))

@@ -263,11 +263,11 @@ def test_workers_cannot_reach_the_masters_map_fds() -> None:
 
 
 # 3. Fail closed -----------------------------------------------------------------------------------
-def refused(args: list[str], prefix: list[str], code: int = 3) -> str:
-    """A launch the platform refuses: exactly one error line, exit ``code``, nothing left running."""
-    instance = Instance(args, prefix=prefix)
+def refused(args: list[str], prefix: list[str], argv: list[str] | None = None) -> str:
+    """A launch the platform refuses: exactly one error line, exit 3, nothing left running."""
+    instance = Instance(args, prefix=prefix, argv=argv)
     try:
-        assert instance.finish() == code, instance.output()
+        assert instance.finish() == 3, instance.output()
         output = instance.output()
         errors = [line for line in output.splitlines() if line.startswith("ebpf-sticky: error:")]
         assert len(errors) == 1, output
@@ -366,3 +366,16 @@ def test_pid_file_in_a_directory_only_privilege_can_write(tmp_path: Path) -> Non
         instance.signal(signal.SIGTERM)
         assert instance.finish() == 0, instance.output()
         assert not pid_file.exists()
+
+
+def test_a_thread_started_before_the_drop_is_refused() -> None:
+    """Capabilities are per thread: an embedding that starts one first gets an error, not a master
+    that only looks unprivileged from its main thread's /proc status."""
+    script = (
+        "import sys, threading, time\n"
+        "from ebpf_sticky.cli import main\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        f"sys.exit(main(['launch', *{[*BASE, '-w', '1', '--', 'sleep', '600']!r}]))\n"
+    )
+    line = refused([], prefix=[], argv=[sys.executable, "-c", script])
+    assert "2 threads run in the master and only this one dropped its capabilities" in line
