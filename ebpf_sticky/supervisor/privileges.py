@@ -12,6 +12,7 @@ map updates through the fds it holds need no capability, so not CAP_BPF nor CAP_
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
@@ -138,12 +139,14 @@ def _probe_workers(uid: int | None, gid: int | None, started_with: int) -> None:
                 stdin=subprocess.DEVNULL,
             )
         except OSError as exc:
-            raise LockdownError(
-                f"cannot start workers as --user/--group ({exc.strerror}): the master needs CAP_SETUID "
-                f"and CAP_SETGID for that, and was started with {caps.names(started_with)}: grant "
-                "them, or drop --user/--group",
-                exc.errno or 0,
-            ) from exc
+            if exc.errno == errno.EPERM and (uid is not None or gid is not None):
+                raise LockdownError(
+                    f"cannot start workers as --user/--group ({exc.strerror}): the master needs "
+                    f"CAP_SETUID and CAP_SETGID for that, and was started with "
+                    f"{caps.names(started_with)}: grant them, or drop --user/--group",
+                    exc.errno,
+                ) from exc
+            raise LockdownError(f"cannot start a worker ({exc.strerror})", exc.errno or 0) from exc
         os.close(write_end)
         write_end = -1
         proc.wait()
