@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import logging
 import os
 import select
@@ -21,22 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import Launch
-from ..errors import AppLoadError, StickyError
+from ..errors import AppLoadError, LockdownError, StickyError
+from ..kernel.capabilities import prctl
 from ..kernel.router import Router
-from ..kernel.seccomp import forbid_program_changes
 from . import core
 from .control_server import ControlServer
+from .privileges import lock_down_worker, refuse_to_exec, secure_group
 from .reports import LOAD_ERROR_PREFIX, MAX_REPORT, parse_load_error
 from .worker import LISTEN_FD, sd_notify
 
 log = logging.getLogger("ebpf_sticky")
 
 _PR_SET_PDEATHSIG = 1
-_PR_CAPBSET_DROP = 24
-# CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF: what loading or detaching BPF programs takes.
-# Dropped from a root worker's bounding set, so its exec grants them no more.
-_BPF_CAPS = (12, 21, 38, 39)
-_libc = ctypes.CDLL(None, use_errno=True)
 _SIGNALS = {
     signal.SIGTERM: "TERM",
     signal.SIGINT: "INT",
@@ -52,19 +47,27 @@ COMMAND_READY_AFTER = 1.0
 
 
 def _child_setup(sock_fd: int, master_pid: int) -> Callable[[], None]:
-    """Runs in the child between fork and exec (after any user/group change)."""
+    """Runs in the child between fork and exec (after any user/group change).
+
+    Every step is checked and a failure ends the child before exec (fail closed): subprocess would
+    turn an exception raised here into a SubprocessError without its message, so the child says why
+    on stderr and exits with EXIT_LOCKDOWN. The master has run the same lock-down in a probe child
+    before the first worker (privileges.secure_group), so this is the second line of defence.
+    """
 
     def setup() -> None:
-        # Set after the uid change, which would clear it; the getppid check closes the race with a
-        # master that died before the prctl.
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != master_pid:
-            os._exit(1)
-        for cap in _BPF_CAPS:
-            _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # EPERM without CAP_SETPCAP: then nothing to drop
-        # Even without capabilities a socket's holder may detach or replace the group's program.
-        forbid_program_changes()
-        os.dup2(sock_fd, LISTEN_FD)
+        try:
+            # Set after the uid change, which would clear it; the getppid check closes the race
+            # with a master that died before the prctl.
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
+            if os.getppid() != master_pid:
+                os._exit(1)
+            # No capability, no_new_privs, and the filter that keeps the socket's
+            # holder from detaching or replacing the group's program (no privilege needed for that).
+            lock_down_worker()
+            os.dup2(sock_fd, LISTEN_FD)
+        except (OSError, LockdownError) as exc:
+            refuse_to_exec(exc)
 
     return setup
 
@@ -300,6 +303,8 @@ def launch(settings: Launch) -> int:
             with open(settings.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
             stack.callback(os.unlink, settings.pid_file)
+        # The group is built: from here on the master needs (almost) no privilege.
+        secure_group(settings.uid, settings.gid, router.port, settings.pid_file)
         supervisor = Supervisor(settings, router, notify_sock, notify_name, control)
         done = supervisor.run()
     if done.code == core.APP_LOAD_ERROR:

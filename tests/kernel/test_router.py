@@ -204,7 +204,7 @@ def test_no_privilege_gives_one_clear_line() -> None:
         timeout=60,
     )
     assert proc.returncode == 7, proc.stderr
-    assert "CAP_BPF and CAP_NET_ADMIN" in proc.stdout
+    assert "this process lacks CAP_BPF (or CAP_SYS_ADMIN)" in proc.stdout
 
 
 def test_pending_is_zero_for_udp() -> None:
