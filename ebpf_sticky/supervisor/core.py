@@ -52,6 +52,12 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Recycle:
+    pid: int  # a worker that served its --limit-max-requests: replace it as HUP would its slot
+    now: float
+
+
+@dataclass(frozen=True)
 class Signal:
     name: str  # "TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU"
     now: float
@@ -63,7 +69,7 @@ class Tick:
     pending: dict[int, int] = field(default_factory=dict)  # accept-queue length per draining slot
 
 
-Event = Start | Spawned | Exited | Ready | Signal | Tick
+Event = Start | Spawned | Exited | Ready | Recycle | Signal | Tick
 
 
 # Actions -----------------------------------------------------------------------------------------
@@ -170,7 +176,21 @@ class Core:
             return self._exited(event)
         if isinstance(event, Signal):
             return self._signal(event)
+        if isinstance(event, Recycle):
+            return self._recycle(event)
         return self._tick(event)
+
+    def _recycle(self, event: Recycle) -> list[Action]:
+        """The HUP path for one slot: its successor starts on the socket, the worker stops once the
+        successor is ready. Slots queue up, so they are replaced one at a time."""
+        worker = self.workers.get(event.pid)
+        if worker is None or worker.stop_sent is not None or self.phase is Phase.STOPPING:
+            return []
+        if worker.slot == self.reloading or worker.slot in self.reload_queue:
+            return []
+        self.reload_queue.append(worker.slot)
+        actions: list[Action] = [Log(f"slot {worker.slot}: worker {worker.pid} reached --limit-max-requests")]
+        return actions + (self._next_reload() if self.reloading is None else [])
 
     def _ready(self, event: Ready) -> list[Action]:
         worker = self.workers.get(event.pid)

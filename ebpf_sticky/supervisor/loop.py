@@ -25,7 +25,8 @@ from ..kernel.router import Router
 from ..kernel.seccomp import forbid_program_changes
 from . import core
 from .control_server import ControlServer
-from .worker import LISTEN_FD, sd_notify
+from .reloader import watching
+from .worker import LISTEN_FD, OPTIONS_ENV, RECYCLE, sd_notify
 
 log = logging.getLogger("ebpf_sticky")
 
@@ -111,6 +112,8 @@ class Supervisor:
             NOTIFY_SOCKET=self.notify_name,
         )
         env.pop("LISTEN_PID", None)
+        if self.settings.target is not None:
+            env[OPTIONS_ENV] = self.settings.uvicorn.to_json()
         proc = subprocess.Popen(
             self.worker_argv(),
             env=env,
@@ -134,7 +137,7 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(action.pid, signal.SIGKILL if action.signal == "KILL" else signal.SIGTERM)
             elif isinstance(action, core.AddSlot):
-                self.router.add_slot()
+                self.router.add_slot(self.settings.uvicorn.backlog)
             elif isinstance(action, core.RetireSlot):
                 self.router.retire_slot()
             elif isinstance(action, core.ReleaseSlot):
@@ -173,8 +176,11 @@ class Supervisor:
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = array.array("i", payload[:12])[0]
-                    if b"READY=1" in data.split(b"\n"):
+                    lines = data.split(b"\n")
+                    if b"READY=1" in lines:
                         events.append(core.Ready(pid, time.monotonic()))
+                    if RECYCLE.encode() in lines:
+                        events.append(core.Recycle(pid, time.monotonic()))
 
     def run(self) -> int:
         s = self.settings
@@ -259,9 +265,15 @@ def open_notify_socket() -> tuple[socket.socket, str]:
 def launch(settings: Launch) -> int:
     """Build the group, run workers until told to stop; returns the exit status."""
     router = Router.open(
-        settings.bind, settings.spec, settings.workers, udp=settings.udp, loader=settings.loader
+        settings.bind,
+        settings.spec,
+        settings.workers,
+        udp=settings.udp,
+        loader=settings.loader,
+        backlog=settings.uvicorn.backlog,
     )
     with router, ControlServer.open(router) as control, contextlib.ExitStack() as stack:
+        stack.enter_context(watching(settings.uvicorn.reload))
         notify_sock, notify_name = open_notify_socket()
         stack.callback(notify_sock.close)
         if settings.pid_file:
