@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from launcher import APPS, KEY, Load, get, launched, tagged_processes, wait_for
+from launcher import APPS, KEY, Load, get, launched, run_bad, tagged_processes, wait_for
 from netlab import v4_sources
 
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
@@ -173,23 +173,6 @@ def test_workers_drop_to_user(world_readable_apps: Path) -> None:
 
 
 # Bad inputs: a clear line, a non-zero exit, nothing left running. -------------------------------
-def run_bad(args: list[str], expected: str, **kwargs: object) -> str:
-    from launcher import Instance
-
-    instance = Instance(args, **kwargs)  # type: ignore[arg-type]
-    try:
-        code = instance.finish()
-        output = instance.output()
-        assert code != 0, output
-        assert expected in output, output
-        error_lines = [line for line in output.splitlines() if line.startswith("ebpf-sticky: error:")]
-        assert len(error_lines) <= 1, output
-        assert tagged_processes(instance.tag) == []
-        return output
-    finally:
-        instance.close()
-
-
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
