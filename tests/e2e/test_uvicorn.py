@@ -206,7 +206,8 @@ def test_limit_max_requests_recycles_under_load_without_a_failure() -> None:
         first = instance.slot_pids()
 
         def recycled(slot: int) -> int:
-            return len(re.findall(rf"slot {slot}: worker \d+ reached --limit-max-requests", instance.output()))
+            pattern = rf"slot {slot}: worker \d+ reached --limit-max-requests"
+            return len(re.findall(pattern, instance.output()))
 
         with Load(instance.port, SOURCES, threads=4) as load:
             wait_for(lambda: recycled(0) >= 2 and recycled(1) >= 2, 120, "two recycles of each slot")
