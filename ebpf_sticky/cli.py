@@ -56,11 +56,24 @@ def _workers_default() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"ebpf-sticky {of('ebpf-sticky')} (uvicorn {of('uvicorn')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ebpf-sticky",
         description="Sticky sessions for multi-process servers, routed by the kernel.",
     )
+    parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True)
 
     launch = sub.add_parser(

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..uvicorn_options import WorkerOptions
+from ..uvicorn_options import ACCESS_LOG, WorkerOptions
 from .core import APP_LOAD_ERROR
 
 LISTEN_FD = 3
@@ -225,7 +225,7 @@ def serve(
         else "asgi3"
         if options.interface == "asgi3"
         else "auto",
-        **options.config,
+        **{"access_log": ACCESS_LOG, **options.config},
     )
     server = _server(config, max_requests(options))
     return _run(_serve(server, sock), config.get_loop_factory())
