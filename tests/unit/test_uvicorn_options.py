@@ -240,3 +240,13 @@ def test_a_successor_that_fails_to_boot_leaves_the_worker_serving() -> None:
     actions = c.handle(Exited(200, 1, 10.2))
     assert not any(isinstance(a, Kill) for a in actions)
     assert 100 in c.workers and c.workers[100].stop_sent is None
+
+
+def test_the_readme_migration_line_means_what_uvicorn_means() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    theirs, ours = re.search(r"```sh\n(uvicorn app:app .*)\n(ebpf-sticky launch .*)\n```", readme).groups()  # type: ignore[union-attr]
+    assert ours.split()[2:] == theirs.split()[1:]  # the same words after the command
+    args = build_parser().parse_args(ours.split()[1:])
+    options = uvicorn_options.parse(args)
+    assert (args.bind, args.workers) == ("0.0.0.0:443", 4)
+    assert options.config == {"ssl_certfile": "cert.pem", "ssl_keyfile": "key.pem"}
