@@ -277,6 +277,10 @@ def add_arguments(parser: argparse.ArgumentParser, env: Callable[[str], str | No
         if option.kind == "bind":
             metavar = option.flag[2:].upper()
             group.add_argument(option.flag, action=_BindPart, dest="bind", metavar=metavar, help=option.help)
+            if twin is not None:
+                namespace = argparse.Namespace(bind=parser.get_default("bind"))
+                _BindPart([option.flag], "bind")(parser, namespace, twin, option.flag)
+                parser.set_defaults(bind=namespace.bind)
         elif option.kind == "switch":
             group.add_argument(
                 option.flag,

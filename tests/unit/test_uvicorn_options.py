@@ -100,6 +100,13 @@ def test_host_and_port_are_spellings_of_bind() -> None:
     assert bind("--bind", "10.0.0.1:1", "--port", "2") == "10.0.0.1:2"
 
 
+def test_host_and_port_twins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EBPF_STICKY_HOST", "0.0.0.0")
+    monkeypatch.setenv("EBPF_STICKY_PORT", "9002")
+    assert build_parser().parse_args(["launch", "app.py"]).bind == "0.0.0.0:9002"
+    assert build_parser().parse_args(["launch", "app.py", "--port", "1"]).bind == "0.0.0.0:1"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
