@@ -132,6 +132,22 @@ def load_app(
     return wrapped
 
 
+def check_readable(options: WorkerOptions) -> None:
+    """The master checked the TLS files as itself; a worker reads them after dropping to --user."""
+    for keyword in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):
+        path = options.config.get(keyword)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"--{keyword.replace('_', '-')} {path!r}: uid {os.getuid()} cannot read it ({exc.strerror}): "
+                "make it readable by the --user/--group the workers run as"
+            ) from None
+
+
 def sd_notify(message: str) -> None:
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
@@ -247,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             from dotenv import load_dotenv
 
             load_dotenv(options.env_file)
+        check_readable(options)
         app = load_app(parse_target(args.target), args.factory, options.interface, options.app_dir)
     except ConfigError as exc:
         print(f"ebpf-sticky: slot {slot}: {exc}", file=sys.stderr, flush=True)

@@ -8,8 +8,10 @@ import hashlib
 import http.client
 import json
 import re
+import shutil
 import ssl
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +157,31 @@ def test_bad_tls_input_is_one_line_before_any_worker(tls: Tls, kind: str, expect
     output = run_bad([*target, "-w", "2", "--bind", "127.0.0.1:0", *args], expected)
     assert "worker" not in output  # rejected before any worker started
     assert re.search(r"exited with|error: .*\n.*error:", output) is None
+
+
+def test_workers_read_the_key_as_their_user(tls: Tls) -> None:
+    # The master (root) reads the key; workers dropped to nobody cannot: say so, once, and stop.
+    directory = Path(tempfile.mkdtemp(prefix="ebpf-sticky-tls-"))
+    try:
+        directory.chmod(0o755)
+        shutil.copy(APPS / "asgi_app.py", directory)
+        (directory / "asgi_app.py").chmod(0o644)
+        cert, key = directory / "cert.pem", directory / "key.pem"
+        shutil.copy(tls.cert, cert)
+        shutil.copy(tls.key, key)
+        cert.chmod(0o644)
+        key.chmod(0o600)
+        args = ["asgi_app.py", "-w", "2", "--bind", "127.0.0.1:0", "--user", "nobody",
+                "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]  # fmt: skip
+        output = run_bad(args, f"--ssl-keyfile '{key}': uid 65534 cannot read it (Permission denied)",
+                         cwd=directory)  # fmt: skip
+        assert "could not load the app" in output
+        key.chmod(0o644)  # readable: the unprivileged workers terminate TLS
+        with launched(args[:-4] + ["--hash-key", KEY, *args[-4:]], cwd=directory) as instance:
+            slot, _, uid = get(SOURCES[0], instance.port, tls=tls.client())
+            assert (slot, uid) == (predicted(SOURCES[0], 2), 65534)
+    finally:
+        shutil.rmtree(directory)
 
 
 @pytest.fixture(scope="module")
