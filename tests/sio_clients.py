@@ -21,6 +21,10 @@ import aiohttp
 import socketio
 
 SWARM_JS = Path(__file__).parent / "e2e" / "sio_swarm.js"
+# Debian's chromium, headless under Playwright, as root and without the network chatter.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 
 
 @dataclass

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from launcher import APPS, KEY, Load, get, launched, run_bad, wait_for
 from netlab import v4_sources
-from sio_clients import node_swarm, python_swarm
+from sio_clients import CHROMIUM, CHROMIUM_ARGS, node_swarm, python_swarm
 
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 
@@ -205,16 +205,19 @@ def test_socketio_over_https_keeps_every_session(chat_https: str, tls: Tls, swar
 
 
 def test_chromium_loads_the_https_page_and_upgrades_to_wss(chat_https: str, tls: Tls) -> None:
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            # Trust exactly the test server's key (no blanket "ignore certificate errors").
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run",
-                  f"--ignore-certificate-errors-spki-list={tls.spki}"],
-        )  # fmt: skip
+        untrusting = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:  # negative control: the test CA is no CA of Chromium's
+            with pytest.raises(PlaywrightError, match="ERR_CERT_AUTHORITY_INVALID"):
+                untrusting.new_page().goto(chat_https + "/")
+        finally:
+            untrusting.close()
+        # Trust exactly the test server's key (no blanket "ignore certificate errors").
+        trust = f"--ignore-certificate-errors-spki-list={tls.spki}"
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, trust])
         try:
             page = browser.new_page()
             page.goto(chat_https + "/")
