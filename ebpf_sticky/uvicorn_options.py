@@ -2,7 +2,8 @@
 
 A uvicorn user swaps `uvicorn app:app --workers 4 --ssl-certfile …` for `ebpf-sticky launch app:app
 --workers 4 --ssl-certfile …`: every uvicorn option that means something per worker keeps uvicorn's
-name, meaning and default. Each option goes to one of three places:
+name, meaning and default (two exceptions: ``ACCESS_LOG``, ``DEFAULT_JITTER_SHARE``). Each goes to one of
+three places:
 
 * ``config``: a keyword of each worker's ``uvicorn.Config`` (passed only when given, so the
   installed uvicorn's own default applies otherwise);
@@ -208,10 +209,6 @@ class WorkerOptions:
     limit_max_requests_jitter: int = 0
     backlog: int = DEFAULT_BACKLOG
     reload: Reload | None = None
-
-    @property
-    def tls(self) -> bool:
-        return bool(self.config.get("ssl_certfile"))
 
     @property
     def python_only(self) -> bool:
