@@ -20,7 +20,7 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from launcher import APPS, KEY, Load, get, launched, run_bad, wait_for
+from launcher import APPS, KEY, Instance, Load, get, launched, run_bad, tagged_processes, wait_for
 from netlab import v4_sources
 from sio_clients import CHROMIUM, CHROMIUM_ARGS, node_swarm, python_swarm
 
@@ -173,9 +173,13 @@ def test_workers_read_the_key_as_their_user(tls: Tls) -> None:
         key.chmod(0o600)
         args = ["asgi_app.py", "-w", "2", "--bind", "127.0.0.1:0", "--user", "nobody",
                 "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]  # fmt: skip
-        output = run_bad(args, f"--ssl-keyfile '{key}': uid 65534 cannot read it (Permission denied)",
-                         cwd=directory)  # fmt: skip
-        assert "could not load the app" in output
+        instance = Instance(args, cwd=directory)
+        try:
+            assert instance.finish() == 4  # the app cannot start
+            assert f"--ssl-keyfile '{key}': uid 65534 cannot read it (Permission denied)" in instance.output()
+            assert tagged_processes(instance.tag) == []
+        finally:
+            instance.close()
         key.chmod(0o644)  # readable: the unprivileged workers terminate TLS
         with launched(args[:-4] + ["--hash-key", KEY, *args[-4:]], cwd=directory) as instance:
             slot, _, uid = get(SOURCES[0], instance.port, tls=tls.client())
