@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout-graceful-shutdown",
         dest="graceful_timeout",
         type=float,
-        default=_env("graceful-timeout", "30"),
+        default=_env("graceful-timeout", _env("timeout-graceful-shutdown", "30")),
         help="seconds workers get to finish on TERM, HUP or TTOU (default 30); "
         "--timeout-graceful-shutdown is uvicorn's name for it",
     )

@@ -183,7 +183,7 @@ def test_environment_twins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert options.config == {"ssl_certfile": "c.pem", "loop": "asyncio", "access_log": False,
                               "ws_max_size": 1234, "headers": [["X-A", "1"], ["X-B", "2"]]}  # fmt: skip
     assert (options.limit_max_requests, options.backlog) == (50, 99)
-    assert args.graceful_timeout == 30.0  # GRACEFUL_TIMEOUT is the twin; the uvicorn name is a flag alias
+    assert args.graceful_timeout == 3.0  # uvicorn's name for --graceful-timeout, and its twin
     flagged = build_parser().parse_args(["launch", "app.py", "--header", "X-C: 3", "--access-log"])
     assert uvicorn_options.parse(flagged).config["headers"] == [["X-C", "3"]]  # the flag wins
     assert uvicorn_options.parse(flagged).config["access_log"] is True
