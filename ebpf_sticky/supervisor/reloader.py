@@ -35,16 +35,19 @@ def _watch(reload: Reload, stop: threading.Event) -> None:
         log_config=None,
     )
     keep = FileFilter(config)
+    # watchfiles logs every batch at INFO, filtered or not: a log file in a watched directory would
+    # feed it forever. Changes the patterns drop never wake us.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     for changes in watch(
         *config.reload_dirs,
+        watch_filter=lambda _change, path: keep(Path(path)),
         stop_event=stop,
         step=max(1, int(reload.delay * 1000)),
         ignore_permission_denied=True,
     ):
-        changed = sorted({str(Path(path)) for _, path in changes if keep(Path(path))})
-        if changed:
-            log.info("--reload: %s changed; replacing every worker", ", ".join(changed))
-            os.kill(os.getpid(), signal.SIGHUP)
+        changed = ", ".join(sorted({path for _, path in changes}))
+        log.info("--reload: %s changed; replacing every worker", changed)
+        os.kill(os.getpid(), signal.SIGHUP)
 
 
 @contextlib.contextmanager
