@@ -231,6 +231,28 @@ class WorkerOptions:
         return cls(**data, reload=reload)
 
 
+def argv(keywords: dict[str, Any]) -> list[str]:
+    """``run(app, ssl_certfile=..., access_log=True, header=[...])``: the same options as flags."""
+    # uvicorn.run's names: the flag's, with the repeatable ones plural (headers, reload_dirs, ...).
+    by_name = {option.dest + ("s" if option.kind == "list" else ""): option for option in OPTIONS}
+    flags: list[str] = []
+    for name, value in keywords.items():
+        option = by_name.get(name)
+        if option is None or option.kind == "bind":
+            raise ConfigError(
+                f"run() got {name}=: not a uvicorn option ebpf-sticky takes (see launch --help)"
+            )
+        if option.kind == "switch":
+            flags.append(option.flag if value else f"--no-{option.flag[2:]}")
+        elif option.kind == "list":
+            for item in [value] if isinstance(value, str) else value:
+                # headers=[("X-A", "1")], as uvicorn.run takes them, or "X-A: 1"
+                flags += [option.flag, item if isinstance(item, str) else ":".join(map(str, item))]
+        else:
+            flags += [option.flag, str(value)]
+    return flags
+
+
 # Parsing -----------------------------------------------------------------------------------------
 def _int(text: str) -> int:
     try:
