@@ -11,7 +11,7 @@ import pwd
 import sys
 from collections.abc import Sequence
 
-from . import config
+from . import config, uvicorn_options
 from .control import control_dir, find_instance, request
 from .errors import ConfigError, StickyError
 from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address
@@ -58,11 +58,24 @@ def _workers_default() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"ebpf-sticky {of('ebpf-sticky')} (uvicorn {of('uvicorn')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ebpf-sticky",
         description="Sticky sessions for multi-process servers, routed by the kernel.",
     )
+    parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True)
 
     launch = sub.add_parser(
@@ -106,17 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.add_argument(
         "--graceful-timeout",
+        "--timeout-graceful-shutdown",
+        dest="graceful_timeout",
         type=float,
-        default=_env("graceful-timeout", "30"),
-        help="seconds workers get to finish on TERM, HUP or TTOU (default 30)",
+        default=_env("graceful-timeout", _env("timeout-graceful-shutdown", "30")),
+        help="seconds workers get to finish on TERM, HUP or TTOU (default 30); "
+        "--timeout-graceful-shutdown is uvicorn's name for it",
     )
     launch.add_argument("--user", default=_env("user"), help="workers run as this user")
     launch.add_argument("--group", default=_env("group"), help="workers run as this group")
     launch.add_argument("--pid-file", default=_env("pid-file"), help="write the master's pid here")
     launch.add_argument(
-        "--log-level", default=_env("log-level", "info"), choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        default=_env("log-level", "info"),
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
     )
     _add_hash_options(launch)
+    uvicorn_options.add_arguments(launch, _env)
 
     route = sub.add_parser("route", help="which worker slot serves each ADDRESS")
     route.add_argument("addresses", nargs="+", metavar="ADDRESS")
@@ -164,7 +183,7 @@ def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.
     from .supervisor.worker import check_target_exists, parse_target
 
     if args.target is not None and not command:
-        check_target_exists(parse_target(args.target))
+        check_target_exists(parse_target(args.target), args.app_dir)
     uid, gid = _ids(args.user, args.group)
     key = config.parse_key(args.hash_key) if args.hash_key else os.urandom(16)
     return config.Launch(
@@ -181,13 +200,16 @@ def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.
         gid=gid,
         pid_file=args.pid_file,
         log_level=args.log_level,
+        uvicorn=uvicorn_options.from_args(args),
     )
 
 
 def cmd_launch(args: argparse.Namespace, command: Sequence[str]) -> int:
     settings = launch_settings(args, command)
     logging.basicConfig(
-        level=settings.log_level.upper(), format="[ebpf-sticky] %(message)s", stream=sys.stderr
+        level={"trace": "DEBUG"}.get(settings.log_level, settings.log_level.upper()),
+        format="[ebpf-sticky] %(message)s",
+        stream=sys.stderr,
     )
     from .supervisor.loop import launch
 

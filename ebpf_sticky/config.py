@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError
 from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, KEY_BYTES, MAX_SLOTS, HashSpec
+from .uvicorn_options import WorkerOptions
 
 DEFAULT_BIND = "127.0.0.1:8000"
 
@@ -96,6 +97,7 @@ class Launch:
     gid: int | None = None
     pid_file: str | None = None
     log_level: str = "info"
+    uvicorn: WorkerOptions = field(default_factory=WorkerOptions)
 
     def __post_init__(self) -> None:
         if (self.target is None) == (not self.command):
@@ -106,3 +108,8 @@ class Launch:
             raise ConfigError(f"--graceful-timeout must be >= 0, got {self.graceful_timeout}")
         if self.udp and self.target is not None:
             raise ConfigError("--udp serves a -- COMMAND only: uvicorn speaks TCP")
+        if self.command and self.uvicorn.python_only:
+            raise ConfigError(
+                "uvicorn's options (TLS, --limit-max-requests, --env-file, ...) apply to a Python TARGET; "
+                "a -- COMMAND configures its own server"
+            )

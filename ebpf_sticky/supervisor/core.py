@@ -69,6 +69,12 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Recycle:
+    pid: int  # a worker that served its --limit-max-requests: replace it as HUP would its slot
+    now: float
+
+
+@dataclass(frozen=True)
 class Signal:
     name: str  # "TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU"
     now: float
@@ -148,7 +154,7 @@ class Exit:
 
 
 Action = Spawn | Kill | AddSlot | RetireSlot | ReleaseSlot | NotifyReady | Log | Exit
-Event = Start | Spawned | Exited | Ready | LoadFailed | Signal | SlotAdded | ActionFailed | Tick
+Event = Start | Spawned | Exited | Ready | LoadFailed | Recycle | Signal | SlotAdded | ActionFailed | Tick
 
 
 class Phase(Enum):
@@ -243,7 +249,21 @@ class Core:
             return [Log(f"slot {event.slot} added; {self.slots} slots"), Spawn(event.slot)]
         if isinstance(event, ActionFailed):
             return self._action_failed(event)
+        if isinstance(event, Recycle):
+            return self._recycle(event)
         return self._tick(event)
+
+    def _recycle(self, event: Recycle) -> list[Action]:
+        """The HUP path for one slot: its successor starts on the socket, the worker stops once the
+        successor is ready. Slots queue up, so they are replaced one at a time."""
+        worker = self.workers.get(event.pid)
+        if worker is None or worker.stop_sent is not None or self.phase is Phase.STOPPING:
+            return []
+        if worker.slot == self.reloading or worker.slot in self.reload_queue:
+            return []
+        self.reload_queue.append(worker.slot)
+        actions: list[Action] = [Log(f"slot {worker.slot}: worker {worker.pid} reached --limit-max-requests")]
+        return actions + (self._next_reload() if self.reloading is None else [])
 
     def _ready(self, event: Ready) -> list[Action]:
         worker = self.workers.get(event.pid)

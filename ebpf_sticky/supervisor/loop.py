@@ -26,8 +26,9 @@ from ..kernel.router import Router
 from . import core
 from .control_server import ControlServer
 from .privileges import lock_down_worker, refuse_to_exec, secure_group
+from .reloader import watching
 from .reports import LOAD_ERROR_PREFIX, MAX_REPORT, parse_load_error
-from .worker import LISTEN_FD, sd_notify
+from .worker import LISTEN_FD, OPTIONS_ENV, RECYCLE, sd_notify
 
 log = logging.getLogger("ebpf_sticky")
 
@@ -117,6 +118,8 @@ class Supervisor:
             NOTIFY_SOCKET=self.notify_name,
         )
         env.pop("LISTEN_PID", None)
+        if self.settings.target is not None:
+            env[OPTIONS_ENV] = self.settings.uvicorn.to_json()
         setup = _child_setup(self.router.sockets[slot].fileno(), os.getpid())
 
         def preexec() -> None:
@@ -147,7 +150,7 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(action.pid, signal.SIGKILL if action.signal == "KILL" else signal.SIGTERM)
             elif isinstance(action, core.AddSlot):
-                return [core.SlotAdded(self.router.add_slot(), now)]
+                return [core.SlotAdded(self.router.add_slot(self.settings.uvicorn.backlog), now)]
             elif isinstance(action, core.RetireSlot):
                 self.router.retire_slot()
             elif isinstance(action, core.ReleaseSlot):
@@ -205,6 +208,8 @@ class Supervisor:
                             events.append(core.LoadFailed(pid, *report, time.monotonic()))
                     elif b"READY=1" in data.split(b"\n"):
                         events.append(core.Ready(pid, time.monotonic()))
+                    elif RECYCLE.encode() in data.split(b"\n"):
+                        events.append(core.Recycle(pid, time.monotonic()))
 
     def run(self) -> core.Exit:
         s = self.settings
@@ -294,9 +299,15 @@ def open_notify_socket() -> tuple[socket.socket, str]:
 def launch(settings: Launch) -> int:
     """Build the group, run workers until told to stop; returns the exit status."""
     router = Router.open(
-        settings.bind, settings.spec, settings.workers, udp=settings.udp, loader=settings.loader
+        settings.bind,
+        settings.spec,
+        settings.workers,
+        udp=settings.udp,
+        loader=settings.loader,
+        backlog=settings.uvicorn.backlog,
     )
     with router, ControlServer.open(router) as control, contextlib.ExitStack() as stack:
+        stack.enter_context(watching(settings.uvicorn.reload))
         notify_sock, notify_name = open_notify_socket()
         stack.callback(notify_sock.close)
         if settings.pid_file:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from launcher import KEY, Load, get, launched, tagged_processes, wait_for
+from launcher import KEY, Load, get, launched, run_bad, tagged_processes, wait_for
 from netlab import v4_sources
 
 from ebpf_sticky.control import control_dir, socket_name
@@ -158,25 +158,7 @@ def test_workers_drop_to_user(world_readable_apps: Path) -> None:
         assert uid == 65534
 
 
-# Bad inputs: a clear line, the exit status for its kind, nothing left running. -----------------
-def run_bad(args: list[str], expected: str, code: int = 2, **kwargs: object) -> str:
-    """Run a launch that must fail: exactly one error line, containing ``expected``, and ``code``."""
-    from launcher import Instance
-
-    instance = Instance(args, **kwargs)  # type: ignore[arg-type]
-    try:
-        status = instance.finish()
-        output = instance.output()
-        error_lines = [line for line in output.splitlines() if line.startswith("ebpf-sticky: error:")]
-        assert len(error_lines) == 1, output
-        assert expected in error_lines[0], output
-        assert status == code, output
-        assert tagged_processes(instance.tag) == []
-        return output
-    finally:
-        instance.close()
-
-
+# Bad inputs: a clear line, a non-zero exit, nothing left running. -------------------------------
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
