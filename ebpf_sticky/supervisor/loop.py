@@ -307,7 +307,6 @@ def launch(settings: Launch) -> int:
         backlog=settings.uvicorn.backlog,
     )
     with router, ControlServer.open(router) as control, contextlib.ExitStack() as stack:
-        stack.enter_context(watching(settings.uvicorn.reload))
         notify_sock, notify_name = open_notify_socket()
         stack.callback(notify_sock.close)
         if settings.pid_file:
@@ -316,6 +315,8 @@ def launch(settings: Launch) -> int:
             stack.callback(os.unlink, settings.pid_file)
         # The group is built: from here on the master needs (almost) no privilege.
         secure_group(settings.uid, settings.gid, router.port, settings.pid_file)
+        # Threads only from here on: capset drops the calling thread's capabilities alone.
+        stack.enter_context(watching(settings.uvicorn.reload))
         supervisor = Supervisor(settings, router, notify_sock, notify_name, control)
         done = supervisor.run()
     if done.code == core.APP_LOAD_ERROR:
