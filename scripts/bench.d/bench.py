@@ -28,23 +28,49 @@ from common import REPO, CpuGroup, Settings, UvicornConfig, load_average, starte
 from workloads import Block, Workload, http_requests, socketio_echo  # noqa: E402
 
 WORKLOADS: tuple[Workload, ...] = (http_requests.WORKLOAD, socketio_echo.WORKLOAD)
-FAST_MODULES = ("uvloop", "httptools", "websockets")
 
 
-def uvicorn_config(venv_bin: Path, launch_help: str) -> UvicornConfig:
-    """What the Python workers from this venv run on, behind every router alike. uvicorn's own
-    choice ("auto") takes httptools and websockets when installed; ebpf-sticky's worker does the
-    same, and runs uvloop only where `launch` has a --loop option (it names the loop itself)."""
-    probe = f"import importlib.util as u; print(' '.join(m for m in {FAST_MODULES!r} if u.find_spec(m)))"
-    have = subprocess.run([str(venv_bin / "python"), "-c", probe], capture_output=True, text=True, check=True)
-    installed = set(have.stdout.split())
-    http = "httptools" if "httptools" in installed else "h11"
-    ws = "websockets" if "websockets" in installed else "wsproto"
-    name = "fast" if http == "httptools" else "default"
-    if "--loop" in launch_help and "--http" in launch_help:
-        loop = "uvloop" if "uvloop" in installed else "asyncio"
-        return UvicornConfig(name, venv_bin, loop, http, ws, ("--loop", loop, "--http", http, "--ws", ws))
-    return UvicornConfig(name, venv_bin, "asyncio", http, ws, ())
+PLAIN, FAST = ("asyncio", "h11", "wsproto"), ("uvloop", "httptools", "websockets")
+
+
+def installed_fast_modules(venv_bin: Path) -> set[str]:
+    probe = f"import importlib.util as u; print(' '.join(m for m in {FAST!r} if u.find_spec(m)))"
+    done = subprocess.run([str(venv_bin / "python"), "-c", probe], capture_output=True, text=True, check=True)
+    return set(done.stdout.split())
+
+
+def uvicorn_configs(venv_bin: Path, fast_venv: Path | None, launch_help: str) -> tuple[UvicornConfig, ...]:
+    """What the Python workers run on, behind every router alike: "plain" (asyncio, h11,
+    wsproto) and, where installed, "fast" (uvloop, httptools, websockets).
+
+    Where `launch` has --loop/--http/--ws, both come from one venv and are named on every command
+    line. Where it has not, its worker takes uvicorn's "auto" choice (httptools and websockets if
+    installed) on asyncio's loop: then each venv is one configuration, and the uvicorns behind
+    the proxies are told the same."""
+    venvs = [venv_bin, *([fast_venv] if fast_venv else [])]
+    if all(f"--{option} " in launch_help for option in ("loop", "http", "ws")):
+        out = [
+            UvicornConfig(
+                "plain", venv_bin, *PLAIN, ("--loop", PLAIN[0], "--http", PLAIN[1], "--ws", PLAIN[2])
+            )
+        ]
+        fast_bin = next((v for v in reversed(venvs) if installed_fast_modules(v) == set(FAST)), None)
+        if fast_bin:
+            out.append(
+                UvicornConfig(
+                    "fast", fast_bin, *FAST, ("--loop", FAST[0], "--http", FAST[1], "--ws", FAST[2])
+                )
+            )
+        return tuple(out)
+    out = []
+    for venv in venvs:
+        have = installed_fast_modules(venv)
+        http, ws = (
+            ("httptools" if "httptools" in have else "h11"),
+            ("websockets" if "websockets" in have else "wsproto"),
+        )
+        out.append(UvicornConfig("fast" if http == "httptools" else "plain", venv, "asyncio", http, ws, ()))
+    return tuple(out)
 
 
 def launch_help(venv_bin: Path) -> str:
@@ -120,10 +146,9 @@ def main() -> int:
     chosen = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
     venv_bin = Path(sys.executable).parent
     help_text = launch_help(venv_bin)
-    venvs = [venv_bin, *([args.fast_venv / "bin"] if args.fast_venv else [])]
-    configs = tuple(uvicorn_config(v, help_text) for v in venvs)
+    configs = uvicorn_configs(venv_bin, args.fast_venv and args.fast_venv / "bin", help_text)
     if len({c.name for c in configs}) != len(configs):
-        print(f"scripts/bench: --fast-venv: both venvs run {configs[0].name}: {FAST_MODULES} must differ")
+        print(f"scripts/bench: --fast-venv: both venvs run {configs[0].name}: {FAST} must differ")
         return 2
     settings = Settings(
         workers=args.workers,
@@ -132,7 +157,7 @@ def main() -> int:
         quick=args.quick,
         uvicorn_configs=configs,
         launch_help=help_text,
-        loadgen_python=venvs[-1] / "python",
+        loadgen_python=configs[-1].venv_bin / "python",
         loadgen_group=CpuGroup("loadgen"),
     )
     try:

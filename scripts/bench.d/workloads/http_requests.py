@@ -94,7 +94,7 @@ def _measure(
 def run(settings: Settings, worker: Worker, contenders: list[Contender]) -> Block:
     levels = [64] if settings.quick else [16, 64, 256]
     rounds = 2 if settings.quick else 3
-    seconds = 1.0 if settings.quick else 4.0
+    seconds = 1.0 if settings.quick else 3.0
     runs = _measure(settings, contenders, levels, rounds, seconds, 1)
     # Long-lived connections (Socket.IO's case after the handshake). The bare accept loop answers
     # one request per connection, so it sits this out.
