@@ -92,7 +92,7 @@ def _measure(
 
 
 def run(settings: Settings, worker: Worker, contenders: list[Contender]) -> Block:
-    levels = [64] if settings.quick else [16, 64, 256]
+    levels = [64] if settings.quick else [64, 256]
     rounds = 2 if settings.quick else 3
     seconds = 1.0 if settings.quick else 3.0
     runs = _measure(settings, contenders, levels, rounds, seconds, 1)

@@ -87,7 +87,7 @@ def _row(settings: Settings, worker: Worker, c: Contender, scenario: Scenario, s
 
 
 def run(settings: Settings, worker: Worker, contenders: list[Contender]) -> Block:
-    rounds = 1 if settings.quick else 4
+    rounds = 1 if settings.quick else 3
     seconds = 1.0 if settings.quick else 3.0
     runs: stats.Runs = {c.name: {s.name: [] for s in SCENARIOS} for c in contenders}
     for round_, order in interleaved(contenders, rounds):
