@@ -100,7 +100,7 @@ def floor_programs(connections: int) -> dict[str, float]:
             before = _fd_stats(fd)
             for i in range(connections):
                 with socket.socket() as client:
-                    client.bind((f"127.1.{i // 250}.{i % 250 + 1}", 0))
+                    client.bind((f"127.77.{200 + i // 250}.{i % 250 + 1}", 0))  # untracked, as CLIENT_NET
                     client.connect(("127.0.0.1", router.port))
                 for sock in router.sockets:
                     sock.setblocking(False)

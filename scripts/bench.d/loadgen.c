@@ -2,7 +2,7 @@
 //
 //   loadgen HOST PORT SOURCES CONCURRENCY SECONDS [REQUESTS_PER_CONNECTION]
 //
-// Keeps CONCURRENCY connections in flight; each binds the next source address (127.x.y.z, by
+// Keeps CONCURRENCY connections in flight; each binds the next source address (127.77.y.z, by
 // index, cycling through SOURCES of them), connects, sends REQUESTS_PER_CONNECTION (default 1)
 // GETs one after another (keep-alive; the last says "Connection: close"), and records each
 // response's latency and worker id (the body's first integer). Responses need Content-Length.
@@ -65,7 +65,7 @@ static uint32_t source_addr(int index) {
         }
         i++;
     }
-    return htonl((127u << 24) | (uint32_t)i);
+    return htonl((127u << 24) | (77u << 16) | (uint32_t)(i & 0xffff));
 }
 
 static int cmp_u32(const void *a, const void *b) {

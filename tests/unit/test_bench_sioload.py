@@ -33,10 +33,13 @@ def test_ws_frame_is_a_masked_final_text_frame(size: int, header: int) -> None:
 
 
 def test_source_addresses_skip_network_and_broadcast_bytes() -> None:
-    assert source_address(0) == "127.0.0.2"
-    assert source_address(252) == "127.0.0.254"
-    assert source_address(253) == "127.0.1.1"  # .255 and .0 skipped, as loadgen.c does
-    assert len({source_address(i) for i in range(1000)}) == 1000
+    assert source_address(0) == "127.77.0.2"
+    assert source_address(252) == "127.77.0.254"
+    assert source_address(253) == "127.77.1.1"  # .255 and .0 skipped, as loadgen.c does
+    assert source_address(254 * 100 + 252) == "127.77.100.254"
+    assert len({source_address(i) for i in range(5000)}) == 5000
+    with pytest.raises(ValueError):
+        source_address(254 * 256)
 
 
 def test_engineio_payloads_and_open_packet() -> None:
