@@ -5,13 +5,14 @@ this kernel, and the hash's balance and remapping against sticky-session's."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import ipaddress
 import os
 import random
 import re
 import socket
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,16 @@ def _fd_stats(fd: int) -> tuple[int, int]:
     return ns, cnt
 
 
+def classic_mirror() -> Callable[[list[Address], HashSpec], list[int]] | None:
+    """The classic-BPF router's Python mirror (address -> bucket), where this branch has it."""
+    try:
+        module = importlib.import_module("ebpf_sticky.hashing_cbpf")
+    except ImportError:
+        return None
+    mirror: Callable[[list[Address], HashSpec], list[int]] = module.buckets_of
+    return mirror
+
+
 def hash_figures(quick: bool) -> dict[str, Any]:
     spec = HashSpec(os.urandom(16))
     rng = random.Random(7)
@@ -132,22 +143,34 @@ def hash_figures(quick: bool) -> dict[str, Any]:
         ],
         "random_ipv6_64s": [ipaddress.IPv6Address(rng.getrandbits(64) << 64) for _ in range(100_000)],
     }
-    balance = {}
-    for name, addresses in sets.items():
-        table = bucket_table(8)
-        counts = Counter(table[b] for b in buckets_of(addresses, spec))
-        balance[name] = {
-            "addresses": len(addresses),
-            "slots": 8,
-            "max_over_mean": round(max(counts.values()) / (len(addresses) / 8), 4),
-        }
-    buckets = buckets_of(sets["random_ipv4"], spec)
+    mirrors: dict[str, Callable[[list[Address], HashSpec], list[int]]] = {"ebpf": buckets_of}
+    if cbpf := classic_mirror():
+        mirrors["cbpf"] = cbpf
+    balance: dict[str, dict[str, Any]] = {}
+    remap_buckets = {}
+    for router, mirror in mirrors.items():
+        for name, addresses in sets.items():
+            table = bucket_table(8)
+            counts = Counter(table[b] for b in mirror(addresses, spec))
+            key = name if router == "ebpf" else f"{name} (cbpf)"
+            balance[key] = {
+                "addresses": len(addresses),
+                "slots": 8,
+                "max_over_mean": round(max(counts.values()) / (len(addresses) / 8), 4),
+            }
+        remap_buckets[router] = mirror(sets["random_ipv4"], spec)
+    buckets = remap_buckets["ebpf"]
     seed = rng.getrandbits(31)
     packed = [a.packed for a in sets["random_ipv4"][:100_000]]
     remap = []
     for n in range(2, 17):
         before, after = bucket_table(n), bucket_table(n + 1)
         ours = sum(before[b] != after[b] for b in buckets) / len(buckets)
+        classic = {
+            f"ebpf_sticky_{router}": round(sum(before[b] != after[b] for b in bs) / len(bs), 4)
+            for router, bs in remap_buckets.items()
+            if router != "ebpf"
+        }
         modulo = sum(seed_worker(p, seed, n) != seed_worker(p, seed, n + 1) for p in packed) / len(packed)
         remap.append(
             {
@@ -155,6 +178,7 @@ def hash_figures(quick: bool) -> dict[str, Any]:
                 "ideal": round(1 / (n + 1), 4),
                 "ebpf_sticky": round(ours, 4),
                 "sticky_session_modulo": round(modulo, 4),
+                **classic,
             }
         )
     # The seed's skew: its int31 hash over 10 workers (uqee/sticky-cluster measured 27,367 of 100k

@@ -81,16 +81,30 @@ def hash_section(h: Mapping[str, Any]) -> list[str]:
     balance = ", ".join(
         f"{n} ({b['addresses']} addresses) max/mean {b['max_over_mean']}" for n, b in h["balance"].items()
     )
+    cbpf = "ebpf_sticky_cbpf" in h["remap"][0]
     rows = [
-        [f"{r['n']}→{r['n'] + 1}", str(r["ideal"]), str(r["ebpf_sticky"]), str(r["sticky_session_modulo"])]
+        [
+            f"{r['n']}→{r['n'] + 1}",
+            str(r["ideal"]),
+            str(r["ebpf_sticky"]),
+            *([str(r["ebpf_sticky_cbpf"])] if cbpf else []),
+            str(r["sticky_session_modulo"]),
+        ]
         for r in h["remap"]
+    ]
+    header = [
+        "N→N+1",
+        "ideal",
+        "ebpf-sticky moved",
+        *(["cbpf moved"] if cbpf else []),
+        "sticky-session modulo moved",
     ]
     return [
         "## Hash",
         "",
         f"{h['buckets']} buckets, 8 slots: {balance}",
         "",
-        *table(["N→N+1", "ideal", "ebpf-sticky moved", "sticky-session modulo moved"], rows),
+        *table(header, rows),
         "",
         "sticky-session's hash over 10 workers: the busiest got "
         f"{h['sticky_session_max_share_10_workers']:.1%} of 100k random IPv4 (ideal 10%)",
