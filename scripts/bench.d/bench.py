@@ -187,10 +187,14 @@ def run(settings: Settings, chosen: list[Workload]) -> dict[str, Any]:
         if settings.loadgen_group.path
         else "no cpu cgroups (no cgroup v1 cpu controller): routers of more processes get more CPU under load"
     )
+    tree = subprocess.run(
+        ["git", "-C", str(REPO), "log", "-1", "--format=%h (%D)"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "tree": tree,
         "setup": (
-            f"{os.cpu_count()} cores, kernel {os.uname().release}, {settings.workers} workers, {grouped}, "
+            f"tree {tree}, {os.cpu_count()} cores, kernel {os.uname().release}, {settings.workers} workers, {grouped}, "
             f"Python workers on uvicorn: "
             + "; ".join(f"{c.name} = {c.loop} loop, {c.http}, {c.ws}" for c in configs)
             + f"; interleaved rounds{' (--quick)' if settings.quick else ''}; other engineers' jobs share "
