@@ -194,7 +194,8 @@ def run(settings: Settings, chosen: list[Workload]) -> dict[str, Any]:
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "tree": tree,
         "setup": (
-            f"tree {tree}, {os.cpu_count()} cores, kernel {os.uname().release}, {settings.workers} workers, {grouped}, "
+            f"tree {tree}, {os.cpu_count()} cores, kernel {os.uname().release}, "
+            f"{settings.workers} workers, {grouped}, "
             f"Python workers on uvicorn: "
             + "; ".join(f"{c.name} = {c.loop} loop, {c.http}, {c.ws}" for c in configs)
             + f"; interleaved rounds{' (--quick)' if settings.quick else ''}; other engineers' jobs share "
