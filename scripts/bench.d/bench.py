@@ -140,6 +140,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.replot:
         saved: dict[str, Any] = json.loads(args.replot.read_text())
+        if "workloads" not in saved:
+            print(f"scripts/bench: {args.replot} is from an earlier bench (no 'workloads'): cannot replot")
+            return 2
         for path in write_outputs(saved, args.replot.parent, args.replot.stem):
             print(f"wrote {path}")
         return 0
