@@ -125,7 +125,11 @@ def measure(settings: Settings, chosen: list[Workload]) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench")
-    parser.add_argument("--quick", action="store_true", help="fewer routers, levels and rounds: under 60 s")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer routers, levels and rounds: under 60 s; a smoke run, so bench/results/ is left alone",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/")
     parser.add_argument("--workers", type=int, default=4)
@@ -176,7 +180,8 @@ def main() -> int:
     print(markdown(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if not args.no_write:
+    # A quick run is too short to stand as the day's results: it would overwrite a full run's.
+    if not args.no_write and not args.quick:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
         for path in write_outputs(result, REPO / "bench" / "results", stamp):
             print(f"wrote {path.relative_to(REPO)}")
