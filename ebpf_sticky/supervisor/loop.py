@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from ..config import Launch
 from ..kernel.router import Router
 from ..kernel.seccomp import forbid_program_changes
+from ..metrics import Exporter, serve
 from . import core
 from .control_server import ControlServer
 from .worker import LISTEN_FD, sd_notify
@@ -73,6 +74,7 @@ class Supervisor:
     notify_socket: socket.socket
     notify_name: str
     control: ControlServer
+    exporter: Exporter | None = None  # --metrics
     started: float = field(default_factory=time.monotonic)
     children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     signals: list[str] = field(default_factory=list)
@@ -221,6 +223,8 @@ class Supervisor:
                     done = self.execute(sup_core, sup_core.handle(event))
                     if done is not None:
                         break
+                if self.exporter is not None:
+                    self.exporter.publish(sup_core)
             if done.message:
                 log.error(done.message)
             return done.code
@@ -262,11 +266,12 @@ def launch(settings: Launch) -> int:
         settings.bind, settings.spec, settings.workers, udp=settings.udp, loader=settings.loader
     )
     with router, ControlServer.open(router) as control, contextlib.ExitStack() as stack:
+        exporter = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None
         notify_sock, notify_name = open_notify_socket()
         stack.callback(notify_sock.close)
         if settings.pid_file:
             with open(settings.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
             stack.callback(os.unlink, settings.pid_file)
-        supervisor = Supervisor(settings, router, notify_sock, notify_name, control)
+        supervisor = Supervisor(settings, router, notify_sock, notify_name, control, exporter)
         return supervisor.run()
