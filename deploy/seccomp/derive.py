@@ -22,7 +22,7 @@ CAP = "CAP_BPF"
 
 def derive(default: dict[str, Any]) -> dict[str, Any]:
     """The default profile with bpf(2) allowed to CAP_BPF holders; pure."""
-    profile = json.loads(json.dumps(default))  # a deep copy: the caller's profile stays as it was
+    profile: dict[str, Any] = json.loads(json.dumps(default))  # a deep copy: the caller's stays as it was
     rules: list[dict[str, Any]] = []
     for rule in profile["syscalls"]:
         excluded = rule.get("excludes", {}).get("caps", [])
