@@ -112,11 +112,9 @@ class Container:
 
         return int(wait_for(serving, 60, "the container's slots serving"))
 
-    def workers(self) -> list[int]:
-        """Host pids of the master's children (the master is the container's PID 1)."""
-        master = podman("inspect", "-f", "{{.State.Pid}}", self.name).stdout.strip()
-        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
-        return [int(pid) for pid in children]
+    def master(self) -> int:
+        """Host pid of the container's PID 1: `ebpf-sticky launch`."""
+        return int(podman("inspect", "-f", "{{.State.Pid}}", self.name).stdout)
 
     def close(self) -> None:
         podman("rm", "-f", "-t", "0", self.name, check=False)
@@ -134,6 +132,10 @@ def get(source: str, port: int) -> tuple[str, int, int]:
         return match.group(1), int(match.group(2)), int(match.group(3))
     finally:
         conn.close()
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def status_fields(pid: int) -> dict[str, str]:
@@ -192,7 +194,7 @@ def test_image_serves_stickily_and_stops_cleanly(
         assert len(set(pids.values())) == SLOTS
 
         # No worker holds a BPF capability, whatever the master was given.
-        workers = container.workers()
+        workers = children(container.master())
         assert len(workers) == SLOTS
         for pid in workers:
             fields = status_fields(pid)
@@ -211,6 +213,13 @@ def test_image_serves_stickily_and_stops_cleanly(
             assert sum(routed) == 2 * len(SOURCES), status.stdout
         assert podman("healthcheck", "run", container.name, check=False).returncode == 0
 
+        # PID 1 reaps what is orphaned in the container: here the child of an exec'd shell.
+        podman("exec", container.name, "sh", "-c", "sleep 0.5 & exit 0")
+        master = container.master()
+        orphans = [pid for pid in children(master) if Path(f"/proc/{pid}/comm").read_text() == "sleep\n"]
+        assert len(orphans) == 1
+        wait_for(lambda: not Path(f"/proc/{orphans[0]}").exists(), 10, "the orphan reaped, not left a zombie")
+
         # A stop is TERM to PID 1: the workers finish, the master exits 0 within the grace period.
         start = time.monotonic()
         podman("stop", "-t", str(GRACE + 5), container.name)
@@ -220,3 +229,12 @@ def test_image_serves_stickily_and_stops_cleanly(
         assert "SIGTERM: graceful stop" in container.logs()
     finally:
         container.close()
+
+
+def test_image_exit_status_is_the_launchs(image: str) -> None:
+    # The master is PID 1: its exit status is the container's, its one error line the log.
+    result = subprocess.run(
+        [*RUN, "--rm", "--network", "none", image, "missing.py"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "ebpf-sticky: error: target file 'missing.py' does not exist" in result.stderr
