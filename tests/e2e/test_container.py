@@ -67,7 +67,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     tag = f"localhost/ebpf-sticky:test-{uuid.uuid4().hex[:8]}"
     podman(
-        "build", *RUNTIME, "--layers=false", "--format", "docker", "-q", "-t", tag,
+        "build", *RUNTIME, "--network", "none", "--layers=false", "--format", "docker", "-q", "-t", tag,
         "--build-arg", f"BASE={BASE_IMAGE}",
         "--build-arg", "PIP_OPTIONS=--no-index --find-links /wheels",
         "-v", f"{wheels}:/wheels:ro",
