@@ -3,8 +3,9 @@
 Networking: the containers share the host's network namespace (`--network host`) and clients
 connect from 127.x sources. That is the path on which the client's own address reaches the
 group unchanged, which is what source-address stickiness is about. A published port on podman's
-bridge does not preserve it here: connections from this host's loopback to a published port are
-masqueraded by the CNI port mapping, so every client would arrive from the bridge's gateway (the
+CNI bridge is no such path: from this host's loopback it does not connect at all here ("No route
+to host"), and where it does, the CNI portmap plugin masquerades connections from 127/8 (its
+CNI-HOSTPORT-SETMARK/MASQ rules), so every client would arrive from the bridge's gateway (the
 collapse that `externalTrafficPolicy: Local` prevents on Kubernetes). A routed path from a netns of
 our own would need routes into podman's 10.88/16 bridge, outside the addresses tests may use.
 """
