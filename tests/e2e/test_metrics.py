@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import re
+import signal
 import socket
 import urllib.request
 from collections import Counter
 
 import pytest
-from launcher import KEY, Instance, Load, launched
+from launcher import KEY, Instance, Load, launched, wait_for
 from netlab import v4_sources
 from prometheus_client.parser import text_string_to_metric_families
 from test_launch import predicted, run_bad
+
+from ebpf_sticky.supervisor.core import Core
 
 SOURCES = v4_sources(48, start=3000)
 BASE = ["asgi_app.py", "-w", "3", "--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "5"]
@@ -64,6 +68,21 @@ def test_scrape_while_traffic_flows_matches_what_was_sent(how: str) -> None:
         after = scrape(url)
         assert routed(after, 3) == [sent[slot] for slot in range(3)]
         assert after[("ebpf_sticky_routing_failures_total", ())] == 0
+
+
+@pytest.mark.skipif("restarts" not in Core.__dataclass_fields__, reason="needs Core.restarts (branch core)")
+def test_restart_is_counted_by_slot_and_reason() -> None:
+    with launched([*BASE, "--metrics", "127.0.0.1:0"]) as instance:
+        url = metrics_url(instance)
+        (victim,) = instance.slot_pids()[1]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: instance.slot_pids()[1] not in ([], [victim]), 30, "slot 1's new worker")
+        wait_for(lambda: scrape(url)[("ebpf_sticky_workers_ready", ())] == 3, 30, "3 workers ready again")
+        restarts = {
+            labels: value for (name, labels), value in scrape(url).items()
+            if name == "ebpf_sticky_worker_restarts_total"
+        }  # fmt: skip
+        assert restarts == {(("reason", "signal"), ("slot", "1")): 1}
 
 
 def test_metrics_port_taken() -> None:
