@@ -10,10 +10,11 @@ import os
 import pwd
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import config
 from .control import control_dir, find_instance, request
-from .errors import ConfigError, StickyError
+from .errors import ConfigError, PrivilegeError, StickyError
 from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address, slot_of
 
 ENV_PREFIX = "EBPF_STICKY_"
@@ -157,12 +158,35 @@ def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
     return uid, gid
 
 
+# Starting workers as another uid takes CAP_SETGID and CAP_SETUID; signalling them afterwards,
+# CAP_KILL. Containers started with --cap-drop ALL lack all three.
+_USER_SWITCH_CAPS = {"CAP_SETUID": 7, "CAP_SETGID": 6, "CAP_KILL": 5}
+
+
+def _check_user_switch(user: str, uid: int) -> None:
+    from .doctor import effective_caps
+
+    if uid == os.geteuid():
+        return
+    caps = effective_caps(Path("/proc/self/status").read_text())
+    missing = [name for name, bit in _USER_SWITCH_CAPS.items() if not caps >> bit & 1]
+    if missing:
+        flags = " ".join(f"--cap-add {name.removeprefix('CAP_')}" for name in missing)
+        raise PrivilegeError(
+            f"--user {user}: running workers as another user needs {', '.join(missing)}, which this "
+            f"process lacks: grant them (podman/docker: {flags}), or run workers as this process's "
+            "user (no --user; over the image's default: -e EBPF_STICKY_USER=)"
+        )
+
+
 def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.Launch:
     from .supervisor.worker import check_target_exists, parse_target
 
     if args.target is not None and not command:
         check_target_exists(parse_target(args.target))
     uid, gid = _ids(args.user, args.group)
+    if uid is not None:
+        _check_user_switch(args.user, uid)
     key = config.parse_key(args.hash_key) if args.hash_key else os.urandom(16)
     return config.Launch(
         bind=config.parse_bind(args.bind),

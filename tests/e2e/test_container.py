@@ -239,3 +239,16 @@ def test_image_exit_status_is_the_launchs(image: str) -> None:
     )
     assert result.returncode == 2
     assert "ebpf-sticky: error: target file 'missing.py' does not exist" in result.stderr
+
+
+def test_image_user_without_the_capabilities_to_switch_is_one_line(image: str) -> None:
+    # The image's default user `sticky` with only the router's capabilities: one line, exit 3,
+    # instead of a worker that cannot start and a master that cannot signal it.
+    result = subprocess.run(
+        [*RUN, "--rm", "--network", "none", *ONLY_BPF, image], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 3
+    assert (
+        "ebpf-sticky: error: --user sticky: running workers as another user needs CAP_SETUID, "
+        "CAP_SETGID, CAP_KILL, which this process lacks"
+    ) in result.stderr
