@@ -15,6 +15,7 @@ from .errors import (
 )
 from .hashing import HashSpec, parse_address, slot_of
 from .kernel.router import Counters, Router
+from .stopping import on_stop
 
 __all__ = [
     "AddressInUseError",
@@ -32,6 +33,7 @@ __all__ = [
     "VerifierError",
     "parse_address",
     "parse_bind",
+    "on_stop",
     "run",
     "slot_of",
 ]

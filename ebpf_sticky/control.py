@@ -3,6 +3,13 @@
 The master listens on a unix socket in a directory only the launching user can enter (mode 0700),
 and checks each peer's uid with SO_PEERCRED as well: root and the launching user only. One JSON
 request per connection, one JSON answer.
+
+The socket's name carries the network namespace (the inode of /proc/thread-self/ns/net): instances
+on the same address and port in different namespaces (containers, the multi-host lab) coexist, and
+`status` run inside a namespace finds that namespace's instance. A path rather than an abstract
+socket (which would be per-namespace by itself): an abstract name has no permissions, so any user in
+the namespace could bind it before the master and answer `status` and `route` in its place; the
+0700 directory leaves that to the launching user and root.
 """
 
 from __future__ import annotations
@@ -26,8 +33,14 @@ def control_dir() -> Path:
     return Path(runtime) / "ebpf-sticky" if runtime else Path(f"/tmp/ebpf-sticky-{os.geteuid()}")
 
 
-def socket_name(host: str, port: int) -> str:
-    return f"{host.replace(':', '_')}-{port}.sock"
+def current_netns() -> int:
+    """This thread's network namespace, as the kernel names it (nsfs inode)."""
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def socket_name(host: str, port: int, netns: int | None = None) -> str:
+    """The control socket's file name; ``netns`` defaults to the caller's network namespace."""
+    return f"net{current_netns() if netns is None else netns}-{host.replace(':', '_')}-{port}.sock"
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -35,20 +48,21 @@ def peer_uid(conn: socket.socket) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
-def find_instance(directory: Path, port: int | None) -> Path:
-    """The control socket of the one running instance, or the one on ``port``."""
-    sockets = sorted(directory.glob("*.sock")) if directory.is_dir() else []
+def find_instance(directory: Path, port: int | None, netns: int | None = None) -> Path:
+    """The control socket of the one running instance in this network namespace, or the one on ``port``."""
+    prefix = f"net{current_netns() if netns is None else netns}-"
+    sockets = sorted(directory.glob(f"{prefix}*.sock")) if directory.is_dir() else []
     live = [path for path in sockets if alive(path)]
     if port is not None:
         live = [path for path in live if path.stem.endswith(f"-{port}")]
     if not live:
         where = f" on port {port}" if port is not None else ""
         raise ControlError(
-            f"no running ebpf-sticky instance{where} found in {directory}: start one with "
-            "`ebpf-sticky launch`, or run this as the user who launched it"
+            f"no running ebpf-sticky instance{where} in this network namespace found in {directory}: "
+            "start one with `ebpf-sticky launch`, or run this as the user who launched it, in its namespace"
         )
     if len(live) > 1:
-        names = ", ".join(path.stem for path in live)
+        names = ", ".join(path.stem.removeprefix(prefix) for path in live)
         raise ControlError(f"several instances are running ({names}): choose one with --port")
     return live[0]
 

@@ -49,3 +49,9 @@ class LoaderUnavailableError(StickyError):
 
 class ControlError(StickyError):
     """No running instance to talk to, or it refused us."""
+
+
+class AppLoadError(StickyError):
+    """No worker could load or start the app."""
+
+    exit_code = 4

@@ -37,7 +37,7 @@ class State:
 
 
 def state_of(core: Core) -> State:
-    return State(core.slots, sum(worker.ready for worker in core.workers.values()))
+    return State(core.slots, sum(worker.ready for worker in core.workers.values()), dict(core.restarts))
 
 
 def _build_version() -> str:

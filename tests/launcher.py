@@ -55,6 +55,7 @@ class Instance:
     extra_env: dict[str, str] = field(default_factory=dict)
     prefix: list[str] = field(default_factory=list)  # e.g. setpriv ... --
     argv: list[str] | None = None  # instead of `python -m ebpf_sticky launch ARGS`
+    own_group: bool = False  # a process group of its own, as a shell gives a foreground job
     tag: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self) -> None:
@@ -67,6 +68,7 @@ class Instance:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            start_new_session=self.own_group,
         )
 
     def output(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ class SwarmResult:
     failed: int = 0
     errors: list[str] = field(default_factory=list)
     workers: dict[str, str] = field(default_factory=dict)  # source → worker slot
+    hosts: dict[str, str] = field(default_factory=dict)  # source → host (the app's HOSTNAME)
 
 
 def session_for(source: str) -> aiohttp.ClientSession:
@@ -42,16 +44,16 @@ async def _one(
             # Bounded from outside too: a failed polling connect otherwise disconnects gracefully,
             # which waits out the pending long-poll (pingInterval, 25 s).
             await asyncio.wait_for(client.connect(url, transports=transports, wait_timeout=timeout), timeout)
-            workers = set()
+            answered = set()
             for _ in range(rounds):
                 answer = await client.call("whoami", timeout=timeout)
-                workers.add(answer["worker"])
+                answered.add((answer["host"], answer["worker"]))
             if "websocket" in transports and client.transport() != "websocket":
                 raise AssertionError(f"still on {client.transport()} after {rounds} round trips")
-            if len(workers) != 1:
-                raise AssertionError(f"session answered from workers {sorted(workers)}")
+            if len(answered) != 1:
+                raise AssertionError(f"session answered from (host, worker) {sorted(answered)}")
             result.ok += 1
-            result.workers[source] = workers.pop()
+            result.hosts[source], result.workers[source] = answered.pop()
         except Exception as exc:
             result.failed += 1
             result.errors.append(f"{source}: {type(exc).__name__}: {exc}")
@@ -85,4 +87,46 @@ def node_swarm(
     )
     assert proc.returncode == 0, proc.stderr
     data: dict[str, Any] = json.loads(proc.stdout)
-    return SwarmResult(data["ok"], data["failed"], data["errors"], data["workers"])
+    return SwarmResult(data["ok"], data["failed"], data["errors"], data["workers"], data["hosts"])
+
+
+class Member:
+    """A chat client from one source address that records what it hears."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.heard: list[dict[str, Any]] = []
+        self.heard_at: list[float] = []  # time.monotonic() of each message heard
+        self.disconnects = 0
+
+    async def start(
+        self, url: str, room: str = "all", reconnection: bool = False, transports: list[str] | None = None
+    ) -> str:
+        self.http = session_for(self.source)
+        self.client = socketio.AsyncClient(http_session=self.http, reconnection=reconnection,
+                                           reconnection_delay=0.2, reconnection_delay_max=0.5)  # fmt: skip
+        self.client.on("message", self._heard)
+        self.client.on("disconnect", self._disconnected)
+        await self.client.connect(url, transports=transports or ["polling", "websocket"], wait_timeout=15)
+        await self.client.call("join", {"room": room, "name": self.source}, timeout=15)
+        self.home: dict[str, Any] = await self.client.call("whoami", timeout=15)
+        return str(self.home["worker"])
+
+    def _heard(self, message: dict[str, Any]) -> None:
+        self.heard_at.append(time.monotonic())
+        self.heard.append(message)
+
+    def _disconnected(self, *args: Any) -> None:
+        self.disconnects += 1
+
+    async def stop(self) -> None:
+        await self.client.eio.disconnect(abort=True)
+        await self.http.close()
+
+
+async def wait_async(predicate: Any, timeout: float, what: str) -> None:
+    end = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)

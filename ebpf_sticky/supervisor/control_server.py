@@ -7,13 +7,13 @@ import json
 import logging
 import os
 import socket
-import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..control import alive, control_dir, peer_uid, socket_name
-from ..errors import ControlError
+from ..errors import ControlError, StickyError
 from ..hashing import parse_address, slot_of
 from ..kernel.router import Router
 from .core import Core
@@ -53,11 +53,27 @@ def answer(message: dict[str, Any], router: Router, sup_core: Core, uptime: floa
     return {"error": f"unknown request {message.get('cmd')!r}"}
 
 
+# A control connection gets this long to send its request and take its answer; it never holds
+# the supervisor's loop meanwhile (every read and write is non-blocking).
+REQUEST_TIMEOUT = 1.0
+MAX_CONNECTIONS = 32
+MAX_REQUEST = 65536
+
+
+@dataclass
+class _Connection:
+    sock: socket.socket
+    opened: float
+    inbox: bytes = b""
+    outbox: bytes | None = None  # the answer, once the request is complete
+
+
 class ControlServer:
     def __init__(self, listener: socket.socket, path: Path, router: Router) -> None:
         self.listener = listener
         self.path = path
         self.router = router
+        self.connections: dict[socket.socket, _Connection] = {}
 
     @classmethod
     @contextlib.contextmanager
@@ -71,6 +87,7 @@ class ControlServer:
                 raise ControlError(f"another instance already answers at {path}")
             path.unlink()  # left by a master killed with -9
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server: ControlServer | None = None
         try:
             old_umask = os.umask(0o177)
             try:
@@ -79,35 +96,92 @@ class ControlServer:
                 os.umask(old_umask)
             listener.listen(16)
             listener.setblocking(False)
-            yield cls(listener, path, router)
+            server = cls(listener, path, router)
+            yield server
         finally:
+            if server is not None:
+                for conn in list(server.connections):
+                    server._close(conn)
             listener.close()
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def sockets(self) -> list[socket.socket]:
-        return [self.listener]
+    def readers(self) -> list[socket.socket]:
+        return [self.listener, *(s for s, c in self.connections.items() if c.outbox is None)]
 
-    def serve(self, readable: list[Any], sup_core: Core, started: float) -> None:
-        if self.listener not in readable:
-            return
+    def writers(self) -> list[socket.socket]:
+        return [s for s, c in self.connections.items() if c.outbox is not None]
+
+    def serve(
+        self, readable: list[Any], writable: list[Any], sup_core: Core, started: float, now: float
+    ) -> None:
+        if self.listener in readable:
+            self._accept(now)
+        for sock in [s for s in readable if s in self.connections]:
+            self._read(self.connections[sock], sup_core, now - started)
+        for sock in [s for s in writable if s in self.connections]:
+            self._write(self.connections[sock])
+        for sock, conn in list(self.connections.items()):
+            if now - conn.opened > REQUEST_TIMEOUT:
+                log.warning("control connection dropped: no complete request within %g s", REQUEST_TIMEOUT)
+                self._close(sock)
+
+    def _accept(self, now: float) -> None:
         while True:
             try:
-                conn, _ = self.listener.accept()
+                sock, _ = self.listener.accept()
             except BlockingIOError:
                 return
-            with conn:
-                conn.settimeout(1.0)
-                try:
-                    if peer_uid(conn) not in (0, os.geteuid()):
-                        reply: dict[str, Any] = {"error": "permission denied: not the launching user"}
-                    else:
-                        data = b""
-                        while not data.endswith(b"\n") and (chunk := conn.recv(65536)):
-                            data += chunk
-                        if not data:
-                            continue  # a liveness probe: connect and close
-                        reply = answer(json.loads(data), self.router, sup_core, time.monotonic() - started)
-                    conn.sendall(json.dumps(reply).encode())
-                except (OSError, ValueError) as exc:
-                    log.warning("control request failed: %s", exc)
+            except OSError as exc:  # EMFILE and the like: the next round may do better
+                log.warning("control connection not accepted: %s", exc)
+                return
+            sock.setblocking(False)
+            if len(self.connections) >= MAX_CONNECTIONS:
+                sock.close()
+                continue
+            conn = _Connection(sock, now)
+            self.connections[sock] = conn
+            try:
+                uid = peer_uid(sock)
+            except OSError:
+                self._close(sock)
+                continue
+            if uid not in (0, os.geteuid()):
+                conn.outbox = json.dumps({"error": "permission denied: not the launching user"}).encode()
+
+    def _read(self, conn: _Connection, sup_core: Core, uptime: float) -> None:
+        try:
+            chunk = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        conn.inbox += chunk
+        if chunk and not conn.inbox.endswith(b"\n") and len(conn.inbox) < MAX_REQUEST:
+            return
+        if not conn.inbox:
+            self._close(conn.sock)  # a liveness probe: connect and close
+            return
+        try:
+            reply = answer(json.loads(conn.inbox), self.router, sup_core, uptime)
+        except (OSError, ValueError, StickyError) as exc:  # never the supervisor's problem
+            log.warning("control request failed: %s", exc)
+            reply = {"error": f"bad request: {exc}"}
+        conn.outbox = json.dumps(reply).encode()
+
+    def _write(self, conn: _Connection) -> None:
+        assert conn.outbox is not None
+        try:
+            sent = conn.sock.send(conn.outbox)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(conn.sock)
+            return
+        conn.outbox = conn.outbox[sent:]
+        if not conn.outbox:
+            self._close(conn.sock)
+
+    def _close(self, sock: socket.socket) -> None:
+        self.connections.pop(sock, None)
+        sock.close()

@@ -8,8 +8,16 @@ Design rules:
   socket, and only when it is ready is the old one asked to stop.
 * Retiring a slot (TTOU) first routes its buckets away (the router's table flip), waits until its
   accept queue is empty, then stops its worker, and only then closes the socket.
-* A worker that dies within ``boot_window`` of starting is a boot failure; the second one in a row
-  on a slot (or an app that cannot be loaded at all) stops the launch instead of looping.
+* Restart policy: a worker that became ready and then dies is replaced at once (it served: an OOM
+  kill or an operator's kill is not a crash loop). A worker that dies before it is ready is a boot
+  failure: its slot is respawned after a backoff that doubles from ``BACKOFF_FIRST`` to
+  ``BACKOFF_MAX`` and is forgotten once a worker of the slot has served ``STABLE_AFTER`` seconds.
+  Meanwhile the slot's connections wait in its queue and every other slot keeps serving.
+* Only an app that can never be loaded stops the launch: before any worker of any slot was ever
+  ready, a worker exits with the load-error status, or one slot fails to boot ``STARTUP_ATTEMPTS``
+  times in a row. The other workers then get TERM and the graceful timeout.
+* An action the loop could not carry out (a fork that failed, a slot the kernel would not add)
+  comes back as an event: the group keeps serving and the log says what failed.
 """
 
 from __future__ import annotations
@@ -19,7 +27,14 @@ from enum import Enum
 
 # The worker's exit code when it cannot load the app: deterministic, so never worth retrying.
 APP_LOAD_ERROR = 4
-SIGTERM = 15  # the same number on every Linux architecture
+SIGINT = 2  # the same numbers on every Linux architecture
+SIGTERM = 15
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 10.0
+STABLE_AFTER = 60.0
+# Before any worker was ever ready, this many boot failures in a row on one slot mean the app
+# cannot start at all (a command that always exits at once): stop instead of retrying forever.
+STARTUP_ATTEMPTS = 3
 # After a retired slot's table flip, handshakes already in flight may still land in its queue
 # for about one round trip; wait this long before trusting an empty queue.
 DRAIN_SETTLE = 0.2
@@ -58,12 +73,32 @@ class Signal:
 
 
 @dataclass(frozen=True)
+class LoadFailed:
+    """A worker reported why it cannot load the app, before exiting with ``APP_LOAD_ERROR``."""
+
+    pid: int
+    summary: str  # one line
+    detail: str  # the traceback, or ""
+    now: float
+
+
+@dataclass(frozen=True)
+class SlotAdded:
+    slot: int
+    now: float
+
+
+@dataclass(frozen=True)
+class ActionFailed:
+    action: Action
+    error: str
+    now: float
+
+
+@dataclass(frozen=True)
 class Tick:
     now: float
     pending: dict[int, int] = field(default_factory=dict)  # accept-queue length per draining slot
-
-
-Event = Start | Spawned | Exited | Ready | Signal | Tick
 
 
 # Actions -----------------------------------------------------------------------------------------
@@ -101,6 +136,7 @@ class NotifyReady:
 @dataclass(frozen=True)
 class Log:
     message: str
+    level: str = "info"  # "info", "warning" or "error"
 
 
 @dataclass(frozen=True)
@@ -110,6 +146,7 @@ class Exit:
 
 
 Action = Spawn | Kill | AddSlot | RetireSlot | ReleaseSlot | NotifyReady | Log | Exit
+Event = Start | Spawned | Exited | Ready | LoadFailed | Signal | SlotAdded | ActionFailed | Tick
 
 
 class Phase(Enum):
@@ -123,8 +160,21 @@ class Worker:
     pid: int
     slot: int
     started: float
-    ready: bool = False
+    ready_at: float | None = None
     stop_sent: float | None = None  # when TERM was sent
+    load_error: str = ""  # the one-line reason it reported, if it could not load the app
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_at is not None
+
+
+@dataclass
+class SlotHealth:
+    """A slot's restart state: its run of boot failures and the respawn that waits out a backoff."""
+
+    streak: int = 0
+    respawn_at: float | None = None
 
 
 @dataclass
@@ -134,15 +184,26 @@ class Retiring:
     stopping: bool = False
 
 
+def backoff(streak: int) -> float:
+    """The wait before respawning a slot after its ``streak``-th boot failure in a row."""
+    return float(min(BACKOFF_FIRST * 2 ** (streak - 1), BACKOFF_MAX))
+
+
 @dataclass
 class Core:
     slots: int
     graceful_timeout: float = 30.0
-    boot_window: float = 5.0
     assume_ready_after: float | None = None  # for commands that never send READY=1
+    # The exit status meaning "cannot load the app"; None for commands, whose statuses are their own.
+    load_error_status: int | None = APP_LOAD_ERROR
     phase: Phase = Phase.STARTING
     workers: dict[int, Worker] = field(default_factory=dict)
-    boot_failures: dict[int, int] = field(default_factory=dict)
+    health: dict[int, SlotHealth] = field(default_factory=dict)
+    # Unplanned restarts per (slot, reason): "crash" (a ready worker exited), "signal" (a ready
+    # worker was killed), "boot-failure" (died before ready), "spawn-failure" (fork/exec failed).
+    restarts: dict[tuple[int, str], int] = field(default_factory=dict)
+    ever_ready: bool = False
+    shown_errors: set[str] = field(default_factory=set)
     reload_queue: list[int] = field(default_factory=list)
     reloading: int | None = None  # slot whose new worker we wait for
     retiring: Retiring | None = None
@@ -163,20 +224,30 @@ class Core:
             return [Spawn(slot) for slot in range(self.slots)]
         if isinstance(event, Spawned):
             self.workers[event.pid] = Worker(event.pid, event.slot, event.now)
+            if event.slot in self.health:  # started another way meanwhile (a reload): no second one
+                self.health[event.slot].respawn_at = None
             return [Log(f"slot {event.slot}: worker {event.pid} started")]
         if isinstance(event, Ready):
             return self._ready(event)
+        if isinstance(event, LoadFailed):
+            return self._load_failed(event)
         if isinstance(event, Exited):
             return self._exited(event)
         if isinstance(event, Signal):
             return self._signal(event)
+        if isinstance(event, SlotAdded):
+            self.slots = max(self.slots, event.slot + 1)
+            return [Log(f"slot {event.slot} added; {self.slots} slots"), Spawn(event.slot)]
+        if isinstance(event, ActionFailed):
+            return self._action_failed(event)
         return self._tick(event)
 
     def _ready(self, event: Ready) -> list[Action]:
         worker = self.workers.get(event.pid)
         if worker is None or worker.ready:
             return []
-        worker.ready = True
+        worker.ready_at = event.now
+        self.ever_ready = True
         actions: list[Action] = [Log(f"slot {worker.slot}: worker {worker.pid} ready")]
         if self.reloading == worker.slot:
             for old in self.slot_workers(worker.slot):
@@ -190,6 +261,18 @@ class Core:
             self.phase = Phase.RUNNING
             actions += [Log(f"all {self.slots} slots serving"), NotifyReady()]
         return actions
+
+    def _load_failed(self, event: LoadFailed) -> list[Action]:
+        """Show each distinct load error once, however many workers hit it."""
+        worker = self.workers.get(event.pid)
+        if worker is None:
+            return []
+        worker.load_error = event.summary
+        text = event.detail or event.summary
+        if text in self.shown_errors:
+            return [Log(f"slot {worker.slot}: worker {worker.pid} failed the same way")]
+        self.shown_errors.add(text)
+        return [Log(text.rstrip("\n"), "error")]
 
     def _stop(self, worker: Worker, now: float) -> list[Action]:
         worker.stop_sent = now
@@ -208,51 +291,117 @@ class Core:
         if worker is None:
             return []
         how = f"exited with {event.code}" if event.code >= 0 else f"killed by signal {-event.code}"
-        if worker.stop_sent is not None and event.code in (0, -SIGTERM):
-            how = "stopped"  # as asked: servers re-raise the TERM they handled
-        actions: list[Action] = []
+        asked = worker.stop_sent is not None or self.phase is Phase.STOPPING
+        if asked and event.code in (0, -SIGTERM, -SIGINT):
+            how = "stopped"  # as asked: servers re-raise the TERM (or the terminal's INT) they handled
+        log = Log(f"slot {worker.slot}: worker {worker.pid} {how}")
         if self.phase is Phase.STOPPING:
-            actions.append(Log(f"slot {worker.slot}: worker {worker.pid} {how}"))
-            if not self.workers:
-                actions.append(Exit(self.exit_code, self.exit_message))
-            return actions
+            return [log, *self._exit_if_done()]
         if worker.stop_sent is not None:
-            actions.append(Log(f"slot {worker.slot}: worker {worker.pid} {how}"))
             if self.retiring and self.retiring.slot == worker.slot and not self.slot_workers(worker.slot):
-                actions += self._release_retired()
-            return actions
-        actions.append(Log(f"slot {worker.slot}: worker {worker.pid} {how}"))
-        if not worker.ready and event.code == APP_LOAD_ERROR:
-            return actions + self._fail(
-                f"slot {worker.slot}: the worker could not load the app (its error is above)"
+                return [log, *self._release_retired()]
+            return [log]
+        if not worker.ready:
+            return self._boot_failed(worker, event, how)
+        reason = "signal" if event.code < 0 else "crash"
+        self._count(worker.slot, reason)
+        served = event.now - (worker.ready_at or worker.started)
+        actions: list[Action] = [
+            Log(
+                f"slot {worker.slot}: worker {worker.pid} {how} after serving {served:.1f} s; replacing it",
+                "warning",
             )
-        if self.reloading == worker.slot and not worker.ready:
-            self.reloading = None
-            self.reload_queue.clear()
-            return actions + [
-                Log(
-                    f"reload aborted: the new worker for slot {worker.slot} failed; "
-                    "the old workers keep serving"
-                )
-            ]
-        if event.now - worker.started < self.boot_window:
-            failures = self.boot_failures.get(worker.slot, 0) + 1
-            self.boot_failures[worker.slot] = failures
-            if failures >= 2:
-                return actions + self._fail(
-                    f"slot {worker.slot}: the worker died {failures} times within "
-                    f"{self.boot_window:g} s of starting; stopping instead of looping"
-                )
-        else:
-            self.boot_failures.pop(worker.slot, None)
+        ]
         if not self.slot_workers(worker.slot):
             actions.append(Spawn(worker.slot))
         return actions
 
-    def _fail(self, message: str) -> list[Action]:
+    def _boot_failed(self, worker: Worker, event: Exited, how: str) -> list[Action]:
+        slot = worker.slot
+        if self.reloading == slot:
+            self.reloading = None
+            self.reload_queue.clear()
+            return [
+                Log(f"slot {slot}: worker {worker.pid} {how} before it was ready", "warning"),
+                Log(
+                    f"reload aborted: the new worker for slot {slot} failed; the old workers keep serving",
+                    "error",
+                ),
+            ]
+        self._count(slot, "boot-failure")
+        health = self.health.setdefault(slot, SlotHealth())
+        health.streak += 1
+        if not self.ever_ready:
+            if self.load_error_status is not None and event.code == self.load_error_status:
+                reason = (
+                    worker.load_error
+                    or f"slot {slot}: the worker could not load the app (its error is above)"
+                )
+                return self._fail(f"the app cannot be loaded: {reason}", event.now)
+            if health.streak >= STARTUP_ATTEMPTS:
+                return self._fail(
+                    f"slot {slot}: the worker {how} before it was ready, {health.streak} times in a row, "
+                    "and no worker ever became ready: the app cannot start",
+                    event.now,
+                )
+        delay = backoff(health.streak)
+        health.respawn_at = event.now + delay
+        return [
+            Log(
+                f"slot {slot}: worker {worker.pid} {how} before it was ready "
+                f"({health.streak} in a row); respawning in {delay:g} s",
+                "warning",
+            )
+        ]
+
+    def _count(self, slot: int, reason: str) -> None:
+        self.restarts[(slot, reason)] = self.restarts.get((slot, reason), 0) + 1
+
+    def _action_failed(self, event: ActionFailed) -> list[Action]:
+        action = event.action
+        if isinstance(action, Spawn):
+            slot = action.slot
+            if self.phase is Phase.STOPPING:
+                return [Log(f"slot {slot}: starting a worker failed: {event.error}", "error")]
+            if self.reloading == slot:
+                self.reloading = None
+                self.reload_queue.clear()
+                return [
+                    Log(f"reload aborted: starting a worker for slot {slot} failed: {event.error}", "error")
+                ]
+            self._count(slot, "spawn-failure")
+            health = self.health.setdefault(slot, SlotHealth())
+            health.streak += 1
+            delay = backoff(health.streak)
+            health.respawn_at = event.now + delay
+            return [
+                Log(f"slot {slot}: starting a worker failed: {event.error}; retrying in {delay:g} s", "error")
+            ]
+        if isinstance(action, AddSlot):
+            return [
+                Log(
+                    f"SIGTTIN: adding slot {action.slot} failed: {event.error}; still {self.slots} slots",
+                    "error",
+                )
+            ]
+        if isinstance(action, RetireSlot):
+            self.retiring = None
+            return [
+                Log(f"SIGTTOU: retiring slot {action.slot} failed: {event.error}; it keeps serving", "error")
+            ]
+        if isinstance(action, ReleaseSlot):
+            return [Log(f"closing retired slot {action.slot} failed: {event.error}", "error")]
+        if isinstance(action, Kill):
+            return [Log(f"sending SIG{action.signal} to worker {action.pid} failed: {event.error}", "error")]
+        return [Log(f"{action} failed: {event.error}", "error")]
+
+    def _fail(self, message: str, now: float) -> list[Action]:
         self.exit_code = APP_LOAD_ERROR
-        self.exit_message = message
-        return [Log(message), *self._stop_all(0.0, graceful=False)]
+        self.exit_message = message  # printed last, as the launch's one error line
+        return [Log("stopping: the app cannot start"), *self._stop_all(now, graceful=True)]
+
+    def _exit_if_done(self) -> list[Action]:
+        return [] if self.workers else [Exit(self.exit_code, self.exit_message)]
 
     def _stop_all(self, now: float, *, graceful: bool) -> list[Action]:
         self.phase = Phase.STOPPING
@@ -272,7 +421,10 @@ class Core:
         if self.phase is Phase.STOPPING:
             # A second TERM/INT, or QUIT, while stopping: stop waiting.
             if event.name in ("TERM", "INT", "QUIT"):
-                return [Log("stopping now"), *(Kill(pid, "KILL") for pid in self.workers)]
+                return [
+                    Log(f"SIG{event.name} again: stopping now"),
+                    *(Kill(pid, "KILL") for pid in self.workers),
+                ]
             return []
         if event.name in ("TERM", "INT"):
             return [
@@ -290,9 +442,7 @@ class Core:
         if event.name == "TTIN":
             if self.retiring is not None:
                 return [Log("SIGTTIN ignored: a slot is still retiring")]
-            slot = self.slots
-            self.slots += 1
-            return [Log(f"SIGTTIN: adding slot {slot}"), AddSlot(slot), Spawn(slot)]
+            return [Log(f"SIGTTIN: adding slot {self.slots}"), AddSlot(self.slots)]
         if event.name == "TTOU":
             if self.slots <= 1:
                 return [Log("SIGTTOU ignored: one slot is the minimum")]
@@ -311,18 +461,31 @@ class Core:
                 if not worker.ready and now - worker.started >= self.assume_ready_after:
                     actions += self._ready(Ready(worker.pid, now))
         for worker in self.workers.values():
+            if worker.ready_at is not None and now - worker.ready_at >= STABLE_AFTER:
+                self.health.pop(worker.slot, None)  # a minute of service: forget the slot's failures
             late = worker.stop_sent is not None and now - worker.stop_sent > self.graceful_timeout
             if late and self.phase is not Phase.STOPPING:
                 actions += [
-                    Log(f"slot {worker.slot}: worker {worker.pid} ignored TERM; killing"),
+                    Log(f"slot {worker.slot}: worker {worker.pid} ignored TERM; killing", "warning"),
                     Kill(worker.pid, "KILL"),
                 ]
                 worker.stop_sent = now  # once per timeout
-        if self.phase is Phase.STOPPING and self.stop_deadline is not None and now > self.stop_deadline:
-            self.stop_deadline = None
-            actions += [Log("graceful timeout: killing the rest"), *(Kill(p, "KILL") for p in self.workers)]
+        if self.phase is Phase.STOPPING:
+            if self.stop_deadline is not None and now > self.stop_deadline:
+                self.stop_deadline = None
+                actions += [
+                    Log("graceful timeout: killing the rest", "warning"),
+                    *(Kill(p, "KILL") for p in self.workers),
+                ]
+            return actions
+        for slot, health in self.health.items():
+            due = health.respawn_at is not None and now >= health.respawn_at
+            if due and slot < self.slots and not self.slot_workers(slot):
+                health.respawn_at = None
+                if self.retiring is None or self.retiring.slot != slot:
+                    actions.append(Spawn(slot))
         retiring = self.retiring
-        if retiring and not retiring.stopping and self.phase is not Phase.STOPPING:
+        if retiring and not retiring.stopping:
             settled = now - retiring.since >= DRAIN_SETTLE
             drained = event.pending.get(retiring.slot, 0) == 0
             if settled and (drained or now - retiring.since > self.graceful_timeout):
@@ -340,4 +503,5 @@ class Core:
         slot = self.retiring.slot
         self.retiring = None
         self.slots -= 1
+        self.health.pop(slot, None)
         return [ReleaseSlot(slot), Log(f"slot {slot} retired; {self.slots} slots")]

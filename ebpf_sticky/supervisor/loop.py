@@ -21,11 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import Launch
+from ..errors import AppLoadError, StickyError
 from ..kernel.router import Router
 from ..kernel.seccomp import forbid_program_changes
 from ..metrics import Exporter, serve
 from . import core
 from .control_server import ControlServer
+from .reports import LOAD_ERROR_PREFIX, MAX_REPORT, parse_load_error
 from .worker import LISTEN_FD, sd_notify
 
 log = logging.getLogger("ebpf_sticky")
@@ -45,6 +47,7 @@ _SIGNALS = {
     signal.SIGTTOU: "TTOU",
 }
 TICK = 0.05
+_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # A `-- COMMAND` worker that does not speak sd_notify counts as ready once alive this long.
 COMMAND_READY_AFTER = 1.0
 
@@ -113,11 +116,20 @@ class Supervisor:
             NOTIFY_SOCKET=self.notify_name,
         )
         env.pop("LISTEN_PID", None)
+        setup = _child_setup(self.router.sockets[slot].fileno(), os.getpid())
+
+        def preexec() -> None:
+            # Ctrl-C signals the whole foreground group: only the master should act on it (it
+            # stops the workers with TERM), so workers start with SIGINT ignored. Servers that
+            # install their own handler (uvicorn) still may; none prints a KeyboardInterrupt.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            setup()
+
         proc = subprocess.Popen(
             self.worker_argv(),
             env=env,
             pass_fds=(LISTEN_FD,),
-            preexec_fn=_child_setup(self.router.sockets[slot].fileno(), os.getpid()),
+            preexec_fn=preexec,
             user=self.settings.uid,
             group=self.settings.gid,
             extra_groups=[] if self.settings.uid is not None else None,
@@ -125,18 +137,16 @@ class Supervisor:
         self.children[proc.pid] = proc
         return proc.pid
 
-    def execute(self, sup_core: core.Core, actions: list[core.Action]) -> core.Exit | None:
-        queue = list(actions)
-        while queue:
-            action = queue.pop(0)
-            now = time.monotonic()
+    def act(self, action: core.Action, now: float) -> list[core.Event]:
+        """Carry out one action; what happened comes back as events (a failure included)."""
+        try:
             if isinstance(action, core.Spawn):
-                queue += sup_core.handle(core.Spawned(action.slot, self.spawn(action.slot), now))
-            elif isinstance(action, core.Kill):
+                return [core.Spawned(action.slot, self.spawn(action.slot), now)]
+            if isinstance(action, core.Kill):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(action.pid, signal.SIGKILL if action.signal == "KILL" else signal.SIGTERM)
             elif isinstance(action, core.AddSlot):
-                self.router.add_slot()
+                return [core.SlotAdded(self.router.add_slot(), now)]
             elif isinstance(action, core.RetireSlot):
                 self.router.retire_slot()
             elif isinstance(action, core.ReleaseSlot):
@@ -144,9 +154,21 @@ class Supervisor:
             elif isinstance(action, core.NotifyReady):
                 notify_systemd("READY=1")
             elif isinstance(action, core.Log):
-                log.info(action.message)
-            else:
+                log.log(_LEVELS[action.level], "%s", action.message)
+        # A failed fork (EAGAIN under a pids limit), a preexec failure, a kernel refusal: the core
+        # decides what it means; the group keeps serving.
+        except (StickyError, OSError, subprocess.SubprocessError) as exc:
+            return [core.ActionFailed(action, str(exc) or type(exc).__name__, now)]
+        return []
+
+    def execute(self, sup_core: core.Core, actions: list[core.Action]) -> core.Exit | None:
+        queue = list(actions)
+        while queue:
+            action = queue.pop(0)
+            if isinstance(action, core.Exit):
                 return action
+            for event in self.act(action, time.monotonic()):
+                queue += sup_core.handle(event)
         return None
 
     def reap(self) -> list[core.Event]:
@@ -166,24 +188,30 @@ class Supervisor:
         return events
 
     def readiness(self) -> list[core.Event]:
+        """READY=1 from workers, and the reports of workers that cannot load the app."""
         events: list[core.Event] = []
         while True:
             try:
-                data, ancdata, _, _ = self.notify_socket.recvmsg(4096, socket.CMSG_SPACE(12))
+                data, ancdata, _, _ = self.notify_socket.recvmsg(MAX_REPORT, socket.CMSG_SPACE(12))
             except BlockingIOError:
                 return events
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = array.array("i", payload[:12])[0]
-                    if b"READY=1" in data.split(b"\n"):
+                    if data.startswith(LOAD_ERROR_PREFIX):
+                        report = parse_load_error(data)
+                        if report is not None:
+                            events.append(core.LoadFailed(pid, *report, time.monotonic()))
+                    elif b"READY=1" in data.split(b"\n"):
                         events.append(core.Ready(pid, time.monotonic()))
 
-    def run(self) -> int:
+    def run(self) -> core.Exit:
         s = self.settings
         sup_core = core.Core(
             slots=self.router.slots,
             graceful_timeout=s.graceful_timeout,
             assume_ready_after=COMMAND_READY_AFTER if s.command else None,
+            load_error_status=None if s.command else core.APP_LOAD_ERROR,
         )
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
@@ -206,16 +234,21 @@ class Supervisor:
             )
             done = self.execute(sup_core, sup_core.handle(core.Start(time.monotonic())))
             while done is None:
-                readable, _, _ = select.select(
-                    [wake_r, self.notify_socket, *self.control.sockets()], [], [], TICK
+                readable, writable, _ = select.select(
+                    [wake_r, self.notify_socket, *self.control.readers()], self.control.writers(), [], TICK
                 )
                 if wake_r in readable:
                     with contextlib.suppress(BlockingIOError):
                         wake_r.recv(4096)
-                events: list[core.Event] = self.reap() + self.readiness()
-                while self.signals:
-                    events.append(core.Signal(self.signals.pop(0), time.monotonic()))
-                self.control.serve(readable, sup_core, self.started)
+                # Signals first: a worker that died of the terminal's Ctrl-C is then seen as stopping,
+                # not as a crash to replace. Exits last: a worker's report precedes its exit.
+                events: list[core.Event] = [
+                    core.Signal(name, time.monotonic()) for name in self.signals[: len(self.signals)]
+                ]
+                del self.signals[: len(events)]
+                exits = self.reap()
+                events += self.readiness() + exits
+                self.control.serve(readable, writable, sup_core, self.started, time.monotonic())
                 draining = sup_core.draining_slot()
                 pending = {draining: self.router.pending(draining)} if draining is not None else {}
                 events.append(core.Tick(time.monotonic(), pending))
@@ -225,9 +258,7 @@ class Supervisor:
                         break
                 if self.exporter is not None:
                     self.exporter.publish(sup_core)
-            if done.message:
-                log.error(done.message)
-            return done.code
+            return done
         finally:
             for proc in self.children.values():
                 with contextlib.suppress(ProcessLookupError):
@@ -274,4 +305,7 @@ def launch(settings: Launch) -> int:
                 f.write(f"{os.getpid()}\n")
             stack.callback(os.unlink, settings.pid_file)
         supervisor = Supervisor(settings, router, notify_sock, notify_name, control, exporter)
-        return supervisor.run()
+        done = supervisor.run()
+    if done.code == core.APP_LOAD_ERROR:
+        raise AppLoadError(done.message)
+    return done.code

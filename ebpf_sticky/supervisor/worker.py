@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import os
@@ -21,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..stopping import run_stop_hooks
 from .core import APP_LOAD_ERROR
+from .reports import encode_load_error
 
 LISTEN_FD = 3
 APP_NAMES = ("app", "application")
@@ -56,9 +59,44 @@ def parse_target(text: str) -> Target:
 
 
 def check_target_exists(target: Target) -> None:
-    """Fail in the master, before any fork, for the commonest mistake: a wrong path."""
-    if target.is_path and not Path(target.location).is_file():
-        raise ConfigError(f"target file {target.location!r} does not exist (relative to {os.getcwd()})")
+    """Fail in the master, before any fork, for the commonest mistakes: a wrong path or module."""
+    if target.is_path:
+        if not Path(target.location).is_file():
+            raise ConfigError(f"target file {target.location!r} does not exist (relative to {os.getcwd()})")
+        return
+    missing = missing_module(target.location)
+    if missing is not None:
+        raise ConfigError(
+            f"target {target.location}:{target.attr}: no module named {missing!r} (searched {os.getcwd()} "
+            "and the installed packages): check the name, or launch from the directory that holds it"
+        )
+
+
+def missing_module(name: str) -> str | None:
+    """The first part of a dotted module name that cannot be found, or None; runs none of its code.
+
+    The master must not import the user's module (its side effects belong in the workers), so it
+    only searches, from the directory workers import from. ``find_spec`` of a submodule would
+    import its parent package, so packages are searched through their ``__path__`` locations
+    with ``PathFinder`` instead (a package that rewrites ``__path__`` at import time is not seen).
+    """
+    parts = name.split(".")
+    sys.path.insert(0, os.getcwd())
+    try:
+        spec = importlib.util.find_spec(parts[0])
+    except ValueError:  # already imported without a spec: it exists
+        return None
+    finally:
+        sys.path.pop(0)
+    for depth in range(1, len(parts)):
+        if spec is None:
+            return ".".join(parts[:depth])
+        if spec.submodule_search_locations is None:  # a module, not a package: no submodules
+            return ".".join(parts[: depth + 1])
+        spec = importlib.machinery.PathFinder.find_spec(
+            ".".join(parts[: depth + 1]), list(spec.submodule_search_locations)
+        )
+    return name if spec is None else None
 
 
 def _import(target: Target) -> Any:
@@ -142,6 +180,7 @@ async def _serve(
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             for server in self.servers:
                 server.close()  # stop accepting first ...
+            await run_stop_hooks(STOP_GRACE)  # ... let the app release requests it holds open ...
             await asyncio.sleep(STOP_GRACE)  # ... so just-accepted connections get their request in
             await super().shutdown(sockets)
 
@@ -163,6 +202,18 @@ async def _serve(
     return started
 
 
+def report_load_error(summary: str, detail: str) -> int:
+    """Tell the master (which shows each distinct error once); print it only if that fails."""
+    try:
+        sd_notify(encode_load_error(summary, detail))
+        if os.environ.get("NOTIFY_SOCKET"):
+            return APP_LOAD_ERROR
+    except OSError:
+        pass
+    print(f"{detail}ebpf-sticky: {summary}", file=sys.stderr, flush=True)
+    return APP_LOAD_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ebpf-sticky-worker")
     parser.add_argument("target")
@@ -174,18 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app = load_app(parse_target(args.target), args.factory)
     except ConfigError as exc:
-        print(f"ebpf-sticky: slot {slot}: {exc}", file=sys.stderr, flush=True)
-        return APP_LOAD_ERROR
+        return report_load_error(f"slot {slot}: {exc}", "")
     except Exception as exc:
         import traceback
 
-        traceback.print_exc()
-        print(
-            f"ebpf-sticky: slot {slot}: importing {args.target} raised {type(exc).__name__}: {exc}",
-            file=sys.stderr,
-            flush=True,
+        return report_load_error(
+            f"slot {slot}: importing {args.target} raised {type(exc).__name__}: {exc}", traceback.format_exc()
         )
-        return APP_LOAD_ERROR
     sock = socket.socket(fileno=LISTEN_FD)
     started = asyncio.run(_serve(app, sock, args.graceful_timeout, args.log_level))
     return 0 if started else APP_LOAD_ERROR

@@ -1,4 +1,4 @@
-// node sio_swarm.js URL TRANSPORTS ROUNDS TIMEOUT_MS SOURCE... → JSON {ok, failed, errors, workers}
+// node sio_swarm.js URL TRANSPORTS ROUNDS TIMEOUT_MS SOURCE... → JSON {ok, failed, errors, workers, hosts}
 // One socket.io-client per source address, all at once, each bound with its own http.Agent.
 const http = require("http");
 const { io } = require("socket.io-client");
@@ -21,16 +21,17 @@ async function one(source) {
       socket.once("connect", resolve);
       socket.once("connect_error", reject);
     });
-    const workers = new Set();
+    const answered = new Set();
     for (let i = 0; i < Number(rounds); i++) {
       const answer = await socket.timeout(timeout).emitWithAck("whoami");
-      workers.add(answer.worker);
+      answered.add(JSON.stringify([answer.host, answer.worker]));
     }
     if (transports.includes("websocket") && socket.io.engine.transport.name !== "websocket") {
       throw new Error(`still on ${socket.io.engine.transport.name}`);
     }
-    if (workers.size !== 1) throw new Error(`answered from workers ${[...workers]}`);
-    return { source, worker: [...workers][0] };
+    if (answered.size !== 1) throw new Error(`answered from (host, worker) ${[...answered]}`);
+    const [host, worker] = JSON.parse([...answered][0]);
+    return { source, host, worker };
   } finally {
     socket.disconnect();
     agent.destroy();
@@ -39,11 +40,12 @@ async function one(source) {
 
 (async () => {
   const results = await Promise.allSettled(sources.map(one));
-  const out = { ok: 0, failed: 0, errors: [], workers: {} };
+  const out = { ok: 0, failed: 0, errors: [], workers: {}, hosts: {} };
   results.forEach((r, i) => {
     if (r.status === "fulfilled") {
       out.ok += 1;
       out.workers[r.value.source] = r.value.worker;
+      out.hosts[r.value.source] = r.value.host;
     } else {
       out.failed += 1;
       out.errors.push(`${sources[i]}: ${r.reason && r.reason.message}`);

@@ -18,6 +18,7 @@ import pytest
 from launcher import APPS, KEY, Load, get, launched, tagged_processes, wait_for
 from netlab import v4_sources
 
+from ebpf_sticky.control import control_dir, socket_name
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 
 SPEC = HashSpec(bytes.fromhex(KEY))
@@ -144,7 +145,7 @@ def test_ttin_then_ttou_under_load() -> None:
 def test_master_kill_9_takes_the_workers_with_it() -> None:
     with launched(["asgi_app.py", "-w", "2", *BASE]) as instance:
         workers = [pid for pids in instance.slot_pids().values() for pid in pids]
-        control = Path("/run/ebpf-sticky") / f"127.0.0.1-{instance.port}.sock"
+        control = control_dir() / socket_name("127.0.0.1", instance.port)
         instance.proc.kill()
         instance.proc.wait()
         wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 2.0, "workers to die")
@@ -172,18 +173,19 @@ def test_workers_drop_to_user(world_readable_apps: Path) -> None:
         assert uid == 65534
 
 
-# Bad inputs: a clear line, a non-zero exit, nothing left running. -------------------------------
-def run_bad(args: list[str], expected: str, **kwargs: object) -> str:
+# Bad inputs: a clear line, the exit status for its kind, nothing left running. -----------------
+def run_bad(args: list[str], expected: str, code: int = 2, **kwargs: object) -> str:
+    """Run a launch that must fail: exactly one error line, containing ``expected``, and ``code``."""
     from launcher import Instance
 
     instance = Instance(args, **kwargs)  # type: ignore[arg-type]
     try:
-        code = instance.finish()
+        status = instance.finish()
         output = instance.output()
-        assert code != 0, output
-        assert expected in output, output
         error_lines = [line for line in output.splitlines() if line.startswith("ebpf-sticky: error:")]
-        assert len(error_lines) <= 1, output
+        assert len(error_lines) == 1, output
+        assert expected in error_lines[0], output
+        assert status == code, output
         assert tagged_processes(instance.tag) == []
         return output
     finally:
@@ -194,32 +196,59 @@ def run_bad(args: list[str], expected: str, **kwargs: object) -> str:
     ("args", "expected"),
     [
         (["missing.py"], "target file 'missing.py' does not exist"),
-        (
-            ["no_app.py"],
-            "no 'app' or 'application' in 'no_app.py'; saw no_app.py:handler, no_app.py:make_server",
-        ),
-        (["broken_app.py"], "importing broken_app.py raised RuntimeError: this app cannot start"),
+        (["pkg.missing:app"], "target pkg.missing:app: no module named 'pkg.missing'"),
+        (["nopkg.service:app"], "target nopkg.service:app: no module named 'nopkg'"),
+        (["pkg.service.sub:app"], "no module named 'pkg.service.sub'"),
         (["asgi_app.py", "--bind", "localhost:80x"], "expected HOST:PORT"),
         (["asgi_app.py", "--bind", "::1:8000"], "write an IPv6 address in brackets"),
         (["asgi_app.py", "--workers", "0"], "--workers must be 1..256, got 0"),
         (["asgi_app.py", "--hash-key", "abc"], "--hash-key must be 32 hex digits"),
         (["asgi_app.py", "--user", "no-such-user-xyz"], "--user 'no-such-user-xyz': no such user"),
-        (["asgi_app.py:nothing"], "has no attribute 'nothing'"),
+        (["asgi_app.py", "--prefix4", "33"], "--prefix4 must be 0..32, got 33"),
     ],
     ids=[
         "missing-file",
-        "no-app",
-        "raises-on-import",
+        "missing-module",
+        "missing-package",
+        "module-not-a-package",
         "bad-bind",
         "bad-v6-bind",
         "zero-workers",
         "bad-key",
         "unknown-user",
-        "bad-attr",
+        "bad-prefix",
     ],
 )
-def test_bad_input(args: list[str], expected: str) -> None:
-    run_bad([*args, "-w", "2"] if "--workers" not in args else args, expected)
+def test_bad_input_is_one_line_before_any_fork_and_status_2(args: list[str], expected: str) -> None:
+    output = run_bad([*args, "-w", "2"] if "--workers" not in args else args, expected, code=2)
+    assert output.count("\n") == 1, output  # that line alone: no worker was ever started
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["no_app.py"],
+            "no 'app' or 'application' in 'no_app.py'; saw no_app.py:handler, no_app.py:make_server",
+        ),
+        (["asgi_app.py:nothing"], "has no attribute 'nothing'"),
+    ],
+    ids=["no-app", "bad-attr"],
+)
+def test_app_that_cannot_load_exits_4(args: list[str], expected: str) -> None:
+    run_bad([*args, "-w", "3", "--bind", "127.0.0.1:0"], expected, code=4)
+
+
+def test_app_raising_on_import_shows_its_traceback_once() -> None:
+    output = run_bad(
+        ["broken_app.py", "-w", "4", "--bind", "127.0.0.1:0", "--graceful-timeout", "5"],
+        "the app cannot be loaded: slot ",
+        code=4,
+    )
+    assert "importing broken_app.py raised RuntimeError: this app cannot start" in output
+    assert output.count("Traceback (most recent call last)") == 1, output
+    assert output.count("RuntimeError: this app cannot start") == 2, output  # traceback + error line
+    assert "killed by signal 9" not in output  # the other workers were asked with TERM
 
 
 def test_port_taken_by_a_plain_socket() -> None:
@@ -228,14 +257,18 @@ def test_port_taken_by_a_plain_socket() -> None:
         plain.listen()
         port = plain.getsockname()[1]
         run_bad(
-            ["asgi_app.py", "-w", "2", "--bind", f"127.0.0.1:{port}"], "in use by a socket that is not ours"
+            ["asgi_app.py", "-w", "2", "--bind", f"127.0.0.1:{port}"],
+            "in use by a socket that is not ours",
+            code=3,
         )
 
 
-def test_no_privileges() -> None:
+def test_no_privileges_is_a_kernel_refusal_status_3() -> None:
+    # --loader native: the eBPF router itself, which the kernel refuses without CAP_BPF.
     run_bad(
-        ["asgi_app.py", "-w", "2", "--bind", "127.0.0.1:0"],
-        "CAP_BPF and CAP_NET_ADMIN",
+        ["asgi_app.py", "-w", "2", "--bind", "127.0.0.1:0", "--loader", "native"],
+        "CAP_BPF",
+        code=3,
         prefix=["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"],
     )
 
@@ -319,11 +352,13 @@ def test_udp_command_workers_are_sticky() -> None:
                     assert int(client.recv(64)) == predicted(source, 3)
 
 
-def test_crash_looping_command_stops_the_launch() -> None:
+def test_command_that_never_starts_stops_the_launch() -> None:
     output = run_bad(
-        ["-w", "2", "--bind", "127.0.0.1:0", "--", "sh", "-c", "exit 1"], "died 2 times within 5 s"
+        ["-w", "2", "--bind", "127.0.0.1:0", "--", "sh", "-c", "exit 1"],
+        "3 times in a row, and no worker ever became ready: the app cannot start",
+        code=4,
     )
-    assert "exited with 1" in output
+    assert "respawning in 0.1 s" in output and "respawning in 0.2 s" in output
 
 
 def test_doctor_says_launch_will_work() -> None:

@@ -52,36 +52,177 @@ def test_crash_respawns_on_the_same_slot() -> None:
     assert kinds(c.handle(Exited(101, -9, 60.0)), Spawn) == [Spawn(1)]
 
 
-def test_second_boot_failure_stops_the_launch() -> None:
+def boot(c: Core, slot: int, pid: int, now: float) -> None:
+    c.handle(Spawned(slot, pid, now))
+
+
+def test_a_ready_worker_that_dies_is_always_replaced_at_once() -> None:
     c = started()
-    assert kinds(c.handle(Exited(101, 1, 1.0)), Spawn) == [Spawn(1)]  # first: retry
-    c.handle(Spawned(1, 102, 1.0))
-    actions = c.handle(Exited(102, 1, 2.0))
-    assert kinds(actions, Kill) == [Kill(100, "KILL")]
-    assert not kinds(actions, Spawn)
-    assert c.handle(Exited(100, -9, 2.1)) == [
-        core.Log("slot 0: worker 100 killed by signal 9"),
-        Exit(4, c.exit_message),
-    ]
-    assert "died 2 times within 5 s" in c.exit_message
+    pid = 200
+    for i in range(20):  # an operator or the OOM killer, again and again: never a reason to stop
+        victim = next(w.pid for w in c.workers.values() if w.slot == 1)
+        now = 1.0 + i
+        actions = c.handle(Exited(victim, -9, now))
+        assert kinds(actions, Spawn) == [Spawn(1)] and not kinds(actions, Exit) and not kinds(actions, Kill)
+        boot(c, 1, pid, now)
+        c.handle(Ready(pid, now + 0.3))
+        pid += 1
+    assert c.restarts == {(1, "signal"): 20}
+    c.handle(Exited(pid - 1, 1, 30.0))
+    assert c.restarts[(1, "crash")] == 1
 
 
-def test_app_load_error_stops_at_once() -> None:
-    c = Core(slots=2)
-    c.handle(Start(0.0))
-    c.handle(Spawned(0, 10, 0.0))
-    c.handle(Spawned(1, 11, 0.0))
-    actions = c.handle(Exited(10, core.APP_LOAD_ERROR, 0.3))
-    assert kinds(actions, Kill) == [Kill(11, "KILL")]
-    assert kinds(c.handle(Exited(11, -9, 0.4)), Exit) == [Exit(4, c.exit_message)]
-
-
-def test_late_crash_resets_the_boot_failure_count() -> None:
+def test_boot_failures_back_off_exponentially_up_to_the_cap() -> None:
     c = started()
+    assert kinds(c.handle(Exited(101, -9, 10.0)), Spawn) == [Spawn(1)]
+    boot(c, 1, 199, 10.0)
+    now, pid, delays = 10.2, 200, []
+    victim = 199
+    for _ in range(10):
+        actions = c.handle(Exited(victim, 1, now))
+        assert not kinds(actions, Spawn) and not kinds(actions, Exit)  # waits out the backoff
+        assert "respawning in" in actions[-1].message  # type: ignore[union-attr]
+        respawn_at = c.health[1].respawn_at
+        assert respawn_at is not None
+        delays.append(round(respawn_at - now, 3))
+        assert not kinds(c.handle(Tick(respawn_at - 0.01)), Spawn)
+        assert kinds(c.handle(Tick(respawn_at)), Spawn) == [Spawn(1)]
+        now = respawn_at
+        boot(c, 1, pid, now)
+        victim, pid = pid, pid + 1
+        now += 0.2  # dies while booting
+    assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0, 10.0]
+    assert c.restarts == {(1, "signal"): 1, (1, "boot-failure"): 10}
+    assert c.phase is core.Phase.RUNNING  # slot 0 served throughout
+    assert 100 in c.workers
+
+
+def test_backoff_is_forgotten_after_a_minute_of_service() -> None:
+    c = started()
+    c.handle(Exited(101, 1, 1.0))  # ready: replaced at once
+    boot(c, 1, 199, 1.0)
+    c.handle(Exited(199, 1, 1.05))  # first boot failure: 0.1 s
+    c.handle(Tick(1.1))
+    boot(c, 1, 200, 1.1)
+    c.handle(Exited(200, 1, 1.2))  # second: 0.2 s
+    c.handle(Tick(1.4))
+    boot(c, 1, 201, 1.4)
+    c.handle(Ready(201, 2.0))
+    c.handle(Tick(61.0))
+    assert c.health[1].streak == 2  # 59 s of service: not yet
+    c.handle(Tick(62.0))
+    assert 1 not in c.health
+    c.handle(Exited(201, -9, 70.0))  # ready worker: at once
+    boot(c, 1, 202, 70.0)
+    c.handle(Exited(202, 1, 70.1))
+    assert c.health[1].respawn_at == 70.1 + 0.1  # the backoff starts over
+
+
+def test_backoff_in_one_slot_never_stops_the_others() -> None:
+    c = started(slots=3)
     c.handle(Exited(101, 1, 1.0))
-    c.handle(Spawned(1, 102, 1.0))
-    c.handle(Ready(102, 1.5))
-    assert kinds(c.handle(Exited(102, 1, 100.0)), Spawn) == [Spawn(1)]
+    actions = c.handle(Exited(100, -9, 1.05))  # slot 0 still replaced at once meanwhile
+    assert kinds(actions, Spawn) == [Spawn(0)]
+    assert c.phase is core.Phase.RUNNING and 102 in c.workers
+
+
+def test_an_app_that_never_loads_stops_with_term_not_kill() -> None:
+    c = Core(slots=2, graceful_timeout=10.0)
+    c.handle(Start(0.0))
+    boot(c, 0, 10, 0.0)
+    boot(c, 1, 11, 0.0)
+    c.handle(
+        core.LoadFailed(10, "slot 0: importing app.py raised RuntimeError: boom", "Traceback ...\n", 0.2)
+    )
+    actions = c.handle(Exited(10, core.APP_LOAD_ERROR, 0.3))
+    assert kinds(actions, Kill) == [Kill(11, "TERM")]
+    assert c.exit_message == "the app cannot be loaded: slot 0: importing app.py raised RuntimeError: boom"
+    assert kinds(c.handle(Tick(5.0)), Kill) == []  # the graceful timeout, not SIGKILL
+    assert kinds(c.handle(Tick(10.5)), Kill) == [Kill(11, "KILL")]
+    assert kinds(c.handle(Exited(11, -9, 10.6)), Exit) == [Exit(4, c.exit_message)]
+
+
+def test_a_load_error_after_the_app_once_served_is_only_a_boot_failure() -> None:
+    # e.g. HUP after a bad deploy, or a crash then a broken import: the healthy slots keep serving.
+    c = started()
+    c.handle(Exited(101, -9, 5.0))
+    boot(c, 1, 200, 5.0)
+    actions = c.handle(Exited(200, core.APP_LOAD_ERROR, 5.5))
+    assert not kinds(actions, Kill) and not kinds(actions, Exit)
+    assert c.health[1].respawn_at == 5.6
+
+
+def test_load_error_shown_once_for_all_workers() -> None:
+    c = Core(slots=3)
+    c.handle(Start(0.0))
+    for slot in range(3):
+        boot(c, slot, 10 + slot, 0.0)
+    logs = []
+    for slot in range(3):
+        logs += c.handle(
+            core.LoadFailed(10 + slot, "raised X", "Traceback (most recent call last):\nX\n", 0.1)
+        )
+    tracebacks = [a for a in logs if isinstance(a, core.Log) and a.message.startswith("Traceback")]
+    assert len(tracebacks) == 1 and tracebacks[0].level == "error"
+
+
+def test_command_that_never_gets_ready_stops_after_a_few_attempts() -> None:
+    c = Core(slots=2, load_error_status=None, assume_ready_after=1.0)
+    c.handle(Start(0.0))
+    boot(c, 0, 10, 0.0)
+    boot(c, 1, 11, 0.0)
+    now, pid = 0.0, 20
+    for attempt in range(1, core.STARTUP_ATTEMPTS):
+        now += 0.05
+        actions = c.handle(Exited(10 if attempt == 1 else pid - 1, 4, now))  # 4 is not special here
+        assert not kinds(actions, Exit) and not kinds(actions, Kill)
+        now = c.health[0].respawn_at or now
+        c.handle(Tick(now))
+        boot(c, 0, pid, now)
+        pid += 1
+    actions = c.handle(Exited(pid - 1, 1, now + 0.05))
+    assert kinds(actions, Kill) == [Kill(11, "TERM")]
+    assert "3 times in a row" in c.exit_message and c.exit_code == 4
+
+
+def test_failed_spawn_is_retried_with_backoff_and_the_group_keeps_serving() -> None:
+    c = started()
+    c.handle(Exited(101, -9, 1.0))
+    actions = c.handle(core.ActionFailed(Spawn(1), "[Errno 11] Resource temporarily unavailable", 1.0))
+    assert kinds(actions, Exit) == [] and kinds(actions, Kill) == []
+    assert "starting a worker failed: [Errno 11]" in actions[0].message  # type: ignore[union-attr]
+    assert c.restarts[(1, "spawn-failure")] == 1
+    assert kinds(c.handle(Tick(1.1)), Spawn) == [Spawn(1)]
+
+
+def test_failed_add_slot_keeps_the_slot_count() -> None:
+    c = started()
+    actions = c.handle(Signal("TTIN", 1.0))
+    assert kinds(actions, AddSlot) == [AddSlot(2)] and not kinds(actions, Spawn)
+    actions = c.handle(core.ActionFailed(AddSlot(2), "the kernel refused", 1.0))
+    assert c.slots == 2 and not kinds(actions, Spawn)
+    assert kinds(c.handle(Signal("TTIN", 2.0)), AddSlot) == [AddSlot(2)]  # and it can be tried again
+
+
+def test_failed_retire_keeps_the_slot_serving() -> None:
+    c = started(slots=3)
+    c.handle(Signal("TTOU", 1.0))
+    c.handle(core.ActionFailed(RetireSlot(2), "the kernel refused", 1.0))
+    assert c.retiring is None and c.slots == 3
+    assert not kinds(c.handle(Tick(2.0, {2: 0})), Kill)
+
+
+def test_second_term_during_a_graceful_stop_kills_at_once() -> None:
+    c = started()
+    c.handle(Signal("TERM", 1.0))
+    assert kinds(c.handle(Signal("INT", 1.5)), Kill) == [Kill(100, "KILL"), Kill(101, "KILL")]
+
+
+def test_workers_stopped_by_the_terminals_int_are_not_crashes() -> None:
+    c = started()
+    c.handle(Signal("INT", 1.0))
+    assert c.handle(Exited(100, -2, 1.1)) == [core.Log("slot 0: worker 100 stopped")]
+    assert c.restarts == {}
 
 
 def test_term_is_graceful_then_kills_after_the_timeout() -> None:
@@ -122,10 +263,10 @@ def test_hup_with_a_broken_new_worker_keeps_the_old_ones() -> None:
     assert set(c.workers) == {100, 101}
 
 
-def test_ttin_adds_a_slot() -> None:
+def test_ttin_adds_a_slot_then_its_worker() -> None:
     c = started()
-    actions = c.handle(Signal("TTIN", 1.0))
-    assert kinds(actions, AddSlot) == [AddSlot(2)] and kinds(actions, Spawn) == [Spawn(2)]
+    assert kinds(c.handle(Signal("TTIN", 1.0)), AddSlot) == [AddSlot(2)]
+    assert kinds(c.handle(core.SlotAdded(2, 1.0)), Spawn) == [Spawn(2)]
     assert c.slots == 3
 
 
