@@ -11,7 +11,7 @@ from prometheus_client.registry import Collector
 
 from ebpf_sticky.kernel.router import Counters
 from ebpf_sticky.metrics import State, families, state_of
-from ebpf_sticky.supervisor.core import Core, Worker
+from ebpf_sticky.supervisor.core import Core, Ready, Spawned, Start
 
 
 def exposition(metrics: list[Metric]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -44,10 +44,9 @@ def test_every_figure_has_its_sample() -> None:
 
 
 def test_state_counts_ready_workers_only() -> None:
-    core = Core(slots=2)
-    core.workers = {
-        10: Worker(10, 0, 0.0, ready=True),
-        11: Worker(11, 1, 0.0),
-        12: Worker(12, 1, 0.0, ready=True),
-    }
-    assert state_of(core) == State(slots=2, workers_ready=2)
+    sup_core = Core(slots=2)
+    sup_core.handle(Start(0.0))
+    for slot, pid in ((0, 10), (1, 11)):
+        sup_core.handle(Spawned(slot, pid, 0.0))
+    sup_core.handle(Ready(10, 0.1))
+    assert state_of(sup_core) == State(slots=2, workers_ready=1)
