@@ -4,10 +4,12 @@ from .api import run
 from .config import Bind, parse_bind
 from .errors import (
     AddressInUseError,
+    BpfDeniedError,
     ConfigError,
     ControlError,
     KernelError,
     LoaderUnavailableError,
+    LockdownError,
     PrivilegeError,
     StickyError,
     UnsupportedKernelError,
@@ -20,12 +22,14 @@ from .stopping import on_stop
 __all__ = [
     "AddressInUseError",
     "Bind",
+    "BpfDeniedError",
     "ConfigError",
     "ControlError",
     "Counters",
     "HashSpec",
     "KernelError",
     "LoaderUnavailableError",
+    "LockdownError",
     "PrivilegeError",
     "Router",
     "StickyError",

@@ -40,20 +40,24 @@ def run(
     bind: str = config.DEFAULT_BIND,
     workers: int | None = None,
     factory: bool = False,
-    loader: str = "native",
+    loader: str = "auto",
     hash_key: str | None = None,
     prefix4: int = DEFAULT_PREFIX4,
     prefix6: int = DEFAULT_PREFIX6,
     graceful_timeout: float = 30.0,
     log_level: str = "info",
+    **uvicorn: Any,
 ) -> int:
     """Serve ``app`` (an ASGI/WSGI app, a factory with ``factory=True``, or a target string) with
     sticky workers until stopped; returns the exit status. Exactly `ebpf-sticky launch`: the same
-    validation, defaults and one-line errors."""
+    validation, defaults and one-line errors. uvicorn's options go by their ``uvicorn.run`` names
+    (``ssl_certfile=...``, ``access_log=True``, ``limit_max_requests=...``)."""
     from .cli import main, report
+    from .uvicorn_options import argv as uvicorn_argv
 
     try:
         target = locate(app)
+        extra = uvicorn_argv(uvicorn)
     except StickyError as exc:
         return report(exc)
     argv = [
@@ -75,4 +79,4 @@ def run(
     argv += ["--workers", str(workers)] if workers is not None else []
     argv += ["--hash-key", hash_key] if hash_key is not None else []
     argv += ["--factory"] if factory else []
-    return main(argv)
+    return main(argv + extra)

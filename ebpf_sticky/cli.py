@@ -12,10 +12,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import config
+from . import config, uvicorn_options
 from .control import control_dir, find_instance, request
-from .errors import ConfigError, PrivilegeError, StickyError
-from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address, slot_of
+from .errors import ConfigError, StickyError
+from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address
+from .kernel.cbpf import MAX_CBPF_SLOTS
+from .kernel.loaders import CHOICES, LOADERS, max_slots
 
 ENV_PREFIX = "EBPF_STICKY_"
 
@@ -57,11 +59,24 @@ def _workers_default() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"ebpf-sticky {of('ebpf-sticky')} (uvicorn {of('uvicorn')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ebpf-sticky",
         description="Sticky sessions for multi-process servers, routed by the kernel.",
     )
+    parser.add_argument("--version", action="version", version=_versions())
     sub = parser.add_subparsers(dest="command", required=True)
 
     launch = sub.add_parser(
@@ -91,9 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.add_argument(
         "--loader",
-        choices=["native", "bcc"],
-        default=_env("loader", "native"),
-        help="native: bytecode built in Python (default); bcc: compile bpf/select.c",
+        choices=CHOICES,
+        default=_env("loader", "auto"),
+        help="auto (default): native if the kernel allows eBPF, else cbpf; native: eBPF built in "
+        "Python; bcc: compile bpf/select.c; cbpf: classic BPF, no privilege, "
+        f"at most {MAX_CBPF_SLOTS} workers",
     )
     launch.add_argument(
         "--factory",
@@ -103,9 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     launch.add_argument(
         "--graceful-timeout",
+        "--timeout-graceful-shutdown",
+        dest="graceful_timeout",
         type=float,
-        default=_env("graceful-timeout", "30"),
-        help="seconds workers get to finish on TERM, HUP or TTOU (default 30)",
+        default=_env("graceful-timeout", _env("timeout-graceful-shutdown", "30")),
+        help="seconds workers get to finish on TERM, HUP or TTOU (default 30); "
+        "--timeout-graceful-shutdown is uvicorn's name for it",
     )
     launch.add_argument("--user", default=_env("user"), help="workers run as this user")
     launch.add_argument("--group", default=_env("group"), help="workers run as this group")
@@ -117,9 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
     )
     launch.add_argument(
-        "--log-level", default=_env("log-level", "info"), choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        default=_env("log-level", "info"),
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
     )
     _add_hash_options(launch)
+    uvicorn_options.add_arguments(launch, _env)
 
     route = sub.add_parser("route", help="which worker slot serves each ADDRESS")
     route.add_argument("addresses", nargs="+", metavar="ADDRESS")
@@ -129,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int,
         default=None,
         help="with --hash-key: compute offline for this many workers",
+    )
+    route.add_argument(
+        "--loader",
+        choices=list(LOADERS),
+        default="native",
+        help="with --hash-key: the router the instance runs (its `status` says; default native)",
     )
     route.add_argument("--port", type=_int, default=None, help="the running instance on this port")
     _add_hash_options(route)
@@ -158,39 +187,16 @@ def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
     return uid, gid
 
 
-# Starting workers as another uid takes CAP_SETGID and CAP_SETUID; signalling them afterwards,
-# CAP_KILL. Containers started with --cap-drop ALL lack all three.
-_USER_SWITCH_CAPS = {"CAP_SETUID": 7, "CAP_SETGID": 6, "CAP_KILL": 5}
-
-
-def _check_user_switch(user: str, uid: int) -> None:
-    from .doctor import effective_caps
-
-    if uid == os.geteuid():
-        return
-    caps = effective_caps(Path("/proc/self/status").read_text())
-    missing = [name for name, bit in _USER_SWITCH_CAPS.items() if not caps >> bit & 1]
-    if missing:
-        flags = " ".join(f"--cap-add {name.removeprefix('CAP_')}" for name in missing)
-        raise PrivilegeError(
-            f"--user {user}: running workers as another user needs {', '.join(missing)}, which this "
-            f"process lacks: grant them (podman/docker: {flags}), or run workers as this process's "
-            "user (no --user; over the image's default: -e EBPF_STICKY_USER=)"
-        )
-
-
 def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.Launch:
     from .supervisor.worker import check_target_exists, parse_target
 
     if args.target is not None and not command:
-        check_target_exists(parse_target(args.target))
+        check_target_exists(parse_target(args.target), args.app_dir)
     uid, gid = _ids(args.user, args.group)
-    if uid is not None:
-        _check_user_switch(args.user, uid)
     key = config.parse_key(args.hash_key) if args.hash_key else os.urandom(16)
     return config.Launch(
         bind=config.parse_bind(args.bind),
-        workers=config.check_workers(args.workers),
+        workers=config.check_workers(args.workers, max_slots(args.loader), args.loader),
         spec=config.hash_spec(key, args.prefix4, args.prefix6),
         target=args.target,
         command=tuple(command),
@@ -203,13 +209,16 @@ def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.
         pid_file=args.pid_file,
         log_level=args.log_level,
         metrics=config.parse_bind(args.metrics, "--metrics") if args.metrics else None,
+        uvicorn=uvicorn_options.from_args(args),
     )
 
 
 def cmd_launch(args: argparse.Namespace, command: Sequence[str]) -> int:
     settings = launch_settings(args, command)
     logging.basicConfig(
-        level=settings.log_level.upper(), format="[ebpf-sticky] %(message)s", stream=sys.stderr
+        level={"trace": "DEBUG"}.get(settings.log_level, settings.log_level.upper()),
+        format="[ebpf-sticky] %(message)s",
+        stream=sys.stderr,
     )
     from .supervisor.loop import launch
 
@@ -221,17 +230,20 @@ def cmd_route(args: argparse.Namespace) -> int:
         if args.workers is None:
             raise ConfigError("route with --hash-key needs --workers N (the slot count) too")
         spec = config.hash_spec(config.parse_key(args.hash_key), args.prefix4, args.prefix6)
-        workers = config.check_workers(args.workers)
+        loader = LOADERS[args.loader]
+        workers = config.check_workers(args.workers, loader.max_slots, args.loader)
         for text in args.addresses:
             try:
                 address = parse_address(text)
             except ValueError:
                 raise ConfigError(f"{text!r} is not an IP address") from None
-            print(f"{text} {slot_of(address, spec, workers)}")
+            print(f"{text} {loader.slot_of(address, spec, workers)}")
         return 0
     if args.workers is not None:
         raise ConfigError("route --workers needs --hash-key too (the key decides the slots)")
     answer = request(find_instance(control_dir(), args.port), {"cmd": "route", "addresses": args.addresses})
+    if "loader" in answer:
+        print(f"router: {answer['loader']}")
     for row in answer["routes"]:
         pids = ",".join(map(str, row["pids"])) or "-"
         print(f"{row['address']} {row['slot']} pid={pids}")
@@ -245,12 +257,19 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(
         f"ebpf-sticky pid {answer['pid']}: {answer['protocol']} {answer['bind']}, {answer['loader']} loader, "
-        f"{answer['phase']}, up {answer['uptime']:.0f} s, {answer['failures']} routing failures"
+        f"{answer['phase']}, up {answer['uptime']:.0f} s, "
+        + (
+            "no counters (classic BPF)"
+            if answer["failures"] is None
+            else f"{answer['failures']} routing failures"
+        )
     )
     print("slot  pids          routed")
     for row in answer["slots"]:
         pids = ",".join(map(str, row["pids"])) or "-"
-        print(f"{row['slot']:>4}  {pids:<12}  {row['routed']}")
+        # The cbpf router has no map to count in: no per-slot figures rather than made-up ones.
+        routed = "-" if row["routed"] is None else row["routed"]
+        print(f"{row['slot']:>4}  {pids:<12}  {routed}")
     return 0
 
 

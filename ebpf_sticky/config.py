@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from .errors import ConfigError
 from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, KEY_BYTES, MAX_SLOTS, HashSpec
+from .uvicorn_options import WorkerOptions
 
 DEFAULT_BIND = "127.0.0.1:8000"
 
@@ -71,9 +72,11 @@ def hash_spec(key: bytes, prefix4: int = DEFAULT_PREFIX4, prefix6: int = DEFAULT
     return HashSpec(key, prefix4, prefix6)
 
 
-def check_workers(workers: int) -> int:
-    if not 1 <= workers <= MAX_SLOTS:
-        raise ConfigError(f"--workers must be 1..{MAX_SLOTS}, got {workers}")
+def check_workers(workers: int, most: int = MAX_SLOTS, loader: str | None = None) -> int:
+    """``most`` is what the chosen loader fits (the classic-BPF program has a size limit)."""
+    if not 1 <= workers <= most:
+        under = f" with --loader {loader}" if most < MAX_SLOTS else ""
+        raise ConfigError(f"--workers must be 1..{most}{under}, got {workers}")
     return workers
 
 
@@ -88,12 +91,13 @@ class Launch:
     command: tuple[str, ...] = ()
     factory: bool = False
     udp: bool = False
-    loader: str = "native"
+    loader: str = "auto"
     graceful_timeout: float = 30.0
     uid: int | None = None
     gid: int | None = None
     pid_file: str | None = None
     log_level: str = "info"
+    uvicorn: WorkerOptions = field(default_factory=WorkerOptions)
     metrics: Bind | None = None  # where /metrics is served
 
     def __post_init__(self) -> None:
@@ -105,3 +109,8 @@ class Launch:
             raise ConfigError(f"--graceful-timeout must be >= 0, got {self.graceful_timeout}")
         if self.udp and self.target is not None:
             raise ConfigError("--udp serves a -- COMMAND only: uvicorn speaks TCP")
+        if self.command and self.uvicorn.python_only:
+            raise ConfigError(
+                "uvicorn's options (TLS, --limit-max-requests, --env-file, ...) apply to a Python TARGET; "
+                "a -- COMMAND configures its own server"
+            )

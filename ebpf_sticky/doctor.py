@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import parse_bind
-from .errors import StickyError
+from .errors import PrivilegeError, StickyError
 from .hashing import HashSpec
+from .kernel import capabilities, syscalls
+from .kernel.cbpf import MAX_CBPF_SLOTS
 from .kernel.loaders import BCC_FIX, import_bcc
 from .kernel.router import Router
 
 MIN_KERNEL = (5, 14)
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
 
 
 @dataclass(frozen=True)
@@ -39,27 +40,47 @@ def check_kernel() -> Check:
     return Check("kernel", ok, release, "" if ok else "upgrade to Linux 5.14 or newer")
 
 
-def effective_caps(status_text: str) -> int:
-    match = re.search(r"^CapEff:\s*([0-9a-f]+)", status_text, re.M)
-    return int(match.group(1), 16) if match else 0
-
-
 def check_privileges() -> Check:
-    caps = effective_caps(Path("/proc/self/status").read_text())
-    has_bpf = bool(caps & (1 << CAP_BPF) or caps & (1 << CAP_SYS_ADMIN))
-    has_net = bool(caps & (1 << CAP_NET_ADMIN))
-    ok = has_bpf and has_net
-    yes_no = {True: "yes", False: "no"}
-    detail = f"uid {os.geteuid()}, CAP_BPF/CAP_SYS_ADMIN {yes_no[has_bpf]}, CAP_NET_ADMIN {yes_no[has_net]}"
-    return Check("privileges", ok, detail, "" if ok else "run as root, or grant CAP_BPF and CAP_NET_ADMIN")
+    """The same diagnosis as a refused launch: a missing capability is named; capabilities that are
+    there and a bpf(2) that still says EPERM mean a seccomp filter or an LSM (probed with a tiny map)."""
+    status = capabilities.read_status()
+    effective = capabilities.parse_status(status).effective
+    seccomp = capabilities.status_field(status, "Seccomp")
+    held = ", ".join(
+        f"CAP_{name} {'yes' if effective >> cap & 1 else 'no'}"
+        for name, cap in (
+            ("BPF", capabilities.CAP_BPF),
+            ("SYS_ADMIN", capabilities.CAP_SYS_ADMIN),
+            ("NET_ADMIN", capabilities.CAP_NET_ADMIN),
+        )
+    )
+    filtered = {"0": "no", "2": "yes"}.get(seccomp, seccomp)
+    detail = f"uid {os.geteuid()}, {held}, seccomp filter {filtered}"
+    try:
+        if capabilities.lacks_bpf(effective):
+            raise capabilities.explain_own_eperm("bpf(2)")
+        os.close(syscalls.map_create(syscalls.MAP_TYPE_ARRAY, 4, 4, 1, "sticky_probe"))
+    except PrivilegeError as exc:
+        # Without bpf(2), --loader auto runs the classic-BPF router: a warning, not a failure.
+        reason = str(exc).removesuffix(": " + exc.fix)
+        fix = f"{exc.fix} (--loader auto does that by itself: no counters, at most {MAX_CBPF_SLOTS} workers)"
+        return Check("privileges", False, f"{detail}: {reason}", fix, required=False)
+    except StickyError as exc:
+        return Check("privileges", False, f"{detail}: {exc}", "see the kernel line", required=False)
+    return Check("privileges", True, f"{detail}: bpf(2) allowed")
 
 
 def check_group() -> Check:
+    """A real group with --loader auto: which router a launch would run here, and why."""
     try:
         with Router.open(parse_bind("127.0.0.1:0"), HashSpec(os.urandom(16)), 2) as router:
             return Check(
-                "sticky group", True, f"native program loads ({router.insn_count} instructions) and attaches"
+                "sticky group",
+                True,
+                f"router {router.choice}; its program ({router.insn_count} instructions) attaches",
             )
+    except PrivilegeError as exc:
+        return Check("sticky group", False, str(exc).removesuffix(": " + exc.fix), exc.fix)
     except StickyError as exc:
         return Check("sticky group", False, str(exc), "see the privileges and kernel lines")
 

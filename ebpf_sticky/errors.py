@@ -24,7 +24,24 @@ class KernelError(StickyError):
 
 
 class PrivilegeError(KernelError):
-    """Missing CAP_BPF / CAP_NET_ADMIN (or root)."""
+    """The kernel said EPERM: a capability is missing, or a filter denies what they would allow.
+
+    ``fix`` is the part of the message that says what to do (``doctor`` prints it on its own line).
+    """
+
+    def __init__(self, message: str, errno: int = 0, fix: str = "") -> None:
+        super().__init__(message, errno)
+        self.fix = fix
+
+
+class BpfDeniedError(PrivilegeError):
+    """CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN are held, yet bpf(2) says EPERM: a seccomp
+    filter or an LSM denies it (container runtimes' default profiles do, without CAP_SYS_ADMIN)."""
+
+
+class LockdownError(KernelError):
+    """The workers' privileges cannot be dropped, or their seccomp filter cannot be installed:
+    workers are not started rather than started privileged."""
 
 
 class UnsupportedKernelError(KernelError):

@@ -7,9 +7,10 @@ Design rules, shared with ``kernel/program.py`` and ``bpf/select.c``:
   client on a dual-stack ``[::]`` socket hashes exactly as on an ``AF_INET`` socket.
 * The hash is SipHash-1-3 (the variant CPython and the kernel's hsiphash use for hash tables) with a
   128-bit secret key: clients cannot pick addresses that pile onto one worker without the key.
-* The low 16 bits of the hash index a table of ``BUCKETS`` entries, each naming a slot. The table is
+* The low 12 bits of the hash index a table of ``BUCKETS`` entries, each naming a slot. The table is
   a pure function of the slot count, grown one slot at a time (see ``bucket_table``), so any
-  address's slot can be predicted offline from (key, prefixes, slot count).
+  address's slot can be predicted offline from (key, prefixes, slot count). The classic-BPF router
+  (``hashing_cbpf.py``) uses the very same table, decided there by comparisons on hash ranges.
 
 Nothing here touches the OS.
 """
@@ -17,7 +18,6 @@ Nothing here touches the OS.
 from __future__ import annotations
 
 import ipaddress
-import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -169,18 +169,20 @@ def bucket_of(address: Address, spec: HashSpec) -> int:
 def bucket_table(slots: int, size: int = BUCKETS) -> tuple[int, ...]:
     """The slot owning each bucket when ``slots`` slots are live.
 
-    Defined by growth: one slot owns everything; adding slot n takes from every existing slot
-    exactly the buckets it holds above its fair share for n+1 slots. So going from n to n+1 moves
-    exactly the new slot's share (1/(n+1)) and nothing else, every slot's share is within one
-    bucket of equal, and retiring the highest slot is the exact inverse of adding it.
+    Defined by growth: one slot owns every bucket, in bucket order; adding slot n takes from every
+    existing slot the tail of its list beyond its fair share for n+1 slots (lowest slot first), and
+    slot n's list is those tails in that order. So going from n to n+1 moves exactly the new slot's
+    share (1/(n+1)) and nothing else, every slot's share is within one bucket of equal, and retiring
+    the highest slot is the exact inverse of adding it.
+
+    Pure integer steps, no random generator: the same table on every Python, pinned by golden
+    vectors in the tests. Buckets start in their own order (no shuffle) because the keyed hash
+    already spreads clients uniformly over buckets, and ordered buckets keep every slot's share a
+    few contiguous hash ranges: that is what lets classic BPF decide the table with comparisons.
     """
     if not 1 <= slots <= MAX_SLOTS:
         raise ValueError(f"slot count must be 1..{MAX_SLOTS}, got {slots}")
-    order = list(range(size))
-    # A fixed shuffle so that each slot's buckets are spread over the hash space; the hash is
-    # keyed already, so this need not be secret.
-    random.Random(0x5EED).shuffle(order)
-    owned = [order]
+    owned = [list(range(size))]
     for n in range(1, slots):
         taken: list[int] = []
         for i in range(n):
@@ -193,6 +195,12 @@ def bucket_table(slots: int, size: int = BUCKETS) -> tuple[int, ...]:
         for bucket in buckets:
             table[bucket] = slot
     return tuple(table)
+
+
+def table_runs(slots: int) -> tuple[tuple[int, int], ...]:
+    """The table as ranges: (first bucket, slot) of each run of buckets owned by one slot."""
+    table = bucket_table(slots)
+    return tuple((b, table[b]) for b in range(len(table)) if b == 0 or table[b] != table[b - 1])
 
 
 def slot_of(address: Address, spec: HashSpec, slots: int) -> int:

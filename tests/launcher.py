@@ -7,6 +7,7 @@ import http.client
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -128,9 +129,36 @@ def launched(args: list[str], **kwargs: Any) -> Iterator[Instance]:
         instance.close()
 
 
-def get(source: str, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> tuple[int, int, int]:
-    """One request on a new connection from ``source``: (slot, pid, uid) of the worker."""
-    conn = http.client.HTTPConnection(host, port, timeout=timeout, source_address=(source, 0))
+def run_bad(args: list[str], expected: str, code: int = 2, **kwargs: object) -> str:
+    """Run a launch that must fail: exactly one error line, containing ``expected``, and ``code``."""
+    instance = Instance(args, **kwargs)  # type: ignore[arg-type]
+    try:
+        status = instance.finish()
+        output = instance.output()
+        error_lines = [line for line in output.splitlines() if line.startswith("ebpf-sticky: error:")]
+        assert len(error_lines) == 1, output
+        assert expected in error_lines[0], output
+        assert status == code, output
+        assert tagged_processes(instance.tag) == []
+        return output
+    finally:
+        instance.close()
+
+
+def get(
+    source: str,
+    port: int,
+    host: str = "127.0.0.1",
+    timeout: float = 10.0,
+    tls: ssl.SSLContext | None = None,
+) -> tuple[int, int, int]:
+    """One request on a new connection from ``source`` (HTTPS with ``tls``): (slot, pid, uid) of
+    the worker."""
+    conn = (
+        http.client.HTTPSConnection(host, port, timeout=timeout, source_address=(source, 0), context=tls)
+        if tls is not None
+        else http.client.HTTPConnection(host, port, timeout=timeout, source_address=(source, 0))
+    )
     try:
         conn.request("GET", "/", headers={"Connection": "close"})
         response = conn.getresponse()

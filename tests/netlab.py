@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import json
 import os
 import select
 import socket
+import subprocess
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 CLONE_NEWNET = 0x40000000
-IFA_F_NODAD = 0x02
 
 
 def v4_sources(count: int, start: int = 2) -> list[str]:
@@ -70,18 +72,50 @@ def recv_all_udp(listeners: list[socket.socket], expected: int, deadline: float 
     return seen
 
 
+def routed(
+    sockets: list[socket.socket], port: int, sources: list[str], host: str = "127.0.0.1", *, udp: bool = False
+) -> dict[str, int]:
+    """One connection (or datagram) from each source to host:port: source → index of the socket
+    that got it. An IPv4 client seen on a dual-stack socket is reported as its IPv4 address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if udp:
+        send_all_udp(sources, host, port, family)
+        seen = recv_all_udp(sockets, len(sources))
+    else:
+        clients = connect_all(sources, host, port, family)
+        try:
+            seen = accept_all(sockets, len(sources))
+        finally:
+            for client in clients:
+                client.close()
+    return {_canonical(peer): index for peer, index in seen.items()}
+
+
+def _canonical(peer: str) -> str:
+    address = ipaddress.ip_address(peer)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
 def in_new_netns(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` in a forked child inside a fresh network namespace; return its JSON result.
 
     Everything the child adds (addresses, sockets) dies with the namespace: nothing to clean up.
     """
+    return in_child(fn, new_netns=True)
+
+
+def in_child(fn: Callable[[], Any], *, new_netns: bool = False) -> Any:
+    """Run ``fn`` in a forked child (optionally in a fresh network namespace); return its JSON
+    result. What the child changes in itself (a privilege drop, a seccomp filter) stays there."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
         code = 0
         try:
-            if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
+            if new_netns and ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET)")
             payload = {"result": fn()}
         except BaseException:
@@ -95,16 +129,31 @@ def in_new_netns(fn: Callable[[], Any]) -> Any:
     os.waitpid(pid, 0)
     payload = json.loads(data)
     if "error" in payload:
-        raise AssertionError("child in netns failed:\n" + payload["error"])
+        raise AssertionError("child failed:\n" + payload["error"])
     return payload["result"]
 
 
-def loopback_with(addresses: Iterable[str]) -> None:
-    """Inside a fresh netns: bring lo up and give it these IPv6 addresses (no DAD)."""
-    from pyroute2 import IPRoute
+def local_ipv6_prefix(prefix: str, probe: str) -> None:
+    """Inside a fresh netns: every address of ``prefix`` is local and bindable, at once.
 
-    with IPRoute() as ipr:
-        lo = ipr.link_lookup(ifname="lo")[0]
-        ipr.link("set", index=lo, state="up")
-        for address in addresses:
-            ipr.addr("add", index=lo, address=address, prefixlen=128, flags=IFA_F_NODAD)
+    One local route for the whole prefix and non-local binds instead of an address per source:
+    addresses added one by one get their local routes from the kernel's asynchronous addrconf, and
+    a connect right after fails now and then with ENETUNREACH.
+    """
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    subprocess.run(["ip", "-6", "route", "add", "local", prefix, "dev", "lo"], check=True)
+    Path("/proc/sys/net/ipv6/ip_nonlocal_bind").write_text("1")
+    end = time.monotonic() + 5.0
+    while not _routable(probe):
+        if time.monotonic() > end:
+            raise AssertionError(f"no route to {probe} 5 s after adding {prefix}")
+        time.sleep(0.02)
+
+
+def _routable(address: str) -> bool:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((address, 9))  # a route lookup; sends nothing
+        except OSError:
+            return False
+    return True

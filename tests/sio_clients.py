@@ -3,13 +3,15 @@
 Python clients use python-socketio over an aiohttp session bound to the source; every HTTP request
 opens a new connection (force_close), so each long-polling request is routed afresh, as behind a
 proxy or with browsers' connection churn. Node clients use the npm socket.io-client with an
-http.Agent bound to the source.
+http.Agent (https.Agent for https URLs) bound to the source.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -20,6 +22,10 @@ import aiohttp
 import socketio
 
 SWARM_JS = Path(__file__).parent / "e2e" / "sio_swarm.js"
+# Debian's chromium, headless under Playwright, as root and without the network chatter.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 
 
 @dataclass
@@ -31,14 +37,21 @@ class SwarmResult:
     hosts: dict[str, str] = field(default_factory=dict)  # source → host (the app's HOSTNAME)
 
 
-def session_for(source: str) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0), force_close=True))
+def session_for(source: str, tls: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(local_addr=(source, 0), force_close=True, ssl=tls or True)
+    return aiohttp.ClientSession(connector=connector)
 
 
 async def _one(
-    url: str, source: str, transports: list[str], rounds: int, timeout: float, result: SwarmResult
+    url: str,
+    source: str,
+    transports: list[str],
+    rounds: int,
+    timeout: float,
+    result: SwarmResult,
+    tls: ssl.SSLContext | None,
 ) -> None:
-    async with session_for(source) as http:
+    async with session_for(source, tls) as http:
         client = socketio.AsyncClient(http_session=http, reconnection=False, request_timeout=timeout)
         try:
             # Bounded from outside too: a failed polling connect otherwise disconnects gracefully,
@@ -64,26 +77,39 @@ async def _one(
 
 
 def python_swarm(
-    url: str, sources: list[str], transports: list[str], rounds: int = 4, timeout: float = 15
+    url: str,
+    sources: list[str],
+    transports: list[str],
+    rounds: int = 4,
+    timeout: float = 15,
+    tls: ssl.SSLContext | None = None,
 ) -> SwarmResult:
     result = SwarmResult()
 
     async def main() -> None:
-        await asyncio.gather(*(_one(url, s, transports, rounds, timeout, result) for s in sources))
+        await asyncio.gather(*(_one(url, s, transports, rounds, timeout, result, tls) for s in sources))
 
     asyncio.run(main())
     return result
 
 
 def node_swarm(
-    url: str, sources: list[str], transports: list[str], rounds: int = 4, timeout: float = 15
+    url: str,
+    sources: list[str],
+    transports: list[str],
+    rounds: int = 4,
+    timeout: float = 15,
+    ca_file: str | None = None,
 ) -> SwarmResult:
+    """``ca_file``: a CA Node trusts besides its own (NODE_EXTRA_CA_CERTS), for https URLs."""
+    env = {**os.environ, **({"NODE_EXTRA_CA_CERTS": ca_file} if ca_file else {})}
     proc = subprocess.run(
         ["node", str(SWARM_JS), url, ",".join(transports), str(rounds), str(int(timeout * 1000)), *sources],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=SWARM_JS.parents[2],
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr
     data: dict[str, Any] = json.loads(proc.stdout)

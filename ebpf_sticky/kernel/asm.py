@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 # Instruction classes.
 LD, LDX, ST, STX, ALU, JMP, ALU64 = 0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x07
@@ -81,6 +82,7 @@ class Insn:
 
 
 Item = Insn | str
+T = TypeVar("T")
 
 
 def _s32(value: int) -> int:
@@ -150,10 +152,10 @@ def exit_() -> Insn:
     return Insn(JMP | EXIT)
 
 
-def assemble(items: Sequence[Item]) -> list[Insn]:
-    """Resolve labels into jump offsets; returns the instructions only."""
+def split_labels(items: Sequence[T | str]) -> tuple[dict[str, int], list[T]]:
+    """Labels' positions and the instructions alone (shared with ``casm``)."""
     positions: dict[str, int] = {}
-    insns: list[Insn] = []
+    insns: list[T] = []
     for item in items:
         if isinstance(item, str):
             if item in positions:
@@ -161,6 +163,12 @@ def assemble(items: Sequence[Item]) -> list[Insn]:
             positions[item] = len(insns)
         else:
             insns.append(item)
+    return positions, insns
+
+
+def assemble(items: Sequence[Item]) -> list[Insn]:
+    """Resolve labels into jump offsets; returns the instructions only."""
+    positions, insns = split_labels(items)
     resolved = []
     for pc, insn in enumerate(insns):
         if insn.target is not None:

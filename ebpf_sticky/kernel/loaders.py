@@ -1,23 +1,36 @@
-"""The two ways to get the selection program into the kernel; both use the router's maps.
+"""The ways to route a group's clients to its slots, and the one place where one is chosen.
 
-* ``native`` (default): bytecode from ``program.py``, loaded with bpf(2). No compiler, no headers.
-* ``bcc``: compiles ``bpf/select.c`` at run time with bcc (Debian/Ubuntu: python3-bpfcc).
+* ``native``: eBPF bytecode from ``program.py``, loaded with bpf(2). No compiler, no headers; needs
+  CAP_BPF and CAP_NET_ADMIN (or root).
+* ``bcc``: the same program compiled from ``bpf/select.c`` at run time with bcc (python3-bpfcc).
+* ``cbpf``: classic BPF from ``cbpf.py``, attached with SO_ATTACH_REUSEPORT_CBPF: no capability and
+  no bpf(2) at all; no counters, at most ``MAX_CBPF_SLOTS`` slots.
+* ``auto`` (the default): the first of ``AUTO_ORDER`` the kernel allows; ``Router.open`` applies
+  that policy over ``LOADERS``.
+
+Each loader gives the router a ``Routing`` (what to do when a socket joins, when the slot count
+changes, when a socket leaves) and a Python mirror (``slot_of``) that predicts its choice.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import socket
+import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from ..errors import LoaderUnavailableError, PrivilegeError, VerifierError
-from ..hashing import BUCKETS, MAX_SLOTS, ProgramConstants
-from . import program, syscalls
+from .. import hashing, hashing_cbpf
+from ..errors import LoaderUnavailableError, PrivilegeError, UnsupportedKernelError, VerifierError
+from ..hashing import BUCKETS, MAX_SLOTS, Address, HashSpec, ProgramConstants, bucket_table
+from . import casm, cbpf, program, syscalls
 from .asm import encode
+from .program import FAILURE_INDEX
 
 PROGRAM_NAME = "sticky_select"
 # Debian installs bcc's Python module for its own interpreter only; a venv or pyenv Python on the
@@ -25,7 +38,7 @@ PROGRAM_NAME = "sticky_select"
 _DISTRO_PYTHON_PATHS = ("/usr/lib/python3/dist-packages",)
 BCC_FIX = (
     "install bcc and kernel headers (Debian/Ubuntu: apt-get install python3-bpfcc "
-    "linux-headers-$(uname -r)), or use the default --loader native"
+    "linux-headers-$(uname -r)), or use the default --loader auto"
 )
 
 
@@ -112,7 +125,179 @@ def load_bcc(consts: ProgramConstants, fds: program.MapFds) -> LoadedProgram:
     return LoadedProgram(fn.fd, len(bpf.dump_func(b"select_slot")) // 8, keepalive=bpf)
 
 
-LOADERS: dict[str, Callable[[ProgramConstants, program.MapFds], LoadedProgram]] = {
-    "native": load_native,
-    "bcc": load_bcc,
+_U32 = struct.Struct("=I")
+_U64 = struct.Struct("=Q")
+_TABLE = struct.Struct(f"={BUCKETS}H")
+
+
+@dataclass(frozen=True)
+class Counters:
+    """Selections per slot and failures, from the eBPF program's per-CPU map; None under cbpf,
+    which has no map to count in."""
+
+    per_slot: tuple[int | None, ...]
+    failures: int | None
+
+
+class Routing(Protocol):
+    """What a loader does for the router; the router owns the sockets and their order."""
+
+    @property
+    def insn_count(self) -> int: ...
+
+    def join(self, sock: socket.socket, slot: int) -> None:
+        """``sock`` listens (TCP) or is bound (UDP) as the new highest slot."""
+
+    def route(self, sockets: Sequence[socket.socket], slots: int) -> None:
+        """From now on send every client to one of slots 0..slots-1 (the first call attaches)."""
+
+    def leave(self, slot: int) -> None:
+        """The highest slot's socket is about to close."""
+
+    def counters(self, slots: int) -> Counters: ...
+
+    def close(self) -> None: ...
+
+
+class MapRouting:
+    """The eBPF program over maps (``program.py``): a sockarray, two bucket tables, a live word.
+
+    A table change writes the idle table whole, then flips the live word: one map update, so a
+    connection sees the old table or the new one, never half of each.
+    """
+
+    def __init__(
+        self, spec: HashSpec, load: Callable[[ProgramConstants, program.MapFds], LoadedProgram]
+    ) -> None:
+        self._load = load
+        self._consts = hashing.program_constants(spec)
+        self._resources = ExitStack()  # the map fds, closed on close()
+        self._program: LoadedProgram | None = None
+        # Which of the two tables is live; starting at 1 makes the first publish fill table 0.
+        self._live = 1
+        try:
+            self.fds = program.MapFds(
+                socks=self._map(syscalls.MAP_TYPE_REUSEPORT_SOCKARRAY, 8, MAX_SLOTS, "sticky_socks"),
+                table=self._map(syscalls.MAP_TYPE_ARRAY, _TABLE.size, 2, "sticky_table"),
+                live=self._map(syscalls.MAP_TYPE_ARRAY, 4, 1, "sticky_live"),
+                counters=self._map(syscalls.MAP_TYPE_PERCPU_ARRAY, 8, MAX_SLOTS + 1, "sticky_counts"),
+            )
+        except BaseException:
+            self._resources.close()
+            raise
+
+    def _map(self, map_type: int, value_size: int, entries: int, name: str) -> int:
+        fd = syscalls.map_create(map_type, 4, value_size, entries, name)
+        self._resources.callback(os.close, fd)
+        return fd
+
+    @property
+    def insn_count(self) -> int:
+        return self._program.insn_count if self._program is not None else 0
+
+    @property
+    def program_fd(self) -> int:
+        assert self._program is not None
+        return self._program.fd
+
+    def join(self, sock: socket.socket, slot: int) -> None:
+        syscalls.map_update(
+            self.fds.socks,
+            _U32.pack(slot),
+            _U64.pack(sock.fileno()),
+            f"adding slot {slot}'s socket to the sockarray",
+        )
+
+    def route(self, sockets: Sequence[socket.socket], slots: int) -> None:
+        idle = 1 - self._live
+        syscalls.map_update(
+            self.fds.table, _U32.pack(idle), _TABLE.pack(*bucket_table(slots)), "writing the bucket table"
+        )
+        syscalls.map_update(self.fds.live, _U32.pack(0), _U32.pack(idle), "switching the bucket table")
+        self._live = idle
+        if self._program is None:
+            # Every socket listens and sits in the sockarray before the program is attached, so
+            # the program never sees a slot it cannot select.
+            self._program = self._load(self._consts, self.fds)
+            syscalls.attach_reuseport(sockets[0], self._program.fd)
+
+    def leave(self, slot: int) -> None:
+        syscalls.map_delete(self.fds.socks, _U32.pack(slot))
+
+    def counters(self, slots: int) -> Counters:
+        per_cpu = struct.Struct(f"={syscalls.possible_cpus()}Q")
+
+        def total(index: int) -> int:
+            raw = syscalls.map_lookup(self.fds.counters, _U32.pack(index), per_cpu.size)
+            return sum(per_cpu.unpack(raw)) if raw else 0
+
+        return Counters(tuple(total(i) for i in range(slots)), total(FAILURE_INDEX))
+
+    def close(self) -> None:
+        if self._program is not None:
+            self._program.close()
+            self._program = None
+        self._resources.close()
+
+
+class CbpfRouting:
+    """The classic program (``cbpf.py``): the table is compiled in, so a change is a new program.
+
+    It returns a position in the kernel's list of the group's sockets, not a map key: the router
+    keeps position = slot (see ``Router``); joining and leaving need nothing from here.
+    """
+
+    def __init__(self, spec: HashSpec) -> None:
+        self._consts = hashing_cbpf.program_constants(spec)
+        self.insn_count = 0
+
+    def join(self, sock: socket.socket, slot: int) -> None:
+        pass
+
+    def route(self, sockets: Sequence[socket.socket], slots: int) -> None:
+        insns = cbpf.build(self._consts, slots)
+        # One setsockopt replaces the group's program atomically.
+        syscalls.attach_reuseport_cbpf(sockets[0], casm.encode(insns))
+        self.insn_count = len(insns)
+
+    def leave(self, slot: int) -> None:
+        pass
+
+    def counters(self, slots: int) -> Counters:
+        return Counters((None,) * slots, None)
+
+    def close(self) -> None:
+        pass  # the program lives and dies with the group's sockets
+
+
+@dataclass(frozen=True)
+class Loader:
+    routing: Callable[[HashSpec], Routing]
+    slot_of: Callable[[Address, HashSpec, int], int]  # the Python mirror of its choice
+    max_slots: int
+    describe: str
+
+
+LOADERS: dict[str, Loader] = {
+    "native": Loader(
+        lambda spec: MapRouting(spec, load_native),
+        hashing.slot_of,
+        MAX_SLOTS,
+        "eBPF built in Python, loaded with bpf(2)",
+    ),
+    "bcc": Loader(
+        lambda spec: MapRouting(spec, load_bcc), hashing.slot_of, MAX_SLOTS, "eBPF compiled by bcc"
+    ),
+    "cbpf": Loader(CbpfRouting, hashing_cbpf.slot_of, cbpf.MAX_CBPF_SLOTS, "classic BPF, unprivileged"),
 }
+# auto: eBPF where the kernel allows it (counters, 256 slots), otherwise classic BPF.
+AUTO_ORDER = ("native", "cbpf")
+# What makes auto try the next loader: the kernel or the platform refusing, never bad input.
+FALLBACK_ERRORS = (PrivilegeError, UnsupportedKernelError)
+CHOICES = (*LOADERS, "auto")
+
+
+def max_slots(loader: str) -> int:
+    """The most slots ``loader`` can route; auto can use whichever of its loaders fits."""
+    names = AUTO_ORDER if loader == "auto" else (loader,)
+    return max(LOADERS[name].max_slots for name in names)

@@ -1,38 +1,31 @@
-"""The group: one SO_REUSEPORT listening socket per slot, the maps, the attached program.
+"""The group: one SO_REUSEPORT listening socket per slot, routed by the loader's program.
 
 ``Router.open`` builds everything or, if any step fails, nothing: every fd and socket made so far is
-closed before the error propagates. The router knows nothing of workers or the CLI; the supervisor
-asks it to add or retire slots and reads its counters.
+closed before the error propagates. With ``loader="auto"`` it applies the policy of ``loaders.py``:
+native eBPF where the kernel allows it, else classic BPF, and says which and why. The router knows
+nothing of workers or the CLI; the supervisor asks it to add or retire slots and reads its counters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
-import os
+import logging
 import socket
 import struct
-from contextlib import ExitStack
-from dataclasses import dataclass
 from types import TracebackType
 
 from ..config import Bind
-from ..errors import AddressInUseError, ConfigError, KernelError
-from ..hashing import BUCKETS, MAX_SLOTS, HashSpec, bucket_table, program_constants
-from . import syscalls
-from .loaders import LOADERS, LoadedProgram
-from .program import FAILURE_INDEX, MapFds
+from ..errors import AddressInUseError, ConfigError, KernelError, StickyError
+from ..hashing import MAX_SLOTS, Address, HashSpec
+from .loaders import AUTO_ORDER, CHOICES, FALLBACK_ERRORS, LOADERS, Counters, MapRouting, Routing
+from .program import MapFds
 
+log = logging.getLogger("ebpf_sticky")
 _U32 = struct.Struct("=I")
-_U64 = struct.Struct("=Q")
-_TABLE = struct.Struct(f"={BUCKETS}H")
 _TCPI_UNACKED = 24  # offset of tcpi_unacked in struct tcp_info: a listener's accept-queue length
 DEFAULT_BACKLOG = 1024
-
-
-@dataclass(frozen=True)
-class Counters:
-    per_slot: tuple[int, ...]
-    failures: int
+__all__ = ["DEFAULT_BACKLOG", "Counters", "Router"]
 
 
 def _listener(bind: Bind, udp: bool, backlog: int) -> socket.socket:
@@ -68,20 +61,36 @@ def _listener(bind: Bind, udp: bool, backlog: int) -> socket.socket:
 
 
 class Router:
-    """A sticky SO_REUSEPORT group. Use as a context manager, or call ``close``."""
+    """A sticky SO_REUSEPORT group. Use as a context manager, or call ``close``.
 
-    def __init__(self, bind: Bind, spec: HashSpec, *, udp: bool, loader: str) -> None:
+    Position = slot. The classic-BPF program returns a position in the kernel's list of the
+    group's sockets (``reuse->socks[]``, net/core/sock_reuseport.c), not a slot: a socket is
+    appended when it joins (TCP at listen(), UDP at bind()), and when a member leaves (its last fd
+    closed, or shutdown() of a listener) the kernel moves the *last* member into the hole
+    (``__reuseport_detach_sock``: ``socks[i] = socks[num_socks - 1]``). So position = slot holds
+    only if sockets join in slot order and only the last one ever leaves, and this class keeps
+    both true for every loader: slot k's socket is made after slots 0..k-1; the master keeps
+    every socket for the life of the group (a worker's crash, kill -9 or HUP closes the worker's
+    fd, never the socket); only the highest slot is ever released, after a new program routed
+    its clients away (``retire_slot``) and its queue drained; and release shuts a TCP listener
+    down before closing it, which takes it out of the group at once even if another process
+    still holds a duplicate of its fd (a worker's leftover child). Without that, the duplicate
+    would keep the retired socket in the group, the next ``add_slot`` would join *behind* it, and
+    the new slot's clients would be sent to the dead socket (tested). UDP offers no such call: a
+    UDP worker's leftover child that keeps fd 3 open after its slot is retired keeps that socket
+    in the group, and slots added later are misrouted until it closes (the README says so).
+    """
+
+    def __init__(self, bind: Bind, spec: HashSpec, *, udp: bool, loader: str, routing: Routing) -> None:
         # Private: use Router.open, which builds the group all-or-nothing.
         self.spec = spec
         self.udp = udp
-        self.loader = loader
+        self.loader = loader  # the loader actually running, never "auto"
+        self.choice = f"{loader} ({LOADERS[loader].describe}), asked for with --loader {loader}"
         self.bind = bind
         self.sockets: list[socket.socket] = []
-        self._fds: MapFds | None = None
-        self._program: LoadedProgram | None = None
-        self._resources = ExitStack()  # the map fds, closed on close()
-        # Which of the two tables is live; starting at 1 makes the first publish fill table 0.
-        self._live = 1
+        self.retiring: int | None = None  # the slot between retire_slot and release_slot
+        self._routing = routing
 
     @classmethod
     def open(
@@ -91,73 +100,62 @@ class Router:
         slots: int,
         *,
         udp: bool = False,
-        loader: str = "native",
+        loader: str = "auto",
         backlog: int = DEFAULT_BACKLOG,
     ) -> Router:
         if not 1 <= slots <= MAX_SLOTS:
             raise ConfigError(f"workers must be 1..{MAX_SLOTS}, got {slots}")
-        if loader not in LOADERS:
-            raise ConfigError(f"unknown loader {loader!r}: choose one of {', '.join(LOADERS)}")
-        router = cls(bind, spec, udp=udp, loader=loader)
+        if loader not in CHOICES:
+            raise ConfigError(f"unknown loader {loader!r}: choose one of {', '.join(CHOICES)}")
+        if loader != "auto":
+            return cls._open(bind, spec, slots, udp, loader, backlog)
+        refused: list[str] = []
+        errors: list[StickyError] = []
+        for name in AUTO_ORDER:
+            try:
+                router = cls._open(bind, spec, slots, udp, name, backlog)
+            except (*FALLBACK_ERRORS, _TooManySlots) as exc:
+                refused.append(f"{name} refused: {exc}")
+                errors.append(exc)
+                continue
+            why = "; ".join(refused) if refused else "the kernel allows eBPF"
+            router.choice = f"{name} ({LOADERS[name].describe}), chosen by --loader auto: {why}"
+            log.info("router: %s", router.choice)
+            return router
+        # Nothing runs here: report the first refusal (the real cause), with what auto tried.
+        first = errors[0]
+        first.args = (f"no router can run here ({'; '.join(refused)})",)
+        raise first
+
+    @classmethod
+    def _open(cls, bind: Bind, spec: HashSpec, slots: int, udp: bool, loader: str, backlog: int) -> Router:
+        entry = LOADERS[loader]
+        if slots > entry.max_slots:
+            raise _TooManySlots(
+                f"--workers {slots} is more than the {loader} router fits ({entry.max_slots} slots)"
+            )
+        router = cls(bind, spec, udp=udp, loader=loader, routing=entry.routing(spec))
         try:
-            router._build(slots, backlog)
+            for _ in range(slots):
+                router._add_socket(backlog)
+            router._routing.route(router.sockets, slots)
         except BaseException:
             router.close()
             raise
         return router
 
-    def _map(self, map_type: int, value_size: int, entries: int, name: str, flags: int = 0) -> int:
-        fd = syscalls.map_create(map_type, 4, value_size, entries, name, flags)
-        self._resources.callback(os.close, fd)
-        return fd
-
-    def _build(self, slots: int, backlog: int) -> None:
-        self._fds = MapFds(
-            socks=self._map(syscalls.MAP_TYPE_REUSEPORT_SOCKARRAY, 8, MAX_SLOTS, "sticky_socks"),
-            table=self._map(syscalls.MAP_TYPE_ARRAY, _TABLE.size, 2, "sticky_table"),
-            live=self._map(syscalls.MAP_TYPE_ARRAY, 4, 1, "sticky_live"),
-            counters=self._map(syscalls.MAP_TYPE_PERCPU_ARRAY, 8, MAX_SLOTS + 1, "sticky_counts"),
-        )
-        self._publish_table(slots)
-        # Every socket listens and sits in the sockarray before the program is attached, so the
-        # program never sees a slot it cannot select. Connections in the microseconds between the
-        # first listen and the attach are spread by the kernel's own hash; nothing serves them yet.
-        for _ in range(slots):
-            self._add_socket(backlog)
-        self._program = LOADERS[self.loader](program_constants(self.spec), self._fds)
-        syscalls.attach_reuseport(self.sockets[0], self._program.fd)
-
     def _add_socket(self, backlog: int) -> None:
-        assert self._fds is not None
         bind = self.bind
         if self.sockets and bind.port == 0:
             bind = bind.with_port(self.port)
+        # Joins the kernel's group last: its position is len(self.sockets), its slot.
         sock = _listener(bind, self.udp, backlog)
         try:
-            slot = len(self.sockets)
-            syscalls.map_update(
-                self._fds.socks,
-                _U32.pack(slot),
-                _U64.pack(sock.fileno()),
-                f"adding slot {slot}'s socket to the sockarray",
-            )
+            self._routing.join(sock, len(self.sockets))
         except BaseException:
             sock.close()
             raise
         self.sockets.append(sock)
-
-    def _publish_table(self, slots: int) -> None:
-        """Write the table for ``slots`` into the idle entry, then flip the live word.
-
-        The flip is one map update, so a connection sees either the old table or the new one.
-        """
-        assert self._fds is not None
-        idle = 1 - self._live
-        syscalls.map_update(
-            self._fds.table, _U32.pack(idle), _TABLE.pack(*bucket_table(slots)), "writing the bucket table"
-        )
-        syscalls.map_update(self._fds.live, _U32.pack(0), _U32.pack(idle), "switching the bucket table")
-        self._live = idle
 
     @property
     def port(self) -> int:
@@ -168,40 +166,61 @@ class Router:
         return len(self.sockets)
 
     @property
+    def max_slots(self) -> int:
+        return LOADERS[self.loader].max_slots
+
+    @property
     def insn_count(self) -> int:
-        assert self._program is not None
-        return self._program.insn_count
+        return self._routing.insn_count
 
     @property
     def program_fd(self) -> int:
-        assert self._program is not None
-        return self._program.fd
+        """The eBPF program's fd (native and bcc loaders)."""
+        if not isinstance(self._routing, MapRouting):
+            raise ValueError(f"the {self.loader} router has no eBPF program fd")
+        return self._routing.program_fd
+
+    @property
+    def _fds(self) -> MapFds | None:
+        # The bench measures the eBPF program beside its own variants and needs the sockarray.
+        return self._routing.fds if isinstance(self._routing, MapRouting) else None
+
+    def slot_of(self, address: Address, slots: int) -> int:
+        """The slot this router's program picks for ``address`` with ``slots`` live slots."""
+        return LOADERS[self.loader].slot_of(address, self.spec, slots)
 
     def add_slot(self, backlog: int = DEFAULT_BACKLOG) -> int:
         """A new listening socket in a new highest slot; it takes exactly its fair share."""
-        if self.slots >= MAX_SLOTS:
-            raise ConfigError(f"cannot add a slot: {MAX_SLOTS} is the most")
+        if self.slots >= self.max_slots:
+            raise ConfigError(f"cannot add a slot: the {self.loader} router fits at most {self.max_slots}")
+        if self.retiring is not None:
+            raise ConfigError(f"cannot add a slot while slot {self.retiring} is retiring")
         self._add_socket(backlog)
-        self._publish_table(self.slots)
+        self._routing.route(self.sockets, self.slots)
         return self.slots - 1
 
     def retire_slot(self) -> int:
-        """Route the highest slot's buckets away; its socket stays until ``release_slot``.
+        """Route the highest slot's clients away; its socket stays until ``release_slot``.
 
         Between the two, the socket's queue drains into its worker: nothing queued is reset.
         """
         if self.slots <= 1:
             raise ConfigError("cannot retire the last slot")
-        self._publish_table(self.slots - 1)
-        return self.slots - 1
+        if self.retiring is not None:
+            raise ConfigError(f"slot {self.retiring} is already retiring")
+        self._routing.route(self.sockets, self.slots - 1)
+        self.retiring = self.slots - 1
+        return self.retiring
 
     def release_slot(self, slot: int) -> None:
         """Close a retired slot's socket (the highest one)."""
-        assert self._fds is not None
-        if slot != self.slots - 1:
-            raise ValueError("only the highest slot can be released")
-        syscalls.map_delete(self._fds.socks, _U32.pack(slot))
-        self.sockets.pop().close()
+        if slot != self.slots - 1 or slot != self.retiring:
+            raise ValueError("only the retired highest slot can be released")
+        self._routing.leave(slot)
+        sock = self.sockets.pop()
+        _leave_group(sock, self.udp)
+        sock.close()
+        self.retiring = None
 
     def pending(self, slot: int) -> int:
         """Connections waiting in the slot's accept queue (TCP); 0 for UDP."""
@@ -211,25 +230,13 @@ class Router:
         return int(_U32.unpack_from(info, _TCPI_UNACKED)[0])
 
     def counters(self) -> Counters:
-        assert self._fds is not None
-        per_cpu = struct.Struct(f"={syscalls.possible_cpus()}Q")
-        fd = self._fds.counters
-
-        def total(index: int) -> int:
-            raw = syscalls.map_lookup(fd, _U32.pack(index), per_cpu.size)
-            return sum(per_cpu.unpack(raw)) if raw else 0
-
-        return Counters(tuple(total(i) for i in range(self.slots)), total(FAILURE_INDEX))
+        return self._routing.counters(self.slots)
 
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()
         self.sockets.clear()
-        if self._program is not None:
-            self._program.close()
-            self._program = None
-        self._resources.close()
-        self._fds = None
+        self._routing.close()
 
     def __enter__(self) -> Router:
         return self
@@ -238,3 +245,19 @@ class Router:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _leave_group(sock: socket.socket, udp: bool) -> None:
+    """Take a TCP listener out of its group now, even if another process holds a duplicate of it:
+    shutdown(SHUT_RD) makes tcp_disconnect unhash it. It is the group's last member, so the kernel
+    moves nothing into its place. UDP has no such call (shutdown does not unhash; connect() only
+    makes lookups skip it; SO_BINDTODEVICE detaches it but then it outscores the group on that
+    device), so a duplicate held elsewhere keeps a retired UDP socket in the group: see the class.
+    """
+    if not udp:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RD)
+
+
+class _TooManySlots(ConfigError):
+    """More slots than the loader fits: auto tries the next loader, an explicit choice is bad input."""

@@ -12,6 +12,7 @@ import platform
 import socket
 
 from ..errors import KernelError, PrivilegeError, UnsupportedKernelError, VerifierError
+from . import capabilities
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}
 
@@ -23,10 +24,11 @@ PROG_TYPE_SK_REUSEPORT = 21
 ATTACH_SK_REUSEPORT_SELECT = 39
 UPDATE_ANY = 0
 # Socket options (x86 and arm values; parisc and sparc differ and are not supported).
+SO_ATTACH_REUSEPORT_CBPF = 51
 SO_ATTACH_REUSEPORT_EBPF = 52
 SO_DETACH_REUSEPORT_BPF = 68
 
-PRIVILEGE_FIX = "run as root, or grant CAP_BPF and CAP_NET_ADMIN (docker: --privileged)"
+PRIVILEGE_FIX = capabilities.GRANT
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -83,9 +85,10 @@ def _bpf(cmd: int, attr: ctypes.Structure) -> tuple[int, int]:
 
 
 def _raise_common(err: int, what: str) -> None:
-    # EPERM is the capability check; EACCES from PROG_LOAD is the verifier's "invalid access".
+    # EPERM is a missing capability, or a seccomp filter or LSM: the message tells which.
+    # EACCES from PROG_LOAD is the verifier's "invalid access".
     if err == errno_mod.EPERM:
-        raise PrivilegeError(f"the kernel refused {what} (permission denied): {PRIVILEGE_FIX}", err)
+        raise capabilities.explain_own_eperm(what)
     if err == errno_mod.ENOSYS:
         raise UnsupportedKernelError(
             f"the kernel has no bpf(2) ({what}): use Linux 5.14 or newer built with CONFIG_BPF_SYSCALL",
@@ -195,9 +198,39 @@ def attach_reuseport(sock: socket.socket, prog_fd: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, prog_fd)
     except OSError as exc:
         if exc.errno == errno_mod.EPERM:
-            raise PrivilegeError(f"attaching the program was refused: {PRIVILEGE_FIX}", exc.errno) from exc
+            raise capabilities.explain_own_eperm("attaching the program") from exc
         raise KernelError(
             f"attaching the program to the socket failed: {exc.strerror}", exc.errno or 0
+        ) from exc
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def attach_reuseport_cbpf(sock: socket.socket, code: bytes) -> None:
+    """Attach (or atomically replace) a classic BPF program on the socket's whole group.
+
+    Needs no capability and no bpf(2): only a socket of the group.
+    """
+    insns = ctypes.create_string_buffer(code, len(code))
+    fprog = _SockFprog(len(code) // 8, ctypes.addressof(insns))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+    except OSError as exc:
+        if exc.errno == errno_mod.EPERM:
+            raise PrivilegeError(
+                "attaching the classic BPF program was refused (permission denied): a seccomp filter "
+                "or LSM forbids SO_ATTACH_REUSEPORT_CBPF here; allow it, or use --loader native",
+                exc.errno,
+            ) from exc
+        if exc.errno == errno_mod.EINVAL:
+            raise UnsupportedKernelError(
+                "the kernel rejected the classic BPF program (EINVAL): use Linux 5.14 or newer",
+                exc.errno,
+            ) from exc
+        raise KernelError(
+            f"attaching the classic BPF program failed: {exc.strerror}", exc.errno or 0
         ) from exc
 
 

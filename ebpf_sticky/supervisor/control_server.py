@@ -14,7 +14,7 @@ from typing import Any
 
 from ..control import alive, control_dir, peer_uid, socket_name
 from ..errors import ControlError, StickyError
-from ..hashing import parse_address, slot_of
+from ..hashing import parse_address
 from ..kernel.router import Router
 from .core import Core
 
@@ -45,11 +45,11 @@ def answer(message: dict[str, Any], router: Router, sup_core: Core, uptime: floa
         rows = []
         for text in message.get("addresses", []):
             try:
-                slot = slot_of(parse_address(str(text)), router.spec, sup_core.slots)
+                slot = router.slot_of(parse_address(str(text)), sup_core.slots)
             except ValueError:
                 return {"error": f"{text!r} is not an IP address"}
             rows.append({"address": text, "slot": slot, "pids": sorted(pids.get(slot, []))})
-        return {"routes": rows}
+        return {"routes": rows, "loader": router.loader}
     return {"error": f"unknown request {message.get('cmd')!r}"}
 
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ..hashing import MAX_SLOTS
+
 # The worker's exit code when it cannot load the app: deterministic, so never worth retrying.
 APP_LOAD_ERROR = 4
 SIGINT = 2  # the same numbers on every Linux architecture
@@ -63,6 +65,12 @@ class Exited:
 @dataclass(frozen=True)
 class Ready:
     pid: int
+    now: float
+
+
+@dataclass(frozen=True)
+class Recycle:
+    pid: int  # a worker that served its --limit-max-requests: replace it as HUP would its slot
     now: float
 
 
@@ -146,7 +154,7 @@ class Exit:
 
 
 Action = Spawn | Kill | AddSlot | RetireSlot | ReleaseSlot | NotifyReady | Log | Exit
-Event = Start | Spawned | Exited | Ready | LoadFailed | Signal | SlotAdded | ActionFailed | Tick
+Event = Start | Spawned | Exited | Ready | LoadFailed | Recycle | Signal | SlotAdded | ActionFailed | Tick
 
 
 class Phase(Enum):
@@ -193,6 +201,7 @@ def backoff(streak: int) -> float:
 class Core:
     slots: int
     graceful_timeout: float = 30.0
+    max_slots: int = MAX_SLOTS  # what the router fits (the classic-BPF program has a size limit)
     assume_ready_after: float | None = None  # for commands that never send READY=1
     # The exit status meaning "cannot load the app"; None for commands, whose statuses are their own.
     load_error_status: int | None = APP_LOAD_ERROR
@@ -240,7 +249,21 @@ class Core:
             return [Log(f"slot {event.slot} added; {self.slots} slots"), Spawn(event.slot)]
         if isinstance(event, ActionFailed):
             return self._action_failed(event)
+        if isinstance(event, Recycle):
+            return self._recycle(event)
         return self._tick(event)
+
+    def _recycle(self, event: Recycle) -> list[Action]:
+        """The HUP path for one slot: its successor starts on the socket, the worker stops once the
+        successor is ready. Slots queue up, so they are replaced one at a time."""
+        worker = self.workers.get(event.pid)
+        if worker is None or worker.stop_sent is not None or self.phase is Phase.STOPPING:
+            return []
+        if worker.slot == self.reloading or worker.slot in self.reload_queue:
+            return []
+        self.reload_queue.append(worker.slot)
+        actions: list[Action] = [Log(f"slot {worker.slot}: worker {worker.pid} reached --limit-max-requests")]
+        return actions + (self._next_reload() if self.reloading is None else [])
 
     def _ready(self, event: Ready) -> list[Action]:
         worker = self.workers.get(event.pid)
@@ -442,6 +465,8 @@ class Core:
         if event.name == "TTIN":
             if self.retiring is not None:
                 return [Log("SIGTTIN ignored: a slot is still retiring")]
+            if self.slots >= self.max_slots:
+                return [Log(f"SIGTTIN ignored: {self.max_slots} slots is the most this router fits")]
             return [Log(f"SIGTTIN: adding slot {self.slots}"), AddSlot(self.slots)]
         if event.name == "TTOU":
             if self.slots <= 1:

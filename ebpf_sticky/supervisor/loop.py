@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import logging
 import os
 import select
@@ -21,23 +20,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import Launch
-from ..errors import AppLoadError, StickyError
+from ..errors import AppLoadError, LockdownError, StickyError
+from ..kernel.capabilities import prctl
 from ..kernel.router import Router
-from ..kernel.seccomp import forbid_program_changes
 from ..metrics import Exporter, serve
 from . import core
 from .control_server import ControlServer
+from .privileges import lock_down_worker, refuse_to_exec, secure_group
+from .reloader import watching
 from .reports import LOAD_ERROR_PREFIX, MAX_REPORT, parse_load_error
-from .worker import LISTEN_FD, sd_notify
+from .worker import LISTEN_FD, OPTIONS_ENV, RECYCLE, sd_notify
 
 log = logging.getLogger("ebpf_sticky")
 
 _PR_SET_PDEATHSIG = 1
-_PR_CAPBSET_DROP = 24
-# CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF: what loading or detaching BPF programs takes.
-# Dropped from a root worker's bounding set, so its exec grants them no more.
-_BPF_CAPS = (12, 21, 38, 39)
-_libc = ctypes.CDLL(None, use_errno=True)
 _SIGNALS = {
     signal.SIGTERM: "TERM",
     signal.SIGINT: "INT",
@@ -53,19 +49,27 @@ COMMAND_READY_AFTER = 1.0
 
 
 def _child_setup(sock_fd: int, master_pid: int) -> Callable[[], None]:
-    """Runs in the child between fork and exec (after any user/group change)."""
+    """Runs in the child between fork and exec (after any user/group change).
+
+    Every step is checked and a failure ends the child before exec (fail closed): subprocess would
+    turn an exception raised here into a SubprocessError without its message, so the child says why
+    on stderr and exits with EXIT_LOCKDOWN. The master has run the same lock-down in a probe child
+    before the first worker (privileges.secure_group), so this is the second line of defence.
+    """
 
     def setup() -> None:
-        # Set after the uid change, which would clear it; the getppid check closes the race with a
-        # master that died before the prctl.
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != master_pid:
-            os._exit(1)
-        for cap in _BPF_CAPS:
-            _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # EPERM without CAP_SETPCAP: then nothing to drop
-        # Even without capabilities a socket's holder may detach or replace the group's program.
-        forbid_program_changes()
-        os.dup2(sock_fd, LISTEN_FD)
+        try:
+            # Set after the uid change, which would clear it; the getppid check closes the race
+            # with a master that died before the prctl.
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
+            if os.getppid() != master_pid:
+                os._exit(1)
+            # No capability, no_new_privs, and the filter that keeps the socket's
+            # holder from detaching or replacing the group's program (no privilege needed for that).
+            lock_down_worker()
+            os.dup2(sock_fd, LISTEN_FD)
+        except (OSError, LockdownError) as exc:
+            refuse_to_exec(exc)
 
     return setup
 
@@ -116,6 +120,8 @@ class Supervisor:
             NOTIFY_SOCKET=self.notify_name,
         )
         env.pop("LISTEN_PID", None)
+        if self.settings.target is not None:
+            env[OPTIONS_ENV] = self.settings.uvicorn.to_json()
         setup = _child_setup(self.router.sockets[slot].fileno(), os.getpid())
 
         def preexec() -> None:
@@ -146,7 +152,7 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(action.pid, signal.SIGKILL if action.signal == "KILL" else signal.SIGTERM)
             elif isinstance(action, core.AddSlot):
-                return [core.SlotAdded(self.router.add_slot(), now)]
+                return [core.SlotAdded(self.router.add_slot(self.settings.uvicorn.backlog), now)]
             elif isinstance(action, core.RetireSlot):
                 self.router.retire_slot()
             elif isinstance(action, core.ReleaseSlot):
@@ -204,12 +210,15 @@ class Supervisor:
                             events.append(core.LoadFailed(pid, *report, time.monotonic()))
                     elif b"READY=1" in data.split(b"\n"):
                         events.append(core.Ready(pid, time.monotonic()))
+                    elif RECYCLE.encode() in data.split(b"\n"):
+                        events.append(core.Recycle(pid, time.monotonic()))
 
     def run(self) -> core.Exit:
         s = self.settings
         sup_core = core.Core(
             slots=self.router.slots,
             graceful_timeout=s.graceful_timeout,
+            max_slots=self.router.max_slots,
             assume_ready_after=COMMAND_READY_AFTER if s.command else None,
             load_error_status=None if s.command else core.APP_LOAD_ERROR,
         )
@@ -229,7 +238,7 @@ class Supervisor:
                 "udp" if s.udp else "tcp",
                 self.router.slots,
                 self.router.bind.with_port(self.router.port),
-                s.loader,
+                self.router.loader,
                 self.router.insn_count,
             )
             done = self.execute(sup_core, sup_core.handle(core.Start(time.monotonic())))
@@ -294,16 +303,25 @@ def open_notify_socket() -> tuple[socket.socket, str]:
 def launch(settings: Launch) -> int:
     """Build the group, run workers until told to stop; returns the exit status."""
     router = Router.open(
-        settings.bind, settings.spec, settings.workers, udp=settings.udp, loader=settings.loader
+        settings.bind,
+        settings.spec,
+        settings.workers,
+        udp=settings.udp,
+        loader=settings.loader,
+        backlog=settings.uvicorn.backlog,
     )
     with router, ControlServer.open(router) as control, contextlib.ExitStack() as stack:
-        exporter = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None
         notify_sock, notify_name = open_notify_socket()
         stack.callback(notify_sock.close)
         if settings.pid_file:
             with open(settings.pid_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
             stack.callback(os.unlink, settings.pid_file)
+        # The group is built: from here on the master needs (almost) no privilege.
+        secure_group(settings.uid, settings.gid, router.port, settings.pid_file)
+        # Threads only from here on: capset drops the calling thread's capabilities alone.
+        stack.enter_context(watching(settings.uvicorn.reload))
+        exporter = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None
         supervisor = Supervisor(settings, router, notify_sock, notify_name, control, exporter)
         done = supervisor.run()
     if done.code == core.APP_LOAD_ERROR:

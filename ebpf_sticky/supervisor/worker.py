@@ -14,19 +14,26 @@ import importlib.machinery
 import importlib.util
 import inspect
 import os
+import random
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
 from ..stopping import run_stop_hooks
+from ..uvicorn_options import ACCESS_LOG, WorkerOptions
 from .core import APP_LOAD_ERROR
 from .reports import encode_load_error
 
 LISTEN_FD = 3
+# The master hands each worker its uvicorn options here (JSON), not in argv: argv is world-readable
+# in /proc and may carry the key's password.
+OPTIONS_ENV = "EBPF_STICKY_WORKER_OPTIONS"
+# What a worker tells the master (sd_notify) once it has served its --limit-max-requests.
+RECYCLE = "RECYCLE=1"
 APP_NAMES = ("app", "application")
 # On stop, how long a worker keeps connections it has just accepted before closing idle ones:
 # a connection accepted a moment before TERM has often not delivered its request yet, and
@@ -58,21 +65,22 @@ def parse_target(text: str) -> Target:
     return Target(location, attr or None, is_path)
 
 
-def check_target_exists(target: Target) -> None:
+def check_target_exists(target: Target, app_dir: str | None = None) -> None:
     """Fail in the master, before any fork, for the commonest mistakes: a wrong path or module."""
     if target.is_path:
         if not Path(target.location).is_file():
             raise ConfigError(f"target file {target.location!r} does not exist (relative to {os.getcwd()})")
         return
-    missing = missing_module(target.location)
+    directory = os.path.abspath(app_dir) if app_dir is not None else os.getcwd()
+    missing = missing_module(target.location, directory)
     if missing is not None:
         raise ConfigError(
-            f"target {target.location}:{target.attr}: no module named {missing!r} (searched {os.getcwd()} "
+            f"target {target.location}:{target.attr}: no module named {missing!r} (searched {directory} "
             "and the installed packages): check the name, or launch from the directory that holds it"
         )
 
 
-def missing_module(name: str) -> str | None:
+def missing_module(name: str, directory: str) -> str | None:
     """The first part of a dotted module name that cannot be found, or None; runs none of its code.
 
     The master must not import the user's module (its side effects belong in the workers), so it
@@ -81,7 +89,7 @@ def missing_module(name: str) -> str | None:
     with ``PathFinder`` instead (a package that rewrites ``__path__`` at import time is not seen).
     """
     parts = name.split(".")
-    sys.path.insert(0, os.getcwd())
+    sys.path.insert(0, directory)
     try:
         spec = importlib.util.find_spec(parts[0])
     except ValueError:  # already imported without a spec: it exists
@@ -99,9 +107,9 @@ def missing_module(name: str) -> str | None:
     return name if spec is None else None
 
 
-def _import(target: Target) -> Any:
+def _import(target: Target, app_dir: str | None = None) -> Any:
     if not target.is_path:
-        sys.path.insert(0, os.getcwd())
+        sys.path.insert(0, os.path.abspath(app_dir) if app_dir is not None else os.getcwd())
         return importlib.import_module(target.location)
     path = Path(target.location).resolve()
     # Like `python app.py`: the app's directory comes first, so its sibling modules import.
@@ -146,18 +154,37 @@ def is_asgi(app: Any) -> bool:
     return inspect.iscoroutinefunction(call)
 
 
-def load_app(target: Target, factory: bool) -> Callable[..., Any]:
-    app: Callable[..., Any] = find_app(_import(target), target)
+def load_app(
+    target: Target, factory: bool, interface: str = "auto", app_dir: str | None = None
+) -> Callable[..., Any]:
+    app: Callable[..., Any] = find_app(_import(target, app_dir), target)
     if factory:
         app = app()
     if not callable(app):
         raise ConfigError(f"{target.location}: the app is not callable (is it a factory? add --factory)")
-    if is_asgi(app):
+    # uvicorn wraps an ASGI2 app itself (interface="asgi2"); WSGI goes through a2wsgi.
+    if interface in ("asgi3", "asgi2") or (interface == "auto" and is_asgi(app)):
         return app
     from a2wsgi import WSGIMiddleware
 
     wrapped: Callable[..., Any] = WSGIMiddleware(app)
     return wrapped
+
+
+def check_readable(options: WorkerOptions) -> None:
+    """The master checked the TLS files as itself; a worker reads them after dropping to --user."""
+    for keyword in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):
+        path = options.config.get(keyword)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"--{keyword.replace('_', '-')} {path!r}: uid {os.getuid()} cannot read it ({exc.strerror}): "
+                "make it readable by the --user/--group the workers run as"
+            ) from None
 
 
 def sd_notify(message: str) -> None:
@@ -171,12 +198,25 @@ def sd_notify(message: str) -> None:
         sock.sendall(message.encode())
 
 
-async def _serve(
-    app: Callable[..., Any], sock: socket.socket, graceful_timeout: float, log_level: str
-) -> bool:
+def _server(config: Any, max_requests: int | None) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
+        recycle_sent = False
+
+        async def on_tick(self, counter: int) -> bool:
+            # uvicorn's own --limit-max-requests would exit and leave the slot without a worker
+            # until the master noticed; instead the master starts the successor first (the once-a-
+            # tick check, every 0.1 s, is uvicorn's own: nothing is added per request).
+            if (
+                max_requests is not None
+                and not self.recycle_sent
+                and self.server_state.total_requests >= max_requests
+            ):
+                self.recycle_sent = True
+                sd_notify(RECYCLE)
+            return bool(await super().on_tick(counter))
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             for server in self.servers:
                 server.close()  # stop accepting first ...
@@ -184,14 +224,17 @@ async def _serve(
             await asyncio.sleep(STOP_GRACE)  # ... so just-accepted connections get their request in
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(
-        app,
-        log_level=log_level,
-        timeout_graceful_shutdown=round(graceful_timeout),
-        lifespan="auto",
-        access_log=False,
-    )
-    server = Server(config)
+    return Server(config)
+
+
+def max_requests(options: WorkerOptions) -> int | None:
+    """This worker's request budget: the limit plus its own random share of the jitter."""
+    if options.limit_max_requests is None:
+        return None
+    return options.limit_max_requests + random.randint(0, options.limit_max_requests_jitter)
+
+
+async def _serve(server: Any, sock: socket.socket) -> bool:
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
@@ -214,6 +257,48 @@ def report_load_error(summary: str, detail: str) -> int:
     return APP_LOAD_ERROR
 
 
+def _run(
+    main: Coroutine[Any, Any, bool], loop_factory: Callable[[], asyncio.AbstractEventLoop] | None
+) -> bool:
+    """asyncio.run on the event loop uvicorn's --loop chose (uvloop by default when installed)."""
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(main)
+    loop = loop_factory() if loop_factory is not None else asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def serve(
+    app: Callable[..., Any],
+    sock: socket.socket,
+    options: WorkerOptions,
+    graceful_timeout: float,
+    log_level: str,
+) -> bool:
+    import uvicorn
+
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=round(graceful_timeout),
+        backlog=options.backlog,  # asyncio listen()s again with it: keep the master's value
+        # An ASGI2 app is wrapped by uvicorn; a WSGI one was wrapped by a2wsgi already.
+        interface="asgi2"
+        if options.interface == "asgi2"
+        else "asgi3"
+        if options.interface == "asgi3"
+        else "auto",
+        **{"access_log": ACCESS_LOG, **options.config},
+    )
+    server = _server(config, max_requests(options))
+    return _run(_serve(server, sock), config.get_loop_factory())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ebpf-sticky-worker")
     parser.add_argument("target")
@@ -222,8 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     slot = os.environ.get("EBPF_STICKY_WORKER", "?")
+    text = os.environ.pop(OPTIONS_ENV, None)
+    options = WorkerOptions.from_json(text) if text else WorkerOptions()
     try:
-        app = load_app(parse_target(args.target), args.factory)
+        if options.env_file is not None:
+            # Before the import, as uvicorn does: the app may read its settings at import time.
+            from dotenv import load_dotenv
+
+            load_dotenv(options.env_file)
+        check_readable(options)
+        app = load_app(parse_target(args.target), args.factory, options.interface, options.app_dir)
     except ConfigError as exc:
         return report_load_error(f"slot {slot}: {exc}", "")
     except Exception as exc:
@@ -233,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             f"slot {slot}: importing {args.target} raised {type(exc).__name__}: {exc}", traceback.format_exc()
         )
     sock = socket.socket(fileno=LISTEN_FD)
-    started = asyncio.run(_serve(app, sock, args.graceful_timeout, args.log_level))
+    started = serve(app, sock, options, args.graceful_timeout, args.log_level)
     return 0 if started else APP_LOAD_ERROR
 
 

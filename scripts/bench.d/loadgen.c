@@ -2,12 +2,14 @@
 //
 //   loadgen HOST PORT SOURCES CONCURRENCY SECONDS [REQUESTS_PER_CONNECTION]
 //
-// Keeps CONCURRENCY connections in flight; each binds the next source address (127.x.y.z, by
+// Keeps CONCURRENCY connections in flight; each binds the next source address (127.77.y.z, by
 // index, cycling through SOURCES of them), connects, sends REQUESTS_PER_CONNECTION (default 1)
 // GETs one after another (keep-alive; the last says "Connection: close"), and records each
 // response's latency and worker id (the body's first integer). Responses need Content-Length.
 // A source is sticky when every connection it made was answered by the same worker.
 // Prints one JSON object: completed, errors, latencies, per-worker counts, stickiness per source.
+// Connections still open DRAIN_SECONDS after the end (a SYN dropped by a full backlog is retried
+// for over a minute) are closed and counted as errors, so a run always ends.
 // Single-threaded epoll: one core of load, so the bench can measure this generator's ceiling.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -25,6 +27,7 @@
 #include <unistd.h>
 
 #define MAX_WORKERS 64
+#define DRAIN_SECONDS 10
 #define BUF 1024
 
 struct conn {
@@ -62,7 +65,7 @@ static uint32_t source_addr(int index) {
         }
         i++;
     }
-    return htonl((127u << 24) | (uint32_t)i);
+    return htonl((127u << 24) | (77u << 16) | (uint32_t)(i & 0xffff));
 }
 
 static int cmp_u32(const void *a, const void *b) {
@@ -102,6 +105,7 @@ int main(int argc, char **argv) {
     struct conn *conns = calloc((size_t)concurrency, sizeof *conns);
     int next_source = 0;
     uint64_t start = now_ns(), deadline = start + (uint64_t)(seconds * 1e9);
+    uint64_t drained = deadline + (uint64_t)DRAIN_SECONDS * 1000000000ull;
 
     // Open a connection in slot c; returns 0 on success.
     #define OPEN(c)                                                                            \
@@ -129,6 +133,15 @@ int main(int argc, char **argv) {
     while (open_conns > 0) {
         int n = epoll_wait(ep, events, 256, 100);
         uint64_t t = now_ns();
+        if (t >= drained) {
+            for (int c = 0; c < concurrency; c++) {
+                if (conns[c].fd >= 0) {
+                    close(conns[c].fd);
+                    errors++;
+                }
+            }
+            break;
+        }
         for (int e = 0; e < n; e++) {
             int c = (int)events[e].data.u32;
             struct conn *k = &conns[c];
@@ -180,6 +193,7 @@ int main(int argc, char **argv) {
             }
             if (done || failed) {
                 close(k->fd);
+                k->fd = -1;
                 if (failed) errors++;
                 if (t < deadline) {
                     OPEN(c);

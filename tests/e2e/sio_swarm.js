@@ -1,13 +1,16 @@
 // node sio_swarm.js URL TRANSPORTS ROUNDS TIMEOUT_MS SOURCE... → JSON {ok, failed, errors, workers, hosts}
-// One socket.io-client per source address, all at once, each bound with its own http.Agent.
+// One socket.io-client per source address, all at once, each bound with its own http(s).Agent.
+// For https URLs, NODE_EXTRA_CA_CERTS names the test CA.
 const http = require("http");
+const https = require("https");
 const { io } = require("socket.io-client");
 
 const [url, transports, rounds, timeoutMs, ...sources] = process.argv.slice(2);
 const timeout = Number(timeoutMs);
 
 async function one(source) {
-  const agent = new http.Agent({ localAddress: source, keepAlive: false });
+  const Agent = url.startsWith("https:") ? https.Agent : http.Agent;
+  const agent = new Agent({ localAddress: source, keepAlive: false });
   const socket = io(url, {
     transports: transports.split(","),
     agent,

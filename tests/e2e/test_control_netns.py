@@ -52,7 +52,7 @@ def test_status_and_route_find_their_namespace_instance(lab: Lab) -> None:
         assert route.returncode == 0, route.stderr
         slot = slot_of(parse_address("10.1.2.3"), HashSpec(bytes.fromhex(KEY)), 2)
         pids = next(row["pids"] for row in lab.status(host)["slots"] if row["slot"] == slot)
-        assert route.stdout == f"10.1.2.3 {slot} pid={','.join(map(str, pids))}\n", host
+        assert route.stdout == f"router: native\n10.1.2.3 {slot} pid={','.join(map(str, pids))}\n", host
 
 
 def test_a_namespace_without_an_instance_finds_none(lab: Lab) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from launcher import KEY, Instance, launched, wait_for
-from netlab import in_new_netns, loopback_with, v4_sources
+from netlab import in_new_netns, local_ipv6_prefix, v4_sources
 
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 
@@ -94,8 +94,8 @@ def v6_groups(length: int, count: int) -> dict[str, list[str]]:
 
 
 def route_in_netns(length: int, groups: dict[str, list[str]]) -> dict[str, int]:
-    """Inside a fresh netns: lo gets the server's and the clients' addresses, then launch and ask."""
-    loopback_with(["fd00::1", *(m for ms in groups.values() for m in ms)])
+    """Inside a fresh netns: fd00::/16 is local (server and clients alike), then launch and ask."""
+    local_ipv6_prefix("fd00::/16", "fd00::1")
     with launched(slot_server("[fd00::1]:0", "--prefix6", str(length))) as instance:
         return {m: slot_for(m, "fd00::1", instance.port) for ms in groups.values() for m in ms}
 

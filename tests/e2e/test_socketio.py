@@ -17,7 +17,7 @@ import pytest
 import socketio
 from launcher import KEY, Instance, launched, wait_for
 from netlab import v4_sources
-from sio_clients import Member, node_swarm, python_swarm, wait_async
+from sio_clients import CHROMIUM, CHROMIUM_ARGS, Member, node_swarm, python_swarm, wait_async
 
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 
@@ -161,11 +161,7 @@ def test_real_browser_chats_with_a_client_on_another_worker(chat_with_redis: str
     thread.start()
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(
-                executable_path="/usr/bin/chromium",
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--disable-component-update", "--disable-sync", "--no-first-run"],
-            )  # fmt: skip
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
                 page = browser.new_page()
                 page.goto(chat_with_redis + "/")

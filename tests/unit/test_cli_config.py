@@ -6,6 +6,7 @@ import socket
 
 import pytest
 
+from ebpf_sticky import hashing_cbpf
 from ebpf_sticky.cli import main
 from ebpf_sticky.config import parse_bind, parse_key
 from ebpf_sticky.errors import ConfigError
@@ -82,6 +83,16 @@ def test_route_offline_matches_the_mirror(capsys: pytest.CaptureFixture[str]) ->
     assert lines[0].split()[1] == lines[1].split()[1]  # IPv4-mapped is the IPv4 client
 
 
+def test_route_offline_with_loader_cbpf_uses_its_mirror(capsys: pytest.CaptureFixture[str]) -> None:
+    addresses = ["10.0.0.1", "::ffff:10.0.0.1", "2001:db8::1", "127.0.0.9"]
+    assert main(["route", "--loader", "cbpf", "--workers", "7", "--hash-key", KEY, *addresses]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    spec = HashSpec(bytes.fromhex(KEY))
+    assert lines == [f"{a} {hashing_cbpf.slot_of(parse_address(a), spec, 7)}" for a in addresses]
+    native = [slot_of(parse_address(a), spec, 7) for a in addresses]
+    assert [int(line.split()[1]) for line in lines] != native  # a different hash: --loader matters
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -89,6 +100,14 @@ def test_route_offline_matches_the_mirror(capsys: pytest.CaptureFixture[str]) ->
         (["route", "--workers", "3", "10.0.0.1"], "needs --hash-key"),
         (["route", "--workers", "3", "--hash-key", KEY, "not-an-ip"], "is not an IP address"),
         (["route", "--workers", "0", "--hash-key", KEY, "10.0.0.1"], "--workers must be 1..256"),
+        (
+            ["route", "--loader", "cbpf", "--workers", "72", "--hash-key", KEY, "10.0.0.1"],
+            "--workers must be 1..71 with --loader cbpf, got 72",
+        ),
+        (
+            ["launch", "--loader", "cbpf", "-w", "100", "--", "true"],
+            "--workers must be 1..71 with --loader cbpf",
+        ),
         (["status", "--", "x"], "goes with launch only"),
         (["launch"], "either a TARGET"),
         (["launch", "app.py", "--", "node", "x.js"], "either a TARGET"),

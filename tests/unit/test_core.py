@@ -270,6 +270,14 @@ def test_ttin_adds_a_slot_then_its_worker() -> None:
     assert c.slots == 3
 
 
+def test_ttin_beyond_what_the_router_fits_is_refused_with_a_reason() -> None:
+    c = started()
+    c.max_slots = 2  # e.g. the classic-BPF router's limit
+    actions = c.handle(Signal("TTIN", 1.0))
+    assert not kinds(actions, AddSlot) and not kinds(actions, Spawn) and c.slots == 2
+    assert kinds(actions, core.Log) == [core.Log("SIGTTIN ignored: 2 slots is the most this router fits")]
+
+
 def test_ttou_remaps_drains_then_stops_then_releases() -> None:
     c = started(slots=3)
     assert kinds(c.handle(Signal("TTOU", 1.0)), RetireSlot) == [RetireSlot(2)]

@@ -1,0 +1,223 @@
+"""The classic-BPF router on the real kernel, as ``nobody`` with no capability at all.
+
+Each test forks, drops to nobody (``netlab.drop_to_nobody`` checks CapEff/CapPrm/CapAmb = 0 from
+/proc), opens the group with ``--loader auto`` (which must pick cbpf there) and checks every
+connection against the cbpf mirror.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import netlab
+import pytest
+from netlab import (
+    accept_all,
+    connect_all,
+    in_child,
+    local_ipv6_prefix,
+    v4_sources,
+)
+from sandbox import deny_bpf_syscall, drop_to_nobody
+
+from ebpf_sticky import hashing_cbpf
+from ebpf_sticky.config import parse_bind
+from ebpf_sticky.errors import StickyError
+from ebpf_sticky.hashing import HashSpec, parse_address
+from ebpf_sticky.kernel import casm
+from ebpf_sticky.kernel.router import Router
+
+KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
+SPEC = HashSpec(KEY)
+SOURCES = v4_sources(512)
+
+
+def predicted(sources: list[str], slots: int, spec: HashSpec = SPEC) -> dict[str, int]:
+    return {s: hashing_cbpf.slot_of(parse_address(s), spec, slots) for s in sources}
+
+
+def routed(router: Router, sources: list[str], host: str = "127.0.0.1") -> dict[str, int]:
+    return netlab.routed(router.sockets, router.port, sources, host, udp=router.udp)
+
+
+def as_nobody(
+    fn: Callable[[], Any], *, new_netns: bool = False, setup: Callable[[], None] | None = None
+) -> Any:
+    def child() -> Any:
+        if setup is not None:
+            setup()  # as root, e.g. addresses in the new netns
+        drop_to_nobody()
+        return fn()
+
+    return in_child(child, new_netns=new_netns)
+
+
+def test_ipv4_tcp_udp_specific_and_dual_stack() -> None:
+    def check() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for bind in ("127.0.0.1:0", "[::]:0"):
+            for udp in (False, True):
+                with Router.open(parse_bind(bind), SPEC, 5, udp=udp) as router:
+                    name = f"{bind}/{'udp' if udp else 'tcp'}"
+                    out[name] = (router.loader, routed(router, SOURCES))
+        return out
+
+    results = as_nobody(check)
+    assert len(results) == 4
+    for name, (loader, got) in results.items():
+        assert loader == "cbpf", name  # auto, without privilege
+        assert got == predicted(SOURCES, 5), name
+        assert set(got.values()) == set(range(5)), name
+
+
+def test_prefix4_masks_in_the_kernel() -> None:
+    # 10 sources in each of 40 /24s; a byte-order slip in the mask would split a /24 or disagree.
+    sources = [f"127.{i // 8}.{i % 8 * 30}.{h}" for i in range(40) for h in (1, 77, 250)]
+    spec = HashSpec(KEY, prefix4=20)
+
+    def check() -> dict[str, int]:
+        with Router.open(parse_bind("127.0.0.1:0"), spec, 7, loader="cbpf") as router:
+            return routed(router, sources)
+
+    got = as_nobody(check)
+    assert got == predicted(sources, 7, spec)
+    by_prefix: dict[int, set[int]] = {}
+    for source, slot in got.items():
+        by_prefix.setdefault(int(parse_address(source)) >> 12, set()).add(slot)
+    assert all(len(slots) == 1 for slots in by_prefix.values())
+    assert len(set(got.values())) > 1
+
+
+def test_ipv6_tcp_udp_specific_and_dual_stack_in_a_netns() -> None:
+    # 128 sources in distinct /56s, plus 16 in another /64 of the first 16 of those /56s: with
+    # --prefix6 56 the two of a /56 share a slot.
+    sources = [str(parse_address(f"fd00:5e:0:{i:x}00::1")) for i in range(128)]
+    sources += [str(parse_address(f"fd00:5e:0:{i:x}42::beef")) for i in range(16)]
+    spec = HashSpec(KEY, prefix6=56)
+
+    def check() -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for bind in ("[fd00:5e:ffff::1]:0", "[::]:0"):
+            for udp in (False, True):
+                with Router.open(parse_bind(bind), spec, 6, udp=udp) as router:
+                    assert router.loader == "cbpf"
+                    out[f"{bind}/{'udp' if udp else 'tcp'}"] = routed(router, sources, "fd00:5e:ffff::1")
+        return out
+
+    results = as_nobody(
+        check, new_netns=True, setup=lambda: local_ipv6_prefix("fd00:5e::/32", "fd00:5e:ffff::1")
+    )
+    assert len(results) == 4
+    for name, got in results.items():
+        assert got == predicted(sources, 6, spec), name
+        assert len(got) == 144 and set(got.values()) == set(range(6)), name
+        for i in range(16):
+            assert got[sources[i]] == got[sources[128 + i]], name
+
+
+@pytest.mark.parametrize("udp", [False, True], ids=["tcp", "udp"])
+def test_add_retire_release_and_add_again_keep_position_equal_slot(udp: bool) -> None:
+    def check() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with Router.open(parse_bind("127.0.0.1:0"), SPEC, 4, udp=udp) as router:
+            out["before"] = routed(router, SOURCES)
+            router.add_slot()
+            out["grown"] = routed(router, SOURCES)
+            router.retire_slot()
+            out["retired"] = routed(router, SOURCES)
+            # A worker's leftover child still holds the retired socket: release must take it
+            # out of the group anyway, or the next slot would join behind it (TCP only: UDP has
+            # no way to do that, see Router).
+            leftover = os.dup(router.sockets[4].fileno()) if not udp else None
+            router.release_slot(4)
+            out["released"] = routed(router, SOURCES)
+            router.add_slot()
+            out["regrown"] = routed(router, SOURCES)
+            if leftover is not None:
+                os.close(leftover)
+        return out
+
+    got = as_nobody(check)
+    before, grown = predicted(SOURCES, 4), predicted(SOURCES, 5)
+    assert got["before"] == got["retired"] == got["released"] == before
+    assert got["grown"] == got["regrown"] == grown
+    moved = [s for s in SOURCES if before[s] != grown[s]]
+    assert all(grown[s] == 4 for s in moved)
+    print(f"cbpf 4->5 on the kernel: {len(moved)} of {len(SOURCES)} sources moved, all to slot 4")
+    assert 0.15 <= len(moved) / len(SOURCES) <= 0.25
+
+
+def test_negative_control_the_kernel_moves_the_last_member_into_a_hole() -> None:
+    # What the router never lets happen: closing a middle member moves the last into its place,
+    # so the program's answer for slot 1 now reaches slot 3's socket.
+    def check() -> dict[str, Any]:
+        with Router.open(parse_bind("127.0.0.1:0"), SPEC, 4, loader="cbpf") as router:
+            hole = router.sockets[1]
+            hole.close()  # behind the router's back
+            sources = [s for s in SOURCES if predicted([s], 4)[s] == 1][:20]
+            clients = connect_all(sources, "127.0.0.1", router.port)
+            seen = accept_all([router.sockets[i] for i in (0, 2, 3)], len(sources), deadline=3)
+            for client in clients:
+                client.close()
+            return {"landed": sorted(set(seen.values())), "count": len(seen)}
+
+    got = as_nobody(check)
+    assert got == {"landed": [2], "count": 20}  # index 2 of [0, 2, 3]: slot 3's socket
+
+
+def test_negative_control_any_holder_of_a_member_can_replace_the_program() -> None:
+    # Negative control for the seccomp filter (tested end to end in test_launch.py): any holder
+    # of a member socket, unprivileged, can replace the classic program for the whole group.
+    def check() -> list[int]:
+        with Router.open(parse_bind("127.0.0.1:0"), SPEC, 3, loader="cbpf") as router:
+            holder = socket.socket(fileno=os.dup(router.sockets[2].fileno()))
+            ret0 = casm.encode([casm.ret(0)])
+            from ebpf_sticky.kernel import syscalls
+
+            syscalls.attach_reuseport_cbpf(holder, ret0)
+            holder.detach()
+            return sorted(set(routed(router, SOURCES[:60]).values()))
+
+    assert as_nobody(check) == [0]
+
+
+def test_auto_picks_cbpf_when_a_seccomp_filter_denies_bpf_and_native_as_root() -> None:
+    def open_auto(deny: bool) -> dict[str, Any]:
+        if deny:
+            deny_bpf_syscall()
+        status = Path("/proc/self/status").read_text().splitlines()
+        caps = next(line for line in status if line.startswith("CapEff"))
+        with Router.open(parse_bind("127.0.0.1:0"), SPEC, 3) as router:
+            return {
+                "loader": router.loader,
+                "choice": router.choice,
+                "caps": caps.split()[1],
+                "routes": routed(router, SOURCES[:100]),
+            }
+
+    filtered = in_child(lambda: open_auto(True))
+    assert filtered["loader"] == "cbpf"
+    assert int(filtered["caps"], 16) & (1 << 39)  # CAP_BPF held: the filter is what refused
+    assert "native refused" in filtered["choice"] and "permission denied" in filtered["choice"]
+    assert filtered["routes"] == predicted(SOURCES[:100], 3)
+    native = in_child(lambda: open_auto(False))
+    assert native["loader"] == "native"
+    assert native["choice"].endswith("the kernel allows eBPF")
+
+
+def test_auto_without_privilege_and_too_many_workers_names_both_refusals() -> None:
+    def check() -> dict[str, Any]:
+        try:
+            Router.open(parse_bind("127.0.0.1:0"), SPEC, 100)
+        except StickyError as exc:
+            return {"type": type(exc).__name__, "message": str(exc), "exit": exc.exit_code}
+        return {}
+
+    got = as_nobody(check)
+    assert got["type"] == "PrivilegeError" and got["exit"] == 3
+    assert got["message"].startswith("no router can run here (native refused: the kernel refused")
+    assert "cbpf refused: --workers 100 is more than the cbpf router fits (71 slots)" in got["message"]
