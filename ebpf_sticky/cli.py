@@ -10,7 +10,6 @@ import os
 import pwd
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from . import config, uvicorn_options
 from .control import control_dir, find_instance, request
