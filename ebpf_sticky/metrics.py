@@ -55,7 +55,8 @@ def families(loader: str, counters: Counters, state: State) -> list[Metric]:
         labels=["slot"],
     )
     for slot, count in enumerate(counters.per_slot):
-        routed.add_metric([str(slot)], count)
+        if count is not None:  # a router that cannot count a slot leaves it out
+            routed.add_metric([str(slot)], count)
     failures = CounterMetricFamily(
         "ebpf_sticky_routing_failures",
         "Selections the program could not make (the kernel's own hash picked instead)",
