@@ -267,10 +267,6 @@ def test_systemd_launch_under_the_units_user_and_capabilities() -> None:
         assert instance.finish(timeout=int(unit_settings()["TimeoutStopSec"][0])) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="workers keep the unit's ambient CAP_BPF/CAP_NET_ADMIN until branch priv clears them",
-)
 def test_systemd_launch_workers_hold_no_bpf_capability() -> None:
     with launched_as_unit() as (instance, _):
         workers = children(instance.proc.pid)
