@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--group", default=_env("group"), help="workers run as this group")
     launch.add_argument("--pid-file", default=_env("pid-file"), help="write the master's pid here")
     launch.add_argument(
+        "--metrics",
+        default=_env("metrics"),
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
+    launch.add_argument(
         "--log-level",
         default=_env("log-level", "info"),
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -164,14 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
+    # Empty means unset, so `-e EBPF_STICKY_USER=` can lift an image's default user.
     uid = gid = None
-    if user is not None:
+    if user:
         try:
             entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
         except KeyError:
             raise ConfigError(f"--user {user!r}: no such user on this machine") from None
         uid, gid = entry.pw_uid, entry.pw_gid
-    if group is not None:
+    if group:
         try:
             gid = (grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))).gr_gid
         except KeyError:
@@ -200,6 +207,7 @@ def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.
         gid=gid,
         pid_file=args.pid_file,
         log_level=args.log_level,
+        metrics=config.parse_bind(args.metrics, "--metrics") if args.metrics else None,
         uvicorn=uvicorn_options.from_args(args),
     )
 

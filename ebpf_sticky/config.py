@@ -28,19 +28,19 @@ class Bind:
         return f"{host}:{self.port}"
 
 
-def parse_bind(text: str) -> Bind:
+def parse_bind(text: str, option: str = "--bind") -> Bind:
     """``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` (all IPv4) or ``[::]:PORT`` (dual-stack)."""
-    hint = f"--bind {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8000, 0.0.0.0:8000 or [::]:8000"
+    hint = f"{option} {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8000, 0.0.0.0:8000 or [::]:8000"
     host, sep, port_text = text.strip().rpartition(":")
     if not sep or not port_text.isdigit():
         raise ConfigError(hint)
     port = int(port_text)
     if not 0 <= port <= 65535:
-        raise ConfigError(f"--bind {text!r}: port must be 0..65535")
+        raise ConfigError(f"{option} {text!r}: port must be 0..65535")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise ConfigError(f"--bind {text!r}: write an IPv6 address in brackets, e.g. [::1]:{port}")
+        raise ConfigError(f"{option} {text!r}: write an IPv6 address in brackets, e.g. [::1]:{port}")
     host = host or "0.0.0.0"
     try:
         address = ipaddress.ip_address(host)
@@ -98,6 +98,7 @@ class Launch:
     pid_file: str | None = None
     log_level: str = "info"
     uvicorn: WorkerOptions = field(default_factory=WorkerOptions)
+    metrics: Bind | None = None  # where /metrics is served
 
     def __post_init__(self) -> None:
         if (self.target is None) == (not self.command):

@@ -23,6 +23,7 @@ from ..config import Launch
 from ..errors import AppLoadError, LockdownError, StickyError
 from ..kernel.capabilities import prctl
 from ..kernel.router import Router
+from ..metrics import Exporter, serve
 from . import core
 from .control_server import ControlServer
 from .privileges import lock_down_worker, refuse_to_exec, secure_group
@@ -80,6 +81,7 @@ class Supervisor:
     notify_socket: socket.socket
     notify_name: str
     control: ControlServer
+    exporter: Exporter | None = None  # --metrics
     started: float = field(default_factory=time.monotonic)
     children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     signals: list[str] = field(default_factory=list)
@@ -263,6 +265,8 @@ class Supervisor:
                     done = self.execute(sup_core, sup_core.handle(event))
                     if done is not None:
                         break
+                if self.exporter is not None:
+                    self.exporter.publish(sup_core)
             return done
         finally:
             for proc in self.children.values():
@@ -317,7 +321,8 @@ def launch(settings: Launch) -> int:
         secure_group(settings.uid, settings.gid, router.port, settings.pid_file)
         # Threads only from here on: capset drops the calling thread's capabilities alone.
         stack.enter_context(watching(settings.uvicorn.reload))
-        supervisor = Supervisor(settings, router, notify_sock, notify_name, control)
+        exporter = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None
+        supervisor = Supervisor(settings, router, notify_sock, notify_name, control, exporter)
         done = supervisor.run()
     if done.code == core.APP_LOAD_ERROR:
         raise AppLoadError(done.message)

@@ -1,0 +1,266 @@
+"""The production image, built and run for real with podman, in the three privilege shapes users run.
+
+Networking: the containers share the host's network namespace (`--network host`) and clients
+connect from 127.x sources. That is the path on which the client's own address reaches the
+group unchanged, which is what source-address stickiness is about. A published port on podman's
+CNI bridge is no such path: from this host's loopback it does not connect at all here ("No route
+to host"), and where it does, the CNI portmap plugin masquerades connections from 127/8 (its
+CNI-HOSTPORT-SETMARK/MASQ rules), so every client would arrive from the bridge's gateway (the
+collapse that `externalTrafficPolicy: Local` prevents on Kubernetes). A routed path from a netns of
+our own would need routes into podman's 10.88/16 bridge, outside the addresses tests may use.
+"""
+
+from __future__ import annotations
+
+import http.client
+import importlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from launcher import KEY, wait_for
+from netlab import v4_sources
+from test_launch import predicted
+
+from ebpf_sticky.hashing import HashSpec, parse_address
+from ebpf_sticky.kernel.loaders import LOADERS
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE_IMAGE = "localhost/ebpf-sticky-base:bookworm"
+# runc: crun fails on this machine's hybrid cgroup layout; runc sets RLIMIT_NPROC, hence both ulimits.
+RUNTIME = ["--runtime", "runc"]
+RUN = ["podman", "run", *RUNTIME, "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
+SLOTS = 3
+SOURCES = v4_sources(48, start=5000)
+GRACE = 8  # the image's EBPF_STICKY_GRACEFUL_TIMEOUT
+STICKY_UID = 10001  # the image's user `sticky`
+# CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF
+BPF_CAPS = (12, 21, 38, 39)
+ONLY_BPF = ["--cap-drop", "ALL", "--cap-add", "BPF", "--cap-add", "NET_ADMIN"]
+USER_SWITCH = ["--cap-add", "SETUID", "--cap-add", "SETGID", "--cap-add", "KILL"]
+NEEDS_CBPF = pytest.mark.skipif(
+    "cbpf" not in LOADERS, reason="needs the classic-BPF router and --loader auto (branch cbpf)"
+)
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("podman") is None, reason="podman missing: scripts/setup installs it"
+)
+
+
+def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, check=check)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # No image registry and no PyPI inside the build here: the base is built locally (once, then
+    # cached) and the wheels come from the host's pip, mounted into the build.
+    subprocess.run(["bash", str(ROOT / "scripts/base-image"), BASE_IMAGE], check=True, timeout=600)
+    wheels = tmp_path_factory.mktemp("wheels")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "-w", str(wheels), str(ROOT), "setuptools>=64"],
+        check=True,
+        timeout=300,
+    )
+    tag = f"localhost/ebpf-sticky:test-{uuid.uuid4().hex[:8]}"
+    podman(
+        "build", *RUNTIME, "--network", "none", "--layers=false", "--format", "docker", "-q", "-t", tag,
+        "--build-arg", f"BASE={BASE_IMAGE}",
+        "--build-arg", "PIP_OPTIONS=--no-index --find-links /wheels",
+        "-v", f"{wheels}:/wheels:ro",
+        str(ROOT),
+        timeout=300,
+    )  # fmt: skip
+    try:
+        yield tag
+    finally:
+        podman("rmi", "-f", tag, check=False)
+
+
+class Container:
+    """One detached container of the image, removed (forcibly if need be) on close."""
+
+    def __init__(self, image: str, options: list[str]) -> None:
+        self.name = f"ebpf-sticky-test-{uuid.uuid4().hex[:8]}"
+        subprocess.run(
+            [
+                *RUN, "-d", "--name", self.name, "--network", "host",
+                "-e", "EBPF_STICKY_BIND=127.0.0.1:0", "-e", f"EBPF_STICKY_WORKERS={SLOTS}",
+                "-e", f"EBPF_STICKY_HASH_KEY={KEY}",
+                *options, image,
+            ],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+
+    def logs(self) -> str:
+        result = podman("logs", self.name, check=False)
+        return result.stdout + result.stderr
+
+    def running(self) -> bool:
+        return podman("inspect", "-f", "{{.State.Running}}", self.name).stdout.strip() == "true"
+
+    def wait_serving(self) -> int:
+        def serving() -> int | None:
+            text = self.logs()
+            if not self.running():
+                raise AssertionError(f"the container exited:\n{text}")
+            match = re.search(r"slots on 127\.0\.0\.1:(\d+) ", text)
+            return int(match.group(1)) if match and f"all {SLOTS} slots serving" in text else None
+
+        return int(wait_for(serving, 60, "the container's slots serving"))
+
+    def master(self) -> int:
+        """Host pid of the container's PID 1: `ebpf-sticky launch`."""
+        return int(podman("inspect", "-f", "{{.State.Pid}}", self.name).stdout)
+
+    def close(self) -> None:
+        podman("rm", "-f", "-t", "0", self.name, check=False)
+
+
+def get(source: str, port: int) -> tuple[str, int, int]:
+    """One request to the image's app on a new connection from ``source``: (client it saw, slot, pid)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("GET", "/", headers={"Connection": "close"})
+        response = conn.getresponse()
+        assert response.status == 200, response.status
+        match = re.fullmatch(r"client (\S+) -> worker slot (\d+) \(pid (\d+)\)\n", response.read().decode())
+        assert match, "unexpected answer"
+        return match.group(1), int(match.group(2)), int(match.group(3))
+    finally:
+        conn.close()
+
+
+def slot_mirror(router: str) -> Callable[[str], int]:
+    if router == "native":
+        return lambda source: predicted(source, SLOTS)
+    # The classic-BPF router's own hash (branch cbpf), imported by name so this module loads
+    # without it: those cases are skipped there.
+    cbpf = importlib.import_module("ebpf_sticky.hashing_cbpf")
+    return lambda source: int(cbpf.slot_of(parse_address(source), HashSpec(bytes.fromhex(KEY)), SLOTS))
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+@pytest.mark.parametrize(
+    ("options", "router", "worker_uid"),
+    [
+        # (a) What a cautious operator writes: only the router's capabilities, with the runtime's
+        # default seccomp profile (which refuses bpf(2) without CAP_SYS_ADMIN). Without CAP_SETUID
+        # the image's worker user is lifted: workers stay uid 0, without any capability.
+        pytest.param(
+            [*ONLY_BPF, "-e", "EBPF_STICKY_USER="],
+            "cbpf",
+            0,
+            id="a-bpf-caps-default-seccomp",
+            marks=NEEDS_CBPF,
+        ),
+        # (b) Nothing asked for: the runtime's default capabilities (no BPF, no NET_ADMIN).
+        pytest.param([], "cbpf", STICKY_UID, id="b-runtime-defaults", marks=NEEDS_CBPF),
+        # (c) The shipped profile lets CAP_BPF holders call bpf(2). SETUID/SETGID let the master
+        # drop workers to the image's user `sticky`, and KILL lets it signal them once they are
+        # another user's (without it `podman stop` met EPERM: the master cannot stop its workers).
+        pytest.param(
+            [
+                *ONLY_BPF,
+                *USER_SWITCH,
+                "--security-opt",
+                f"seccomp={ROOT / 'deploy/seccomp/ebpf-sticky.json'}",
+            ],
+            "native",
+            STICKY_UID,
+            id="c-bpf-caps-shipped-seccomp",
+        ),
+    ],
+)
+def test_image_serves_stickily_and_stops_cleanly(
+    image: str, options: list[str], router: str, worker_uid: int
+) -> None:
+    container = Container(image, options)
+    try:
+        port = container.wait_serving()
+        assert f"({router} loader" in container.logs()
+
+        # Sticky from many addresses, each seen by the app as itself and served by the slot the
+        # router's Python mirror predicts, on the same worker every time.
+        mirror = slot_mirror(router)
+        pids: dict[str, int] = {}
+        for _ in range(2):
+            for source in SOURCES:
+                client, slot, pid = get(source, port)
+                assert client == source
+                assert slot == mirror(source), source
+                assert pids.setdefault(source, pid) == pid, source
+        assert len(set(pids.values())) == SLOTS
+
+        # No worker holds a BPF capability, whatever the master was given.
+        workers = children(container.master())
+        assert len(workers) == SLOTS
+        for pid in workers:
+            fields = status_fields(pid)
+            assert fields["Uid"].split()[0] == str(worker_uid)
+            for name in ("CapEff", "CapPrm", "CapAmb", "CapInh"):
+                held = int(fields[name], 16)
+                assert not [cap for cap in BPF_CAPS if held >> cap & 1], (pid, name, fields[name])
+
+        # `status` through the runtime: the master is PID 1 and counted what was sent.
+        status = podman("exec", container.name, "ebpf-sticky", "status")
+        assert re.match(
+            rf"ebpf-sticky pid 1: tcp 127\.0\.0\.1:{port}, {router} loader, running", status.stdout
+        )
+        if router == "native":  # per-slot counters are the eBPF program's
+            routed = [int(line.split()[-1]) for line in status.stdout.splitlines()[2:]]
+            assert sum(routed) == 2 * len(SOURCES), status.stdout
+        assert podman("healthcheck", "run", container.name, check=False).returncode == 0
+
+        # PID 1 reaps what is orphaned in the container: here the child of an exec'd shell.
+        podman("exec", container.name, "sh", "-c", "sleep 0.5 & exit 0")
+        master = container.master()
+        orphans = [pid for pid in children(master) if Path(f"/proc/{pid}/comm").read_text() == "sleep\n"]
+        assert len(orphans) == 1
+        wait_for(lambda: not Path(f"/proc/{orphans[0]}").exists(), 10, "the orphan reaped, not left a zombie")
+
+        # A stop is TERM to PID 1: the workers finish, the master exits 0 within the grace period.
+        start = time.monotonic()
+        podman("stop", "-t", str(GRACE + 5), container.name)
+        assert time.monotonic() - start < GRACE, container.logs()
+        exit_code = podman("inspect", "-f", "{{.State.ExitCode}}", container.name).stdout.strip()
+        assert exit_code == "0", container.logs()
+        assert "SIGTERM: graceful stop" in container.logs()
+    finally:
+        container.close()
+
+
+def test_image_exit_status_is_the_launchs(image: str) -> None:
+    # The master is PID 1: its exit status is the container's, its one error line the log.
+    result = subprocess.run(
+        [*RUN, "--rm", "--network", "none", image, "missing.py"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "ebpf-sticky: error: target file 'missing.py' does not exist" in result.stderr
+
+
+def test_image_user_without_the_capabilities_to_switch_is_one_line(image: str) -> None:
+    # The image's default user `sticky` with only the router's capabilities: one line, exit 3,
+    # instead of a worker that cannot start and a master that cannot signal it.
+    result = subprocess.run(
+        [*RUN, "--rm", "--network", "none", *ONLY_BPF, image], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 3
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ebpf-sticky: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "--user" in errors[0] and "CAP_SETUID" in errors[0], errors[0]
+    assert "Traceback" not in result.stderr
