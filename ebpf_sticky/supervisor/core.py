@@ -208,8 +208,9 @@ class Core:
     phase: Phase = Phase.STARTING
     workers: dict[int, Worker] = field(default_factory=dict)
     health: dict[int, SlotHealth] = field(default_factory=dict)
-    # Unplanned restarts per (slot, reason): "crash" (a ready worker exited), "signal" (a ready
-    # worker was killed), "boot-failure" (died before ready), "spawn-failure" (fork/exec failed).
+    # Restarts per (slot, reason): unplanned ones, "crash" (a ready worker exited), "signal" (a
+    # ready worker was killed), "boot-failure" (died before ready), "spawn-failure" (fork/exec
+    # failed); and the planned "recycle" (--limit-max-requests), which operators watch as well.
     restarts: dict[tuple[int, str], int] = field(default_factory=dict)
     ever_ready: bool = False
     shown_errors: set[str] = field(default_factory=set)
@@ -262,6 +263,7 @@ class Core:
         if worker.slot == self.reloading or worker.slot in self.reload_queue:
             return []
         self.reload_queue.append(worker.slot)
+        self._count(worker.slot, "recycle")
         actions: list[Action] = [Log(f"slot {worker.slot}: worker {worker.pid} reached --limit-max-requests")]
         return actions + (self._next_reload() if self.reloading is None else [])
 

@@ -221,6 +221,7 @@ def test_recycle_starts_the_successor_before_stopping_the_worker() -> None:
     assert not any(isinstance(a, Kill) for a in c.handle(Spawned(0, 200, 10.0)))
     assert Kill(100, "TERM") in c.handle(Ready(200, 10.5))
     assert c.handle(Exited(100, 0, 11.0)) == [core.Log("slot 0: worker 100 stopped")]  # no respawn
+    assert c.restarts == {(0, "recycle"): 1}  # counted once, as a recycle and not as a crash
 
 
 def test_recycles_queue_up_one_slot_at_a_time() -> None:
