@@ -4,7 +4,7 @@
 #   FROM ebpf-sticky
 #   COPY app.py /app/app.py
 # and run it with the privileges the router needs (README, "Deploying"):
-#   podman run --cap-drop ALL --cap-add BPF --cap-add NET_ADMIN --cap-add SETUID --cap-add SETGID --cap-add KILL \
+#   podman run --cap-drop ALL --cap-add BPF --cap-add SETUID --cap-add SETGID --cap-add KILL \
 #     --security-opt seccomp=deploy/seccomp/ebpf-sticky.json -p 8000:8000 ebpf-sticky
 # Build arguments: BASE (any Debian-based image with python3 and its venv module), PIP_OPTIONS
 # (e.g. "--no-index --find-links /wheels" with `podman build -v DIR:/wheels` where PyPI is out of reach).

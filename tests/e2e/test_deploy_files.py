@@ -79,7 +79,7 @@ def test_manifests_agree_with_each_other() -> None:
     # Least privilege: everything dropped, only what the native router and the user switch need.
     security = app["securityContext"]
     assert security["capabilities"]["drop"] == ["ALL"]
-    assert set(security["capabilities"]["add"]) <= {"BPF", "NET_ADMIN", "SETUID", "SETGID", "KILL"}
+    assert set(security["capabilities"]["add"]) <= {"BPF", "SETUID", "SETGID", "KILL"}
     assert security["allowPrivilegeEscalation"] is False
     assert env["EBPF_STICKY_LOADER"] == "native"
     assert security["seccompProfile"] == {"type": "Localhost", "localhostProfile": "ebpf-sticky.json"}
@@ -166,7 +166,7 @@ def test_systemd_timeouts_match_the_graceful_timeout() -> None:
     assert unit["KillMode"] == ["mixed"]
     assert int(unit["TimeoutStopSec"][0]) > float(env["EBPF_STICKY_GRACEFUL_TIMEOUT"])
     assert unit["NoNewPrivileges"] == ["yes"]
-    assert unit["AmbientCapabilities"] == unit["CapabilityBoundingSet"] == ["CAP_BPF CAP_NET_ADMIN"]
+    assert unit["AmbientCapabilities"] == unit["CapabilityBoundingSet"] == ["CAP_BPF"]
 
 
 def children(pid: int) -> list[int]:
@@ -251,8 +251,8 @@ def test_systemd_launch_under_the_units_user_and_capabilities() -> None:
 
     with launched_as_unit() as (instance, notify):
         master = instance.proc.pid
-        # The unit's bounding set, and the native router (which needed both to load).
-        assert capabilities(master, "CapBnd") == {CAP_BPF, CAP_NET_ADMIN}
+        # The unit's bounding set, and the native router (CAP_BPF alone loads it).
+        assert capabilities(master, "CapBnd") == {CAP_BPF}
         assert "(native loader" in instance.output()
         # Type=notify: READY=1 from the main pid once every slot serves.
         assert b"READY=1" in notify.recv(4096).split(b"\n")
