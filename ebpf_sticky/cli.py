@@ -302,3 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `ebpf-sticky status | head`: the reader is gone. Point stdout at /dev/null so the
+        # interpreter's final flush does not fail again, and say nothing (as cat does).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1

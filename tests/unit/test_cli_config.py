@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -159,3 +161,17 @@ def test_environment_twins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (args.prefix4, args.prefix6, args.graceful_timeout, args.user) == (24, 48, 2.5, "nobody")
     assert (args.pid_file, args.log_level, args.factory) == ("/tmp/x.pid", "warning", True)
     assert build_parser().parse_args(["launch", "app.py", "-w", "5"]).workers == 5  # the flag wins
+
+
+def test_output_into_a_closed_pipe_is_quiet() -> None:
+    # `ebpf-sticky route ... | head -1`: the reader leaves early; no BrokenPipeError traceback.
+    addresses = [f"10.0.{i // 256}.{i % 256}" for i in range(20000)]
+    argv = [sys.executable, "-m", "ebpf_sticky", "route", "--hash-key", "00" * 16, "-w", "4", *addresses]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.readline()
+        proc.stdout.close()
+        stderr = proc.stderr.read().decode()
+        code = proc.wait(60)
+    assert "Traceback" not in stderr, stderr
+    assert code == 1
