@@ -176,6 +176,7 @@ class Load:
     port: int
     sources: list[str]
     threads: int = 4
+    timeout: float = 10.0  # the socket timeout of each request (connect, each read)
     seen: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     requests: int = 0
@@ -194,7 +195,7 @@ class Load:
                 if self._stop.is_set():
                     return
                 try:
-                    slot, pid, _ = get(source, self.port)
+                    slot, pid, _ = get(source, self.port, timeout=self.timeout)
                 except Exception as exc:
                     with self._lock:
                         self.failures.append(f"{source}: {exc!r}")

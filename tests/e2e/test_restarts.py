@@ -58,7 +58,9 @@ def test_chaos_kills_under_load_refuse_nothing() -> None:
     rng = random.Random(8)
     with (
         launched(["asgi_app.py", "-w", "4", *BASE]) as instance,
-        Load(instance.port, sources, threads=8) as load,
+        # A request queued on the burst's slot waits out its backoff (0.1 + 0.2 + ... + 1.6 s) and a
+        # boot: seconds on a loaded 2-core machine. Waiting is the promise; only a refusal breaks it.
+        Load(instance.port, sources, threads=8, timeout=30.0) as load,
     ):
         load.wait_requests(100)
         kills = 0
