@@ -208,9 +208,11 @@ class Supervisor:
                         report = parse_load_error(data)
                         if report is not None:
                             events.append(core.LoadFailed(pid, *report, time.monotonic()))
-                    elif b"READY=1" in data.split(b"\n"):
+                        continue
+                    lines = data.split(b"\n")  # sd_notify: one datagram may carry several
+                    if b"READY=1" in lines:
                         events.append(core.Ready(pid, time.monotonic()))
-                    elif RECYCLE.encode() in data.split(b"\n"):
+                    if RECYCLE.encode() in lines:
                         events.append(core.Recycle(pid, time.monotonic()))
 
     def run(self) -> core.Exit:
