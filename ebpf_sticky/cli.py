@@ -17,6 +17,7 @@ from .errors import ConfigError, StickyError
 from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address
 from .kernel.cbpf import MAX_CBPF_SLOTS
 from .kernel.loaders import CHOICES, LOADERS, max_slots
+from .uvicorn_options import whole_number
 
 ENV_PREFIX = "EBPF_STICKY_"
 
@@ -27,13 +28,6 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-
-
 def _add_hash_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hash-key",
@@ -42,13 +36,13 @@ def _add_hash_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--prefix4",
-        type=_int,
+        type=whole_number,
         default=_env("prefix4", str(DEFAULT_PREFIX4)),
         help="IPv4 clients in one prefix of this length share a worker (default 32)",
     )
     parser.add_argument(
         "--prefix6",
-        type=_int,
+        type=whole_number,
         default=_env("prefix6", str(DEFAULT_PREFIX6)),
         help="IPv6 clients in one prefix of this length share a worker (default 64)",
     )
@@ -87,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument(
         "-w",
         "--workers",
-        type=_int,
+        type=whole_number,
         default=_env("workers", str(_workers_default())),
         help="worker processes, one per slot (default: CPUs)",
     )
@@ -148,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument(
         "-w",
         "--workers",
-        type=_int,
+        type=whole_number,
         default=None,
         help="with --hash-key: compute offline for this many workers",
     )
@@ -158,11 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="native",
         help="with --hash-key: the router the instance runs (its `status` says; default native)",
     )
-    route.add_argument("--port", type=_int, default=None, help="the running instance on this port")
+    route.add_argument("--port", type=whole_number, default=None, help="the running instance on this port")
     _add_hash_options(route)
 
     status = sub.add_parser("status", help="slots, pids and connections routed of a running instance")
-    status.add_argument("--port", type=_int, default=None)
+    status.add_argument("--port", type=whole_number, default=None)
     status.add_argument("--json", action="store_true")
 
     sub.add_parser("doctor", help="check that this machine can run ebpf-sticky, with fixes")

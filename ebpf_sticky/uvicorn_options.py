@@ -254,7 +254,8 @@ def argv(keywords: dict[str, Any]) -> list[str]:
 
 
 # Parsing -----------------------------------------------------------------------------------------
-def _int(text: str) -> int:
+def whole_number(text: str) -> int:
+    """argparse type for integers, with a message that names the value (cli.py uses it too)."""
     try:
         return int(text)
     except ValueError:
@@ -313,7 +314,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Callable[[str], str | No
             group.add_argument(option.flag, action="append", default=None, metavar="TEXT", help=option.help)
             parser.set_defaults(**{f"_{option.dest}_env": default})
         else:
-            convert: Callable[[str], Any] = {"int": _int, "float": _float, "bool": _bool}.get(
+            convert: Callable[[str], Any] = {"int": whole_number, "float": _float, "bool": _bool}.get(
                 option.kind, str
             )
             group.add_argument(

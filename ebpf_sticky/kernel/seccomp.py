@@ -27,7 +27,12 @@ import os
 import platform
 import struct
 
-from .syscalls import SO_ATTACH_REUSEPORT_CBPF, SO_ATTACH_REUSEPORT_EBPF, SO_DETACH_REUSEPORT_BPF
+from .syscalls import (
+    SO_ATTACH_REUSEPORT_CBPF,
+    SO_ATTACH_REUSEPORT_EBPF,
+    SO_DETACH_REUSEPORT_BPF,
+    SockFprog,
+)
 
 SOL_SOCKET = 1
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
@@ -99,16 +104,12 @@ def filter_program(machine: str) -> bytes:
     return b"".join(out)
 
 
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-
 def install(program: bytes) -> None:
     """Install ``program`` on the calling thread (inherited across fork and exec). Without
     CAP_SYS_ADMIN the kernel requires no_new_privs to be set first. Raises OSError."""
     libc = ctypes.CDLL(None, use_errno=True)
     buffer = ctypes.create_string_buffer(program, len(program))
-    fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
+    fprog = SockFprog(len(program) // 8, ctypes.addressof(buffer))
     if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"installing the seccomp filter: {os.strerror(err)}")

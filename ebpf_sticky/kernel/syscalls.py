@@ -204,7 +204,9 @@ def attach_reuseport(sock: socket.socket, prog_fd: int) -> None:
         ) from exc
 
 
-class _SockFprog(ctypes.Structure):
+class SockFprog(ctypes.Structure):
+    """struct sock_fprog: a classic BPF program as SO_ATTACH_REUSEPORT_CBPF and seccomp take it."""
+
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
@@ -214,7 +216,7 @@ def attach_reuseport_cbpf(sock: socket.socket, code: bytes) -> None:
     Needs no capability and no bpf(2): only a socket of the group.
     """
     insns = ctypes.create_string_buffer(code, len(code))
-    fprog = _SockFprog(len(code) // 8, ctypes.addressof(insns))
+    fprog = SockFprog(len(code) // 8, ctypes.addressof(insns))
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
     except OSError as exc:

@@ -65,13 +65,18 @@ def parse_target(text: str) -> Target:
     return Target(location, attr or None, is_path)
 
 
+def module_dir(app_dir: str | None) -> str:
+    """Where a module TARGET is imported from, in the master's check and in the worker alike."""
+    return os.path.abspath(app_dir) if app_dir is not None else os.getcwd()
+
+
 def check_target_exists(target: Target, app_dir: str | None = None) -> None:
     """Fail in the master, before any fork, for the commonest mistakes: a wrong path or module."""
     if target.is_path:
         if not Path(target.location).is_file():
             raise ConfigError(f"target file {target.location!r} does not exist (relative to {os.getcwd()})")
         return
-    directory = os.path.abspath(app_dir) if app_dir is not None else os.getcwd()
+    directory = module_dir(app_dir)
     missing = missing_module(target.location, directory)
     if missing is not None:
         raise ConfigError(
@@ -109,7 +114,7 @@ def missing_module(name: str, directory: str) -> str | None:
 
 def _import(target: Target, app_dir: str | None = None) -> Any:
     if not target.is_path:
-        sys.path.insert(0, os.path.abspath(app_dir) if app_dir is not None else os.getcwd())
+        sys.path.insert(0, module_dir(app_dir))
         return importlib.import_module(target.location)
     path = Path(target.location).resolve()
     # Like `python app.py`: the app's directory comes first, so its sibling modules import.
