@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import platform
 from collections.abc import Iterable, Iterator, Mapping
@@ -40,6 +41,7 @@ def state_of(core: Core) -> State:
     return State(core.slots, sum(worker.ready for worker in core.workers.values()), dict(core.restarts))
 
 
+@functools.cache  # the installed version does not change while the master runs: look it up once
 def _build_version() -> str:
     try:
         return version("ebpf-sticky")

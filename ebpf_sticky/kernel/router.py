@@ -181,8 +181,8 @@ class Router:
         return self._routing.program_fd
 
     @property
-    def _fds(self) -> MapFds | None:
-        # The bench measures the eBPF program beside its own variants and needs the sockarray.
+    def map_fds(self) -> MapFds | None:
+        """The eBPF router's maps (None under cbpf): for programs measured beside ours (the bench)."""
         return self._routing.fds if isinstance(self._routing, MapRouting) else None
 
     def slot_of(self, address: Address, slots: int) -> int:

@@ -63,7 +63,7 @@ def floor_programs(connections: int) -> dict[str, float]:
     one that only reads the source address and selects slot 0."""
     spec = HashSpec(os.urandom(16))
     with Router.open(parse_bind("127.0.0.1:0"), spec, 2) as router:
-        socks_fd = router._fds.socks if router._fds else -1  # noqa: SLF001 - a bench peeks inside
+        socks_fd = router.map_fds.socks if router.map_fds else -1
         variants = {
             "empty_program_ns": [asm.mov(asm.R0, program.SK_PASS), asm.exit_()],
             "load_and_select_ns": [
