@@ -49,6 +49,11 @@ def tagged_processes(tag: str) -> list[int]:
     return pids
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (a master's workers)."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 @dataclass
 class Instance:
     args: list[str]

@@ -13,7 +13,6 @@ our own would need routes into podman's 10.88/16 bridge, outside the addresses t
 from __future__ import annotations
 
 import http.client
-import importlib
 import re
 import shutil
 import subprocess
@@ -24,9 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from launcher import KEY, wait_for
+from launcher import KEY, children, wait_for
 from netlab import v4_sources
-from test_launch import predicted
 
 from ebpf_sticky.hashing import HashSpec, parse_address
 from ebpf_sticky.kernel.loaders import LOADERS
@@ -138,16 +136,9 @@ def get(source: str, port: int) -> tuple[str, int, int]:
 
 
 def slot_mirror(router: str) -> Callable[[str], int]:
-    if router == "native":
-        return lambda source: predicted(source, SLOTS)
-    # The classic-BPF router's own hash (branch cbpf), imported by name so this module loads
-    # without it: those cases are skipped there.
-    cbpf = importlib.import_module("ebpf_sticky.hashing_cbpf")
-    return lambda source: int(cbpf.slot_of(parse_address(source), HashSpec(bytes.fromhex(KEY)), SLOTS))
-
-
-def children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    """The Python mirror of the router the container chose."""
+    mirror = LOADERS[router].slot_of
+    return lambda source: mirror(parse_address(source), HashSpec(bytes.fromhex(KEY)), SLOTS)
 
 
 def status_fields(pid: int) -> dict[str, str]:

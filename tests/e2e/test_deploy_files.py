@@ -23,7 +23,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from launcher import Instance, wait_for
+from launcher import Instance, children, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -167,10 +167,6 @@ def test_systemd_timeouts_match_the_graceful_timeout() -> None:
     assert int(unit["TimeoutStopSec"][0]) > float(env["EBPF_STICKY_GRACEFUL_TIMEOUT"])
     assert unit["NoNewPrivileges"] == ["yes"]
     assert unit["AmbientCapabilities"] == unit["CapabilityBoundingSet"] == ["CAP_BPF"]
-
-
-def children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def capabilities(pid: int, field: str) -> set[int]:
