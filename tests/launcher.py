@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from ebpf_sticky.control import control_dir, request, socket_name
+from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 
 KEY = "00112233445566778899aabbccddeeff"
+SPEC = HashSpec(bytes.fromhex(KEY))
 APPS = Path(__file__).parent / "e2e" / "apps"
 
 
@@ -47,6 +49,11 @@ def tagged_processes(tag: str) -> list[int]:
             if f"EBPF_STICKY_TEST_TAG={tag}".encode() in environ:
                 pids.append(int(entry))
     return pids
+
+
+def predicted(source: str, slots: int) -> int:
+    """The slot the eBPF router sends ``source`` to, with the tests' key and default prefixes."""
+    return slot_of(parse_address(source), SPEC, slots)
 
 
 def children(pid: int) -> list[int]:

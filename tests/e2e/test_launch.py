@@ -12,18 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from launcher import KEY, Load, get, launched, run_bad, tagged_processes, wait_for
+from launcher import KEY, Load, get, launched, predicted, run_bad, tagged_processes, wait_for
 from netlab import v4_sources
 
 from ebpf_sticky.control import control_dir, socket_name
-from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 
-SPEC = HashSpec(bytes.fromhex(KEY))
 SOURCES = v4_sources(64)
-
-
-def predicted(source: str, slots: int) -> int:
-    return slot_of(parse_address(source), SPEC, slots)
 
 
 def assert_sticky(port: int, slots: int, sources: list[str] = SOURCES, rounds: int = 2) -> dict[str, int]:

@@ -11,10 +11,9 @@ import urllib.request
 from collections import Counter
 
 import pytest
-from launcher import KEY, Instance, Load, launched, run_bad, wait_for
+from launcher import KEY, Instance, Load, launched, predicted, run_bad, wait_for
 from netlab import v4_sources
 from prometheus_client.parser import text_string_to_metric_families
-from test_launch import predicted
 
 from ebpf_sticky.supervisor.core import Core
 

@@ -16,18 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from launcher import KEY, Instance, Load, get, launched, wait_for
+from launcher import KEY, Instance, Load, get, launched, predicted, wait_for
 from netlab import v4_sources
 
 from ebpf_sticky.control import control_dir, socket_name
-from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 
-SPEC = HashSpec(bytes.fromhex(KEY))
 BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "10"]
-
-
-def predicted(source: str, slots: int) -> int:
-    return slot_of(parse_address(source), SPEC, slots)
 
 
 def kinds_of(failures: list[str]) -> Counter[str]:

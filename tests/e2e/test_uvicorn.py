@@ -20,20 +20,13 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from launcher import APPS, KEY, Instance, Load, get, launched, run_bad, tagged_processes, wait_for
+from launcher import APPS, KEY, Instance, Load, get, launched, predicted, run_bad, tagged_processes, wait_for
 from netlab import v4_sources
 from sio_clients import CHROMIUM, CHROMIUM_ARGS, node_swarm, python_swarm
 
-from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
-
-SPEC = HashSpec(bytes.fromhex(KEY))
 SOURCES = v4_sources(48, start=3000)
 BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "10", "--no-access-log"]
 CHAT = Path(__file__).parents[2] / "examples" / "socketio_chat" / "app.py"
-
-
-def predicted(source: str, slots: int) -> int:
-    return slot_of(parse_address(source), SPEC, slots)
 
 
 @dataclass(frozen=True)
