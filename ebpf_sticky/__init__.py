@@ -1,7 +1,7 @@
 """ebpf-sticky: sticky sessions for multi-process servers, routed in the kernel by eBPF."""
 
+from .addresses import Bind, parse_bind
 from .api import run
-from .config import Bind, parse_bind
 from .errors import (
     AddressInUseError,
     BpfDeniedError,

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from . import config, uvicorn_options
+from .addresses import parse_bind
 from .control import control_dir, find_instance, request
 from .errors import ConfigError, StickyError
 from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address
@@ -181,14 +182,14 @@ def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
 
 
 def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.Launch:
-    from .supervisor.worker import check_target_exists, parse_target
+    from .targets import check_target_exists, parse_target
 
     if args.target is not None and not command:
         check_target_exists(parse_target(args.target), args.app_dir)
     uid, gid = _ids(args.user, args.group)
     key = config.parse_key(args.hash_key) if args.hash_key else os.urandom(16)
     return config.Launch(
-        bind=config.parse_bind(args.bind),
+        bind=parse_bind(args.bind),
         workers=config.check_workers(args.workers, max_slots(args.loader), args.loader),
         spec=config.hash_spec(key, args.prefix4, args.prefix6),
         target=args.target,
@@ -201,7 +202,7 @@ def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.
         gid=gid,
         pid_file=args.pid_file,
         log_level=args.log_level,
-        metrics=config.parse_bind(args.metrics, "--metrics") if args.metrics else None,
+        metrics=parse_bind(args.metrics, "--metrics") if args.metrics else None,
         uvicorn=uvicorn_options.from_args(args),
     )
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import parse_bind
+from .addresses import parse_bind
 from .errors import PrivilegeError, StickyError
 from .hashing import HashSpec
 from .kernel import capabilities, syscalls

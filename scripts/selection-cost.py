@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ebpf_sticky import hashing_cbpf  # noqa: E402
-from ebpf_sticky.config import parse_bind  # noqa: E402
+from ebpf_sticky.addresses import parse_bind  # noqa: E402
 from ebpf_sticky.hashing import HashSpec  # noqa: E402
+from ebpf_sticky.hashing import cbpf as hashing_cbpf  # noqa: E402
 from ebpf_sticky.kernel import casm, cbpf, syscalls  # noqa: E402
 from ebpf_sticky.kernel.router import Router  # noqa: E402
 

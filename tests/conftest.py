@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def world_readable_apps() -> Iterator[Path]:
     # pytest's tmp dirs are private to root; a worker dropped to nobody must read the app.
-    from launcher import APPS
+    from support.launcher import APPS
 
     directory = Path(tempfile.mkdtemp(prefix="ebpf-sticky-apps-"))
     try:

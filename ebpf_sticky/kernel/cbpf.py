@@ -25,7 +25,7 @@ import itertools
 from collections.abc import Iterator
 
 from ..hashing import MAX_SLOTS, table_runs
-from ..hashing_cbpf import BUCKET_SHIFT, LENGTH_WORD, V4_MAPPED_WORD, CbpfConstants
+from ..hashing.cbpf import BUCKET_SHIFT, LENGTH_WORD, V4_MAPPED_WORD, CbpfConstants
 from .casm import (
     MAXINSNS,
     SKF_AD_OFF,

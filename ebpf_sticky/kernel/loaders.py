@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .. import hashing, hashing_cbpf
+from .. import hashing
 from ..errors import LoaderUnavailableError, PrivilegeError, UnsupportedKernelError, VerifierError
 from ..hashing import BUCKETS, MAX_SLOTS, Address, HashSpec, ProgramConstants, bucket_table
+from ..hashing import cbpf as hashing_cbpf
 from . import casm, cbpf, program, syscalls
 from .asm import encode
 from .program import FAILURE_INDEX

@@ -15,7 +15,7 @@ import socket
 import struct
 from types import TracebackType
 
-from ..config import Bind
+from ..addresses import Bind
 from ..errors import AddressInUseError, ConfigError, KernelError, StickyError
 from ..hashing import MAX_SLOTS, Address, HashSpec
 from .loaders import AUTO_ORDER, CHOICES, FALLBACK_ERRORS, LOADERS, Counters, MapRouting, Routing

@@ -25,10 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ..contract import APP_LOAD_ERROR
 from ..hashing import MAX_SLOTS
 
-# The worker's exit code when it cannot load the app: deterministic, so never worth retrying.
-APP_LOAD_ERROR = 4
 SIGINT = 2  # the same numbers on every Linux architecture
 SIGTERM = 15
 BACKOFF_FIRST = 0.1

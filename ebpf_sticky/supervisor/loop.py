@@ -20,16 +20,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..config import Launch
+from ..contract import (
+    APP_LOAD_ERROR,
+    LISTEN_FD,
+    LISTEN_FDNAME,
+    LOAD_ERROR_PREFIX,
+    MAX_REPORT,
+    OPTIONS_ENV,
+    RECYCLE,
+    WORKER_ENV,
+    parse_load_error,
+)
 from ..errors import AppLoadError, LockdownError, StickyError
 from ..kernel.capabilities import prctl
 from ..kernel.router import Router
-from ..metrics import Exporter, serve
+from ..notify import sd_notify
 from . import core
 from .control_server import ControlServer
+from .metrics import Exporter, serve
 from .privileges import lock_down_worker, refuse_to_exec, secure_group
 from .reloader import watching
-from .reports import LOAD_ERROR_PREFIX, MAX_REPORT, parse_load_error
-from .worker import LISTEN_FD, OPTIONS_ENV, RECYCLE, sd_notify
 
 log = logging.getLogger("ebpf_sticky")
 
@@ -114,9 +124,9 @@ class Supervisor:
         env = dict(os.environ)
         # The master's own NOTIFY_SOCKET (systemd's) is for the master alone; workers get ours.
         env.update(
-            EBPF_STICKY_WORKER=str(slot),
+            **{WORKER_ENV: str(slot)},
             LISTEN_FDS="1",
-            LISTEN_FDNAMES="ebpf-sticky",
+            LISTEN_FDNAMES=LISTEN_FDNAME,
             NOTIFY_SOCKET=self.notify_name,
         )
         env.pop("LISTEN_PID", None)
@@ -222,7 +232,7 @@ class Supervisor:
             graceful_timeout=s.graceful_timeout,
             max_slots=self.router.max_slots,
             assume_ready_after=COMMAND_READY_AFTER if s.command else None,
-            load_error_status=None if s.command else core.APP_LOAD_ERROR,
+            load_error_status=None if s.command else APP_LOAD_ERROR,
         )
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
@@ -326,6 +336,6 @@ def launch(settings: Launch) -> int:
         exporter = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None
         supervisor = Supervisor(settings, router, notify_sock, notify_name, control, exporter)
         done = supervisor.run()
-    if done.code == core.APP_LOAD_ERROR:
+    if done.code == APP_LOAD_ERROR:
         raise AppLoadError(done.message)
     return done.code

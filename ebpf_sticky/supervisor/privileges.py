@@ -19,14 +19,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..contract import EXIT_LOCKDOWN
 from ..errors import LockdownError
 from ..kernel import capabilities as caps
 from ..kernel import seccomp
 
 log = logging.getLogger("ebpf_sticky")
 
-# A child that could not be locked down exits with this status before exec (EX_OSERR).
-EXIT_LOCKDOWN = 71
 _FIXES = {
     "seccomp": "this platform refuses seccomp filters to the launched process: allow seccomp(2) and "
     "prctl(PR_SET_SECCOMP) in its own seccomp profile (a filter that denies them is unusual)",

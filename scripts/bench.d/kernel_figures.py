@@ -18,7 +18,7 @@ from typing import Any
 
 from seedhash import seed_worker
 
-from ebpf_sticky.config import parse_bind
+from ebpf_sticky.addresses import parse_bind
 from ebpf_sticky.hashing import BUCKETS, Address, HashSpec, bucket_table, buckets_of
 from ebpf_sticky.kernel import asm, program, syscalls
 from ebpf_sticky.kernel.loaders import LOADERS
@@ -125,7 +125,7 @@ def _fd_stats(fd: int) -> tuple[int, int]:
 def classic_mirror() -> Callable[[list[Address], HashSpec], list[int]] | None:
     """The classic-BPF router's Python mirror (address -> bucket), where this branch has it."""
     try:
-        module = importlib.import_module("ebpf_sticky.hashing_cbpf")
+        module = importlib.import_module("ebpf_sticky.hashing.cbpf")
     except ImportError:
         return None
     mirror: Callable[[list[Address], HashSpec], list[int]] = module.buckets_of

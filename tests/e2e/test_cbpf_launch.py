@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launcher import KEY, Instance, launched, wait_for
-from netlab import v4_sources
+from support.launcher import KEY, Instance, launched, wait_for
+from support.netlab import v4_sources
 
-from ebpf_sticky import hashing_cbpf
 from ebpf_sticky.control import request, socket_name
 from ebpf_sticky.hashing import HashSpec, parse_address
+from ebpf_sticky.hashing import cbpf as hashing_cbpf
 
 SPEC = HashSpec(bytes.fromhex(KEY))
 SOURCES = v4_sources(512)
@@ -195,7 +195,7 @@ def test_launch_under_a_seccomp_filter_that_denies_bpf_runs_cbpf() -> None:
     # (what Debian's podman profile does without CAP_SYS_ADMIN): auto must say so and run cbpf.
     tests = Path(__file__).resolve().parents[1]
     launcher = (
-        f"import os, sys; sys.path.insert(0, {str(tests)!r}); from sandbox import deny_bpf_syscall\n"
+        f"import os, sys; sys.path.insert(0, {str(tests)!r}); from support.sandbox import deny_bpf_syscall\n"
         "deny_bpf_syscall()\n"
         "os.execv(sys.executable, [sys.executable, '-m', 'ebpf_sticky', 'launch', *sys.argv[1:]])\n"
     )

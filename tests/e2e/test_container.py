@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from launcher import KEY, children, wait_for
-from netlab import v4_sources
+from support.launcher import KEY, children, wait_for
+from support.netlab import v4_sources
 
 from ebpf_sticky.hashing import HashSpec, parse_address
 from ebpf_sticky.kernel.loaders import LOADERS

@@ -9,8 +9,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from launcher import APPS, KEY, get
-from multihost import Lab, Service, Topology
+from support.launcher import APPS, KEY, get
+from support.multihost import Lab, Service, Topology
 
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 

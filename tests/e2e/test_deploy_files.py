@@ -23,7 +23,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from launcher import Instance, children, wait_for
+from support.launcher import Instance, children, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -243,7 +243,7 @@ def launched_as_unit() -> Iterator[tuple[Instance, socket.socket]]:
 
 
 def test_systemd_launch_under_the_units_user_and_capabilities() -> None:
-    from launcher import get
+    from support.launcher import get
 
     with launched_as_unit() as (instance, notify):
         master = instance.proc.pid

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from launcher import KEY, Load, get, launched, predicted, run_bad, tagged_processes, wait_for
-from netlab import v4_sources
+from support.launcher import KEY, Load, get, launched, predicted, run_bad, tagged_processes, wait_for
+from support.netlab import v4_sources
 
 from ebpf_sticky.control import control_dir, socket_name
 

@@ -11,9 +11,9 @@ import urllib.request
 from collections import Counter
 
 import pytest
-from launcher import KEY, Instance, Load, launched, predicted, run_bad, wait_for
-from netlab import v4_sources
 from prometheus_client.parser import text_string_to_metric_families
+from support.launcher import KEY, Instance, Load, launched, predicted, run_bad, wait_for
+from support.netlab import v4_sources
 
 from ebpf_sticky.supervisor.core import Core
 

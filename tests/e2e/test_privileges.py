@@ -16,17 +16,17 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from launcher import APPS, KEY, Instance, get, launched, run_bad, tagged_processes, wait_for
-from netlab import v4_sources
+from support.launcher import APPS, KEY, Instance, get, launched, run_bad, tagged_processes, wait_for
+from support.netlab import v4_sources
 
 from ebpf_sticky import HashSpec, Router, parse_address, parse_bind, slot_of
+from ebpf_sticky.contract import EXIT_LOCKDOWN
 from ebpf_sticky.kernel import capabilities as caps
-from ebpf_sticky.supervisor.privileges import EXIT_LOCKDOWN
 
 SPEC = HashSpec(bytes.fromhex(KEY))
 SOURCES = v4_sources(40)
 BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "5"]
-JAIL = [sys.executable, str(Path(__file__).parent.parent / "seccomp_jail.py")]
+JAIL = [sys.executable, str(Path(__file__).parents[1] / "support" / "seccomp_jail.py")]
 # What the issue requires no worker to hold, in any set that reaches the exec'd program.
 BPF_CAPS = caps.mask(caps.CAP_BPF, caps.CAP_NET_ADMIN, caps.CAP_SYS_ADMIN, caps.CAP_PERFMON)
 ONLY_BPF_NET = ["--bounding-set=-all,+bpf,+net_admin", "--inh-caps=-all,+bpf,+net_admin"]

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from launcher import KEY, Instance, Load, get, launched, predicted, wait_for
-from netlab import v4_sources
+from support.launcher import KEY, Instance, Load, get, launched, predicted, wait_for
+from support.netlab import v4_sources
 
 from ebpf_sticky.control import control_dir, socket_name
 

@@ -11,8 +11,8 @@ import sys
 from typing import Any
 
 import pytest
-from launcher import KEY, Instance, launched, wait_for
-from netlab import in_new_netns, local_ipv6_prefix, v4_sources
+from support.launcher import KEY, Instance, launched, wait_for
+from support.netlab import in_new_netns, local_ipv6_prefix, v4_sources
 
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 

@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-from launcher import KEY, get, launched, tagged_processes, wait_for
-from netlab import v4_sources
+from support.launcher import KEY, get, launched, tagged_processes, wait_for
+from support.netlab import v4_sources
 
 BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--loader", "native"]
 # A `-- COMMAND` worker that ignores TERM: only SIGKILL ends it.
@@ -79,7 +79,7 @@ def test_second_signal_during_a_graceful_stop_stops_at_once(second: signal.Signa
 )
 def test_ctrl_c_to_the_process_group_stops_without_worker_tracebacks(target: list[str], when: str) -> None:
     """A terminal's Ctrl-C sends SIGINT to every process of the foreground job, workers included."""
-    from launcher import Instance
+    from support.launcher import Instance
 
     args = [*target[:1], "-w", "3", *BASE, *target[1:]] if target[0] != "--" else ["-w", "3", *BASE, *target]
     instance = Instance(args, own_group=True)

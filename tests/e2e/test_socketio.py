@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import socketio
-from launcher import KEY, Instance, launched, wait_for
-from netlab import v4_sources
-from sio_clients import CHROMIUM, CHROMIUM_ARGS, Member, node_swarm, python_swarm, wait_async
+from support.launcher import KEY, Instance, launched, wait_for
+from support.netlab import v4_sources
+from support.sio_clients import CHROMIUM, CHROMIUM_ARGS, Member, node_swarm, python_swarm, wait_async
 
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 

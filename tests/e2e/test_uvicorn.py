@@ -20,9 +20,20 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from launcher import APPS, KEY, Instance, Load, get, launched, predicted, run_bad, tagged_processes, wait_for
-from netlab import v4_sources
-from sio_clients import CHROMIUM, CHROMIUM_ARGS, node_swarm, python_swarm
+from support.launcher import (
+    APPS,
+    KEY,
+    Instance,
+    Load,
+    get,
+    launched,
+    predicted,
+    run_bad,
+    tagged_processes,
+    wait_for,
+)
+from support.netlab import v4_sources
+from support.sio_clients import CHROMIUM, CHROMIUM_ARGS, node_swarm, python_swarm
 
 SOURCES = v4_sources(48, start=3000)
 BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "10", "--no-access-log"]

@@ -13,21 +13,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import netlab
 import pytest
-from netlab import (
+from support import netlab
+from support.netlab import (
     accept_all,
     connect_all,
     in_child,
     local_ipv6_prefix,
     v4_sources,
 )
-from sandbox import deny_bpf_syscall, drop_to_nobody
+from support.sandbox import deny_bpf_syscall, drop_to_nobody
 
-from ebpf_sticky import hashing_cbpf
-from ebpf_sticky.config import parse_bind
+from ebpf_sticky.addresses import parse_bind
 from ebpf_sticky.errors import StickyError
 from ebpf_sticky.hashing import HashSpec, parse_address
+from ebpf_sticky.hashing import cbpf as hashing_cbpf
 from ebpf_sticky.kernel import casm
 from ebpf_sticky.kernel.router import Router
 

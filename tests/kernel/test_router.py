@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from netlab import (
+from support.netlab import (
     accept_all,
     connect_all,
     in_new_netns,
@@ -22,7 +22,7 @@ from netlab import (
     v4_sources,
 )
 
-from ebpf_sticky.config import parse_bind
+from ebpf_sticky.addresses import parse_bind
 from ebpf_sticky.errors import AddressInUseError, VerifierError
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 from ebpf_sticky.kernel import asm, syscalls
@@ -188,7 +188,7 @@ def test_verifier_rejection_carries_the_log() -> None:
 def test_no_privilege_gives_one_clear_line() -> None:
     script = (
         "import os, sys\n"
-        "from ebpf_sticky.config import parse_bind\n"
+        "from ebpf_sticky.addresses import parse_bind\n"
         "from ebpf_sticky.errors import PrivilegeError\n"
         "from ebpf_sticky.hashing import HashSpec\n"
         "from ebpf_sticky.kernel.router import Router\n"

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 
 from ebpf_sticky.hashing import BUCKETS, HashSpec, bucket_table, parse_address, siphash, table_runs
-from ebpf_sticky.hashing_cbpf import (
+from ebpf_sticky.hashing.cbpf import (
     buckets_of,
     derive_key,
     halfsiphash,

@@ -8,12 +8,13 @@ import sys
 
 import pytest
 
-from ebpf_sticky import hashing_cbpf
+from ebpf_sticky.addresses import parse_bind
 from ebpf_sticky.cli import main
-from ebpf_sticky.config import parse_bind, parse_key
+from ebpf_sticky.config import parse_key
 from ebpf_sticky.errors import ConfigError
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
-from ebpf_sticky.supervisor.worker import Target, is_asgi, parse_target
+from ebpf_sticky.hashing import cbpf as hashing_cbpf
+from ebpf_sticky.targets import Target, is_asgi, parse_target
 
 KEY = "00112233445566778899aabbccddeeff"
 

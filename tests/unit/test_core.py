@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ebpf_sticky.contract import APP_LOAD_ERROR
 from ebpf_sticky.supervisor import core
 from ebpf_sticky.supervisor.core import (
     AddSlot,
@@ -134,7 +135,7 @@ def test_an_app_that_never_loads_stops_with_term_not_kill() -> None:
     c.handle(
         core.LoadFailed(10, "slot 0: importing app.py raised RuntimeError: boom", "Traceback ...\n", 0.2)
     )
-    actions = c.handle(Exited(10, core.APP_LOAD_ERROR, 0.3))
+    actions = c.handle(Exited(10, APP_LOAD_ERROR, 0.3))
     assert kinds(actions, Kill) == [Kill(11, "TERM")]
     assert c.exit_message == "the app cannot be loaded: slot 0: importing app.py raised RuntimeError: boom"
     assert kinds(c.handle(Tick(5.0)), Kill) == []  # the graceful timeout, not SIGKILL
@@ -147,7 +148,7 @@ def test_a_load_error_after_the_app_once_served_is_only_a_boot_failure() -> None
     c = started()
     c.handle(Exited(101, -9, 5.0))
     boot(c, 1, 200, 5.0)
-    actions = c.handle(Exited(200, core.APP_LOAD_ERROR, 5.5))
+    actions = c.handle(Exited(200, APP_LOAD_ERROR, 5.5))
     assert not kinds(actions, Kill) and not kinds(actions, Exit)
     assert c.health[1].respawn_at == 5.6
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from multihost import SERVICE, TOPOLOGY, bucket_owners, client_sources, drained, nft_remap, nft_ruleset
+from support.multihost import (
+    SERVICE,
+    TOPOLOGY,
+    bucket_owners,
+    client_sources,
+    drained,
+    nft_remap,
+    nft_ruleset,
+)
 
 
 def test_buckets_are_shared_equally() -> None:

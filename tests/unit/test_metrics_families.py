@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ebpf_sticky.kernel.router import Counters
-from ebpf_sticky.metrics import State, families, state_of
 from ebpf_sticky.supervisor.core import Core, Ready, Spawned, Start
+from ebpf_sticky.supervisor.metrics import State, families, state_of
 
 
 def exposition(metrics: list[Metric]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -24,7 +24,7 @@ from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 
 KEY = "00112233445566778899aabbccddeeff"
 SPEC = HashSpec(bytes.fromhex(KEY))
-APPS = Path(__file__).parent / "e2e" / "apps"
+APPS = Path(__file__).parents[1] / "e2e" / "apps"
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> Any:

@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 import platform
 
-from seccomp_jail import jail_program
-
 from ebpf_sticky.kernel import capabilities
 from ebpf_sticky.kernel.seccomp import install
+from support.seccomp_jail import jail_program
 
 
 def drop_to_nobody() -> None:

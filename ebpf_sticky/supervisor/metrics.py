@@ -20,10 +20,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .config import Bind
-from .errors import ConfigError
-from .kernel.router import Counters, Router
-from .supervisor.core import Core
+from ..addresses import Bind
+from ..errors import ConfigError
+from ..kernel.router import Counters, Router
+from .core import Core
 
 log = logging.getLogger("ebpf_sticky")
 

@@ -2,7 +2,7 @@
 
 Classic BPF has two 32-bit registers and sixteen 32-bit scratch words, so SipHash's 64-bit lanes do
 not fit; HalfSipHash, its 32-bit sibling (the kernel's ``hsiphash`` on 32-bit machines), does. The
-same design rules as ``hashing.py`` otherwise:
+same design rules as the eBPF mirror (``native.py``) otherwise:
 
 * The message is the 16-byte address (an IPv4 client as ``::ffff:a.b.c.d``), masked to its prefix,
   taken as four 32-bit words in network byte order: classic BPF's ``ld [k]`` reads packet words
@@ -13,7 +13,7 @@ same design rules as ``hashing.py`` otherwise:
   SipHash-2-4(key, "ebpf-sticky cbpf key"), a PRF output, so it tells nothing about the 128-bit key
   and `route` can recompute it from ``--hash-key``.
 * The top 12 bits of the 32-bit hash pick one of the ``BUCKETS`` buckets of the shared
-  ``hashing.bucket_table`` (top bits, because the program compares the whole hash against range
+  ``table.bucket_table`` (top bits, because the program compares the whole hash against range
   boundaries: bucket b starts at hash ``b << 20``).
 
 Nothing here touches the OS.
@@ -25,7 +25,9 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .hashing import BUCKETS, Address, HashSpec, bucket_table, siphash
+from .native import siphash
+from .spec import Address, HashSpec
+from .table import BUCKETS, bucket_table
 
 _M32 = 0xFFFFFFFF
 KEY_LABEL = b"ebpf-sticky cbpf key"

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import socketio
 
-SWARM_JS = Path(__file__).parent / "e2e" / "sio_swarm.js"
+SWARM_JS = Path(__file__).parents[1] / "e2e" / "sio_swarm.js"
 # Debian's chromium, headless under Playwright, as root and without the network chatter.
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ebpf_sticky.supervisor.reports import LOAD_ERROR_PREFIX, MAX_REPORT, encode_load_error, parse_load_error
+from ebpf_sticky.contract import LOAD_ERROR_PREFIX, MAX_REPORT, encode_load_error, parse_load_error
 
 
 def test_round_trip() -> None:
