@@ -53,7 +53,7 @@ def run(
     validation, defaults and one-line errors. uvicorn's options go by their ``uvicorn.run`` names
     (``ssl_certfile=...``, ``access_log=True``, ``limit_max_requests=...``)."""
     from .cli import main, report
-    from .uvicorn_options import argv as uvicorn_argv
+    from .options import argv as uvicorn_argv
 
     try:
         target = locate(app)

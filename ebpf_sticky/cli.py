@@ -11,14 +11,15 @@ import pwd
 import sys
 from collections.abc import Sequence
 
-from . import config, uvicorn_options
+from . import config
+from . import options as uvicorn_options
 from .addresses import parse_bind
 from .control import control_dir, find_instance, request
 from .errors import ConfigError, StickyError
 from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address
 from .kernel.cbpf import MAX_CBPF_SLOTS
 from .kernel.loaders import CHOICES, LOADERS, max_slots
-from .uvicorn_options import whole_number
+from .options import whole_number
 
 ENV_PREFIX = "EBPF_STICKY_"
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from .addresses import Bind
 from .errors import ConfigError
 from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, KEY_BYTES, MAX_SLOTS, HashSpec
-from .uvicorn_options import WorkerOptions
+from .options import WorkerOptions
 
 DEFAULT_BIND = "127.0.0.1:8000"
 

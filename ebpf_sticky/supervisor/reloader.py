@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..uvicorn_options import Reload
+from ..options import Reload
 
 log = logging.getLogger("ebpf_sticky")
 

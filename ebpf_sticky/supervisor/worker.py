@@ -19,9 +19,9 @@ from typing import Any
 from ..contract import APP_LOAD_ERROR, LISTEN_FD, OPTIONS_ENV, READY, RECYCLE, WORKER_ENV, encode_load_error
 from ..errors import ConfigError
 from ..notify import sd_notify
+from ..options import ACCESS_LOG, WorkerOptions
 from ..stopping import run_stop_hooks
 from ..targets import load_app, parse_target
-from ..uvicorn_options import ACCESS_LOG, WorkerOptions
 
 # On stop, how long a worker keeps connections it has just accepted before closing idle ones:
 # a connection accepted a moment before TERM has often not delivered its request yet, and

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import uvicorn.config
 
-from ebpf_sticky import uvicorn_options
+from ebpf_sticky import options as uvicorn_options
 from ebpf_sticky.cli import build_parser, launch_settings, main
 from ebpf_sticky.errors import ConfigError
+from ebpf_sticky.options import LEFT_OUT, Reload, WorkerOptions
 from ebpf_sticky.supervisor import core
 from ebpf_sticky.supervisor.core import Core, Exited, Kill, Ready, Recycle, Signal, Spawn, Spawned, Start
-from ebpf_sticky.uvicorn_options import LEFT_OUT, Reload, WorkerOptions
 
 APP = str(Path(__file__).parents[1] / "e2e" / "apps" / "asgi_app.py")
 
