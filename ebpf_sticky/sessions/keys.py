@@ -122,21 +122,22 @@ def parse_key_spec(text: str) -> KeySpec:
     kind_text, colon, argument = text.strip().partition(":")
     kind = next((kind for kind in KeyKind if kind.value == kind_text.lower()), None)
     if kind is None or (colon and kind in (KeyKind.MCP, KeyKind.FORWARDED)):
-        raise ConfigError(f"--session-key {text!r}: expected {_FORMS}")
+        raise _bad_spec(text, "unknown form")
     if kind is KeyKind.ENGINEIO:
-        return KeySpec(kind, _engineio_path(text, argument or ENGINEIO_PATH))
+        path = argument or ENGINEIO_PATH
+        if not path.startswith("/") or any(c in path for c in "?# "):
+            raise _bad_spec(text, "engineio:PATH takes a path such as /socket.io/")
+        # python-engineio normalises its path the same way: leading and trailing slash.
+        return KeySpec(kind, path.rstrip("/") + "/")
     if kind in (KeyKind.HEADER, KeyKind.COOKIE, KeyKind.QUERY):
         if not _TOKEN.fullmatch(argument):
-            raise ConfigError(f"--session-key {text!r}: {kind.value}:NAME needs a name, as in {_FORMS}")
+            raise _bad_spec(text, f"{kind.value}:NAME needs a name (letters, digits, -_.)")
         return KeySpec(kind, argument.lower() if kind is KeyKind.HEADER else argument)
     return KeySpec(kind)
 
 
-def _engineio_path(text: str, path: str) -> str:
-    if not path.startswith("/") or any(c in path for c in "?# "):
-        raise ConfigError(f"--session-key {text!r}: engineio:PATH takes a path such as {ENGINEIO_PATH}")
-    # python-engineio normalises its path the same way: leading and trailing slash.
-    return path.rstrip("/") + "/"
+def _bad_spec(text: str, why: str) -> ConfigError:
+    return ConfigError(f"--session-key {text!r}: {why}; expected {_FORMS}")
 
 
 def parse_trusted(text: str) -> TrustedProxies:
@@ -345,8 +346,9 @@ def _engineio_open(path: str, head: RequestHead, status: int, body: bytes) -> st
     if match is None:
         return None
     try:
-        # raw_decode stops at the object's end: packets batched after it are left unread.
-        data, _ = _JSON.raw_decode(match[1].decode("utf-8"))
+        # raw_decode stops at the object's end: packets batched after it (EIO=4 "\x1e", EIO=3
+        # binary framing) are left unread, and so is any invalid UTF-8 in them.
+        data, _ = _JSON.raw_decode(match[1].decode("utf-8", "replace"))
         sid = data.get("sid") if isinstance(data, dict) else None
     except (ValueError, RecursionError):
         return None
