@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..hashing import Address, parse_address
-from .http_head import RequestHead, cookie, header, query_param
+from .http_head import RequestHead, cookie, header, is_upgrade, query_param
 
 # A browser keeps cookies of up to 4096 bytes (RFC 6265's floor), and signed session cookies come
 # close; the table keeps a keyed hash of each id, so a long id costs nothing there.
@@ -291,7 +291,8 @@ def learn_key(
     """The session id this response creates (first spec in order), or ``None``.
 
     ``headers`` are the response's fields (any case); ``body_prefix`` the start of its decoded
-    body (the ASGI body bytes, not chunked wire bytes): only Engine.IO's handshake needs it.
+    body (the ASGI body bytes, not chunked wire bytes; for a WebSocket, status 101 and the first
+    message sent): only Engine.IO's handshake needs it.
     """
     for spec in specs:
         value = _bounded(_learn_one(spec, head, status, headers, body_prefix))
@@ -339,8 +340,10 @@ def _deletes(attributes: str) -> bool:
 
 
 def _engineio_open(path: str, head: RequestHead, status: int, body: bytes) -> str | None:
-    # Only a handshake creates a session: a polling GET on the path without a sid yet.
-    if status != 200 or head.method != "GET" or not _on_path(head, path) or query_param(head, "sid"):
+    # Only a handshake creates a session: a GET on the path without a sid yet, answered by a
+    # polling response (200) or, for a WebSocket-only client, by the first message after the 101.
+    handshake = status == 200 or (status == 101 and is_upgrade(head))
+    if not handshake or head.method != "GET" or not _on_path(head, path) or query_param(head, "sid"):
         return None
     match = _OPEN_PACKET.match(body[:MAX_LEARN_BODY])
     if match is None:

@@ -357,6 +357,17 @@ def test_learn_socketio_handshake_eio4_and_eio3() -> None:
     assert learn_key([ENGINEIO], HANDSHAKE, 200, [], binary_eio3) == "AS23EB1lZsN8pRYvAAAA"
 
 
+def test_learn_websocket_only_engineio_handshake() -> None:
+    # transports=["websocket"]: the open packet is the first message after the 101.
+    upgrade = parse_request_head(
+        b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\n"
+        b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    assert upgrade is not None and HANDSHAKE is not None
+    assert learn_key([ENGINEIO], upgrade, 101, [], SOCKETIO_OPEN) == "AS23EB1lZsN8pRYvAAAA"
+    assert learn_key([ENGINEIO], HANDSHAKE, 101, [], SOCKETIO_OPEN) is None
+
+
 def test_only_a_handshake_creates_an_engineio_session() -> None:
     polling = parse_request_head(b"GET /socket.io/?EIO=4&transport=polling&sid=AS23 HTTP/1.1\r\n\r\n")
     post = parse_request_head(b"POST /socket.io/?EIO=4&transport=polling HTTP/1.1\r\n\r\n")
