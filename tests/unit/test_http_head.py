@@ -137,6 +137,16 @@ def test_query_param_agrees_with_parse_qs(pairs: list[tuple[str, str]], name: st
     assert query_param(head, name) == expected
 
 
+@PROPERTY
+@given(st.text("sid=&+%20aé#?", max_size=40), st.data())
+def test_query_param_agrees_with_parse_qs_on_raw_queries(query: str, data: st.DataObject) -> None:
+    # Raw, as clients write them: "+" for spaces, stray "%", empty pairs, a fragment.
+    parsed = parse_qs(query.partition("#")[0], keep_blank_values=True)
+    name = data.draw(st.sampled_from([*parsed, "sid", "s d"]))
+    head = RequestHead("GET", f"/socket.io/?{query}", (), 0)
+    assert query_param(head, name) == parsed.get(name, [None])[0]
+
+
 def test_socketio_client_handshake() -> None:
     head = parse_request_head(SOCKETIO_HANDSHAKE)
     assert head is not None and head.length == len(SOCKETIO_HANDSHAKE)
