@@ -55,6 +55,7 @@ _OPEN_PACKET = re.compile(rb"(?:[0-9]{1,6}:|\x00[\x00-\x09]{1,6}\xff)?0(\{.*)", 
 _JSON = json.JSONDecoder()
 # Max-Age of zero or less: the cookie is being removed, not created.
 _MAX_AGE_GONE = re.compile(r"0+|-[0-9]+")
+_EPOCH = re.compile(r"\b(?:1[0-8][0-9][0-9]|19[0-6][0-9]|1970)\b")
 
 
 class KeyKind(enum.Enum):
@@ -292,8 +293,11 @@ def learn_key(
 
     ``headers`` are the response's fields (any case); ``body_prefix`` the start of its decoded
     body (the ASGI body bytes, not chunked wire bytes; for a WebSocket, status 101 and the first
-    message sent): only Engine.IO's handshake needs it.
+    message sent): only Engine.IO's handshake needs it. An error response (4xx, 5xx) creates
+    nothing, whatever it carries: "404 Session not found" must not claim the id it refuses.
     """
+    if status >= 400:
+        return None
     for spec in specs:
         value = _bounded(_learn_one(spec, head, status, headers, body_prefix))
         if value is not None:
@@ -332,11 +336,16 @@ def _set_cookie(headers: Sequence[tuple[str, str]], name: str) -> str | None:
 
 
 def _deletes(attributes: str) -> bool:
+    # Max-Age wins over Expires (RFC 6265 5.3); without a clock, an Expires in or before 1970
+    # (the date every framework writes to delete a cookie) is the one past date we recognise.
+    expired = False
     for attribute in attributes.split(";"):
         name, _, value = attribute.partition("=")
-        if name.strip().lower() == "max-age":
+        name = name.strip().lower()
+        if name == "max-age":
             return _MAX_AGE_GONE.fullmatch(value.strip()) is not None
-    return False
+        expired = expired or (name == "expires" and _EPOCH.search(value) is not None)
+    return expired
 
 
 def _engineio_open(path: str, head: RequestHead, status: int, body: bytes) -> str | None:

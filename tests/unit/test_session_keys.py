@@ -386,13 +386,23 @@ def test_learn_mcp_initialize_response() -> None:
         == "d18912dac23743c898450622d89bc280"
     )
     assert learn_key([ENGINEIO], INITIALIZE, 200, MCP_INITIALIZED, b"") is None
+    # An error names no new session, even if it echoes the id it refuses.
+    for status in (400, 404, 503):
+        assert learn_key([MCP], INITIALIZE, status, MCP_INITIALIZED, b"") is None
 
 
 def test_learn_cookie_creation_not_deletion() -> None:
     assert HANDSHAKE is not None
     spec = parse_key_spec("cookie:session")
-    for gone in ["session=; Max-Age=0", "session=x; Path=/; max-age=-1"]:
+    for gone in [
+        "session=; Max-Age=0",
+        "session=x; Path=/; max-age=-1",
+        "session=x; expires=Thu, 01 Jan 1970 00:00:00 GMT; Path=/",
+    ]:
         assert learn_key([spec], HANDSHAKE, 200, [("Set-Cookie", gone)], b"") is None
     headers = [("set-cookie", "theme=dark"), ("Set-Cookie", 'session="abc"; Max-Age=3600; Secure')]
     assert learn_key([spec], HANDSHAKE, 200, headers, b"") == "abc"
+    assert learn_key([spec], HANDSHAKE, 302, headers, b"") == "abc"  # the login redirect
+    kept = [("Set-Cookie", "session=abc; Expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=60")]
+    assert learn_key([spec], HANDSHAKE, 200, kept, b"") == "abc"  # Max-Age wins
     assert learn_key([parse_key_spec("query:session"), FORWARDED], HANDSHAKE, 200, headers, b"") is None
