@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import pytest
+from support.launcher import wait_for
 from support.proxies import HAPROXY_SOURCE, NGINX_SOURCES, Front, haproxy_send_proxy, nginx_replicas
 
 from ebpf_sticky.hashing import parse_address
@@ -164,6 +165,18 @@ def test_haproxy_sends_the_client_in_a_proxy_header(backend: Backend, version: i
     assert [peer for peer, _ in seen] == [HAPROXY_SOURCE] * len(CLIENTS)
     assert [(h.source if h else None) for _, h in seen] == clients
     assert {(h.destination if h else None) for _, h in seen} == {("127.0.0.1", front.port)}
+
+
+@pytest.mark.parametrize("backend", [True], indirect=True)
+def test_haproxy_health_checks_send_a_local_header(backend: Backend) -> None:
+    def checked() -> bool:
+        with backend.seen.lock:
+            return any(proxy is not None and proxy.source is None for _, proxy in backend.seen.connections)
+
+    with haproxy_send_proxy(backend.port, health_checks=True):
+        wait_for(checked, TIMEOUT, "a health check with a LOCAL header")
+    local = [proxy for _, proxy in backend.seen.connections if proxy is not None and proxy.source is None]
+    assert all(proxy.destination is None for proxy in local)
 
 
 def test_nginx_replicas_share_keepalive_connections_from_their_own_addresses(backend: Backend) -> None:

@@ -61,14 +61,19 @@ def haproxy_send_proxy(
     source: str = HAPROXY_SOURCE,
     version: int = 2,
     front_host: str = "127.0.0.1",
+    health_checks: bool = False,
 ) -> Iterator[Front]:
     """HAProxy ``mode tcp``, ``balance roundrobin`` over ``servers`` lines to one backend port,
     each sending a PROXY header (``send-proxy-v2``, or ``send-proxy`` for ``version=1``).
 
     Several server lines to the same port stand for a balancer with several paths to one
     service: every client lands on the backend from ``source``, whatever its own address.
+    ``health_checks`` adds HAProxy's TCP checks every 200 ms, each a connection of its own that
+    carries a header too (v2: the LOCAL command, which names no client) and then closes.
     """
     option = "send-proxy-v2" if version == 2 else "send-proxy"
+    if health_checks:
+        option += " check inter 200ms check-send-proxy"
     backend = _haproxy_address(backend_host, backend_port)
     lines = "\n".join(f"  server s{i} {backend} {option} source {source}" for i in range(servers))
     port = free_port(front_host)
