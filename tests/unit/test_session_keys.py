@@ -222,6 +222,36 @@ def test_forwarded_walk_matches_a_reference_model(
 
 
 @PROPERTY
+@given(
+    st.lists(st.tuples(addresses, st.sampled_from([None, 80, 65535])), min_size=1, max_size=6),
+    st.sets(addresses, max_size=4),
+    st.booleans(),
+)
+def test_forwarded_client_is_the_one_uvicorn_shows_the_app(
+    hops: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int | None]],
+    proxies: set[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    everyone: bool,
+) -> None:
+    # uvicorn's own ProxyHeadersMiddleware is the reference: the key is the scope["client"] host.
+    from uvicorn.middleware.proxy_headers import _TrustedHosts
+
+    assume(all(getattr(a, "ipv4_mapped", None) is None for a, _ in hops))  # uvicorn keeps those as v6
+    hops = [
+        (next(iter(proxies)), port) if i % 3 == 1 and proxies else (a, port)
+        for i, (a, port) in enumerate(hops)
+    ]
+    allowed = "*" if everyone else ",".join(["127.0.0.1", *map(str, proxies)])
+    written = [
+        str(a) if port is None else (f"[{a}]:{port}" if a.version == 6 else f"{a}:{port}") for a, port in hops
+    ]
+    expected, _ = _TrustedHosts(allowed).get_trusted_client_address(", ".join(written))
+    key = extract_key(
+        head("/", ("x-forwarded-for", ", ".join(written))), [FORWARDED], "127.0.0.1", parse_trusted(allowed)
+    )
+    assert key == AddressKey(parse_address(expected))
+
+
+@PROPERTY
 @given(st.lists(addresses, min_size=1, max_size=4), addresses)
 def test_forwarded_headers_of_an_untrusted_peer_are_ignored(
     hops: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
