@@ -161,7 +161,8 @@ def test_agrees_with_h11_wherever_both_read_a_request(
 ) -> None:
     # uvicorn's h11 server is the reference for what the head says: where both parse it, the
     # method, target and fields are the same, so the key we read is the one the app will see.
-    # This parser may refuse more (obsolete line folding, which h11 joins), never less.
+    # On these lines this parser may refuse more (obsolete folding, which h11 joins), never less;
+    # h11 also refuses what routing need not judge (no Host, conflicting body framing).
     import h11
 
     data = newline.join([f"{method} {target} HTTP/1.1".encode(), b"Host: x", *fields]) + newline + newline
