@@ -30,6 +30,7 @@ Nothing here touches the OS.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import json
 import re
@@ -273,8 +274,19 @@ def _host(hop: str) -> str:
 
 
 def _address(host: str) -> Address | None:
+    # Behind a proxy every request asks about the same few hosts (the proxies, then its client):
+    # remembered, as uvicorn remembers its trust answers. Nothing longer than any written address
+    # (with brackets, port and scope) is an address, nor fills the cache.
+    return _parsed(host) if 0 < len(host) <= _LONGEST_HOP else None
+
+
+_LONGEST_HOP = 72  # [ + 45 (IPv6 with a dotted tail) + %scope (<= 16) + ] + :65535
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(host: str) -> Address | None:
     try:
-        return parse_address(_host(host)) if host else None
+        return parse_address(_host(host))
     except ValueError:
         return None
 
