@@ -629,7 +629,7 @@ class Core:
                     *(Kill(p, "KILL") for p in self.workers),
                 ]
             return actions
-        return actions + self._respawn_due(now) + self._drain(event)
+        return actions + self._drain(event) + self._respawn_due(now)
 
     def _assume_ready(self, now: float) -> list[Action]:
         actions: list[Action] = []

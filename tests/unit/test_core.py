@@ -265,6 +265,48 @@ def test_hup_with_a_broken_new_worker_keeps_the_old_ones() -> None:
     assert set(c.workers) == {100, 101}
 
 
+def test_a_successor_that_crashes_while_its_predecessor_stops_is_replaced() -> None:
+    c = started()
+    c.handle(Signal(SignalName.HUP, 10.0))
+    c.handle(Spawned(0, 200, 10.0))
+    assert kinds(c.handle(Ready(200, 11.0)), Kill) == [Kill(100, "TERM")]  # 100 in its graceful stop
+    assert kinds(c.handle(Exited(200, -9, 12.0)), Spawn) == [Spawn(0)]  # 100 is leaving: not a worker
+
+
+def test_hup_on_a_slot_in_backoff_then_a_failed_successor_still_respawns() -> None:
+    c = started()
+    c.handle(Exited(100, -9, 5.0))
+    c.handle(Spawned(0, 150, 5.0))
+    c.handle(Exited(150, 1, 5.5))  # boot failure: slot 0 waits out its backoff
+    assert kinds(c.handle(Signal(SignalName.HUP, 5.55)), Spawn) == [Spawn(0)]
+    c.handle(Spawned(0, 200, 5.55))
+    c.handle(Exited(200, 1, 5.6))  # the reload's worker fails too
+    assert c.reloading is None
+    assert kinds(c.handle(Tick(20.0)), Spawn) == [Spawn(0)]
+
+
+def test_old_worker_killed_during_a_reload_and_a_failed_successor_still_respawns() -> None:
+    c = started()
+    c.handle(Signal(SignalName.HUP, 10.0))
+    c.handle(Spawned(0, 200, 10.0))
+    assert not kinds(c.handle(Exited(100, -9, 10.2)), Spawn)  # the successor is on its way
+    c.handle(Exited(200, 1, 10.5))
+    assert kinds(c.handle(Tick(20.0)), Spawn) == [Spawn(0)]
+
+
+def test_ttou_of_the_slot_being_reloaded_ends_the_reload() -> None:
+    c = started()
+    c.handle(core.Recycle(101, 10.0))  # slot 1, the last, is being renewed
+    c.handle(Spawned(1, 201, 10.0))
+    c.handle(Signal(SignalName.TTOU, 10.1))
+    assert set(kinds(c.handle(Tick(10.5, {1: 0})), Kill)) == {Kill(101, "TERM"), Kill(201, "TERM")}
+    assert c.reloading is None
+    c.handle(Exited(201, -15, 10.6))
+    c.handle(Exited(101, 0, 10.7))
+    assert c.slots == 1
+    assert kinds(c.handle(Signal(SignalName.HUP, 11.0)), Spawn) == [Spawn(0)]  # reloads work again
+
+
 def test_ttin_adds_a_slot_then_its_worker() -> None:
     c = started()
     assert kinds(c.handle(Signal(SignalName.TTIN, 1.0)), AddSlot) == [AddSlot(2)]
