@@ -6,8 +6,9 @@ Design rules:
   it. A crashed worker is replaced on the same slot, so connections queued meanwhile are served.
 * A reload (HUP) renews one slot at a time: the new worker starts beside the old one on the same
   socket, and only when it is ready is the old one asked to stop.
-* Retiring a slot (TTOU) first routes its buckets away (the router's table flip), waits until its
-  accept queue is empty, then stops its worker, and only then closes the socket.
+* Retiring a slot (TTOU) first routes its buckets away (the router's table flip), waits until
+  nothing is pending on it (its accept queue, and without the kernel's migration the handshakes
+  in flight: the router counts them), then stops its worker, and only then closes the socket.
 * Restart policy: a worker that became ready and then dies is replaced at once (it served: an OOM
   kill or an operator's kill is not a crash loop). A worker that dies before it is ready is a boot
   failure: its slot is respawned after a backoff that doubles from ``BACKOFF_FIRST`` to
@@ -44,8 +45,8 @@ STABLE_AFTER = 60.0
 # Before any worker was ever ready, this many boot failures in a row on one slot mean the app
 # cannot start at all (a command that always exits at once): stop instead of retrying forever.
 STARTUP_ATTEMPTS = 3
-# After a retired slot's table flip, handshakes already in flight may still land in its queue
-# for about one round trip; wait this long before trusting an empty queue.
+# After a retired slot's table flip, a SYN the old table sent there may still be on its way to
+# becoming a handshake the router can see: wait this long before trusting an empty drain.
 DRAIN_SETTLE = 0.2
 
 
