@@ -168,6 +168,18 @@ def test_load_error_shown_once_for_all_workers() -> None:
     assert len(tracebacks) == 1 and tracebacks[0].level == "error"
 
 
+def test_load_errors_kept_are_bounded() -> None:
+    """A worker whose error text varies each time (a pid, a timestamp) must not grow the master."""
+    c = started()
+    for i in range(1000):
+        c.handle(Spawned(0, 1000 + i, 1.0))
+        c.handle(core.LoadFailed(1000 + i, f"raised X {i}", "x" * 60000 + str(i), 1.0))
+        c.handle(Exited(1000 + i, APP_LOAD_ERROR, 1.0))
+    assert len(c.shown_errors) == core.SHOWN_ERRORS
+    again = c.handle(core.LoadFailed(100, "raised X 999", "x" * 60000 + "999", 2.0))
+    assert again == [core.Log("slot 0: worker 100 failed the same way")]
+
+
 def test_command_that_never_gets_ready_stops_after_a_few_attempts() -> None:
     c = Core(slots=2, load_error_status=None, assume_ready_after=1.0)
     c.handle(Start(0.0))
