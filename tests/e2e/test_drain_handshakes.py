@@ -36,6 +36,8 @@ class Net:
     netns: str
     server: str
     sources: list[str]
+    server6: str
+    sources6: list[str]  # each in a /64 of its own: the default IPv6 prefix hashes /64s
 
 
 @pytest.fixture
@@ -45,22 +47,26 @@ def net() -> Iterator[Net]:
 
     tag = uuid.uuid4().hex[:6]
     name, host_if, octet = f"core-drain-{tag}", f"cd{tag}", random.randrange(1, 255)
-    prefix = f"198.18.{octet}"
+    prefix, prefix6 = f"198.18.{octet}", f"fd00:18:{octet:x}"
     netns.create(name)
     try:
         with IPRoute() as ipr:
             ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": "eth0", "net_ns_fd": name})
             index = ipr.link_lookup(ifname=host_if)[0]
             ipr.addr("add", index=index, address=f"{prefix}.1", prefixlen=24, flags=IFA_F_NODAD)
+            ipr.addr("add", index=index, address=f"{prefix6}::1", prefixlen=48, flags=IFA_F_NODAD)
             ipr.link("set", index=index, state="up")
         sources = [f"{prefix}.{i}" for i in range(10, 250)]
+        sources6 = [f"{prefix6}:{i:x}::2" for i in range(1, 200)]
         with IPRoute(netns=name, flags=0) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             index = ipr.link_lookup(ifname="eth0")[0]
             for source in sources:
                 ipr.addr("add", index=index, address=source, prefixlen=24, flags=IFA_F_NODAD)
+            for source in sources6:
+                ipr.addr("add", index=index, address=source, prefixlen=48, flags=IFA_F_NODAD)
             ipr.link("set", index=index, state="up")
-        yield Net(name, f"{prefix}.1", sources)
+        yield Net(name, f"{prefix}.1", sources, f"{prefix6}::1", sources6)
     finally:
         netns.remove(name)  # takes the veth pair with it
 
@@ -69,7 +75,7 @@ def nft(net: Net, script: str) -> None:
     in_netns(net.netns, lambda: subprocess.run(["nft", "-f", "-"], input=script, text=True, check=True))
 
 
-def open_held(net: Net, sources: list[str], port: int) -> list[socket.socket]:
+def open_held(net: Net, server: str, sources: list[str], port: int) -> list[socket.socket]:
     """Connections whose SYN went through and whose every later packet is dropped for now."""
     rule = f"tcp dport {port} tcp flags & syn != syn drop"
     nft(net, f"table inet hold {{\n chain out {{\n type filter hook output priority 0;\n {rule}\n }}\n}}\n")
@@ -77,10 +83,10 @@ def open_held(net: Net, sources: list[str], port: int) -> list[socket.socket]:
     def connect() -> list[socket.socket]:
         clients = []
         for source in sources:
-            client = socket.socket()
+            client = socket.socket(socket.AF_INET6 if ":" in source else socket.AF_INET)
             client.setblocking(False)
             client.bind((source, 0))
-            client.connect_ex((net.server, port))
+            client.connect_ex((server, port))
             clients.append(client)
         return clients
 
@@ -115,15 +121,24 @@ def outcome(client: socket.socket, deadline: float) -> str:
     return "no answer" if not data else "bad answer"
 
 
-@pytest.mark.parametrize("loader", ["native", "cbpf"])
-def test_handshakes_in_flight_at_release_are_served(net: Net, loader: str) -> None:
+@pytest.mark.parametrize(
+    ("loader", "family"),
+    # "dual": IPv4 clients of a [::] socket, which the moving socket shows as ::ffff:a.b.c.d.
+    [("native", "ipv4"), ("cbpf", "ipv4"), ("native", "ipv6"), ("native", "dual")],
+)
+def test_handshakes_in_flight_at_release_are_served(net: Net, loader: str, family: str) -> None:
     def slot_of(source: str, slots: int) -> int:
         return LOADERS[loader].slot_of(parse_address(source), SPEC, slots)
 
-    sources = [s for s in net.sources if slot_of(s, 3) == 2][:CLIENTS]
-    args = ["asgi_app.py", "-w", "3", "--bind", f"{net.server}:0", "--hash-key", KEY, "--loader", loader]
+    server, bind = {
+        "ipv4": (net.server, f"{net.server}:0"),
+        "ipv6": (net.server6, f"[{net.server6}]:0"),
+        "dual": (net.server, "[::]:0"),
+    }[family]
+    sources = [s for s in (net.sources6 if family == "ipv6" else net.sources) if slot_of(s, 3) == 2][:CLIENTS]
+    args = ["asgi_app.py", "-w", "3", "--bind", bind, "--hash-key", KEY, "--loader", loader]
     with launched([*args, "--graceful-timeout", "30"]) as instance:
-        clients = open_held(net, sources, instance.port)
+        clients = open_held(net, server, sources, instance.port)
         try:
             assert len(handshakes(instance.port)) >= len(sources)
             instance.signal(signal.SIGTTOU)
@@ -138,7 +153,7 @@ def test_handshakes_in_flight_at_release_are_served(net: Net, loader: str) -> No
             [f"slot {slot_of(s, 2)}" for s in sources] if loader == "native" else ["slot 2"] * len(sources)
         )
         resets = results.count("reset")
-        print(f"{loader}: {len(sources)} handshakes held across TTOU, {resets} reset, "
+        print(f"{loader} {family}: {len(sources)} handshakes held across TTOU, {resets} reset, "
               f"released {'before' if released else 'after'} the path cleared; {results}")  # fmt: skip
         assert results == expected, results
 
