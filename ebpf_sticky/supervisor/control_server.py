@@ -129,14 +129,17 @@ class ControlServer:
         self, readable: list[Any], writable: list[Any], snapshot: Snapshot, started: float, now: float
     ) -> None:
         if self.listener in readable:
-            self._accept(now)
+            try:
+                self._accept(now)
+            except Exception:  # one client's trouble must never end the supervisor's loop
+                log.exception("control connection not accepted")
         for sock, conn in list(self.connections.items()):
             try:
                 if sock in readable:
                     self._read(conn, snapshot, now - started)
                 elif sock in writable:
                     self._write(conn)
-            except Exception:  # one client's trouble must never end the supervisor's loop
+            except Exception:  # likewise
                 log.exception("control connection dropped: answering it failed")
                 self._close(sock)
         for sock, conn in list(self.connections.items()):
