@@ -71,6 +71,9 @@ REQUEST_TIMEOUT = 1.0
 # At most this many open at once; a new one evicts the oldest, so clients that connect and stall
 # cannot lock the others out (each costs a socket and at most MAX_REQUEST bytes until then).
 MAX_CONNECTIONS = 32
+# Clients that connect faster than the loop accepts (once a turn) wait here; once it is full a
+# client's connect fails at once (EAGAIN on a unix socket), so leave room for a flood's burst.
+CONTROL_BACKLOG = 256
 
 
 @dataclass
@@ -107,7 +110,7 @@ class ControlServer:
                 listener.bind(str(path))
             finally:
                 os.umask(old_umask)
-            listener.listen(16)
+            listener.listen(CONTROL_BACKLOG)
             listener.setblocking(False)
             server = cls(listener, path, router)
             yield server
