@@ -62,7 +62,10 @@ def fuzz(instance: Instance, path: Path, cases: list[bytes]) -> int:
     """Send every case; each answer must be an error. Returns how many were answered."""
     answered = 0
     for data in cases:
-        reply = ask(path, data)
+        try:
+            reply = ask(path, data)
+        except OSError as exc:
+            raise AssertionError(f"{exc} on {data[:80]!r}:\n{instance.output()[-2000:]}") from None
         if reply:
             assert "error" in json.loads(reply), (data[:80], reply)
             answered += 1
