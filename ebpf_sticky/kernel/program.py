@@ -11,6 +11,10 @@ the bcc loader. Maps it uses (created by ``router.py``):
                table, then flips this word, so no connection ever sees a half-written table.
 * ``counters`` PERCPU_ARRAY of u64: selections per slot, and failures at index MAX_SLOTS.
 
+It is attached for migration as well (``BPF_SK_REUSEPORT_SELECT_OR_MIGRATE``): when a retired slot's
+socket closes, the kernel asks it where each handshake still in flight should go, and it picks
+as for any client (from the moving socket's remote address when there is no packet to read).
+
 On any failure the program returns SK_PASS without selecting, which lets the kernel pick by its own
 hash: a connection is never refused because of the program, and the failure is counted.
 """
