@@ -38,6 +38,9 @@
 #define IPV4_SRC_OFFSET 12
 #define IPV6_SRC_OFFSET 8
 #define V4_MAPPED_HIGH 0xffff0000ULL
+#define V4_MAPPED_LOW 0xffff0000U  // the third word of ::ffff:a.b.c.d, as loaded little-endian
+#define AF_INET 2
+#define AF_INET6 10
 #define LENGTH_WORD (16ULL << 56)
 
 static __always_inline void count(u32 index) {
@@ -50,6 +53,29 @@ int select_slot(struct sk_reuseport_md *ctx) {
     u64 addr[2] = {0, 0};
     u64 m0, m1;
     u32 proto = ctx->eth_protocol;
+    struct bpf_sock *moving = ctx->migrating_sk;
+
+    // A connection moving off a closing listener (attached for migration, 5.14+) may come with no
+    // packet to read: then the client is the moving socket's remote end.
+    if (moving && ctx->len == 0) {
+        if (moving->family == AF_INET) {
+            m0 = 0;
+            m1 = ((u64)(moving->dst_ip4 & (u32)MASK4) << 32) | V4_MAPPED_HIGH;
+        } else if (moving->family == AF_INET6) {
+            addr[0] = ((u64)moving->dst_ip6[1] << 32) | moving->dst_ip6[0];
+            addr[1] = ((u64)moving->dst_ip6[3] << 32) | moving->dst_ip6[2];
+            if (addr[0] == 0 && (u32)addr[1] == V4_MAPPED_LOW) {  // ::ffff:a.b.c.d, hashed as IPv4
+                m0 = 0;
+                m1 = ((u64)(moving->dst_ip6[3] & (u32)MASK4) << 32) | V4_MAPPED_HIGH;
+            } else {
+                m0 = addr[0] & MASK6_0;
+                m1 = addr[1] & MASK6_1;
+            }
+        } else {
+            goto fail;
+        }
+        goto hash;
+    }
 
     if (proto == htons(ETH_P_IP)) {
         u32 v4 = 0;
@@ -66,6 +92,7 @@ int select_slot(struct sk_reuseport_md *ctx) {
         goto fail;
     }
 
+hash:;
     u64 v0 = V0, v1 = V1, v2 = V2, v3 = V3;
     ABSORB(m0);
     ABSORB(m1);

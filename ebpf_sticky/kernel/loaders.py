@@ -48,6 +48,9 @@ class LoadedProgram:
     fd: int
     insn_count: int
     keepalive: Any = field(default=None, repr=False)  # bcc's BPF object owns its fd
+    # Attached for migration too: the kernel moves a closing listener's handshakes and queued
+    # connections to the group's other sockets instead of resetting them.
+    migrates: bool = False
 
     def close(self) -> None:
         if self.keepalive is not None:
@@ -60,13 +63,15 @@ class LoadedProgram:
 
 def load_native(consts: ProgramConstants, fds: program.MapFds) -> LoadedProgram:
     insns = program.build(consts, fds)
-    fd = syscalls.prog_load(
-        syscalls.PROG_TYPE_SK_REUSEPORT,
-        encode(insns),
-        PROGRAM_NAME,
-        syscalls.ATTACH_SK_REUSEPORT_SELECT,
-    )
-    return LoadedProgram(fd, len(insns))
+    code = encode(insns)
+    kind = syscalls.PROG_TYPE_SK_REUSEPORT
+    try:
+        fd = syscalls.prog_load(kind, code, PROGRAM_NAME, syscalls.ATTACH_SK_REUSEPORT_SELECT_OR_MIGRATE)
+    except VerifierError:  # a kernel before 5.14 knows no migration: select only
+        return LoadedProgram(
+            syscalls.prog_load(kind, code, PROGRAM_NAME, syscalls.ATTACH_SK_REUSEPORT_SELECT), len(insns)
+        )
+    return LoadedProgram(fd, len(insns), migrates=True)
 
 
 def import_bcc() -> Any:
@@ -157,6 +162,10 @@ class Routing(Protocol):
 
     def counters(self, slots: int) -> Counters: ...
 
+    @property
+    def migrates(self) -> bool:
+        """Whether the kernel moves a closing socket's handshakes to the others (else they reset)."""
+
     def close(self) -> None: ...
 
 
@@ -195,6 +204,10 @@ class MapRouting:
     @property
     def insn_count(self) -> int:
         return self._program.insn_count if self._program is not None else 0
+
+    @property
+    def migrates(self) -> bool:
+        return self._program is not None and self._program.migrates
 
     @property
     def program_fd(self) -> int:
@@ -251,6 +264,7 @@ class CbpfRouting:
     def __init__(self, spec: HashSpec) -> None:
         self._consts = hashing_cbpf.program_constants(spec)
         self.insn_count = 0
+        self.migrates = False  # classic BPF has no migrate attach type
 
     def join(self, sock: socket.socket, slot: int) -> None:
         pass

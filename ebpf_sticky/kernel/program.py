@@ -11,6 +11,10 @@ the bcc loader. Maps it uses (created by ``router.py``):
                table, then flips this word, so no connection ever sees a half-written table.
 * ``counters`` PERCPU_ARRAY of u64: selections per slot, and failures at index MAX_SLOTS.
 
+It is attached for migration as well (``BPF_SK_REUSEPORT_SELECT_OR_MIGRATE``): when a retired slot's
+socket closes, the kernel asks it where each handshake still in flight should go, and it picks
+as for any client (from the moving socket's remote address when there is no packet to read).
+
 On any failure the program returns SK_PASS without selecting, which lets the kernel pick by its own
 hash: a connection is never refused because of the program, and the failure is counted.
 """
@@ -54,7 +58,12 @@ from .asm import (
 )
 
 # struct sk_reuseport_md offsets and the values read there.
+CTX_LEN = 16
 CTX_ETH_PROTOCOL = 20
+CTX_MIGRATING_SK = 48
+# struct bpf_sock offsets: a socket's family and its remote address (the client's).
+SK_FAMILY, SK_DST_IP4, SK_DST_IP6 = 4, 52, 56
+AF_INET, AF_INET6 = 2, 10
 ETH_P_IP_BE = 0x0008  # htons(0x0800) as the u32 context field reads on little-endian
 ETH_P_IPV6_BE = 0xDD86  # htons(0x86DD)
 # Helpers.
@@ -132,6 +141,43 @@ def _lookup(map_fd: int, key_reg: int, null_target: str) -> list[Item]:
     ]
 
 
+def _migrating_client() -> list[Item]:
+    """A connection moving off a closing listener (attached for migration, 5.14+) may come with no
+    packet to read: a handshake whose SYN-ACK timer fired, or one from the accept queue. Then the
+    client's address is the moving socket's remote end; copy it where the packet's would be, so
+    the client lands on the slot the table gives it like any other. With a packet (the final ACK
+    of a handshake), read the packet as always."""
+    return [
+        ldx(DW, R2, R6, CTX_MIGRATING_SK),
+        jmp("jeq", R2, 0, "packet"),
+        ldx(W, R3, R6, CTX_LEN),
+        jmp("jne", R3, 0, "packet"),
+        ldx(W, R3, R2, SK_FAMILY),
+        jmp("jeq", R3, AF_INET, "sk_ipv4"),
+        jmp("jne", R3, AF_INET6, "fail"),
+        *(
+            item
+            for i in range(0, 16, 4)
+            for item in (ldx(W, R3, R2, SK_DST_IP6 + i), stx(W, R10, R3, ADDR + i))
+        ),
+        # An IPv4 client of a dual-stack socket shows as ::ffff:a.b.c.d: hash it as IPv4, as its
+        # packets are.
+        ldx(DW, R3, R10, ADDR),
+        jmp("jne", R3, 0, "ipv6_address"),
+        ldx(H, R3, R10, ADDR + 8),
+        jmp("jne", R3, 0, "ipv6_address"),
+        ldx(H, R3, R10, ADDR + 10),
+        jmp("jne", R3, 0xFFFF, "ipv6_address"),
+        ldx(W, R3, R10, ADDR + 12),
+        stx(W, R10, R3, ADDR),
+        ja("ipv4_address"),
+        "sk_ipv4",
+        ldx(W, R3, R2, SK_DST_IP4),
+        stx(W, R10, R3, ADDR),
+        ja("ipv4_address"),
+    ]
+
+
 def build(consts: ProgramConstants, fds: MapFds) -> list[Insn]:
     v0, v1, v2, v3, tmp = R0, R1, R2, R3, R4
     m0, m1 = R8, R7
@@ -140,6 +186,8 @@ def build(consts: ProgramConstants, fds: MapFds) -> list[Insn]:
         hash_rounds += [alu64r("xor", v3, m), *_sipround(v0, v1, v2, v3, R5), alu64r("xor", v0, m)]
     items: list[Item] = [
         movr(R6, R1),
+        *_migrating_client(),
+        "packet",
         ldx(W, R2, R6, CTX_ETH_PROTOCOL),
         jmp("jeq", R2, ETH_P_IP_BE, "ipv4"),
         jmp("jeq", R2, ETH_P_IPV6_BE, "ipv6"),
@@ -147,6 +195,7 @@ def build(consts: ProgramConstants, fds: MapFds) -> list[Insn]:
         "ipv4",
         # m0 = 0, m1 = masked address << 32 | 0xffff0000: the words of ::ffff:a.b.c.d.
         *_load_source(IPV4_SRC_OFFSET, 4),
+        "ipv4_address",
         ldx(W, m1, R10, ADDR),
         alu32("and", m1, consts.mask4),
         alu64("lsh", m1, 32),
@@ -156,6 +205,7 @@ def build(consts: ProgramConstants, fds: MapFds) -> list[Insn]:
         ja("hash"),
         "ipv6",
         *_load_source(IPV6_SRC_OFFSET, 16),
+        "ipv6_address",
         ldx(DW, m0, R10, ADDR),
         ldx(DW, m1, R10, ADDR + 8),
         *ld_imm64(R1, consts.mask6[0]),

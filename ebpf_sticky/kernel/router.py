@@ -18,6 +18,7 @@ from types import TracebackType
 from ..addresses import Bind
 from ..errors import AddressInUseError, ConfigError, KernelError, StickyError
 from ..hashing import MAX_SLOTS, Address, HashSpec
+from .diag import Handshake, handshakes
 from .loaders import AUTO_ORDER, CHOICES, FALLBACK_ERRORS, LOADERS, Counters, MapRouting, Routing
 from .program import MapFds
 
@@ -90,6 +91,8 @@ class Router:
         self.bind = bind
         self.sockets: list[socket.socket] = []
         self.retiring: int | None = None  # the slot between retire_slot and release_slot
+        # Without migration: the handshakes in flight when the retiring slot got its last client.
+        self._handshakes: set[Handshake] = set()
         self._routing = routing
 
     @classmethod
@@ -210,7 +213,21 @@ class Router:
             raise ConfigError(f"slot {self.retiring} is already retiring")
         self._routing.route(self.sockets, self.slots - 1)
         self.retiring = self.slots - 1
+        if not self.udp and not self._routing.migrates:
+            self._handshakes = self._in_flight()
         return self.retiring
+
+    @property
+    def migrates(self) -> bool:
+        """Whether closing a slot moves its handshakes to the others (eBPF on 5.14+)."""
+        return self._routing.migrates
+
+    def _in_flight(self) -> set[Handshake]:
+        try:
+            return handshakes(self.port)
+        except OSError as exc:  # sock_diag filtered (a seccomp profile): drain the queue alone
+            log.warning("cannot list handshakes in flight (%s): a retiring slot may reset some", exc)
+            return set()
 
     def release_slot(self, slot: int) -> None:
         """Close a retired slot's socket (the highest one)."""
@@ -221,13 +238,20 @@ class Router:
         _leave_group(sock, self.udp)
         sock.close()
         self.retiring = None
+        self._handshakes = set()
 
     def pending(self, slot: int) -> int:
-        """Connections waiting in the slot's accept queue (TCP); 0 for UDP."""
+        """Connections waiting in the slot's accept queue (TCP); 0 for UDP. For the retiring slot
+        of a group without migration, also the handshakes that were in flight when it retired
+        (on any slot: the kernel does not say which listener answered them): closing it before
+        they complete would reset those that were its own."""
         if self.udp:
             return 0
         info = self.sockets[slot].getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-        return int(_U32.unpack_from(info, _TCPI_UNACKED)[0])
+        queued = int(_U32.unpack_from(info, _TCPI_UNACKED)[0])
+        if slot == self.retiring and self._handshakes:
+            self._handshakes &= self._in_flight()
+        return queued + len(self._handshakes)
 
     def counters(self) -> Counters:
         return self._routing.counters(self.slots)

@@ -22,6 +22,8 @@ MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, PROG_LOAD = 0, 1,
 MAP_TYPE_ARRAY, MAP_TYPE_PERCPU_ARRAY, MAP_TYPE_REUSEPORT_SOCKARRAY = 2, 6, 20
 PROG_TYPE_SK_REUSEPORT = 21
 ATTACH_SK_REUSEPORT_SELECT = 39
+# 5.14+: the program is also asked where to move the connections of a listener that closes.
+ATTACH_SK_REUSEPORT_SELECT_OR_MIGRATE = 40
 UPDATE_ANY = 0
 # Socket options (x86 and arm values; parisc and sparc differ and are not supported).
 SO_ATTACH_REUSEPORT_CBPF = 51

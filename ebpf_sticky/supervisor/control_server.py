@@ -7,57 +7,73 @@ import json
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+if sys.version_info >= (3, 11):
+    from typing import assert_never
+else:
+    from typing_extensions import assert_never
+
 from ..control import alive, control_dir, peer_uid, socket_name
 from ..errors import ControlError, StickyError
-from ..hashing import parse_address
 from ..kernel.router import Router
-from .core import Core
+from .core import Snapshot
+from .requests import MAX_REQUEST, BadRequest, Request, Route, Status, parse_request
 
 log = logging.getLogger("ebpf_sticky")
 
 
-def answer(message: dict[str, Any], router: Router, sup_core: Core, uptime: float) -> dict[str, Any]:
-    """The reply to one request; pure given the router's counters."""
-    pids: dict[int, list[int]] = {}
-    for worker in sup_core.workers.values():
-        pids.setdefault(worker.slot, []).append(worker.pid)
-    if message.get("cmd") == "status":
-        counters = router.counters()
-        return {
-            "pid": os.getpid(),
-            "bind": str(router.bind.with_port(router.port)),
-            "protocol": "udp" if router.udp else "tcp",
-            "loader": router.loader,
-            "phase": sup_core.phase.value,
-            "uptime": round(uptime, 3),
-            "failures": counters.failures,
-            "slots": [
-                {"slot": slot, "pids": sorted(pids.get(slot, [])), "routed": counters.per_slot[slot]}
-                for slot in range(router.slots)
-            ],
-        }
-    if message.get("cmd") == "route":
-        rows = []
-        for text in message.get("addresses", []):
-            try:
-                slot = router.slot_of(parse_address(str(text)), sup_core.slots)
-            except ValueError:
-                return {"error": f"{text!r} is not an IP address"}
-            rows.append({"address": text, "slot": slot, "pids": sorted(pids.get(slot, []))})
-        return {"routes": rows, "loader": router.loader}
-    return {"error": f"unknown request {message.get('cmd')!r}"}
+def answer(request: Request, router: Router, snapshot: Snapshot, uptime: float) -> dict[str, Any]:
+    """The reply to one valid request; pure given the router's counters."""
+    match request:
+        case Status():
+            counters = router.counters()
+            return {
+                "pid": os.getpid(),
+                "bind": str(router.bind.with_port(router.port)),
+                "protocol": "udp" if router.udp else "tcp",
+                "loader": router.loader,
+                "phase": snapshot.phase.value,
+                "uptime": round(uptime, 3),
+                "failures": counters.failures,
+                "slots": [
+                    {"slot": slot, "pids": snapshot.pids(slot), "routed": counters.per_slot[slot]}
+                    for slot in range(router.slots)
+                ],
+            }
+        case Route():
+            rows = []
+            for text, address in request.addresses:
+                slot = router.slot_of(address, snapshot.slots)
+                rows.append({"address": text, "slot": slot, "pids": snapshot.pids(slot)})
+            return {"routes": rows, "loader": router.loader}
+        case _:
+            assert_never(request)
+
+
+def reply_to(line: bytes, router: Router, snapshot: Snapshot, uptime: float) -> dict[str, Any]:
+    try:
+        return answer(parse_request(line), router, snapshot, uptime)
+    except BadRequest as exc:
+        return {"error": f"bad request: {exc}"}
+    except (OSError, StickyError) as exc:  # reading the router's counters: never the supervisor's problem
+        log.warning("control request failed: %s", exc)
+        return {"error": f"request failed: {exc}"}
 
 
 # A control connection gets this long to send its request and take its answer; it never holds
 # the supervisor's loop meanwhile (every read and write is non-blocking).
 REQUEST_TIMEOUT = 1.0
+# At most this many open at once; a new one evicts the oldest, so clients that connect and stall
+# cannot lock the others out (each costs a socket and at most MAX_REQUEST bytes until then).
 MAX_CONNECTIONS = 32
-MAX_REQUEST = 65536
+# Clients that connect faster than the loop accepts (once a turn) wait here; once it is full a
+# client's connect fails at once (EAGAIN on a unix socket), so leave room for a flood's burst.
+CONTROL_BACKLOG = 256
 
 
 @dataclass
@@ -94,7 +110,7 @@ class ControlServer:
                 listener.bind(str(path))
             finally:
                 os.umask(old_umask)
-            listener.listen(16)
+            listener.listen(CONTROL_BACKLOG)
             listener.setblocking(False)
             server = cls(listener, path, router)
             yield server
@@ -113,14 +129,22 @@ class ControlServer:
         return [s for s, c in self.connections.items() if c.outbox is not None]
 
     def serve(
-        self, readable: list[Any], writable: list[Any], sup_core: Core, started: float, now: float
+        self, readable: list[Any], writable: list[Any], snapshot: Snapshot, started: float, now: float
     ) -> None:
         if self.listener in readable:
-            self._accept(now)
-        for sock in [s for s in readable if s in self.connections]:
-            self._read(self.connections[sock], sup_core, now - started)
-        for sock in [s for s in writable if s in self.connections]:
-            self._write(self.connections[sock])
+            try:
+                self._accept(now)
+            except Exception:  # one client's trouble must never end the supervisor's loop
+                log.exception("control connection not accepted")
+        for sock, conn in list(self.connections.items()):
+            try:
+                if sock in readable:
+                    self._read(conn, snapshot, now - started)
+                elif sock in writable:
+                    self._write(conn)
+            except Exception:  # likewise
+                log.exception("control connection dropped: answering it failed")
+                self._close(sock)
         for sock, conn in list(self.connections.items()):
             if now - conn.opened > REQUEST_TIMEOUT:
                 log.warning("control connection dropped: no complete request within %g s", REQUEST_TIMEOUT)
@@ -137,8 +161,7 @@ class ControlServer:
                 return
             sock.setblocking(False)
             if len(self.connections) >= MAX_CONNECTIONS:
-                sock.close()
-                continue
+                self._close(next(iter(self.connections)))  # the oldest (dicts keep their order)
             conn = _Connection(sock, now)
             self.connections[sock] = conn
             try:
@@ -149,25 +172,21 @@ class ControlServer:
             if uid not in (0, os.geteuid()):
                 conn.outbox = json.dumps({"error": "permission denied: not the launching user"}).encode()
 
-    def _read(self, conn: _Connection, sup_core: Core, uptime: float) -> None:
+    def _read(self, conn: _Connection, snapshot: Snapshot, uptime: float) -> None:
         try:
-            chunk = conn.sock.recv(65536)
+            chunk = conn.sock.recv(MAX_REQUEST + 1 - len(conn.inbox))
         except BlockingIOError:
             return
         except OSError:
             chunk = b""
         conn.inbox += chunk
-        if chunk and not conn.inbox.endswith(b"\n") and len(conn.inbox) < MAX_REQUEST:
-            return
+        line, newline, _ = conn.inbox.partition(b"\n")
+        if chunk and not newline and len(conn.inbox) <= MAX_REQUEST:
+            return  # more to come
         if not conn.inbox:
             self._close(conn.sock)  # a liveness probe: connect and close
             return
-        try:
-            reply = answer(json.loads(conn.inbox), self.router, sup_core, uptime)
-        except (OSError, ValueError, StickyError) as exc:  # never the supervisor's problem
-            log.warning("control request failed: %s", exc)
-            reply = {"error": f"bad request: {exc}"}
-        conn.outbox = json.dumps(reply).encode()
+        conn.outbox = json.dumps(reply_to(line, self.router, snapshot, uptime)).encode()
 
     def _write(self, conn: _Connection) -> None:
         assert conn.outbox is not None

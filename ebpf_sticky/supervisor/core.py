@@ -6,8 +6,9 @@ Design rules:
   it. A crashed worker is replaced on the same slot, so connections queued meanwhile are served.
 * A reload (HUP) renews one slot at a time: the new worker starts beside the old one on the same
   socket, and only when it is ready is the old one asked to stop.
-* Retiring a slot (TTOU) first routes its buckets away (the router's table flip), waits until its
-  accept queue is empty, then stops its worker, and only then closes the socket.
+* Retiring a slot (TTOU) first routes its buckets away (the router's table flip), waits until
+  nothing is pending on it (its accept queue, and without the kernel's migration the handshakes
+  in flight: the router counts them), then stops its worker, and only then closes the socket.
 * Restart policy: a worker that became ready and then dies is replaced at once (it served: an OOM
   kill or an operator's kill is not a crash loop). A worker that dies before it is ready is a boot
   failure: its slot is respawned after a backoff that doubles from ``BACKOFF_FIRST`` to
@@ -22,8 +23,16 @@ Design rules:
 
 from __future__ import annotations
 
+import sys
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Literal
+
+if sys.version_info >= (3, 11):
+    from typing import assert_never
+else:
+    from typing_extensions import assert_never
 
 from ..contract import APP_LOAD_ERROR
 from ..hashing import MAX_SLOTS
@@ -36,9 +45,52 @@ STABLE_AFTER = 60.0
 # Before any worker was ever ready, this many boot failures in a row on one slot mean the app
 # cannot start at all (a command that always exits at once): stop instead of retrying forever.
 STARTUP_ATTEMPTS = 3
-# After a retired slot's table flip, handshakes already in flight may still land in its queue
-# for about one round trip; wait this long before trusting an empty queue.
+# After a retired slot's table flip, a SYN the old table sent there may still be on its way to
+# becoming a handshake the router can see: wait this long before trusting an empty drain.
 DRAIN_SETTLE = 0.2
+
+
+# After this many distinct load-error reports, the oldest is forgotten (shown again if it recurs):
+# each may be 64 KiB, and a worker whose error text varies (a timestamp, a pid) must not grow the
+# master without bound.
+SHOWN_ERRORS = 16
+
+
+class _Name(str, Enum):
+    """A closed set of names that print as themselves (enum.StrEnum, which 3.10 lacks)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class SignalName(_Name):
+    """The signals the master acts on, by the name the log prints after "SIG"."""
+
+    TERM = "TERM"
+    INT = "INT"
+    QUIT = "QUIT"
+    HUP = "HUP"
+    TTIN = "TTIN"
+    TTOU = "TTOU"
+
+
+class Reason(_Name):
+    """Why a slot got a new worker (the label of the restarts metric)."""
+
+    CRASH = "crash"  # a ready worker exited
+    SIGNAL = "signal"  # a ready worker was killed
+    BOOT_FAILURE = "boot-failure"  # it died before it was ready
+    SPAWN_FAILURE = "spawn-failure"  # fork/exec failed
+    RECYCLE = "recycle"  # it served its --limit-max-requests (planned)
+
+
+class Level(_Name):
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+KillSignal = Literal["TERM", "KILL"]
 
 
 # Events ------------------------------------------------------------------------------------------
@@ -75,7 +127,7 @@ class Recycle:
 
 @dataclass(frozen=True)
 class Signal:
-    name: str  # "TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU"
+    name: SignalName
     now: float
 
 
@@ -117,7 +169,7 @@ class Spawn:
 @dataclass(frozen=True)
 class Kill:
     pid: int
-    signal: str  # "TERM" or "KILL"
+    signal: KillSignal
 
 
 @dataclass(frozen=True)
@@ -143,7 +195,7 @@ class NotifyReady:
 @dataclass(frozen=True)
 class Log:
     message: str
-    level: str = "info"  # "info", "warning" or "error"
+    level: Level = Level.INFO
 
 
 @dataclass(frozen=True)
@@ -175,6 +227,11 @@ class Worker:
     def ready(self) -> bool:
         return self.ready_at is not None
 
+    @property
+    def live(self) -> bool:
+        """Not asked to stop: the worker the slot counts on (a stopping one is on its way out)."""
+        return self.stop_sent is None
+
 
 @dataclass
 class SlotHealth:
@@ -191,6 +248,31 @@ class Retiring:
     stopping: bool = False
 
 
+@dataclass(frozen=True)
+class WorkerView:
+    pid: int
+    slot: int
+    ready: bool
+    stopping: bool
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A read-only copy of what the core knows, for the control socket and the metrics."""
+
+    phase: Phase
+    slots: int
+    workers: tuple[WorkerView, ...]
+    restarts: dict[tuple[int, Reason], int]
+
+    def pids(self, slot: int) -> list[int]:
+        return sorted(w.pid for w in self.workers if w.slot == slot)
+
+    @property
+    def ready(self) -> int:
+        return sum(w.ready for w in self.workers)
+
+
 def backoff(streak: int) -> float:
     """The wait before respawning a slot after its ``streak``-th boot failure in a row."""
     return float(min(BACKOFF_FIRST * 2 ** (streak - 1), BACKOFF_MAX))
@@ -198,6 +280,15 @@ def backoff(streak: int) -> float:
 
 @dataclass
 class Core:
+    """The restart policy. Invariants (tested as properties over any sequence of events):
+
+    * outside a stop, every slot that is not being closed has exactly one live worker (not asked
+      to stop), or two while it is the slot being reloaded, or none and a respawn scheduled;
+    * a reload always ends: its successor becomes ready, fails, or its slot goes away;
+    * a slot never gets a second live worker except the reload's successor;
+    * after TERM, once the workers exit (or the graceful timeout kills them), the core exits.
+    """
+
     slots: int
     graceful_timeout: float = 30.0
     max_slots: int = MAX_SLOTS  # what the router fits (the classic-BPF program has a size limit)
@@ -207,14 +298,13 @@ class Core:
     phase: Phase = Phase.STARTING
     workers: dict[int, Worker] = field(default_factory=dict)
     health: dict[int, SlotHealth] = field(default_factory=dict)
-    # Restarts per (slot, reason): unplanned ones, "crash" (a ready worker exited), "signal" (a
-    # ready worker was killed), "boot-failure" (died before ready), "spawn-failure" (fork/exec
-    # failed); and the planned "recycle" (--limit-max-requests), which operators watch as well.
-    restarts: dict[tuple[int, str], int] = field(default_factory=dict)
+    restarts: dict[tuple[int, Reason], int] = field(default_factory=dict)  # per (slot, reason)
     ever_ready: bool = False
-    shown_errors: set[str] = field(default_factory=set)
+    # The last SHOWN_ERRORS distinct load-error texts, oldest first.
+    shown_errors: OrderedDict[str, None] = field(default_factory=OrderedDict)
     reload_queue: list[int] = field(default_factory=list)
     reloading: int | None = None  # slot whose new worker we wait for
+    successor: int | None = None  # that new worker's pid
     retiring: Retiring | None = None
     exit_code: int = 0
     exit_message: str = ""
@@ -224,45 +314,63 @@ class Core:
     def slot_workers(self, slot: int) -> list[Worker]:
         return [w for w in self.workers.values() if w.slot == slot]
 
+    def live_workers(self, slot: int) -> list[Worker]:
+        return [w for w in self.workers.values() if w.slot == slot and w.live]
+
     def draining_slot(self) -> int | None:
         return self.retiring.slot if self.retiring and not self.retiring.stopping else None
 
+    def snapshot(self) -> Snapshot:
+        workers = tuple(
+            WorkerView(w.pid, w.slot, w.ready, not w.live) for w in sorted(self.workers.values(), key=_pid)
+        )
+        return Snapshot(self.phase, self.slots, workers, dict(self.restarts))
+
     # Transitions ---------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Action]:
-        if isinstance(event, Start):
-            return [Spawn(slot) for slot in range(self.slots)]
-        if isinstance(event, Spawned):
-            self.workers[event.pid] = Worker(event.pid, event.slot, event.now)
-            if event.slot in self.health:  # started another way meanwhile (a reload): no second one
-                self.health[event.slot].respawn_at = None
-            return [Log(f"slot {event.slot}: worker {event.pid} started")]
-        if isinstance(event, Ready):
-            return self._ready(event)
-        if isinstance(event, LoadFailed):
-            return self._load_failed(event)
-        if isinstance(event, Exited):
-            return self._exited(event)
-        if isinstance(event, Signal):
-            return self._signal(event)
-        if isinstance(event, SlotAdded):
-            self.slots = max(self.slots, event.slot + 1)
-            return [Log(f"slot {event.slot} added; {self.slots} slots"), Spawn(event.slot)]
-        if isinstance(event, ActionFailed):
-            return self._action_failed(event)
-        if isinstance(event, Recycle):
-            return self._recycle(event)
-        return self._tick(event)
+        match event:
+            case Start():
+                return [Spawn(slot) for slot in range(self.slots)]
+            case Spawned():
+                return self._spawned(event)
+            case Ready():
+                return self._ready(event)
+            case LoadFailed():
+                return self._load_failed(event)
+            case Exited():
+                return self._exited(event)
+            case Signal():
+                return self._signal(event)
+            case SlotAdded():
+                self.slots = max(self.slots, event.slot + 1)
+                return [Log(f"slot {event.slot} added; {self.slots} slots"), Spawn(event.slot)]
+            case ActionFailed():
+                return self._action_failed(event)
+            case Recycle():
+                return self._recycle(event)
+            case Tick():
+                return self._tick(event)
+            case _:
+                assert_never(event)
+
+    def _spawned(self, event: Spawned) -> list[Action]:
+        self.workers[event.pid] = Worker(event.pid, event.slot, event.now)
+        if event.slot in self.health:  # started another way meanwhile (a reload): no second one
+            self.health[event.slot].respawn_at = None
+        if event.slot == self.reloading and self.successor is None:
+            self.successor = event.pid
+        return [Log(f"slot {event.slot}: worker {event.pid} started")]
 
     def _recycle(self, event: Recycle) -> list[Action]:
         """The HUP path for one slot: its successor starts on the socket, the worker stops once the
         successor is ready. Slots queue up, so they are replaced one at a time."""
         worker = self.workers.get(event.pid)
-        if worker is None or worker.stop_sent is not None or self.phase is Phase.STOPPING:
+        if worker is None or not worker.live or self.phase is Phase.STOPPING:
             return []
         if worker.slot == self.reloading or worker.slot in self.reload_queue:
             return []
         self.reload_queue.append(worker.slot)
-        self._count(worker.slot, "recycle")
+        self._count(worker.slot, Reason.RECYCLE)
         actions: list[Action] = [Log(f"slot {worker.slot}: worker {worker.pid} reached --limit-max-requests")]
         return actions + (self._next_reload() if self.reloading is None else [])
 
@@ -273,12 +381,11 @@ class Core:
         worker.ready_at = event.now
         self.ever_ready = True
         actions: list[Action] = [Log(f"slot {worker.slot}: worker {worker.pid} ready")]
-        if self.reloading == worker.slot:
-            for old in self.slot_workers(worker.slot):
-                if old is not worker and old.stop_sent is None:
+        if worker.pid == self.successor:
+            for old in self.live_workers(worker.slot):
+                if old is not worker:
                     actions += self._stop(old, event.now)
-            self.reloading = None
-            actions += self._next_reload()
+            actions += self._end_reload()
         if self.phase is Phase.STARTING and all(
             any(w.ready for w in self.slot_workers(slot)) for slot in range(self.slots)
         ):
@@ -294,13 +401,27 @@ class Core:
         worker.load_error = event.summary
         text = event.detail or event.summary
         if text in self.shown_errors:
+            self.shown_errors.move_to_end(text)
             return [Log(f"slot {worker.slot}: worker {worker.pid} failed the same way")]
-        self.shown_errors.add(text)
-        return [Log(text.rstrip("\n"), "error")]
+        self.shown_errors[text] = None
+        while len(self.shown_errors) > SHOWN_ERRORS:
+            self.shown_errors.popitem(last=False)
+        return [Log(text.rstrip("\n"), Level.ERROR)]
 
     def _stop(self, worker: Worker, now: float) -> list[Action]:
         worker.stop_sent = now
         return [Kill(worker.pid, "TERM")]
+
+    def _end_reload(self) -> list[Action]:
+        """The slot being reloaded is done with (renewed, failed or gone): on to the next one."""
+        self.reloading = None
+        self.successor = None
+        return self._next_reload()
+
+    def _abort_reload(self) -> None:
+        self.reloading = None
+        self.successor = None
+        self.reload_queue.clear()
 
     def _next_reload(self) -> list[Action]:
         while self.reload_queue:
@@ -315,44 +436,50 @@ class Core:
         if worker is None:
             return []
         how = f"exited with {event.code}" if event.code >= 0 else f"killed by signal {-event.code}"
-        asked = worker.stop_sent is not None or self.phase is Phase.STOPPING
+        asked = not worker.live or self.phase is Phase.STOPPING
         if asked and event.code in (0, -SIGTERM, -SIGINT):
             how = "stopped"  # as asked: servers re-raise the TERM (or the terminal's INT) they handled
         log = Log(f"slot {worker.slot}: worker {worker.pid} {how}")
         if self.phase is Phase.STOPPING:
             return [log, *self._exit_if_done()]
-        if worker.stop_sent is not None:
+        if not worker.live:
             if self.retiring and self.retiring.slot == worker.slot and not self.slot_workers(worker.slot):
                 return [log, *self._release_retired()]
             return [log]
         if not worker.ready:
             return self._boot_failed(worker, event, how)
-        reason = "signal" if event.code < 0 else "crash"
-        self._count(worker.slot, reason)
+        self._count(worker.slot, Reason.SIGNAL if event.code < 0 else Reason.CRASH)
         served = event.now - (worker.ready_at or worker.started)
         actions: list[Action] = [
             Log(
                 f"slot {worker.slot}: worker {worker.pid} {how} after serving {served:.1f} s; replacing it",
-                "warning",
+                Level.WARNING,
             )
         ]
-        if not self.slot_workers(worker.slot):
+        # Only live workers count: a predecessor in its graceful stop is leaving too.
+        if not self.live_workers(worker.slot):
             actions.append(Spawn(worker.slot))
         return actions
 
     def _boot_failed(self, worker: Worker, event: Exited, how: str) -> list[Action]:
         slot = worker.slot
-        if self.reloading == slot:
-            self.reloading = None
-            self.reload_queue.clear()
-            return [
-                Log(f"slot {slot}: worker {worker.pid} {how} before it was ready", "warning"),
-                Log(
-                    f"reload aborted: the new worker for slot {slot} failed; the old workers keep serving",
-                    "error",
-                ),
-            ]
-        self._count(slot, "boot-failure")
+        died = f"slot {slot}: worker {worker.pid} {how} before it was ready"
+        actions: list[Action] = []
+        if worker.pid == self.successor:
+            self._abort_reload()
+            if self.live_workers(slot):
+                return [
+                    Log(died, Level.WARNING),
+                    Log(
+                        f"reload aborted: the new worker for slot {slot} failed; the old ones keep serving",
+                        Level.ERROR,
+                    ),
+                ]
+            # The worker it was to replace is gone as well: the slot waits out a backoff like any other.
+            actions.append(Log(f"reload aborted: the new worker for slot {slot} failed", Level.ERROR))
+        elif self.live_workers(slot):
+            return [Log(died, Level.WARNING)]  # an older worker of a slot being reloaded: the successor stays
+        self._count(slot, Reason.BOOT_FAILURE)
         health = self.health.setdefault(slot, SlotHealth())
         health.streak += 1
         if not self.ever_ready:
@@ -370,54 +497,63 @@ class Core:
                 )
         delay = backoff(health.streak)
         health.respawn_at = event.now + delay
-        return [
-            Log(
-                f"slot {slot}: worker {worker.pid} {how} before it was ready "
-                f"({health.streak} in a row); respawning in {delay:g} s",
-                "warning",
-            )
-        ]
+        streak = f"({health.streak} in a row); respawning in {delay:g} s"
+        return [Log(f"{died} {streak}", Level.WARNING), *actions]
 
-    def _count(self, slot: int, reason: str) -> None:
+    def _count(self, slot: int, reason: Reason) -> None:
         self.restarts[(slot, reason)] = self.restarts.get((slot, reason), 0) + 1
 
     def _action_failed(self, event: ActionFailed) -> list[Action]:
         action = event.action
-        if isinstance(action, Spawn):
-            slot = action.slot
-            if self.phase is Phase.STOPPING:
-                return [Log(f"slot {slot}: starting a worker failed: {event.error}", "error")]
-            if self.reloading == slot:
-                self.reloading = None
-                self.reload_queue.clear()
+        match action:
+            case Spawn():
+                return self._spawn_failed(action.slot, event)
+            case AddSlot():
                 return [
-                    Log(f"reload aborted: starting a worker for slot {slot} failed: {event.error}", "error")
+                    Log(
+                        f"SIGTTIN: adding slot {action.slot} failed: {event.error}; still {self.slots} slots",
+                        Level.ERROR,
+                    )
                 ]
-            self._count(slot, "spawn-failure")
-            health = self.health.setdefault(slot, SlotHealth())
-            health.streak += 1
-            delay = backoff(health.streak)
-            health.respawn_at = event.now + delay
-            return [
-                Log(f"slot {slot}: starting a worker failed: {event.error}; retrying in {delay:g} s", "error")
-            ]
-        if isinstance(action, AddSlot):
-            return [
-                Log(
-                    f"SIGTTIN: adding slot {action.slot} failed: {event.error}; still {self.slots} slots",
-                    "error",
-                )
-            ]
-        if isinstance(action, RetireSlot):
-            self.retiring = None
-            return [
-                Log(f"SIGTTOU: retiring slot {action.slot} failed: {event.error}; it keeps serving", "error")
-            ]
-        if isinstance(action, ReleaseSlot):
-            return [Log(f"closing retired slot {action.slot} failed: {event.error}", "error")]
-        if isinstance(action, Kill):
-            return [Log(f"sending SIG{action.signal} to worker {action.pid} failed: {event.error}", "error")]
-        return [Log(f"{action} failed: {event.error}", "error")]
+            case RetireSlot():
+                self.retiring = None
+                return [
+                    Log(
+                        f"SIGTTOU: retiring slot {action.slot} failed: {event.error}; it keeps serving",
+                        Level.ERROR,
+                    )
+                ]
+            case ReleaseSlot():
+                return [Log(f"closing retired slot {action.slot} failed: {event.error}", Level.ERROR)]
+            case Kill():
+                return [
+                    Log(
+                        f"sending SIG{action.signal} to worker {action.pid} failed: {event.error}",
+                        Level.ERROR,
+                    )
+                ]
+        return [Log(f"{action} failed: {event.error}", Level.ERROR)]
+
+    def _spawn_failed(self, slot: int, event: ActionFailed) -> list[Action]:
+        if self.phase is Phase.STOPPING:
+            return [Log(f"slot {slot}: starting a worker failed: {event.error}", Level.ERROR)]
+        if self.reloading == slot and self.successor is None:
+            self._abort_reload()
+            message = f"reload aborted: starting a worker for slot {slot} failed: {event.error}"
+            if self.live_workers(slot):
+                return [Log(message, Level.ERROR)]
+            return [Log(message, Level.ERROR), *self._respawn_later(slot, event)]
+        return self._respawn_later(slot, event)
+
+    def _respawn_later(self, slot: int, event: ActionFailed) -> list[Action]:
+        self._count(slot, Reason.SPAWN_FAILURE)
+        health = self.health.setdefault(slot, SlotHealth())
+        health.streak += 1
+        delay = backoff(health.streak)
+        health.respawn_at = event.now + delay
+        return [
+            Log(f"slot {slot}: starting a worker failed: {event.error}; retrying in {delay:g} s", Level.ERROR)
+        ]
 
     def _fail(self, message: str, now: float) -> list[Action]:
         self.exit_code = APP_LOAD_ERROR
@@ -429,8 +565,7 @@ class Core:
 
     def _stop_all(self, now: float, *, graceful: bool) -> list[Action]:
         self.phase = Phase.STOPPING
-        self.reload_queue.clear()
-        self.reloading = None
+        self._abort_reload()
         if not self.workers:
             return [Exit(self.exit_code, self.exit_message)]
         if not graceful:
@@ -442,85 +577,115 @@ class Core:
         return actions
 
     def _signal(self, event: Signal) -> list[Action]:
+        name = event.name
         if self.phase is Phase.STOPPING:
             # A second TERM/INT, or QUIT, while stopping: stop waiting.
-            if event.name in ("TERM", "INT", "QUIT"):
-                return [
-                    Log(f"SIG{event.name} again: stopping now"),
-                    *(Kill(pid, "KILL") for pid in self.workers),
-                ]
+            if name in (SignalName.TERM, SignalName.INT, SignalName.QUIT):
+                return [Log(f"SIG{name} again: stopping now"), *(Kill(pid, "KILL") for pid in self.workers)]
             return []
-        if event.name in ("TERM", "INT"):
-            return [
-                Log(f"SIG{event.name}: graceful stop (up to {self.graceful_timeout:g} s)"),
-                *self._stop_all(event.now, graceful=True),
-            ]
-        if event.name == "QUIT":
-            return [Log("SIGQUIT: stopping now"), *self._stop_all(event.now, graceful=False)]
-        if event.name == "HUP":
-            if self.reloading is not None:
+        match name:
+            case SignalName.TERM | SignalName.INT:
+                return [
+                    Log(f"SIG{name}: graceful stop (up to {self.graceful_timeout:g} s)"),
+                    *self._stop_all(event.now, graceful=True),
+                ]
+            case SignalName.QUIT:
+                return [Log("SIGQUIT: stopping now"), *self._stop_all(event.now, graceful=False)]
+            case SignalName.HUP:
                 self.reload_queue = list(range(self.slots))
-                return [Log("SIGHUP: reload restarted")]
-            self.reload_queue = list(range(self.slots))
-            return [Log("SIGHUP: reloading slot by slot"), *self._next_reload()]
-        if event.name == "TTIN":
-            if self.retiring is not None:
-                return [Log("SIGTTIN ignored: a slot is still retiring")]
-            if self.slots >= self.max_slots:
-                return [Log(f"SIGTTIN ignored: {self.max_slots} slots is the most this router fits")]
-            return [Log(f"SIGTTIN: adding slot {self.slots}"), AddSlot(self.slots)]
-        if event.name == "TTOU":
-            if self.slots <= 1:
-                return [Log("SIGTTOU ignored: one slot is the minimum")]
-            if self.retiring is not None:
-                return [Log("SIGTTOU ignored: a slot is still retiring")]
-            slot = self.slots - 1
-            self.retiring = Retiring(slot, event.now)
-            return [Log(f"SIGTTOU: retiring slot {slot}"), RetireSlot(slot)]
-        return []
+                if self.reloading is not None:
+                    return [Log("SIGHUP: reload restarted")]
+                return [Log("SIGHUP: reloading slot by slot"), *self._next_reload()]
+            case SignalName.TTIN:
+                return self._ttin()
+            case SignalName.TTOU:
+                return self._ttou(event.now)
+            case _:
+                assert_never(name)
+
+    def _ttin(self) -> list[Action]:
+        if self.retiring is not None:
+            return [Log("SIGTTIN ignored: a slot is still retiring")]
+        if self.slots >= self.max_slots:
+            return [Log(f"SIGTTIN ignored: {self.max_slots} slots is the most this router fits")]
+        return [Log(f"SIGTTIN: adding slot {self.slots}"), AddSlot(self.slots)]
+
+    def _ttou(self, now: float) -> list[Action]:
+        if self.slots <= 1:
+            return [Log("SIGTTOU ignored: one slot is the minimum")]
+        if self.retiring is not None:
+            return [Log("SIGTTOU ignored: a slot is still retiring")]
+        slot = self.slots - 1
+        self.retiring = Retiring(slot, now)
+        return [Log(f"SIGTTOU: retiring slot {slot}"), RetireSlot(slot)]
 
     def _tick(self, event: Tick) -> list[Action]:
-        actions: list[Action] = []
         now = event.now
-        if self.assume_ready_after is not None:
-            for worker in list(self.workers.values()):
-                if not worker.ready and now - worker.started >= self.assume_ready_after:
-                    actions += self._ready(Ready(worker.pid, now))
-        for worker in self.workers.values():
-            if worker.ready_at is not None and now - worker.ready_at >= STABLE_AFTER:
-                self.health.pop(worker.slot, None)  # a minute of service: forget the slot's failures
-            late = worker.stop_sent is not None and now - worker.stop_sent > self.graceful_timeout
-            if late and self.phase is not Phase.STOPPING:
-                actions += [
-                    Log(f"slot {worker.slot}: worker {worker.pid} ignored TERM; killing", "warning"),
-                    Kill(worker.pid, "KILL"),
-                ]
-                worker.stop_sent = now  # once per timeout
+        actions = self._assume_ready(now) + self._watch_stops(now)
         if self.phase is Phase.STOPPING:
             if self.stop_deadline is not None and now > self.stop_deadline:
                 self.stop_deadline = None
                 actions += [
-                    Log("graceful timeout: killing the rest", "warning"),
+                    Log("graceful timeout: killing the rest", Level.WARNING),
                     *(Kill(p, "KILL") for p in self.workers),
                 ]
             return actions
+        return actions + self._drain(event) + self._respawn_due(now)
+
+    def _assume_ready(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        if self.assume_ready_after is not None:
+            for worker in list(self.workers.values()):
+                if not worker.ready and now - worker.started >= self.assume_ready_after:
+                    actions += self._ready(Ready(worker.pid, now))
+        return actions
+
+    def _watch_stops(self, now: float) -> list[Action]:
+        """Forget the failures of slots that served a minute; kill workers that ignore TERM."""
+        actions: list[Action] = []
+        for worker in self.workers.values():
+            stable = worker.live and worker.ready_at is not None and now - worker.ready_at >= STABLE_AFTER
+            health = self.health.get(worker.slot)
+            if stable and health is not None and health.respawn_at is None:
+                del self.health[worker.slot]
+            late = worker.stop_sent is not None and now - worker.stop_sent > self.graceful_timeout
+            if late and self.phase is not Phase.STOPPING:
+                actions += [
+                    Log(f"slot {worker.slot}: worker {worker.pid} ignored TERM; killing", Level.WARNING),
+                    Kill(worker.pid, "KILL"),
+                ]
+                worker.stop_sent = now  # once per timeout
+        return actions
+
+    def _respawn_due(self, now: float) -> list[Action]:
+        actions: list[Action] = []
         for slot, health in self.health.items():
             due = health.respawn_at is not None and now >= health.respawn_at
-            if due and slot < self.slots and not self.slot_workers(slot):
+            if due and slot < self.slots and not self.live_workers(slot):
                 health.respawn_at = None
-                if self.retiring is None or self.retiring.slot != slot:
-                    actions.append(Spawn(slot))
+                actions.append(Spawn(slot))
+        return actions
+
+    def _drain(self, event: Tick) -> list[Action]:
+        """A retiring slot's queue and handshakes are done (or the timeout passed): stop its worker."""
         retiring = self.retiring
-        if retiring and not retiring.stopping:
-            settled = now - retiring.since >= DRAIN_SETTLE
-            drained = event.pending.get(retiring.slot, 0) == 0
-            if settled and (drained or now - retiring.since > self.graceful_timeout):
-                retiring.stopping = True
-                workers = self.slot_workers(retiring.slot)
-                for worker in workers:
-                    actions += self._stop(worker, now)
-                if not workers:
-                    actions += self._release_retired()
+        if retiring is None or retiring.stopping:
+            return []
+        now = event.now
+        settled = now - retiring.since >= DRAIN_SETTLE
+        drained = event.pending.get(retiring.slot, 0) == 0
+        if not (settled and (drained or now - retiring.since > self.graceful_timeout)):
+            return []
+        retiring.stopping = True
+        self.health.pop(retiring.slot, None)  # no respawn for a slot that is closing
+        actions: list[Action] = []
+        workers = self.live_workers(retiring.slot)
+        for worker in workers:
+            actions += self._stop(worker, now)
+        if self.reloading == retiring.slot:
+            actions += self._end_reload()
+        if not self.slot_workers(retiring.slot):
+            actions += self._release_retired()
         return actions
 
     def _release_retired(self) -> list[Action]:
@@ -531,3 +696,7 @@ class Core:
         self.slots -= 1
         self.health.pop(slot, None)
         return [ReleaseSlot(slot), Log(f"slot {slot} retired; {self.slots} slots")]
+
+
+def _pid(worker: Worker) -> int:
+    return worker.pid

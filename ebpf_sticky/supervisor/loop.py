@@ -44,16 +44,13 @@ from .reloader import watching
 log = logging.getLogger("ebpf_sticky")
 
 _PR_SET_PDEATHSIG = 1
-_SIGNALS = {
-    signal.SIGTERM: "TERM",
-    signal.SIGINT: "INT",
-    signal.SIGQUIT: "QUIT",
-    signal.SIGHUP: "HUP",
-    signal.SIGTTIN: "TTIN",
-    signal.SIGTTOU: "TTOU",
-}
+_SIGNALS = {signal.Signals[f"SIG{name}"]: name for name in core.SignalName}
 TICK = 0.05
-_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_LEVELS = {
+    core.Level.INFO: logging.INFO,
+    core.Level.WARNING: logging.WARNING,
+    core.Level.ERROR: logging.ERROR,
+}
 # A `-- COMMAND` worker that does not speak sd_notify counts as ready once alive this long.
 COMMAND_READY_AFTER = 1.0
 
@@ -94,7 +91,7 @@ class Supervisor:
     exporter: Exporter | None = None  # --metrics
     started: float = field(default_factory=time.monotonic)
     children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
-    signals: list[str] = field(default_factory=list)
+    signals: list[core.SignalName] = field(default_factory=list)
 
     def worker_argv(self) -> list[str]:
         s = self.settings
@@ -269,7 +266,7 @@ class Supervisor:
                 del self.signals[: len(events)]
                 exits = self.reap()
                 events += self.readiness() + exits
-                self.control.serve(readable, writable, sup_core, self.started, time.monotonic())
+                self.control.serve(readable, writable, sup_core.snapshot(), self.started, time.monotonic())
                 draining = sup_core.draining_slot()
                 pending = {draining: self.router.pending(draining)} if draining is not None else {}
                 events.append(core.Tick(time.monotonic(), pending))

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from ..addresses import Bind
 from ..errors import ConfigError
 from ..kernel.router import Counters, Router
-from .core import Core
+from .core import Core, Reason
 
 log = logging.getLogger("ebpf_sticky")
 
@@ -34,11 +34,12 @@ class State:
 
     slots: int
     workers_ready: int = 0
-    restarts: Mapping[tuple[int, str], int] = field(default_factory=dict)  # (slot, reason) -> count
+    restarts: Mapping[tuple[int, Reason], int] = field(default_factory=dict)  # (slot, reason) -> count
 
 
 def state_of(core: Core) -> State:
-    return State(core.slots, sum(worker.ready for worker in core.workers.values()), dict(core.restarts))
+    snapshot = core.snapshot()
+    return State(snapshot.slots, snapshot.ready, snapshot.restarts)
 
 
 @functools.cache  # the installed version does not change while the master runs: look it up once

@@ -15,6 +15,7 @@ from ebpf_sticky.supervisor.core import (
     ReleaseSlot,
     RetireSlot,
     Signal,
+    SignalName,
     Spawn,
     Spawned,
     Start,
@@ -70,7 +71,7 @@ def test_a_ready_worker_that_dies_is_always_replaced_at_once() -> None:
         pid += 1
     assert c.restarts == {(1, "signal"): 20}
     c.handle(Exited(pid - 1, 1, 30.0))
-    assert c.restarts[(1, "crash")] == 1
+    assert c.restarts[(1, core.Reason.CRASH)] == 1
 
 
 def test_boot_failures_back_off_exponentially_up_to_the_cap() -> None:
@@ -167,6 +168,18 @@ def test_load_error_shown_once_for_all_workers() -> None:
     assert len(tracebacks) == 1 and tracebacks[0].level == "error"
 
 
+def test_load_errors_kept_are_bounded() -> None:
+    """A worker whose error text varies each time (a pid, a timestamp) must not grow the master."""
+    c = started()
+    for i in range(1000):
+        c.handle(Spawned(0, 1000 + i, 1.0))
+        c.handle(core.LoadFailed(1000 + i, f"raised X {i}", "x" * 60000 + str(i), 1.0))
+        c.handle(Exited(1000 + i, APP_LOAD_ERROR, 1.0))
+    assert len(c.shown_errors) == core.SHOWN_ERRORS
+    again = c.handle(core.LoadFailed(100, "raised X 999", "x" * 60000 + "999", 2.0))
+    assert again == [core.Log("slot 0: worker 100 failed the same way")]
+
+
 def test_command_that_never_gets_ready_stops_after_a_few_attempts() -> None:
     c = Core(slots=2, load_error_status=None, assume_ready_after=1.0)
     c.handle(Start(0.0))
@@ -192,22 +205,22 @@ def test_failed_spawn_is_retried_with_backoff_and_the_group_keeps_serving() -> N
     actions = c.handle(core.ActionFailed(Spawn(1), "[Errno 11] Resource temporarily unavailable", 1.0))
     assert kinds(actions, Exit) == [] and kinds(actions, Kill) == []
     assert "starting a worker failed: [Errno 11]" in actions[0].message  # type: ignore[union-attr]
-    assert c.restarts[(1, "spawn-failure")] == 1
+    assert c.restarts[(1, core.Reason.SPAWN_FAILURE)] == 1
     assert kinds(c.handle(Tick(1.1)), Spawn) == [Spawn(1)]
 
 
 def test_failed_add_slot_keeps_the_slot_count() -> None:
     c = started()
-    actions = c.handle(Signal("TTIN", 1.0))
+    actions = c.handle(Signal(SignalName.TTIN, 1.0))
     assert kinds(actions, AddSlot) == [AddSlot(2)] and not kinds(actions, Spawn)
     actions = c.handle(core.ActionFailed(AddSlot(2), "the kernel refused", 1.0))
     assert c.slots == 2 and not kinds(actions, Spawn)
-    assert kinds(c.handle(Signal("TTIN", 2.0)), AddSlot) == [AddSlot(2)]  # and it can be tried again
+    assert kinds(c.handle(Signal(SignalName.TTIN, 2.0)), AddSlot) == [AddSlot(2)]  # and it can be tried again
 
 
 def test_failed_retire_keeps_the_slot_serving() -> None:
     c = started(slots=3)
-    c.handle(Signal("TTOU", 1.0))
+    c.handle(Signal(SignalName.TTOU, 1.0))
     c.handle(core.ActionFailed(RetireSlot(2), "the kernel refused", 1.0))
     assert c.retiring is None and c.slots == 3
     assert not kinds(c.handle(Tick(2.0, {2: 0})), Kill)
@@ -215,20 +228,20 @@ def test_failed_retire_keeps_the_slot_serving() -> None:
 
 def test_second_term_during_a_graceful_stop_kills_at_once() -> None:
     c = started()
-    c.handle(Signal("TERM", 1.0))
-    assert kinds(c.handle(Signal("INT", 1.5)), Kill) == [Kill(100, "KILL"), Kill(101, "KILL")]
+    c.handle(Signal(SignalName.TERM, 1.0))
+    assert kinds(c.handle(Signal(SignalName.INT, 1.5)), Kill) == [Kill(100, "KILL"), Kill(101, "KILL")]
 
 
 def test_workers_stopped_by_the_terminals_int_are_not_crashes() -> None:
     c = started()
-    c.handle(Signal("INT", 1.0))
+    c.handle(Signal(SignalName.INT, 1.0))
     assert c.handle(Exited(100, -2, 1.1)) == [core.Log("slot 0: worker 100 stopped")]
     assert c.restarts == {}
 
 
 def test_term_is_graceful_then_kills_after_the_timeout() -> None:
     c = started(graceful_timeout=10.0)
-    assert kinds(c.handle(Signal("TERM", 5.0)), Kill) == [Kill(100, "TERM"), Kill(101, "TERM")]
+    assert kinds(c.handle(Signal(SignalName.TERM, 5.0)), Kill) == [Kill(100, "TERM"), Kill(101, "TERM")]
     assert not kinds(c.handle(Tick(14.0)), Kill)
     c.handle(Exited(100, 0, 6.0))
     assert kinds(c.handle(Tick(15.5)), Kill) == [Kill(101, "KILL")]
@@ -237,12 +250,12 @@ def test_term_is_graceful_then_kills_after_the_timeout() -> None:
 
 def test_quit_kills_at_once() -> None:
     c = started()
-    assert kinds(c.handle(Signal("QUIT", 1.0)), Kill) == [Kill(100, "KILL"), Kill(101, "KILL")]
+    assert kinds(c.handle(Signal(SignalName.QUIT, 1.0)), Kill) == [Kill(100, "KILL"), Kill(101, "KILL")]
 
 
 def test_hup_renews_slot_by_slot_old_stops_only_when_new_is_ready() -> None:
     c = started()
-    assert kinds(c.handle(Signal("HUP", 10.0)), Spawn) == [Spawn(0)]
+    assert kinds(c.handle(Signal(SignalName.HUP, 10.0)), Spawn) == [Spawn(0)]
     c.handle(Spawned(0, 200, 10.0))
     assert not kinds(c.handle(Tick(11.0)), Kill)  # old keeps serving until the new one is ready
     actions = c.handle(Ready(200, 11.5))
@@ -257,16 +270,58 @@ def test_hup_renews_slot_by_slot_old_stops_only_when_new_is_ready() -> None:
 
 def test_hup_with_a_broken_new_worker_keeps_the_old_ones() -> None:
     c = started()
-    c.handle(Signal("HUP", 10.0))
+    c.handle(Signal(SignalName.HUP, 10.0))
     c.handle(Spawned(0, 200, 10.0))
     actions = c.handle(Exited(200, 1, 10.5))
     assert not kinds(actions, Kill) and not kinds(actions, Spawn)
     assert set(c.workers) == {100, 101}
 
 
+def test_a_successor_that_crashes_while_its_predecessor_stops_is_replaced() -> None:
+    c = started()
+    c.handle(Signal(SignalName.HUP, 10.0))
+    c.handle(Spawned(0, 200, 10.0))
+    assert kinds(c.handle(Ready(200, 11.0)), Kill) == [Kill(100, "TERM")]  # 100 in its graceful stop
+    assert kinds(c.handle(Exited(200, -9, 12.0)), Spawn) == [Spawn(0)]  # 100 is leaving: not a worker
+
+
+def test_hup_on_a_slot_in_backoff_then_a_failed_successor_still_respawns() -> None:
+    c = started()
+    c.handle(Exited(100, -9, 5.0))
+    c.handle(Spawned(0, 150, 5.0))
+    c.handle(Exited(150, 1, 5.5))  # boot failure: slot 0 waits out its backoff
+    assert kinds(c.handle(Signal(SignalName.HUP, 5.55)), Spawn) == [Spawn(0)]
+    c.handle(Spawned(0, 200, 5.55))
+    c.handle(Exited(200, 1, 5.6))  # the reload's worker fails too
+    assert c.reloading is None
+    assert kinds(c.handle(Tick(20.0)), Spawn) == [Spawn(0)]
+
+
+def test_old_worker_killed_during_a_reload_and_a_failed_successor_still_respawns() -> None:
+    c = started()
+    c.handle(Signal(SignalName.HUP, 10.0))
+    c.handle(Spawned(0, 200, 10.0))
+    assert not kinds(c.handle(Exited(100, -9, 10.2)), Spawn)  # the successor is on its way
+    c.handle(Exited(200, 1, 10.5))
+    assert kinds(c.handle(Tick(20.0)), Spawn) == [Spawn(0)]
+
+
+def test_ttou_of_the_slot_being_reloaded_ends_the_reload() -> None:
+    c = started()
+    c.handle(core.Recycle(101, 10.0))  # slot 1, the last, is being renewed
+    c.handle(Spawned(1, 201, 10.0))
+    c.handle(Signal(SignalName.TTOU, 10.1))
+    assert set(kinds(c.handle(Tick(10.5, {1: 0})), Kill)) == {Kill(101, "TERM"), Kill(201, "TERM")}
+    assert c.reloading is None
+    c.handle(Exited(201, -15, 10.6))
+    c.handle(Exited(101, 0, 10.7))
+    assert c.slots == 1
+    assert kinds(c.handle(Signal(SignalName.HUP, 11.0)), Spawn) == [Spawn(0)]  # reloads work again
+
+
 def test_ttin_adds_a_slot_then_its_worker() -> None:
     c = started()
-    assert kinds(c.handle(Signal("TTIN", 1.0)), AddSlot) == [AddSlot(2)]
+    assert kinds(c.handle(Signal(SignalName.TTIN, 1.0)), AddSlot) == [AddSlot(2)]
     assert kinds(c.handle(core.SlotAdded(2, 1.0)), Spawn) == [Spawn(2)]
     assert c.slots == 3
 
@@ -274,14 +329,14 @@ def test_ttin_adds_a_slot_then_its_worker() -> None:
 def test_ttin_beyond_what_the_router_fits_is_refused_with_a_reason() -> None:
     c = started()
     c.max_slots = 2  # e.g. the classic-BPF router's limit
-    actions = c.handle(Signal("TTIN", 1.0))
+    actions = c.handle(Signal(SignalName.TTIN, 1.0))
     assert not kinds(actions, AddSlot) and not kinds(actions, Spawn) and c.slots == 2
     assert kinds(actions, core.Log) == [core.Log("SIGTTIN ignored: 2 slots is the most this router fits")]
 
 
 def test_ttou_remaps_drains_then_stops_then_releases() -> None:
     c = started(slots=3)
-    assert kinds(c.handle(Signal("TTOU", 1.0)), RetireSlot) == [RetireSlot(2)]
+    assert kinds(c.handle(Signal(SignalName.TTOU, 1.0)), RetireSlot) == [RetireSlot(2)]
     assert c.draining_slot() == 2
     assert not kinds(c.handle(Tick(1.1, {2: 0})), Kill)  # too soon after the flip
     assert not kinds(c.handle(Tick(1.3, {2: 5})), Kill)  # queue not empty yet
@@ -294,7 +349,7 @@ def test_ttou_remaps_drains_then_stops_then_releases() -> None:
 
 def test_ttou_never_goes_below_one_slot() -> None:
     c = started(slots=1)
-    assert not kinds(c.handle(Signal("TTOU", 1.0)), RetireSlot)
+    assert not kinds(c.handle(Signal(SignalName.TTOU, 1.0)), RetireSlot)
 
 
 def test_commands_count_as_ready_after_a_delay() -> None:

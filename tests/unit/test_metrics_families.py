@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ebpf_sticky.kernel.router import Counters
-from ebpf_sticky.supervisor.core import Core, Ready, Spawned, Start
+from ebpf_sticky.supervisor.core import Core, Ready, Reason, Spawned, Start
 from ebpf_sticky.supervisor.metrics import State, families, state_of
 
 
@@ -30,7 +30,7 @@ def exposition(metrics: list[Metric]) -> dict[tuple[str, tuple[tuple[str, str], 
 
 
 def test_every_figure_has_its_sample() -> None:
-    state = State(slots=3, workers_ready=2, restarts={(1, "crash"): 2, (0, "signal"): 1})
+    state = State(slots=3, workers_ready=2, restarts={(1, Reason.CRASH): 2, (0, Reason.SIGNAL): 1})
     samples = exposition(families("cbpf", Counters((5, 0, 7), 1), state))
     assert samples[("ebpf_sticky_connections_routed_total", (("slot", "0"),))] == 5
     assert samples[("ebpf_sticky_connections_routed_total", (("slot", "1"),))] == 0

@@ -17,7 +17,18 @@ from ebpf_sticky.cli import build_parser, launch_settings, main
 from ebpf_sticky.errors import ConfigError
 from ebpf_sticky.options import LEFT_OUT, Reload, WorkerOptions
 from ebpf_sticky.supervisor import core
-from ebpf_sticky.supervisor.core import Core, Exited, Kill, Ready, Recycle, Signal, Spawn, Spawned, Start
+from ebpf_sticky.supervisor.core import (
+    Core,
+    Exited,
+    Kill,
+    Ready,
+    Recycle,
+    Signal,
+    SignalName,
+    Spawn,
+    Spawned,
+    Start,
+)
 
 APP = str(Path(__file__).parents[1] / "e2e" / "apps" / "asgi_app.py")
 
@@ -237,7 +248,7 @@ def test_recycles_queue_up_one_slot_at_a_time() -> None:
 def test_recycle_is_ignored_while_stopping_or_for_unknown_workers() -> None:
     c = running()
     assert c.handle(Recycle(999, 1.0)) == []
-    c.handle(Signal("TERM", 2.0))
+    c.handle(Signal(SignalName.TERM, 2.0))
     assert c.handle(Recycle(100, 2.1)) == []
 
 
