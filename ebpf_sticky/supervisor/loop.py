@@ -34,8 +34,9 @@ from ..contract import (
 from ..errors import AppLoadError, LockdownError, StickyError
 from ..kernel.capabilities import prctl
 from ..kernel.router import Router
+from ..kernel.seccomp import Listener
 from ..notify import sd_notify
-from . import core
+from . import core, membership
 from .control_server import ControlServer
 from .metrics import Exporter, serve
 from .privileges import lock_down_worker, refuse_to_exec, secure_group
@@ -58,7 +59,12 @@ _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ER
 COMMAND_READY_AFTER = 1.0
 
 
-def _child_setup(sock_fd: int, master_pid: int) -> Callable[[], None]:
+def listener_guard(settings: Launch) -> Listener:
+    """Our Python worker never duplicates fd 3, so its filter refuses that too; a command may."""
+    return Listener.DUPLICABLE if settings.command else Listener.SEALED
+
+
+def _child_setup(sock_fd: int, master_pid: int, listener: Listener) -> Callable[[], None]:
     """Runs in the child between fork and exec (after any user/group change).
 
     Every step is checked and a failure ends the child before exec (fail closed): subprocess would
@@ -74,10 +80,11 @@ def _child_setup(sock_fd: int, master_pid: int) -> Callable[[], None]:
             prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
             if os.getppid() != master_pid:
                 os._exit(1)
+            # Before the filter, which refuses dup2(3, 3) (slot 0's socket may be fd 3 here).
+            os.dup2(sock_fd, LISTEN_FD)
             # No capability, no_new_privs, and the filter that keeps the socket's
             # holder from detaching or replacing the group's program (no privilege needed for that).
-            lock_down_worker()
-            os.dup2(sock_fd, LISTEN_FD)
+            lock_down_worker(listener)
         except (OSError, LockdownError) as exc:
             refuse_to_exec(exc)
 
@@ -95,6 +102,7 @@ class Supervisor:
     started: float = field(default_factory=time.monotonic)
     children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     signals: list[str] = field(default_factory=list)
+    watch: membership.Watch = field(default_factory=membership.Watch)
 
     def worker_argv(self) -> list[str]:
         s = self.settings
@@ -132,7 +140,7 @@ class Supervisor:
         env.pop("LISTEN_PID", None)
         if self.settings.target is not None:
             env[OPTIONS_ENV] = self.settings.uvicorn.to_json()
-        setup = _child_setup(self.router.sockets[slot].fileno(), os.getpid())
+        setup = _child_setup(self.router.sockets[slot].fileno(), os.getpid(), listener_guard(self.settings))
 
         def preexec() -> None:
             # Ctrl-C signals the whole foreground group: only the master should act on it (it
@@ -277,6 +285,7 @@ class Supervisor:
                     done = self.execute(sup_core, sup_core.handle(event))
                     if done is not None:
                         break
+                self.watch.look(self.router)
                 if self.exporter is not None:
                     self.exporter.publish(sup_core)
             return done
@@ -330,7 +339,7 @@ def launch(settings: Launch) -> int:
                 f.write(f"{os.getpid()}\n")
             stack.callback(os.unlink, settings.pid_file)
         # The group is built: from here on the master needs (almost) no privilege.
-        secure_group(settings.uid, settings.gid, router.port, settings.pid_file)
+        secure_group(settings.uid, settings.gid, router.port, settings.pid_file, listener_guard(settings))
         # Threads only from here on: capset drops the calling thread's capabilities alone.
         stack.enter_context(watching(settings.uvicorn.reload))
         exporter = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None

@@ -80,16 +80,16 @@ def _unprivileged_port_start() -> int:
         return 1024
 
 
-def lock_down_worker() -> None:
-    """In a new worker, between fork and exec: drop, filter, then verify from /proc/self/status.
-    Raises LockdownError naming the step that failed."""
+def lock_down_worker(listener: seccomp.Listener) -> None:
+    """In a new worker, between fork and exec: drop, filter (guarding fd 3 as ``listener`` says),
+    then verify from /proc/self/status. Raises LockdownError naming the step that failed."""
     step = "capabilities"
     try:
         caps.drop(caps.ALL)
         step = "no_new_privs"
         caps.set_no_new_privs()
         step = "seccomp"
-        seccomp.forbid_program_changes()
+        seccomp.forbid_program_changes(listener)
         status = caps.read_status()
     except OSError as exc:
         fix = _FIXES.get(step, "report this at the project's issue tracker")
@@ -114,14 +114,14 @@ def refuse_to_exec(reason: BaseException) -> None:
     os._exit(EXIT_LOCKDOWN)
 
 
-def _probe_workers(uid: int | None, gid: int | None, started_with: int) -> None:
+def _probe_workers(uid: int | None, gid: int | None, started_with: int, listener: seccomp.Listener) -> None:
     """Lock down a throwaway child exactly as a worker (same user change, same steps) and report
     the outcome through a pipe: a failure becomes one error line here, before any worker starts."""
     read_end, write_end = os.pipe()
 
     def probe() -> None:
         try:
-            lock_down_worker()
+            lock_down_worker(listener)
             os.write(write_end, b"ok")
         except BaseException as exc:  # anything: the master reports it
             os.write(write_end, str(exc).encode())
@@ -158,7 +158,9 @@ def _probe_workers(uid: int | None, gid: int | None, started_with: int) -> None:
         raise LockdownError(verdict or f"the workers' lock-down probe died ({proc.returncode})")
 
 
-def secure_group(uid: int | None, gid: int | None, port: int, pid_file: str | None) -> None:
+def secure_group(
+    uid: int | None, gid: int | None, port: int, pid_file: str | None, listener: seccomp.Listener
+) -> None:
     """Once the group is built: drop what the master no longer needs, make sure workers can be
     locked down, and log what each holds. Raises LockdownError (nothing started yet)."""
     needs = master_needs(
@@ -186,5 +188,5 @@ def secure_group(uid: int | None, gid: int | None, port: int, pid_file: str | No
             f"{len(kept)} threads run in the master and only this one dropped its capabilities: start "
             "threads after the privilege drop (supervisor.privileges.secure_group)"
         )
-    _probe_workers(uid, gid, started_with)
+    _probe_workers(uid, gid, started_with, listener)
     log.info("privileges: the master keeps %s; workers hold no capability", caps.names(caps.capget()[1]))

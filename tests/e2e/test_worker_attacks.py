@@ -1,0 +1,66 @@
+"""App code in a worker attacks the group through its own listener (fd 3), as the security model
+(docs/discussion/security.md) says it cannot: every client must stay on its slot afterwards.
+
+Each test launches 3 workers of ``unstick_app.py``, checks 90 client addresses against the
+loader's Python mirror, has slot 0's worker attack, and checks the 90 again.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from support.launcher import KEY, SPEC, Instance, get, launched, wait_for
+from support.netlab import v4_sources
+
+from ebpf_sticky.hashing import parse_address
+from ebpf_sticky.kernel.loaders import LOADERS
+
+SOURCES = v4_sources(90)
+SLOTS = 3
+BASE = ["unstick_app.py", "-w", str(SLOTS), "--bind", "127.0.0.1:0", "--hash-key", KEY]
+
+
+def misrouted(instance: Instance, loader: str) -> list[str]:
+    """Sources whose connection reached another slot than the loader's mirror predicts."""
+    wrong = []
+    for source in SOURCES:
+        slot, _, _ = get(source, instance.port)
+        if slot != LOADERS[loader].slot_of(parse_address(source), SPEC, SLOTS):
+            wrong.append(source)
+    return wrong
+
+
+def attack(instance: Instance, loader: str, how: str) -> list[int]:
+    """Have slot 0's worker attack its listener; the errno of each step."""
+    source = next(s for s in SOURCES if LOADERS[loader].slot_of(parse_address(s), SPEC, SLOTS) == 0)
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", instance.port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("GET", f"/attack?how={how}")
+        return [int(n) for n in conn.getresponse().read().split()]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("loader", ["native", "cbpf"])
+@pytest.mark.parametrize("how", ["shutdown", "connect", "dup"])
+def test_the_filter_refuses_unhashing_fd_3(loader: str, how: str) -> None:
+    with launched([*BASE, "--loader", loader]) as instance:
+        assert misrouted(instance, loader) == []
+        # shutdown/connect(3) and dup(3) answer EPERM; listen() on a listener is harmless.
+        assert attack(instance, loader, how) == ([errno.EPERM] if how == "dup" else [errno.EPERM, 0])
+        assert misrouted(instance, loader) == []
+        assert "membership:" not in instance.output()
+
+
+@pytest.mark.parametrize("loader", ["native", "cbpf"])
+def test_the_master_repairs_what_the_filter_cannot_see(loader: str) -> None:
+    """fd 3 passed to itself over a Unix socket: the duplicate's shutdown and listen succeed, and
+    the master's watch puts the group back (native: the sockarray entry; cbpf: the join order)."""
+    with launched([*BASE, "--loader", loader]) as instance:
+        assert misrouted(instance, loader) == []
+        assert attack(instance, loader, "passed") == [0, 0, 0]
+        wait_for(lambda: "membership: repaired" in instance.output(), 10, "the master's repair")
+        assert misrouted(instance, loader) == [], instance.output()
