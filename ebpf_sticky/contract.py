@@ -12,7 +12,9 @@ ends of a connection). A worker is any process the master execs on a slot:
   a load-error report (below) before exiting with ``APP_LOAD_ERROR``.
 * **Exit statuses**: ``APP_LOAD_ERROR`` (4) when the app cannot be loaded, which is never worth
   retrying; ``EXIT_LOCKDOWN`` (71, EX_OSERR) when the child could not be locked down before exec.
-* Our own Python worker also reads its uvicorn options (JSON) from ``OPTIONS_ENV``.
+* Our own Python worker also reads its uvicorn options (JSON) once from ``OPTIONS_FD`` and closes it.
+* **What a worker never gets**: the master's ``EBPF_STICKY_*`` variables (its settings, among them
+  the hash key and the TLS key's password); workers get the rest of the master's environment.
 """
 
 from __future__ import annotations
@@ -22,9 +24,14 @@ import json
 LISTEN_FD = 3
 LISTEN_FDNAME = "ebpf-sticky"
 WORKER_ENV = "EBPF_STICKY_WORKER"
-# The master hands each worker its uvicorn options here (JSON), not in argv: argv is world-readable
-# in /proc and may carry the key's password.
-OPTIONS_ENV = "EBPF_STICKY_WORKER_OPTIONS"
+# The master hands our Python worker its uvicorn options (JSON, which may hold the TLS key's
+# password) in a memfd on this fd; the worker reads it once and closes it. Not argv, which every
+# local user reads in /proc; not the environment, which /proc/PID/environ keeps as it was at exec
+# even after the worker pops the variable.
+OPTIONS_FD = 4
+OPTIONS_FDNAME = "ebpf-sticky-options"
+# Every variable of the master's with this prefix is its own setting, kept from workers.
+MASTER_ENV_PREFIX = "EBPF_STICKY_"
 
 READY = "READY=1"
 # What a worker tells the master once it has served its --limit-max-requests.

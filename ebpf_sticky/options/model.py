@@ -37,8 +37,8 @@ class WorkerOptions:
         return bool(given or self.interface != "auto")
 
     def to_json(self) -> str:
-        """What the master hands each worker (in its environment: the key's password stays out of
-        the process list)."""
+        """What the master hands each worker (on ``contract.OPTIONS_FD``: the key's password stays
+        out of argv and the environment)."""
         return json.dumps(asdict(self))
 
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import logging
 import os
 import select
@@ -25,8 +26,10 @@ from ..contract import (
     LISTEN_FD,
     LISTEN_FDNAME,
     LOAD_ERROR_PREFIX,
+    MASTER_ENV_PREFIX,
     MAX_REPORT,
-    OPTIONS_ENV,
+    OPTIONS_FD,
+    OPTIONS_FDNAME,
     RECYCLE,
     WORKER_ENV,
     parse_load_error,
@@ -64,8 +67,9 @@ def listener_guard(settings: Launch) -> Listener:
     return Listener.DUPLICABLE if settings.command else Listener.SEALED
 
 
-def _child_setup(sock_fd: int, master_pid: int, listener: Listener) -> Callable[[], None]:
-    """Runs in the child between fork and exec (after any user/group change).
+def _child_setup(fds: dict[int, int], master_pid: int, listener: Listener) -> Callable[[], None]:
+    """Runs in the child between fork and exec (after any user/group change); ``fds`` maps each
+    contract fd (``LISTEN_FD``, ``OPTIONS_FD``) to the master's fd to put there.
 
     Every step is checked and a failure ends the child before exec (fail closed): subprocess would
     turn an exception raised here into a SubprocessError without its message, so the child says why
@@ -80,8 +84,12 @@ def _child_setup(sock_fd: int, master_pid: int, listener: Listener) -> Callable[
             prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
             if os.getppid() != master_pid:
                 os._exit(1)
-            # Before the filter, which refuses dup2(3, 3) (slot 0's socket may be fd 3 here).
-            os.dup2(sock_fd, LISTEN_FD)
+            # Before the filter, which refuses dup2 onto fd 3; first out of the way of each other
+            # (the master's fd for one may be the other's number).
+            moved = {target: fcntl.fcntl(source, fcntl.F_DUPFD, 10) for target, source in fds.items()}
+            for target, source in moved.items():
+                os.dup2(source, target)
+                os.close(source)
             # No capability, no_new_privs, and the filter that keeps the socket's
             # holder from detaching or replacing the group's program (no privilege needed for that).
             lock_down_worker(listener)
@@ -89,6 +97,30 @@ def _child_setup(sock_fd: int, master_pid: int, listener: Listener) -> Callable[
             refuse_to_exec(exc)
 
     return setup
+
+
+def worker_env(slot: int, notify_name: str) -> dict[str, str]:
+    """The master's environment without its own settings (the hash key, the key's password...),
+    plus the contract's variables. The master's NOTIFY_SOCKET (systemd's) is for the master alone."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(MASTER_ENV_PREFIX)}
+    env.pop("LISTEN_PID", None)
+    env.update(
+        {WORKER_ENV: str(slot)}, LISTEN_FDS="1", LISTEN_FDNAMES=LISTEN_FDNAME, NOTIFY_SOCKET=notify_name
+    )
+    return env
+
+
+def options_memfd(text: str) -> int:
+    """A sealed memfd holding ``text``, read from the start: the worker's options."""
+    fd = os.memfd_create(OPTIONS_FDNAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, text.encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass
@@ -129,35 +161,29 @@ class Supervisor:
         return argv + (["--factory"] if s.factory else [])
 
     def spawn(self, slot: int) -> int:
-        env = dict(os.environ)
-        # The master's own NOTIFY_SOCKET (systemd's) is for the master alone; workers get ours.
-        env.update(
-            **{WORKER_ENV: str(slot)},
-            LISTEN_FDS="1",
-            LISTEN_FDNAMES=LISTEN_FDNAME,
-            NOTIFY_SOCKET=self.notify_name,
-        )
-        env.pop("LISTEN_PID", None)
-        if self.settings.target is not None:
-            env[OPTIONS_ENV] = self.settings.uvicorn.to_json()
-        setup = _child_setup(self.router.sockets[slot].fileno(), os.getpid(), listener_guard(self.settings))
+        fds = {LISTEN_FD: self.router.sockets[slot].fileno()}
+        with contextlib.ExitStack() as stack:
+            if self.settings.target is not None:
+                fds[OPTIONS_FD] = options_memfd(self.settings.uvicorn.to_json())
+                stack.callback(os.close, fds[OPTIONS_FD])
+            setup = _child_setup(fds, os.getpid(), listener_guard(self.settings))
 
-        def preexec() -> None:
-            # Ctrl-C signals the whole foreground group: only the master should act on it (it
-            # stops the workers with TERM), so workers start with SIGINT ignored. Servers that
-            # install their own handler (uvicorn) still may; none prints a KeyboardInterrupt.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            setup()
+            def preexec() -> None:
+                # Ctrl-C signals the whole foreground group: only the master should act on it (it
+                # stops the workers with TERM), so workers start with SIGINT ignored. Servers that
+                # install their own handler (uvicorn) still may; none prints a KeyboardInterrupt.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                setup()
 
-        proc = subprocess.Popen(
-            self.worker_argv(),
-            env=env,
-            pass_fds=(LISTEN_FD,),
-            preexec_fn=preexec,
-            user=self.settings.uid,
-            group=self.settings.gid,
-            extra_groups=[] if self.settings.uid is not None else None,
-        )
+            proc = subprocess.Popen(
+                self.worker_argv(),
+                env=worker_env(slot, self.notify_name),
+                pass_fds=tuple(fds),
+                preexec_fn=preexec,
+                user=self.settings.uid,
+                group=self.settings.gid,
+                extra_groups=[] if self.settings.uid is not None else None,
+            )
         self.children[proc.pid] = proc
         return proc.pid
 

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ..contract import APP_LOAD_ERROR, LISTEN_FD, OPTIONS_ENV, READY, RECYCLE, WORKER_ENV, encode_load_error
+from ..contract import APP_LOAD_ERROR, LISTEN_FD, OPTIONS_FD, READY, RECYCLE, WORKER_ENV, encode_load_error
 from ..errors import ConfigError
 from ..notify import sd_notify
 from ..options import ACCESS_LOG, WorkerOptions
@@ -147,6 +147,17 @@ def serve(
     return _run(_serve(server, sock), config.get_loop_factory())
 
 
+def read_options() -> WorkerOptions:
+    """The options the master put on ``OPTIONS_FD``, read once; the fd is closed so nothing the app
+    runs later finds the key's password there."""
+    try:
+        with open(OPTIONS_FD, "rb") as channel:
+            text = channel.read()
+    except OSError:  # started by hand, without the master
+        return WorkerOptions()
+    return WorkerOptions.from_json(text.decode()) if text else WorkerOptions()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ebpf-sticky-worker")
     parser.add_argument("target")
@@ -155,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     slot = os.environ.get(WORKER_ENV, "?")
-    text = os.environ.pop(OPTIONS_ENV, None)
-    options = WorkerOptions.from_json(text) if text else WorkerOptions()
+    options = read_options()
     try:
         if options.env_file is not None:
             # Before the import, as uvicorn does: the app may read its settings at import time.

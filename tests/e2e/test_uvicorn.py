@@ -35,6 +35,8 @@ from support.launcher import (
 from support.netlab import v4_sources
 from support.sio_clients import CHROMIUM, CHROMIUM_ARGS, node_swarm, python_swarm
 
+from ebpf_sticky.contract import OPTIONS_FDNAME
+
 SOURCES = v4_sources(48, start=3000)
 BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "10", "--no-access-log"]
 CHAT = Path(__file__).parents[2] / "examples" / "socketio_chat" / "app.py"
@@ -122,14 +124,29 @@ def test_https_from_many_addresses_is_sticky(tls: Tls) -> None:
         assert untrusted.returncode == 60, untrusted.stderr  # CURLE_PEER_FAILED_VERIFICATION
 
 
-def test_encrypted_key_with_its_password(tls: Tls) -> None:
-    args = ["--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.encrypted_key),
-            "--ssl-keyfile-password", "s3cret"]  # fmt: skip
-    with launched(["asgi_app.py", "-w", "2", *BASE, *args]) as instance:
+@pytest.mark.parametrize("given", ["flag", "environment", "file"])
+def test_secrets_never_reach_a_worker(tls: Tls, tmp_path: Path, given: str) -> None:
+    """The key's password (however given) and the hash key (from the environment) are in no
+    worker's environment, argv or fds; given as a file or a variable, not in the master's argv."""
+    args = ["--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.encrypted_key)]
+    env = {"EBPF_STICKY_HASH_KEY": KEY}
+    if given == "flag":
+        args += ["--ssl-keyfile-password", "s3cret"]
+    elif given == "environment":
+        env["EBPF_STICKY_SSL_KEYFILE_PASSWORD"] = "s3cret"
+    else:
+        (tmp_path / "password").write_text("s3cret\n")
+        args += ["--ssl-keyfile-password-file", str(tmp_path / "password")]
+    with launched(["asgi_app.py", "-w", "2", *BASE[:2], *args], extra_env=env) as instance:
         assert get(SOURCES[0], instance.port, tls=tls.client())[0] == predicted(SOURCES[0], 2)
-        # The password reaches workers through their environment, never their argv.
         for pids in instance.slot_pids().values():
-            assert b"s3cret" not in Path(f"/proc/{pids[0]}/cmdline").read_bytes()
+            for what in ("environ", "cmdline"):
+                seen = Path(f"/proc/{pids[0]}/{what}").read_bytes()
+                assert b"s3cret" not in seen and KEY.encode() not in seen, what
+            links = [str(fd.readlink()) for fd in Path(f"/proc/{pids[0]}/fd").iterdir()]
+            assert not [link for link in links if OPTIONS_FDNAME in link]  # read once, closed
+        master_argv = Path(f"/proc/{instance.proc.pid}/cmdline").read_bytes()
+        assert (b"s3cret" in master_argv) == (given == "flag")
 
 
 @pytest.mark.parametrize(
@@ -329,7 +346,8 @@ def test_per_worker_options_reach_uvicorn(tmp_path: Path) -> None:
         body = json.loads(response.read())
         conn.close()
         assert body == {"slot": str(predicted(SOURCES[0], 2)), "greeting": "hello from the env file",
-                        "root_path": "/api", "options_left_in_env": False}  # fmt: skip
+                        "root_path": "/api", "master_settings_in_env": [],
+                        "options_fd_open": False}  # fmt: skip
         assert response.getheader("x-served-by") == "ebpf-sticky"
         assert response.getheader("server") is None
         wait_for(lambda: f"{SOURCES[0]}:" in instance.output(), 10, "the access log line")
