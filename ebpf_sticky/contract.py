@@ -33,6 +33,20 @@ OPTIONS_FDNAME = "ebpf-sticky-options"
 # Every variable of the master's with this prefix is its own setting, kept from workers.
 MASTER_ENV_PREFIX = "EBPF_STICKY_"
 
+# Our Python worker's entry point, run as ``python -c WORKER_BOOT TARGET ...``. After exec a process
+# is dumpable again, and until it says otherwise any process of its uid (every other daemon of
+# --user nobody) may ptrace it or take its fds with pidfd_getfd, fd 3 included: so the first thing
+# it does, before importing the package (half a second on a loaded machine), is
+# prctl(PR_SET_DUMPABLE, 0). It fails closed.
+WORKER_MODULE = "ebpf_sticky.supervisor.worker"
+WORKER_BOOT = (
+    "import ctypes\n"
+    "if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0):\n"  # PR_SET_DUMPABLE
+    "    raise SystemExit('ebpf-sticky worker: prctl(PR_SET_DUMPABLE, 0) failed: not starting')\n"
+    "import runpy\n"
+    f"runpy.run_module({WORKER_MODULE!r}, run_name='__main__', alter_sys=True)\n"
+)
+
 READY = "READY=1"
 # What a worker tells the master once it has served its --limit-max-requests.
 RECYCLE = "RECYCLE=1"

@@ -31,6 +31,7 @@ from ..contract import (
     OPTIONS_FD,
     OPTIONS_FDNAME,
     RECYCLE,
+    WORKER_BOOT,
     WORKER_ENV,
     parse_load_error,
 )
@@ -150,8 +151,8 @@ class Supervisor:
         assert s.target is not None
         argv = [
             sys.executable,
-            "-m",
-            "ebpf_sticky.supervisor.worker",
+            "-c",
+            WORKER_BOOT,
             s.target,
             "--graceful-timeout",
             str(s.graceful_timeout),

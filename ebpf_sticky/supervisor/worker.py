@@ -1,8 +1,9 @@
 """The worker side: import the target after exec and serve it with uvicorn on the slot's socket.
 
-Run by the master as ``python -m ebpf_sticky.supervisor.worker TARGET [--factory]`` with the slot's
-listening socket on fd 3 (systemd socket-activation convention, ``LISTEN_FDS=1``). The worker holds
-no BPF fd and no other slot's socket: the master execs it with only fd 3 open.
+Run by the master as ``python -c contract.WORKER_BOOT TARGET [--factory]`` (which makes the process
+non-dumpable first, then runs this module) with the slot's listening socket on fd 3 (systemd
+socket-activation convention, ``LISTEN_FDS=1``) and its options on fd 4, read once and closed. The
+worker holds no BPF fd and no other slot's socket: the master execs it with only those open.
 """
 
 from __future__ import annotations

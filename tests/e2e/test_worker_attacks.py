@@ -8,9 +8,13 @@ loader's Python mirror, has slot 0's worker attack, and checks the 90 again.
 from __future__ import annotations
 
 import errno
+import http.client
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-from support.launcher import KEY, SPEC, Instance, get, launched, wait_for
+from support.launcher import APPS, KEY, SPEC, Instance, get, launched, wait_for
 from support.netlab import v4_sources
 
 from ebpf_sticky.hashing import parse_address
@@ -34,8 +38,6 @@ def misrouted(instance: Instance, loader: str) -> list[str]:
 def attack(instance: Instance, loader: str, how: str) -> list[int]:
     """Have slot 0's worker attack its listener; the errno of each step."""
     source = next(s for s in SOURCES if LOADERS[loader].slot_of(parse_address(s), SPEC, SLOTS) == 0)
-    import http.client
-
     conn = http.client.HTTPConnection("127.0.0.1", instance.port, timeout=10, source_address=(source, 0))
     try:
         conn.request("GET", f"/attack?how={how}")
@@ -64,3 +66,36 @@ def test_the_master_repairs_what_the_filter_cannot_see(loader: str) -> None:
         assert attack(instance, loader, "passed") == [0, 0, 0]
         wait_for(lambda: "membership: repaired" in instance.output(), 10, "the master's repair")
         assert misrouted(instance, loader) == [], instance.output()
+
+
+HOLD_FD_3 = (
+    "import os, socket, time; s = socket.socket(); os.dup2(s.fileno(), 3); print('ready'); time.sleep(60)"
+)
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=-all", "--"]
+
+
+def take(pid: int) -> list[int]:
+    """A process of nobody outside any filter tries pidfd_getfd(pid, 3) and ptrace(pid)."""
+    out = subprocess.run(
+        [*NOBODY, sys.executable, str(APPS / "take_fd.py"), str(pid)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return [int(n) for n in out.stdout.split()]
+
+
+def test_workers_are_not_dumpable(world_readable_apps: Path) -> None:
+    """Another process of the workers' uid cannot take a worker's listener or trace it; the
+    control, a dumpable process of the same uid holding a socket on fd 3, gives both away."""
+    with subprocess.Popen([*NOBODY, sys.executable, "-u", "-c", HOLD_FD_3], stdout=subprocess.PIPE) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == b"ready\n"
+            assert take(holder.pid) == [0, 0]
+        finally:
+            holder.kill()
+    args = ["asgi_app.py", "-w", "2", "--bind", "127.0.0.1:0", "--user", "nobody"]
+    with launched(args, cwd=world_readable_apps) as instance:
+        for pids in instance.slot_pids().values():
+            assert take(pids[0]) == [errno.EPERM, errno.EPERM]
