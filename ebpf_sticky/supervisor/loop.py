@@ -43,7 +43,7 @@ from ..notify import sd_notify
 from . import core, membership
 from .control_server import ControlServer
 from .metrics import Exporter, serve
-from .privileges import lock_down_worker, refuse_to_exec, secure_group
+from .privileges import WorkerPlan, lock_down_worker, refuse_to_exec, secure_group, worker_reads
 from .reloader import watching
 
 log = logging.getLogger("ebpf_sticky")
@@ -366,7 +366,14 @@ def launch(settings: Launch) -> int:
                 f.write(f"{os.getpid()}\n")
             stack.callback(os.unlink, settings.pid_file)
         # The group is built: from here on the master needs (almost) no privilege.
-        secure_group(settings.uid, settings.gid, router.port, settings.pid_file, listener_guard(settings))
+        plan = WorkerPlan(
+            settings.uid,
+            settings.gid,
+            settings.default_user,
+            listener_guard(settings),
+            worker_reads(settings.target, settings.uvicorn.app_dir, settings.command),
+        )
+        secure_group(plan, router.port, settings.pid_file)
         # Threads only from here on: capset drops the calling thread's capabilities alone.
         stack.enter_context(watching(settings.uvicorn.reload))
         exporter = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None
