@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..control import alive, control_dir, peer_uid, socket_name
+from ..control import alive, check_dir, control_dir, peer_uid, socket_name
 from ..errors import ControlError, StickyError
 from ..hashing import parse_address
 from ..kernel.router import Router
@@ -79,8 +79,7 @@ class ControlServer:
     @contextlib.contextmanager
     def open(cls, router: Router) -> Iterator[ControlServer]:
         directory = control_dir()
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
+        check_dir(directory, create=True)
         path = directory / socket_name(router.bind.host, router.port)
         if path.exists():
             if alive(path):

@@ -42,7 +42,7 @@ from ..kernel.seccomp import Listener
 from ..notify import sd_notify
 from . import core, membership
 from .control_server import ControlServer
-from .metrics import Exporter, serve
+from .metrics import MetricsServer, serve
 from .privileges import WorkerPlan, lock_down_worker, refuse_to_exec, secure_group, worker_reads
 from .reloader import watching
 
@@ -131,7 +131,7 @@ class Supervisor:
     notify_socket: socket.socket
     notify_name: str
     control: ControlServer
-    exporter: Exporter | None = None  # --metrics
+    metrics: MetricsServer | None = None  # --metrics
     started: float = field(default_factory=time.monotonic)
     children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     signals: list[str] = field(default_factory=list)
@@ -290,8 +290,15 @@ class Supervisor:
             )
             done = self.execute(sup_core, sup_core.handle(core.Start(time.monotonic())))
             while done is None:
+                servers: list[ControlServer | MetricsServer] = [
+                    self.control,
+                    *([self.metrics] if self.metrics else []),
+                ]
                 readable, writable, _ = select.select(
-                    [wake_r, self.notify_socket, *self.control.readers()], self.control.writers(), [], TICK
+                    [wake_r, self.notify_socket, *(r for s in servers for r in s.readers())],
+                    [w for s in servers for w in s.writers()],
+                    [],
+                    TICK,
                 )
                 if wake_r in readable:
                     with contextlib.suppress(BlockingIOError):
@@ -313,8 +320,9 @@ class Supervisor:
                     if done is not None:
                         break
                 self.watch.look(self.router)
-                if self.exporter is not None:
-                    self.exporter.publish(sup_core)
+                if self.metrics is not None:
+                    self.metrics.publish(sup_core)
+                    self.metrics.serve(readable, writable, time.monotonic())
             return done
         finally:
             for proc in self.children.values():
@@ -376,8 +384,8 @@ def launch(settings: Launch) -> int:
         secure_group(plan, router.port, settings.pid_file)
         # Threads only from here on: capset drops the calling thread's capabilities alone.
         stack.enter_context(watching(settings.uvicorn.reload))
-        exporter = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None
-        supervisor = Supervisor(settings, router, notify_sock, notify_name, control, exporter)
+        metrics = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None
+        supervisor = Supervisor(settings, router, notify_sock, notify_name, control, metrics)
         done = supervisor.run()
     if done.code == APP_LOAD_ERROR:
         raise AppLoadError(done.message)
