@@ -379,7 +379,7 @@ def launch(settings: Launch) -> int:
             settings.gid,
             settings.default_user,
             listener_guard(settings),
-            worker_reads(settings.target, settings.uvicorn.app_dir, settings.command),
+            worker_reads(settings.target, settings.uvicorn, settings.command),
         )
         secure_group(plan, router.port, settings.pid_file)
         # Threads only from here on: capset drops the calling thread's capabilities alone.

@@ -27,6 +27,7 @@ from ..contract import EXIT_LOCKDOWN
 from ..errors import ConfigError, LockdownError
 from ..kernel import capabilities as caps
 from ..kernel import seccomp
+from ..options import WorkerOptions
 from ..targets import module_dir, parse_target
 
 log = logging.getLogger("ebpf_sticky")
@@ -136,21 +137,23 @@ _Need = tuple[Path, int]  # a path and the access (os.R_OK, os.X_OK) a worker ne
 _VERBS = {_READ: "read", _RUN: "run", _LIST: "list"}
 
 
-def worker_reads(target: str | None, app_dir: str | None, command: Sequence[str]) -> tuple[_Need, ...]:
+def worker_reads(target: str | None, options: WorkerOptions, command: Sequence[str]) -> tuple[_Need, ...]:
     """What a worker needs before it serves, with the access (os.R_OK/X_OK) it needs. Our Python
-    worker: the interpreter, this package, the directory it imports the app from, and a path
-    target. A -- COMMAND: its program, where PATH finds it (the rest of its needs are its own)."""
+    worker: the interpreter, this package, the directory it imports the app from, a path target,
+    and the files its options name (TLS, --env-file). A -- COMMAND: its program, where PATH finds
+    it (the rest of its needs are its own)."""
     if target is None:
         program = shutil.which(command[0]) if command else None
         return ((Path(program), _RUN),) if program else ()
     reads = [
         (Path(sys.executable), _RUN),
         (Path(__file__).parents[1], _LIST),
-        (Path(module_dir(app_dir)).absolute(), _LIST),
+        (Path(module_dir(options.app_dir)).absolute(), _LIST),
     ]
     parsed = parse_target(target)
     if parsed.is_path:
         reads.append((Path(parsed.location).absolute(), _READ))
+    reads += [(Path(path).absolute(), _READ) for _, path in options.files()]
     return tuple(reads)
 
 

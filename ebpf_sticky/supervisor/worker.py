@@ -32,17 +32,15 @@ STOP_GRACE = 0.5
 
 
 def check_readable(options: WorkerOptions) -> None:
-    """The master checked the TLS files as itself; a worker reads them after dropping to --user."""
-    for keyword in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):
-        path = options.config.get(keyword)
-        if path is None:
-            continue
+    """The master checked the files as itself (and as the workers' user, in its probe); a worker
+    reads them after dropping to --user. An --env-file it cannot read would be skipped silently."""
+    for flag, path in options.files():
         try:
             with open(path, "rb"):
                 pass
         except OSError as exc:
             raise ConfigError(
-                f"--{keyword.replace('_', '-')} {path!r}: uid {os.getuid()} cannot read it ({exc.strerror}): "
+                f"{flag} {path!r}: uid {os.getuid()} cannot read it ({exc.strerror}): "
                 "make it readable by the --user/--group the workers run as"
             ) from None
 
@@ -169,12 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     slot = os.environ.get(WORKER_ENV, "?")
     options = read_options()
     try:
+        check_readable(options)
         if options.env_file is not None:
             # Before the import, as uvicorn does: the app may read its settings at import time.
             from dotenv import load_dotenv
 
             load_dotenv(options.env_file)
-        check_readable(options)
         app = load_app(parse_target(args.target), args.factory, options.interface, options.app_dir)
     except ConfigError as exc:
         return report_load_error(f"slot {slot}: {exc}", "")

@@ -166,7 +166,11 @@ def test_systemd_timeouts_match_the_graceful_timeout() -> None:
     assert unit["KillMode"] == ["mixed"]
     assert int(unit["TimeoutStopSec"][0]) > float(env["EBPF_STICKY_GRACEFUL_TIMEOUT"])
     assert unit["NoNewPrivileges"] == ["yes"]
-    assert unit["AmbientCapabilities"] == unit["CapabilityBoundingSet"] == ["CAP_BPF"]
+    assert (
+        unit["AmbientCapabilities"]
+        == unit["CapabilityBoundingSet"]
+        == ["CAP_BPF CAP_SETUID CAP_SETGID CAP_KILL"]
+    )
 
 
 def capabilities(pid: int, field: str) -> set[int]:

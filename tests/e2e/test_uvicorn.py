@@ -7,6 +7,7 @@ import base64
 import hashlib
 import http.client
 import json
+import os
 import re
 import shutil
 import ssl
@@ -38,6 +39,7 @@ from support.sio_clients import CHROMIUM, CHROMIUM_ARGS, node_swarm, python_swar
 from ebpf_sticky.contract import OPTIONS_FDNAME
 
 SOURCES = v4_sources(48, start=3000)
+NOGROUP = 65534
 BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "10", "--no-access-log"]
 CHAT = Path(__file__).parents[2] / "examples" / "socketio_chat" / "app.py"
 
@@ -59,8 +61,18 @@ class Tls:
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
-    directory = tmp_path_factory.mktemp("tls")
+def tls() -> Iterator[Tls]:
+    # Readable by the workers (nobody, group nogroup), which load the key, and by no one else.
+    directory = Path(tempfile.mkdtemp(prefix="ebpf-sticky-tls-"))
+    try:
+        yield _issue(directory)
+    finally:
+        shutil.rmtree(directory)
+
+
+def _issue(directory: Path) -> Tls:
+    os.chown(directory, 0, NOGROUP)
+    directory.chmod(0o750)
     ca = trustme.CA()
     issued = ca.issue_cert("127.0.0.1", "localhost")
     paths = {name: directory / f"{name}.pem" for name in ("ca", "cert", "key", "encrypted", "other")}
@@ -82,6 +94,9 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
         .public_key()
         .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
+    for path in paths.values():
+        os.chown(path, 0, NOGROUP)
+        path.chmod(0o640)
     return Tls(paths["ca"], paths["cert"], paths["key"], paths["encrypted"], paths["other"],
                base64.b64encode(hashlib.sha256(spki).digest()).decode())  # fmt: skip
 
@@ -284,7 +299,8 @@ def test_limit_max_requests_recycles_under_load_without_a_failure() -> None:
         assert re.search(r"killed by signal|exited with|ignored TERM", instance.output()) is None
 
 
-def test_reload_picks_up_an_edit_and_keeps_clients_on_their_slot(tmp_path: Path) -> None:
+def test_reload_picks_up_an_edit_and_keeps_clients_on_their_slot(world_readable_apps: Path) -> None:
+    tmp_path = world_readable_apps  # the workers (nobody) import the app from there
     app = tmp_path / "app.py"
     template = (APPS / "asgi_app.py").read_text().replace('{os.getuid()}\\n"', '{os.getuid()} VERSION\\n"')
     app.write_text(template.replace("VERSION", "v1"))
@@ -329,8 +345,8 @@ def test_backlog_reaches_every_slot_socket() -> None:
 
 
 # The other per-worker options --------------------------------------------------------------------
-def test_per_worker_options_reach_uvicorn(tmp_path: Path) -> None:
-    env_file = tmp_path / "app.env"
+def test_per_worker_options_reach_uvicorn(world_readable_apps: Path) -> None:
+    env_file = world_readable_apps / "app.env"  # the workers (nobody) read it
     env_file.write_text("GREETING=hello from the env file\n")
     args = [
         "optapp:app", "-w", "2", *BASE[:-1], "--app-dir", "appdir", "--env-file", str(env_file),

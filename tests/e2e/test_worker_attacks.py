@@ -35,12 +35,12 @@ def misrouted(instance: Instance, loader: str) -> list[str]:
     return wrong
 
 
-def attack(instance: Instance, loader: str, how: str) -> list[int]:
+def attack(instance: Instance, loader: str, how: str, path: str = "/attack") -> list[int]:
     """Have slot 0's worker attack its listener; the errno of each step."""
     source = next(s for s in SOURCES if LOADERS[loader].slot_of(parse_address(s), SPEC, SLOTS) == 0)
     conn = http.client.HTTPConnection("127.0.0.1", instance.port, timeout=10, source_address=(source, 0))
     try:
-        conn.request("GET", f"/attack?how={how}")
+        conn.request("GET", f"{path}?how={how}")
         return [int(n) for n in conn.getresponse().read().split()]
     finally:
         conn.close()
@@ -99,3 +99,15 @@ def test_workers_are_not_dumpable(world_readable_apps: Path) -> None:
     with launched(args, cwd=world_readable_apps) as instance:
         for pids in instance.slot_pids().values():
             assert take(pids[0]) == [errno.EPERM, errno.EPERM]
+
+
+@pytest.mark.parametrize("user", ["default", "root"])
+def test_workers_of_another_uid_cannot_join_the_group_nor_signal_the_master(user: str) -> None:
+    """A root master's workers run as nobody: the kernel keeps their listener out of the group
+    (EADDRINUSE) and signals to the master fail (EPERM). The control: --user root, where both
+    work (and under cbpf a later TTIN would send the new slot's clients to the intruder)."""
+    args = [*BASE, "--loader", "native", *(["--user", "root"] if user == "root" else [])]
+    with launched(args) as instance:
+        reached = attack(instance, "native", "", path="/reach")
+        assert reached == ([errno.EADDRINUSE, errno.EPERM] if user == "default" else [0, 0])
+        assert misrouted(instance, "native") == []

@@ -7,6 +7,9 @@ attacks fd 3 and answers with the errno of each step ("0" when it worked):
 * ``dup``: dup(3), then shutdown and listen on the duplicate;
 * ``passed``: fd 3 sent to itself over a Unix socket (SCM_RIGHTS), which no seccomp filter sees,
   then shutdown and listen on the received duplicate.
+
+``GET /reach`` tries what a worker at the master's uid could: join the group with a listener of
+its own on the same address and port, and signal the master (signal 0). It answers both errnos.
 """
 
 import ctypes
@@ -53,12 +56,35 @@ def attack(how: str) -> list[int]:
         os.close(fd)
 
 
+def reach() -> list[int]:
+    listener = socket.socket(fileno=LISTEN_FD)  # only to learn the address; detached, never closed
+    address = listener.getsockname()
+    listener.detach()
+    intruder = socket.socket()
+    intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        intruder.bind(address)
+        joined = 0
+    except OSError as exc:
+        joined = exc.errno or -1
+    finally:
+        intruder.close()
+    try:
+        os.kill(os.getppid(), 0)
+        signalled = 0
+    except OSError as exc:
+        signalled = exc.errno or -1
+    return [joined, signalled]
+
+
 async def app(scope, receive, send):  # type: ignore[no-untyped-def]
     if scope["type"] != "http":
         return
     if scope["path"] == "/attack":
         how = scope["query_string"].decode().partition("=")[2]
         body = " ".join(map(str, attack(how))).encode() + b"\n"
+    elif scope["path"] == "/reach":
+        body = " ".join(map(str, reach())).encode() + b"\n"
     else:
         body = f"{os.environ['EBPF_STICKY_WORKER']} {os.getpid()} {os.getuid()}\n".encode()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
