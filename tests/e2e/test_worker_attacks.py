@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import http.client
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,31 @@ def test_workers_of_another_uid_cannot_join_the_group_nor_signal_the_master(user
         reached = attack(instance, "native", "", path="/reach")
         assert reached == ([errno.EADDRINUSE, errno.EPERM] if user == "default" else [0, 0])
         assert misrouted(instance, "native") == []
+
+
+def answers(instance: Instance) -> dict[str, list[str]]:
+    """What each source's connection hears from the `-- COMMAND` worker it reaches."""
+    heard = {}
+    for source in SOURCES:
+        with socket.create_connection(
+            ("127.0.0.1", instance.port), timeout=10, source_address=(source, 0)
+        ) as c:
+            heard[source] = c.makefile().readline().split()
+    return heard
+
+
+@pytest.mark.parametrize("loader", ["native", "cbpf"])
+@pytest.mark.parametrize("how", ["direct", "dup"])
+def test_a_command_worker_may_dup_fd_3_and_the_master_repairs(loader: str, how: str) -> None:
+    """For a -- COMMAND the filter refuses shutdown/listen on fd 3 itself but not on a duplicate;
+    the master's watch puts the group back. Every client ends on its slot either way."""
+    args = ["-w", str(SLOTS), "--bind", "127.0.0.1:0", "--hash-key", KEY, "--loader", loader]
+    with launched([*args, "--", sys.executable, str(APPS / "unstick_cmd.py"), how]) as instance:
+        if how == "dup":
+            wait_for(lambda: "membership: repaired" in instance.output(), 10, "the master's repair")
+        heard = answers(instance)
+        attacker = next(words for words in heard.values() if words[0] == "0")
+        assert attacker[1:] == ([str(errno.EPERM), "0"] if how == "direct" else ["0", "0"])
+        slot_of = LOADERS[loader].slot_of
+        wrong = [s for s, words in heard.items() if int(words[0]) != slot_of(parse_address(s), SPEC, SLOTS)]
+        assert wrong == [], instance.output()
