@@ -4,6 +4,7 @@ line, and `status` refuses to believe the squatter."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -77,4 +78,30 @@ def test_status_does_not_believe_a_squatter(squatted: Path) -> None:
             server.kill()
     assert status.returncode == 2, status.stdout + status.stderr
     assert f"the control directory {squatted} belongs to uid 65534, not to uid 33" in status.stderr
+    assert "127.0.0.1:80" not in status.stdout
+
+
+def test_status_checks_who_answers(squatted: Path) -> None:
+    """The directory is the victim's own (0700) but the socket in it is served by another user
+    (planted before the directory changed hands): SO_PEERCRED gives it away."""
+    netns = Path("/proc/thread-self/ns/net").stat().st_ino
+    with fake_server(squatted / f"net{netns}-127.0.0.1-8000.sock") as server:
+        try:
+            assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+            os.chown(squatted, 33, 33)
+            squatted.chmod(0o700)
+            status = subprocess.run(
+                [*VICTIM, "env", "XDG_RUNTIME_DIR=", sys.executable, "-m", "ebpf_sticky", "status"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd="/",
+            )
+        finally:
+            server.kill()
+    assert status.returncode == 2, status.stdout + status.stderr
+    assert (
+        "runs as uid 65534, not as the directory's owner (33) nor root: not trusting its answer"
+        in status.stderr
+    )
     assert "127.0.0.1:80" not in status.stdout
