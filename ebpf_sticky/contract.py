@@ -12,7 +12,10 @@ ends of a connection). A worker is any process the master execs on a slot:
   a load-error report (below) before exiting with ``APP_LOAD_ERROR``.
 * **Exit statuses**: ``APP_LOAD_ERROR`` (4) when the app cannot be loaded, which is never worth
   retrying; ``EXIT_LOCKDOWN`` (71, EX_OSERR) when the child could not be locked down before exec.
-* Our own Python worker also reads its uvicorn options (JSON) once from ``OPTIONS_FD`` and closes it.
+* Our own Python worker starts as ``python -c WORKER_BOOT`` (non-dumpable first), and reads its
+  uvicorn options (JSON) once from ``OPTIONS_FD`` and closes it.
+* **What a worker may not do** to fd 3 (the seccomp filter, ``kernel/seccomp.py``): take it out of
+  the group (``shutdown``, ``connect``), nor, for our Python worker, duplicate it.
 * **What a worker never gets**: the master's ``EBPF_STICKY_*`` variables (its settings, among them
   the hash key and the TLS key's password); workers get the rest of the master's environment.
 """
