@@ -10,6 +10,7 @@ attacks fd 3 and answers with the errno of each step ("0" when it worked):
 
 ``GET /reach`` tries what a worker at the master's uid could: join the group with a listener of
 its own on the same address and port, and signal the master (signal 0). It answers both errnos.
+With ``?how=keep`` the listener stays, in the group, for the rest of the worker's life.
 """
 
 import ctypes
@@ -56,7 +57,10 @@ def attack(how: str) -> list[int]:
         os.close(fd)
 
 
-def reach() -> list[int]:
+KEPT: list[socket.socket] = []
+
+
+def reach(keep: bool) -> list[int]:
     listener = socket.socket(fileno=LISTEN_FD)  # only to learn the address; detached, never closed
     address = listener.getsockname()
     listener.detach()
@@ -64,10 +68,13 @@ def reach() -> list[int]:
     intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         intruder.bind(address)
+        intruder.listen()  # a TCP listener joins the group here
         joined = 0
     except OSError as exc:
         joined = exc.errno or -1
-    finally:
+    if keep and not joined:
+        KEPT.append(intruder)
+    else:
         intruder.close()
     try:
         os.kill(os.getppid(), 0)
@@ -84,7 +91,7 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         how = scope["query_string"].decode().partition("=")[2]
         body = " ".join(map(str, attack(how))).encode() + b"\n"
     elif scope["path"] == "/reach":
-        body = " ".join(map(str, reach())).encode() + b"\n"
+        body = " ".join(map(str, reach(scope["query_string"] == b"how=keep"))).encode() + b"\n"
     else:
         body = f"{os.environ['EBPF_STICKY_WORKER']} {os.getpid()} {os.getuid()}\n".encode()
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
