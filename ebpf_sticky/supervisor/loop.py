@@ -179,6 +179,8 @@ class Supervisor:
             proc = subprocess.Popen(
                 self.worker_argv(),
                 env=worker_env(slot, self.notify_name),
+                # subprocess marks these inheritable before preexec, so the master must have fds
+                # 3 and 4 open: the group's first fds (sockets, maps, the control socket) are.
                 pass_fds=tuple(fds),
                 preexec_fn=preexec,
                 user=self.settings.uid,
