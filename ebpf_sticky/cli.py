@@ -122,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds workers get to finish on TERM, HUP or TTOU (default 30); "
         "--timeout-graceful-shutdown is uvicorn's name for it",
     )
-    launch.add_argument("--user", default=_env("user"), help="workers run as this user")
+    launch.add_argument(
+        "--user",
+        default=_env("user"),
+        help="workers run as this user (a root master's default: ebpf-sticky if it exists, else nobody; "
+        "--user root keeps uid 0)",
+    )
     launch.add_argument("--group", default=_env("group"), help="workers run as this group")
     launch.add_argument("--pid-file", default=_env("pid-file"), help="write the master's pid here")
     launch.add_argument(
@@ -165,8 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
-    # Empty means unset, so `-e EBPF_STICKY_USER=` can lift an image's default user.
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None, bool]:
+    """(uid, gid, whether they are a root master's default). Empty means unset, so
+    `-e EBPF_STICKY_USER=` lifts an image's user (a root master then uses its default)."""
+    user, default = config.worker_user(user, os.geteuid(), _user_exists)
     uid = gid = None
     if user:
         try:
@@ -179,7 +194,9 @@ def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
             gid = (grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))).gr_gid
         except KeyError:
             raise ConfigError(f"--group {group!r}: no such group on this machine") from None
-    return uid, gid
+    if (uid, gid) == (os.geteuid(), os.getegid()):
+        return None, None, False  # the master's own ids (--user root for a root master): no switch
+    return uid, gid, default
 
 
 def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.Launch:
@@ -187,7 +204,7 @@ def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.
 
     if args.target is not None and not command:
         check_target_exists(parse_target(args.target), args.app_dir)
-    uid, gid = _ids(args.user, args.group)
+    uid, gid, default_user = _ids(args.user, args.group)
     key = config.parse_key(args.hash_key) if args.hash_key else os.urandom(16)
     return config.Launch(
         bind=parse_bind(args.bind),
@@ -201,6 +218,7 @@ def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.
         graceful_timeout=args.graceful_timeout,
         uid=uid,
         gid=gid,
+        default_user=default_user,
         pid_file=args.pid_file,
         log_level=args.log_level,
         metrics=parse_bind(args.metrics, "--metrics") if args.metrics else None,

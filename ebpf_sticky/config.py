@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .addresses import Bind
@@ -41,6 +42,28 @@ def check_workers(workers: int, most: int = MAX_SLOTS, loader: str | None = None
     return workers
 
 
+# A root master never runs app code as uid 0 unless asked (--user root): like nginx, it drops
+# workers to an unprivileged user, the first of these that exists. A user of the service's own
+# (useradd --system ebpf-sticky) is best: nobody is shared with other daemons, which could signal
+# the workers (not trace them: workers are non-dumpable).
+DEFAULT_WORKER_USERS = ("ebpf-sticky", "nobody")
+
+
+def worker_user(user: str | None, master_euid: int, exists: Callable[[str], bool]) -> tuple[str | None, bool]:
+    """The user workers run as (None: the master's) and whether it is the default; pure."""
+    if user:
+        return user, False
+    if master_euid != 0:
+        return None, False
+    for name in DEFAULT_WORKER_USERS:
+        if exists(name):
+            return name, True
+    raise ConfigError(
+        "a root master runs workers as an unprivileged user, and neither ebpf-sticky nor nobody exists "
+        "here: create one (useradd --system ebpf-sticky), or pass --user (--user root runs the app as root)"
+    )
+
+
 @dataclass(frozen=True)
 class Launch:
     """Everything `ebpf-sticky launch` needs, validated."""
@@ -56,6 +79,7 @@ class Launch:
     graceful_timeout: float = 30.0
     uid: int | None = None
     gid: int | None = None
+    default_user: bool = False  # uid/gid are the root master's default (DEFAULT_WORKER_USERS)
     pid_file: str | None = None
     log_level: str = "info"
     uvicorn: WorkerOptions = field(default_factory=WorkerOptions)

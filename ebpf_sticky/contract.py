@@ -12,7 +12,12 @@ ends of a connection). A worker is any process the master execs on a slot:
   a load-error report (below) before exiting with ``APP_LOAD_ERROR``.
 * **Exit statuses**: ``APP_LOAD_ERROR`` (4) when the app cannot be loaded, which is never worth
   retrying; ``EXIT_LOCKDOWN`` (71, EX_OSERR) when the child could not be locked down before exec.
-* Our own Python worker also reads its uvicorn options (JSON) from ``OPTIONS_ENV``.
+* Our own Python worker starts as ``python -c WORKER_BOOT`` (non-dumpable first), and reads its
+  uvicorn options (JSON) once from ``OPTIONS_FD`` and closes it.
+* **What a worker may not do** to fd 3 (the seccomp filter, ``kernel/seccomp.py``): take it out of
+  the group (``shutdown``, ``connect``), nor, for our Python worker, duplicate it.
+* **What a worker never gets**: the master's ``EBPF_STICKY_*`` variables (its settings, among them
+  the hash key and the TLS key's password); workers get the rest of the master's environment.
 """
 
 from __future__ import annotations
@@ -22,9 +27,28 @@ import json
 LISTEN_FD = 3
 LISTEN_FDNAME = "ebpf-sticky"
 WORKER_ENV = "EBPF_STICKY_WORKER"
-# The master hands each worker its uvicorn options here (JSON), not in argv: argv is world-readable
-# in /proc and may carry the key's password.
-OPTIONS_ENV = "EBPF_STICKY_WORKER_OPTIONS"
+# The master hands our Python worker its uvicorn options (JSON, which may hold the TLS key's
+# password) in a memfd on this fd; the worker reads it once and closes it. Not argv, which every
+# local user reads in /proc; not the environment, which /proc/PID/environ keeps as it was at exec
+# even after the worker pops the variable.
+OPTIONS_FD = 4
+OPTIONS_FDNAME = "ebpf-sticky-options"
+# Every variable of the master's with this prefix is its own setting, kept from workers.
+MASTER_ENV_PREFIX = "EBPF_STICKY_"
+
+# Our Python worker's entry point, run as ``python -c WORKER_BOOT TARGET ...``. After exec a process
+# is dumpable again, and until it says otherwise any process of its uid (every other daemon of
+# --user nobody) may ptrace it or take its fds with pidfd_getfd, fd 3 included: so the first thing
+# it does, before importing the package (half a second on a loaded machine), is
+# prctl(PR_SET_DUMPABLE, 0). It fails closed.
+WORKER_MODULE = "ebpf_sticky.supervisor.worker"
+WORKER_BOOT = (
+    "import ctypes\n"
+    "if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0):\n"  # PR_SET_DUMPABLE
+    "    raise SystemExit('ebpf-sticky worker: prctl(PR_SET_DUMPABLE, 0) failed: not starting')\n"
+    "import runpy\n"
+    f"runpy.run_module({WORKER_MODULE!r}, run_name='__main__', alter_sys=True)\n"
+)
 
 READY = "READY=1"
 # What a worker tells the master once it has served its --limit-max-requests.

@@ -10,6 +10,13 @@ on the same address and port in different namespaces (containers, the multi-host
 socket (which would be per-namespace by itself): an abstract name has no permissions, so any user in
 the namespace could bind it before the master and answer `status` and `route` in its place; the
 0700 directory leaves that to the launching user and root.
+
+Both ends check the directory before trusting it (``check_dir``): a real directory (not a
+symlink), owned by the caller (or root), mode 0700. Where it is a fixed name in a shared directory
+(``/tmp/ebpf-sticky-<uid>`` without XDG_RUNTIME_DIR), another user could create it first and
+answer in the instance's place; the master then refuses to start with one line naming the fix,
+and `status`/`route` refuse to talk. The client also checks the answering process's uid with
+SO_PEERCRED (``request``): the launching user or root.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,36 @@ def control_dir() -> Path:
         return _RUN_DIR
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     return Path(runtime) / "ebpf-sticky" if runtime else Path(f"/tmp/ebpf-sticky-{os.geteuid()}")
+
+
+def check_dir(directory: Path, create: bool = False) -> int:
+    """Make sure ``directory`` is a private directory we may trust, and return its owner's uid.
+    The master (``create``) makes it if missing and must own it; a client must own it too, except
+    root, who trusts a service user's (systemd's RuntimeDirectory=). Raises ControlError."""
+    if create:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    euid = os.geteuid()
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return euid  # nothing runs there: find_instance says so
+    fix = (
+        "remove it (as its owner or root) or point XDG_RUNTIME_DIR at a private directory; another "
+        "user may have made it to answer `status` and `route` in the instance's place"
+    )
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlError(f"the control directory {directory} is not a directory (a symlink?): {fix}")
+    if st.st_uid != euid and (create or euid != 0):
+        raise ControlError(
+            f"the control directory {directory} belongs to uid {st.st_uid}, not to uid {euid}: {fix}"
+        )
+    if st.st_mode & 0o077:
+        if not create:
+            raise ControlError(
+                f"the control directory {directory} is open to others (mode {st.st_mode & 0o777:o}): {fix}"
+            )
+        os.chmod(directory, 0o700)
+    return st.st_uid
 
 
 def current_netns() -> int:
@@ -51,6 +89,7 @@ def peer_uid(conn: socket.socket) -> int:
 def find_instance(directory: Path, port: int | None, netns: int | None = None) -> Path:
     """The control socket of the one running instance in this network namespace, or the one on ``port``."""
     prefix = f"net{current_netns() if netns is None else netns}-"
+    check_dir(directory)
     sockets = sorted(directory.glob(f"{prefix}*.sock")) if directory.is_dir() else []
     live = [path for path in sockets if alive(path)]
     if port is not None:
@@ -77,10 +116,17 @@ def alive(path: Path) -> bool:
 
 
 def request(path: Path, message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    owner = check_dir(path.parent)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
             sock.connect(str(path))
+            server = peer_uid(sock)
+            if server not in (owner, 0):
+                raise ControlError(
+                    f"the process answering at {path} runs as uid {server}, not as the directory's owner "
+                    f"({owner}) nor root: not trusting its answer; remove the socket and find who made it"
+                )
             sock.sendall(json.dumps(message).encode() + b"\n")
             sock.shutdown(socket.SHUT_WR)
             data = b""

@@ -1,11 +1,20 @@
-"""TCP handshakes in flight, as the kernel's sock_diag netlink lists them (what `ss state syn-recv`
-shows): no privilege needed, and this network namespace's sockets only.
+"""What the kernel's sock_diag netlink lists about one TCP port: its listeners and its handshakes.
 
-A retiring slot must not be closed while a handshake its listener answered is still waiting for
-the client's final ACK: closing the listener drops that request, and the ACK, arriving later, is
-answered with a reset. The group's listeners share one port and sock_diag does not say which
-listener a request belongs to, so the router waits for every handshake on the port that was in
-flight when the slot stopped getting new ones.
+No privilege is needed: sock_diag dumps every socket of this network namespace to anyone.
+
+* **Listeners, in join order.** A listener joins its reuseport group when it is hashed (listen()),
+  and the kernel puts it into the listening hash bucket of its address and port at the same
+  moment: at the head for IPv4, at the tail for IPv6 (``__inet_hash``). A dump walks that bucket in
+  order, so the group's sockets appear in join order (reversed for IPv4). A socket that left the
+  group and joined again (a worker's ``shutdown`` then ``listen`` on a duplicate of its fd) moves
+  to the head or the tail: the dump shows it even when the move happened between two looks, which
+  is what the classic-BPF router, whose program returns positions in the group, needs.
+* **Handshakes in flight** (what ``ss state syn-recv`` shows). A retiring slot must not be closed
+  while a handshake its listener answered is still waiting for the client's final ACK: closing the
+  listener drops that request, and the ACK, arriving later, is answered with a reset. The group's
+  listeners share one port and sock_diag does not say which listener a request belongs to, so the
+  router waits for every handshake on the port that was in flight when the slot stopped getting
+  new ones.
 """
 
 from __future__ import annotations
@@ -13,50 +22,76 @@ from __future__ import annotations
 import os
 import socket
 import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-TCP_SYN_RECV, TCP_NEW_SYN_RECV = 3, 12  # request sockets are listed as TCP_NEW_SYN_RECV
-_HEADER = struct.Struct("=IHHII")  # struct nlmsghdr
-_REQUEST = struct.Struct("=BBBBI48x")  # struct inet_diag_req_v2; its inet_diag_sockid left zero
-# struct inet_diag_msg: family, state, timer, retrans, then inet_diag_sockid (ports big-endian).
-_MESSAGE = struct.Struct("=BBBB2s2s16s16s")
-_SPORT = struct.Struct("!H")
+TCP_SYN_RECV, TCP_LISTEN, TCP_NEW_SYN_RECV = 3, 10, 12  # request sockets list as TCP_NEW_SYN_RECV
+_NLMSGHDR = struct.Struct("=IHHII")
+# inet_diag_req_v2: family, protocol, ext, pad, states; then an inet_diag_sockid left zero (a dump
+# ignores it: filtering by port happens here).
+_REQUEST = struct.Struct("=BBBxI48x")
+# inet_diag_msg: family, state, timer, retrans, sockid (sport, dport big-endian, src[16], dst[16],
+# if, cookie[2]), expires, rqueue, wqueue, uid, inode.
+_MSG = struct.Struct("=BBBB2s2s16s16s12xIIIII")
 
-Handshake = bytes  # the connection's addresses and ports, as the kernel wrote them
+Handshake = bytes  # the connection's family, ports and addresses, as the kernel wrote them
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: bytes  # 16 bytes; an IPv4 address in the first 4
+    uid: int
+    inode: int
+
+
+def listeners(family: int, port: int) -> list[Listener]:
+    """TCP listeners of ``family`` on ``port`` in this network namespace, in the kernel's listening
+    hash order. Raises OSError when netlink is refused."""
+    return [
+        Listener(src, uid, inode)
+        for _, sport, _, src, _, uid, inode in _dump(family, 1 << TCP_LISTEN)
+        if sport == port
+    ]
 
 
 def handshakes(port: int) -> set[Handshake]:
     """The TCP connections to local ``port`` still in their handshake (SYN received, ACK not yet)."""
-    found: set[Handshake] = set()
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as sock:
-        for family in (socket.AF_INET, socket.AF_INET6):
-            found |= _dump(sock, family, port)
-    return found
-
-
-def _dump(sock: socket.socket, family: int, port: int) -> set[Handshake]:
     states = 1 << TCP_SYN_RECV | 1 << TCP_NEW_SYN_RECV
-    body = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, states)
-    sock.send(
-        _HEADER.pack(_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body
-    )
-    found: set[Handshake] = set()
-    while True:
-        data = sock.recv(65536)
-        offset = 0
-        while offset + _HEADER.size <= len(data):
-            length, kind, _, _, _ = _HEADER.unpack_from(data, offset)
-            if kind == NLMSG_DONE:
-                return found
-            if kind == NLMSG_ERROR:
-                (error,) = struct.unpack_from("=i", data, offset + _HEADER.size)
-                raise OSError(-error, f"sock_diag: {os.strerror(-error)}")
-            _, _, _, _, sport, dport, src, dst = _MESSAGE.unpack_from(data, offset + _HEADER.size)
-            if _SPORT.unpack(sport)[0] == port:
-                found.add(bytes([family]) + sport + dport + src + dst)
-            if length < _HEADER.size:
-                raise OSError(f"sock_diag: malformed message of {length} bytes")
-            offset += (length + 3) & ~3
+    return {
+        bytes([family]) + sport.to_bytes(2, "big") + dport + src + dst
+        for family in (socket.AF_INET, socket.AF_INET6)
+        for _, sport, dport, src, dst, _, _ in _dump(family, states)
+        if sport == port
+    }
+
+
+def _dump(family: int, states: int) -> Iterator[tuple[int, int, bytes, bytes, bytes, int, int]]:
+    """(state, local port, remote port bytes, local address, remote address, uid, inode) of each
+    TCP socket of ``family`` in one of ``states``."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
+        body = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, states)
+        header = _NLMSGHDR.pack(
+            _NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
+        )
+        nl.send(header + body)
+        while True:
+            data = nl.recv(65536)
+            offset = 0
+            while offset + _NLMSGHDR.size <= len(data):
+                length, kind, _, _, _ = _NLMSGHDR.unpack_from(data, offset)
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
+                    raise OSError(err, f"sock_diag: {os.strerror(err)}")
+                if length < _NLMSGHDR.size:
+                    raise OSError(f"sock_diag: malformed message of {length} bytes")
+                _, state, _, _, sport, dport, src, dst, _, _, _, uid, inode = _MSG.unpack_from(
+                    data, offset + _NLMSGHDR.size
+                )
+                yield state, int.from_bytes(sport, "big"), dport, src, dst, uid, inode
+                offset += (length + 3) & ~3

@@ -133,6 +133,7 @@ def load_bcc(consts: ProgramConstants, fds: program.MapFds) -> LoadedProgram:
 
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
+SO_COOKIE = 57  # the socket cookie, which a sockarray entry reads back as
 _TABLE = struct.Struct(f"={BUCKETS}H")
 
 
@@ -159,6 +160,12 @@ class Routing(Protocol):
 
     def leave(self, slot: int) -> None:
         """The highest slot's socket is about to close."""
+
+    def holds(self, slot: int, sock: socket.socket) -> bool | None:
+        """Whether the program still finds ``sock`` as ``slot``; None where it selects by position."""
+
+    def reattach(self, sockets: Sequence[socket.socket], slots: int) -> None:
+        """Attach the program again (after the master rejoined sockets to the group)."""
 
     def counters(self, slots: int) -> Counters: ...
 
@@ -238,6 +245,14 @@ class MapRouting:
     def leave(self, slot: int) -> None:
         syscalls.map_delete(self.fds.socks, _U32.pack(slot))
 
+    def holds(self, slot: int, sock: socket.socket) -> bool:
+        # A sockarray entry reads back as the socket's cookie; leaving the group empties it.
+        entry = syscalls.map_lookup(self.fds.socks, _U32.pack(slot), _U64.size)
+        return entry is not None and entry == sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, _U64.size)
+
+    def reattach(self, sockets: Sequence[socket.socket], slots: int) -> None:
+        syscalls.attach_reuseport(sockets[0], self.program_fd)
+
     def counters(self, slots: int) -> Counters:
         per_cpu = struct.Struct(f"={syscalls.possible_cpus()}Q")
 
@@ -277,6 +292,12 @@ class CbpfRouting:
 
     def leave(self, slot: int) -> None:
         pass
+
+    def holds(self, slot: int, sock: socket.socket) -> None:
+        return None
+
+    def reattach(self, sockets: Sequence[socket.socket], slots: int) -> None:
+        self.route(sockets, slots)
 
     def counters(self, slots: int) -> Counters:
         return Counters((None,) * slots, None)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import errno as errno_mod
 import logging
+import os
 import socket
 import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 
 from ..addresses import Bind
 from ..errors import AddressInUseError, ConfigError, KernelError, StickyError
 from ..hashing import MAX_SLOTS, Address, HashSpec
-from .diag import Handshake, handshakes
+from . import diag
 from .loaders import AUTO_ORDER, CHOICES, FALLBACK_ERRORS, LOADERS, Counters, MapRouting, Routing
 from .program import MapFds
 
@@ -26,7 +29,17 @@ log = logging.getLogger("ebpf_sticky")
 _U32 = struct.Struct("=I")
 _TCPI_UNACKED = 24  # offset of tcpi_unacked in struct tcp_info: a listener's accept-queue length
 DEFAULT_BACKLOG = 1024
-__all__ = ["DEFAULT_BACKLOG", "Counters", "Router"]
+__all__ = ["DEFAULT_BACKLOG", "Counters", "GroupView", "Router"]
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """What the kernel says of the group now (``Router.view``), for the master's watch."""
+
+    listening: tuple[bool, ...]  # per slot: still a listener (SO_ACCEPTCONN; always True for UDP)
+    in_map: tuple[bool, ...] | None  # per slot: the sockarray holds its socket; None under cbpf
+    order: tuple[int, ...] | None  # slots in the kernel's listening-hash order (TCP; see diag.py)
+    strangers: int  # other listeners of our uid on our address and port: they joined the group
 
 
 def _listener(bind: Bind, udp: bool, backlog: int) -> socket.socket:
@@ -36,29 +49,34 @@ def _listener(bind: Bind, udp: bool, backlog: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if bind.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if bind.dual_stack else 1)
-        try:
-            sock.bind((bind.host, bind.port))
-        except OSError as exc:
-            if exc.errno == errno_mod.EADDRINUSE:
-                raise AddressInUseError(
-                    f"{bind} is in use by a socket that is not ours to join (no SO_REUSEPORT, or "
-                    "another user's): stop that server or choose another --bind",
-                    exc.errno,
-                ) from exc
-            if exc.errno == errno_mod.EADDRNOTAVAIL:
-                raise ConfigError(f"cannot bind {bind}: no interface has that address") from exc
-            if exc.errno == errno_mod.EACCES:
-                raise KernelError(
-                    f"binding {bind} needs privilege (ports below 1024): run as root or use a higher port",
-                    exc.errno,
-                ) from exc
-            raise
+        _bind(sock, bind)
         if not udp:
             sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _bind(sock: socket.socket, bind: Bind) -> None:
+    """Bind, with the kernel's refusals said as what to do."""
+    try:
+        sock.bind((bind.host, bind.port))
+    except OSError as exc:
+        if exc.errno == errno_mod.EADDRINUSE:
+            raise AddressInUseError(
+                f"{bind} is in use by a socket that is not ours to join (no SO_REUSEPORT, or "
+                "another user's): stop that server or choose another --bind",
+                exc.errno,
+            ) from exc
+        if exc.errno == errno_mod.EADDRNOTAVAIL:
+            raise ConfigError(f"cannot bind {bind}: no interface has that address") from exc
+        if exc.errno == errno_mod.EACCES:
+            raise KernelError(
+                f"binding {bind} needs privilege (ports below 1024): run as root or use a higher port",
+                exc.errno,
+            ) from exc
+        raise
 
 
 class Router:
@@ -92,7 +110,8 @@ class Router:
         self.sockets: list[socket.socket] = []
         self.retiring: int | None = None  # the slot between retire_slot and release_slot
         # Without migration: the handshakes in flight when the retiring slot got its last client.
-        self._handshakes: set[Handshake] = set()
+        self._handshakes: set[diag.Handshake] = set()
+        self.backlog = DEFAULT_BACKLOG
         self._routing = routing
 
     @classmethod
@@ -137,14 +156,16 @@ class Router:
             raise _TooManySlots(
                 f"--workers {slots} is more than the {loader} router fits ({entry.max_slots} slots)"
             )
-        router = cls(bind, spec, udp=udp, loader=loader, routing=entry.routing(spec))
-        try:
-            for _ in range(slots):
-                router._add_socket(backlog)
-            router._routing.route(router.sockets, slots)
-        except BaseException:
-            router.close()
-            raise
+        with _port_for(bind, udp) as bind:
+            router = cls(bind, spec, udp=udp, loader=loader, routing=entry.routing(spec))
+            router.backlog = backlog
+            try:
+                for _ in range(slots):
+                    router._add_socket(backlog)
+                router._routing.route(router.sockets, slots)
+            except BaseException:
+                router.close()
+                raise
         return router
 
     def _add_socket(self, backlog: int) -> None:
@@ -199,6 +220,7 @@ class Router:
         if self.retiring is not None:
             raise ConfigError(f"cannot add a slot while slot {self.retiring} is retiring")
         self._add_socket(backlog)
+        self.backlog = backlog
         self._routing.route(self.sockets, self.slots)
         return self.slots - 1
 
@@ -222,9 +244,9 @@ class Router:
         """Whether closing a slot moves its handshakes to the others (eBPF on 5.14+)."""
         return self._routing.migrates
 
-    def _in_flight(self) -> set[Handshake]:
+    def _in_flight(self) -> set[diag.Handshake]:
         try:
-            return handshakes(self.port)
+            return diag.handshakes(self.port)
         except OSError as exc:  # sock_diag filtered (a seccomp profile): drain the queue alone
             log.warning("cannot list handshakes in flight (%s): a retiring slot may reset some", exc)
             return set()
@@ -256,6 +278,48 @@ class Router:
     def counters(self) -> Counters:
         return self._routing.counters(self.slots)
 
+    def view(self) -> GroupView:
+        """Each slot's membership as the kernel sees it now. Raises OSError."""
+        if self.udp:
+            listening = (True,) * self.slots
+        else:
+            listening = tuple(
+                bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)) for s in self.sockets
+            )
+        held = [self._routing.holds(slot, sock) for slot, sock in enumerate(self.sockets)]
+        in_map = None if None in held else tuple(bool(h) for h in held)
+        if self.udp:
+            return GroupView(listening, in_map, None, 0)
+        inodes = {os.fstat(sock.fileno()).st_ino: slot for slot, sock in enumerate(self.sockets)}
+        ours = self.sockets[0].getsockname()[0]
+        here = [
+            found
+            for found in diag.listeners(self.bind.family, self.port)
+            if socket.inet_ntop(
+                self.bind.family, found.address[: 4 if self.bind.family == socket.AF_INET else 16]
+            )
+            == ours
+        ]
+        order = tuple(inodes[found.inode] for found in here if found.inode in inodes)
+        strangers = sum(1 for found in here if found.inode not in inodes and found.uid == os.geteuid())
+        return GroupView(listening, in_map, order, strangers)
+
+    def repair(self, relisten: Sequence[int], reinsert: Sequence[int], rejoin_all: bool) -> None:
+        """Put slots back: listen again, refill sockarray entries, or (positions moved) take every
+        socket out and rejoin them in slot order, which resets their queued connections. Raises
+        StickyError or OSError."""
+        if rejoin_all:
+            for sock in self.sockets:
+                sock.shutdown(socket.SHUT_RD)
+            relisten = range(self.slots)
+        for slot in relisten:
+            self.sockets[slot].listen(self.backlog)
+        for slot in reinsert:
+            self._routing.join(self.sockets[slot], slot)
+        if relisten:
+            # A group that was emptied lost its program; attaching again is atomic and harmless.
+            self._routing.reattach(self.sockets, self.slots - (self.retiring is not None))
+
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()
@@ -281,6 +345,23 @@ def _leave_group(sock: socket.socket, udp: bool) -> None:
     if not udp:
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RD)
+
+
+@contextlib.contextmanager
+def _port_for(bind: Bind, udp: bool) -> Iterator[Bind]:
+    """``bind`` with a port: for TCP port 0, one the kernel picks, held by a bound socket of our
+    own (SO_REUSEADDR, never listening: it joins no group) until the slots are bound to it. A
+    listener bound to port 0 gives the port back when it is shut down (no SOCK_BINDPORT_LOCK) and
+    its next listen() picks another: a worker could move its slot off the group's port."""
+    if bind.port != 0 or udp:
+        yield bind
+        return
+    with socket.socket(bind.family, socket.SOCK_STREAM) as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if bind.family == socket.AF_INET6:
+            holder.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if bind.dual_stack else 1)
+        _bind(holder, bind)
+        yield bind.with_port(holder.getsockname()[1])
 
 
 class _TooManySlots(ConfigError):

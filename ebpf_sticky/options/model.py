@@ -36,9 +36,18 @@ class WorkerOptions:
         given = self.config or self.env_file or self.app_dir or self.limit_max_requests
         return bool(given or self.interface != "auto")
 
+    def files(self) -> list[tuple[str, str]]:
+        """(flag, path) of each file a worker reads for these options (TLS, --env-file)."""
+        named = {
+            f"--{k.replace('_', '-')}": self.config.get(k)
+            for k in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs")
+        }
+        named["--env-file"] = self.env_file
+        return [(flag, str(path)) for flag, path in named.items() if path is not None]
+
     def to_json(self) -> str:
-        """What the master hands each worker (in its environment: the key's password stays out of
-        the process list)."""
+        """What the master hands each worker (on ``contract.OPTIONS_FD``: the key's password stays
+        out of argv and the environment)."""
         return json.dumps(asdict(self))
 
     @classmethod

@@ -133,7 +133,19 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("--ssl-keyfile", "str", "config", "TLS private key (PEM); each worker terminates TLS"),
     Option("--ssl-certfile", "str", "config", "TLS certificate chain (PEM)"),
-    Option("--ssl-keyfile-password", "str", "config", "password of an encrypted --ssl-keyfile"),
+    Option(
+        "--ssl-keyfile-password",
+        "str",
+        "config",
+        "password of an encrypted --ssl-keyfile (visible in the process list: prefer the file or "
+        "EBPF_STICKY_SSL_KEYFILE_PASSWORD)",
+    ),
+    Option(
+        "--ssl-keyfile-password-file",
+        "str",
+        "master",
+        "file whose first line is the password of an encrypted --ssl-keyfile (read by the master)",
+    ),
     Option(
         "--ssl-version", "int", "config", f"ssl module protocol constant (default {ssl.PROTOCOL_TLS_SERVER})"
     ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Any
 
 from ..errors import ConfigError
@@ -22,10 +23,23 @@ def _positive(name: str, value: float | None, minimum: float = 1) -> None:
 
 
 def from_args(args: argparse.Namespace) -> WorkerOptions:
-    """The validated options; every file they name is checked too (``check_files``)."""
+    """The validated options; every file they name is checked too (``check_files``), and the
+    password file is read here, by the master."""
     options = parse(args)
+    if args.ssl_keyfile_password_file is not None:
+        password = read_password(args.ssl_keyfile_password_file)
+        options = replace(options, config={**options.config, "ssl_keyfile_password": password})
     check_files(options)
     return options
+
+
+def read_password(path: str) -> str:
+    """The first line of ``path``, without its line ending."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"--ssl-keyfile-password-file {path!r}: {exc.strerror}") from None
 
 
 def parse(args: argparse.Namespace) -> WorkerOptions:
@@ -59,6 +73,11 @@ def parse(args: argparse.Namespace) -> WorkerOptions:
         config["headers"] = [_header(text) for text in config["headers"]]
     if config.get("http2") and config.get("http") != "zttp":
         raise ConfigError("--http2 needs --http zttp")
+    if args.ssl_keyfile_password_file is not None:
+        if "ssl_keyfile_password" in config:
+            raise ConfigError("give the key's password once: --ssl-keyfile-password or its file, not both")
+        if "ssl_keyfile" not in config:
+            raise ConfigError("--ssl-keyfile-password-file takes effect only with --ssl-keyfile")
     if "ssl_keyfile" in config and "ssl_certfile" not in config:
         raise ConfigError("--ssl-keyfile needs --ssl-certfile too (the certificate the key belongs to)")
     ssl_given = [k for k in config if k.startswith("ssl_") and k not in ("ssl_certfile", "ssl_keyfile")]

@@ -18,7 +18,7 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import assert_never
 
-from ..control import alive, control_dir, peer_uid, socket_name
+from ..control import alive, check_dir, control_dir, peer_uid, socket_name
 from ..errors import ControlError, StickyError
 from ..kernel.router import Router
 from .core import Snapshot
@@ -95,8 +95,7 @@ class ControlServer:
     @contextlib.contextmanager
     def open(cls, router: Router) -> Iterator[ControlServer]:
         directory = control_dir()
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
+        check_dir(directory, create=True)
         path = directory / socket_name(router.bind.host, router.port)
         if path.exists():
             if alive(path):

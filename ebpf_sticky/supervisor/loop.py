@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import logging
 import os
 import select
@@ -25,20 +26,24 @@ from ..contract import (
     LISTEN_FD,
     LISTEN_FDNAME,
     LOAD_ERROR_PREFIX,
+    MASTER_ENV_PREFIX,
     MAX_REPORT,
-    OPTIONS_ENV,
+    OPTIONS_FD,
+    OPTIONS_FDNAME,
     RECYCLE,
+    WORKER_BOOT,
     WORKER_ENV,
     parse_load_error,
 )
 from ..errors import AppLoadError, LockdownError, StickyError
 from ..kernel.capabilities import prctl
 from ..kernel.router import Router
+from ..kernel.seccomp import Listener
 from ..notify import sd_notify
-from . import core
+from . import core, membership
 from .control_server import ControlServer
-from .metrics import Exporter, serve
-from .privileges import lock_down_worker, refuse_to_exec, secure_group
+from .metrics import MetricsServer, serve
+from .privileges import WorkerPlan, lock_down_worker, refuse_to_exec, secure_group, worker_reads
 from .reloader import watching
 
 log = logging.getLogger("ebpf_sticky")
@@ -55,8 +60,14 @@ _LEVELS = {
 COMMAND_READY_AFTER = 1.0
 
 
-def _child_setup(sock_fd: int, master_pid: int) -> Callable[[], None]:
-    """Runs in the child between fork and exec (after any user/group change).
+def listener_guard(settings: Launch) -> Listener:
+    """Our Python worker never duplicates fd 3, so its filter refuses that too; a command may."""
+    return Listener.DUPLICABLE if settings.command else Listener.SEALED
+
+
+def _child_setup(fds: dict[int, int], master_pid: int, listener: Listener) -> Callable[[], None]:
+    """Runs in the child between fork and exec (after any user/group change); ``fds`` maps each
+    contract fd (``LISTEN_FD``, ``OPTIONS_FD``) to the master's fd to put there.
 
     Every step is checked and a failure ends the child before exec (fail closed): subprocess would
     turn an exception raised here into a SubprocessError without its message, so the child says why
@@ -71,14 +82,43 @@ def _child_setup(sock_fd: int, master_pid: int) -> Callable[[], None]:
             prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
             if os.getppid() != master_pid:
                 os._exit(1)
+            # Before the filter, which refuses dup2 onto fd 3; first out of the way of each other
+            # (the master's fd for one may be the other's number).
+            moved = {target: fcntl.fcntl(source, fcntl.F_DUPFD, 10) for target, source in fds.items()}
+            for target, source in moved.items():
+                os.dup2(source, target)
+                os.close(source)
             # No capability, no_new_privs, and the filter that keeps the socket's
             # holder from detaching or replacing the group's program (no privilege needed for that).
-            lock_down_worker()
-            os.dup2(sock_fd, LISTEN_FD)
+            lock_down_worker(listener)
         except (OSError, LockdownError) as exc:
             refuse_to_exec(exc)
 
     return setup
+
+
+def worker_env(slot: int, notify_name: str) -> dict[str, str]:
+    """The master's environment without its own settings (the hash key, the key's password...),
+    plus the contract's variables. The master's NOTIFY_SOCKET (systemd's) is for the master alone."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(MASTER_ENV_PREFIX)}
+    env.pop("LISTEN_PID", None)
+    env.update(
+        {WORKER_ENV: str(slot)}, LISTEN_FDS="1", LISTEN_FDNAMES=LISTEN_FDNAME, NOTIFY_SOCKET=notify_name
+    )
+    return env
+
+
+def options_memfd(text: str) -> int:
+    """A sealed memfd holding ``text``, read from the start: the worker's options."""
+    fd = os.memfd_create(OPTIONS_FDNAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.write(fd, text.encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass
@@ -88,10 +128,11 @@ class Supervisor:
     notify_socket: socket.socket
     notify_name: str
     control: ControlServer
-    exporter: Exporter | None = None  # --metrics
+    metrics: MetricsServer | None = None  # --metrics
     started: float = field(default_factory=time.monotonic)
     children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     signals: list[core.SignalName] = field(default_factory=list)
+    watch: membership.Watch = field(default_factory=membership.Watch)
 
     def worker_argv(self) -> list[str]:
         s = self.settings
@@ -107,8 +148,8 @@ class Supervisor:
         assert s.target is not None
         argv = [
             sys.executable,
-            "-m",
-            "ebpf_sticky.supervisor.worker",
+            "-c",
+            WORKER_BOOT,
             s.target,
             "--graceful-timeout",
             str(s.graceful_timeout),
@@ -118,35 +159,31 @@ class Supervisor:
         return argv + (["--factory"] if s.factory else [])
 
     def spawn(self, slot: int) -> int:
-        env = dict(os.environ)
-        # The master's own NOTIFY_SOCKET (systemd's) is for the master alone; workers get ours.
-        env.update(
-            **{WORKER_ENV: str(slot)},
-            LISTEN_FDS="1",
-            LISTEN_FDNAMES=LISTEN_FDNAME,
-            NOTIFY_SOCKET=self.notify_name,
-        )
-        env.pop("LISTEN_PID", None)
-        if self.settings.target is not None:
-            env[OPTIONS_ENV] = self.settings.uvicorn.to_json()
-        setup = _child_setup(self.router.sockets[slot].fileno(), os.getpid())
+        fds = {LISTEN_FD: self.router.sockets[slot].fileno()}
+        with contextlib.ExitStack() as stack:
+            if self.settings.target is not None:
+                fds[OPTIONS_FD] = options_memfd(self.settings.uvicorn.to_json())
+                stack.callback(os.close, fds[OPTIONS_FD])
+            setup = _child_setup(fds, os.getpid(), listener_guard(self.settings))
 
-        def preexec() -> None:
-            # Ctrl-C signals the whole foreground group: only the master should act on it (it
-            # stops the workers with TERM), so workers start with SIGINT ignored. Servers that
-            # install their own handler (uvicorn) still may; none prints a KeyboardInterrupt.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            setup()
+            def preexec() -> None:
+                # Ctrl-C signals the whole foreground group: only the master should act on it (it
+                # stops the workers with TERM), so workers start with SIGINT ignored. Servers that
+                # install their own handler (uvicorn) still may; none prints a KeyboardInterrupt.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                setup()
 
-        proc = subprocess.Popen(
-            self.worker_argv(),
-            env=env,
-            pass_fds=(LISTEN_FD,),
-            preexec_fn=preexec,
-            user=self.settings.uid,
-            group=self.settings.gid,
-            extra_groups=[] if self.settings.uid is not None else None,
-        )
+            proc = subprocess.Popen(
+                self.worker_argv(),
+                env=worker_env(slot, self.notify_name),
+                # subprocess marks these inheritable before preexec, so the master must have fds
+                # 3 and 4 open: the group's first fds (sockets, maps, the control socket) are.
+                pass_fds=tuple(fds),
+                preexec_fn=preexec,
+                user=self.settings.uid,
+                group=self.settings.gid,
+                extra_groups=[] if self.settings.uid is not None else None,
+            )
         self.children[proc.pid] = proc
         return proc.pid
 
@@ -252,8 +289,15 @@ class Supervisor:
             )
             done = self.execute(sup_core, sup_core.handle(core.Start(time.monotonic())))
             while done is None:
+                servers: list[ControlServer | MetricsServer] = [
+                    self.control,
+                    *([self.metrics] if self.metrics else []),
+                ]
                 readable, writable, _ = select.select(
-                    [wake_r, self.notify_socket, *self.control.readers()], self.control.writers(), [], TICK
+                    [wake_r, self.notify_socket, *(r for s in servers for r in s.readers())],
+                    [w for s in servers for w in s.writers()],
+                    [],
+                    TICK,
                 )
                 if wake_r in readable:
                     with contextlib.suppress(BlockingIOError):
@@ -274,8 +318,10 @@ class Supervisor:
                     done = self.execute(sup_core, sup_core.handle(event))
                     if done is not None:
                         break
-                if self.exporter is not None:
-                    self.exporter.publish(sup_core)
+                self.watch.look(self.router)
+                if self.metrics is not None:
+                    self.metrics.publish(sup_core)
+                    self.metrics.serve(readable, writable, time.monotonic())
             return done
         finally:
             for proc in self.children.values():
@@ -327,11 +373,18 @@ def launch(settings: Launch) -> int:
                 f.write(f"{os.getpid()}\n")
             stack.callback(os.unlink, settings.pid_file)
         # The group is built: from here on the master needs (almost) no privilege.
-        secure_group(settings.uid, settings.gid, router.port, settings.pid_file)
+        plan = WorkerPlan(
+            settings.uid,
+            settings.gid,
+            settings.default_user,
+            listener_guard(settings),
+            worker_reads(settings.target, settings.uvicorn, settings.command),
+        )
+        secure_group(plan, router.port, settings.pid_file)
         # Threads only from here on: capset drops the calling thread's capabilities alone.
         stack.enter_context(watching(settings.uvicorn.reload))
-        exporter = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None
-        supervisor = Supervisor(settings, router, notify_sock, notify_name, control, exporter)
+        metrics = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None
+        supervisor = Supervisor(settings, router, notify_sock, notify_name, control, metrics)
         done = supervisor.run()
     if done.code == APP_LOAD_ERROR:
         raise AppLoadError(done.message)

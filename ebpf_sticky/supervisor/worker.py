@@ -1,8 +1,9 @@
 """The worker side: import the target after exec and serve it with uvicorn on the slot's socket.
 
-Run by the master as ``python -m ebpf_sticky.supervisor.worker TARGET [--factory]`` with the slot's
-listening socket on fd 3 (systemd socket-activation convention, ``LISTEN_FDS=1``). The worker holds
-no BPF fd and no other slot's socket: the master execs it with only fd 3 open.
+Run by the master as ``python -c contract.WORKER_BOOT TARGET [--factory]`` (which makes the process
+non-dumpable first, then runs this module) with the slot's listening socket on fd 3 (systemd
+socket-activation convention, ``LISTEN_FDS=1``) and its options on fd 4, read once and closed. The
+worker holds no BPF fd and no other slot's socket: the master execs it with only those open.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ..contract import APP_LOAD_ERROR, LISTEN_FD, OPTIONS_ENV, READY, RECYCLE, WORKER_ENV, encode_load_error
+from ..contract import APP_LOAD_ERROR, LISTEN_FD, OPTIONS_FD, READY, RECYCLE, WORKER_ENV, encode_load_error
 from ..errors import ConfigError
 from ..notify import sd_notify
 from ..options import ACCESS_LOG, WorkerOptions
@@ -31,17 +32,15 @@ STOP_GRACE = 0.5
 
 
 def check_readable(options: WorkerOptions) -> None:
-    """The master checked the TLS files as itself; a worker reads them after dropping to --user."""
-    for keyword in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs"):
-        path = options.config.get(keyword)
-        if path is None:
-            continue
+    """The master checked the files as itself (and as the workers' user, in its probe); a worker
+    reads them after dropping to --user. An --env-file it cannot read would be skipped silently."""
+    for flag, path in options.files():
         try:
             with open(path, "rb"):
                 pass
         except OSError as exc:
             raise ConfigError(
-                f"--{keyword.replace('_', '-')} {path!r}: uid {os.getuid()} cannot read it ({exc.strerror}): "
+                f"{flag} {path!r}: uid {os.getuid()} cannot read it ({exc.strerror}): "
                 "make it readable by the --user/--group the workers run as"
             ) from None
 
@@ -147,6 +146,17 @@ def serve(
     return _run(_serve(server, sock), config.get_loop_factory())
 
 
+def read_options() -> WorkerOptions:
+    """The options the master put on ``OPTIONS_FD``, read once; the fd is closed so nothing the app
+    runs later finds the key's password there."""
+    try:
+        with open(OPTIONS_FD, "rb") as channel:
+            text = channel.read()
+    except OSError:  # started by hand, without the master
+        return WorkerOptions()
+    return WorkerOptions.from_json(text.decode()) if text else WorkerOptions()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ebpf-sticky-worker")
     parser.add_argument("target")
@@ -155,15 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     slot = os.environ.get(WORKER_ENV, "?")
-    text = os.environ.pop(OPTIONS_ENV, None)
-    options = WorkerOptions.from_json(text) if text else WorkerOptions()
+    options = read_options()
     try:
+        check_readable(options)
         if options.env_file is not None:
             # Before the import, as uvicorn does: the app may read its settings at import time.
             from dotenv import load_dotenv
 
             load_dotenv(options.env_file)
-        check_readable(options)
         app = load_app(parse_target(args.target), args.factory, options.interface, options.app_dir)
     except ConfigError as exc:
         return report_load_error(f"slot {slot}: {exc}", "")

@@ -149,13 +149,13 @@ def status_fields(pid: int) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("options", "router", "worker_uid"),
     [
-        # (a) What a cautious operator writes: only the router's capabilities, with the runtime's
-        # default seccomp profile (which refuses bpf(2) without CAP_SYS_ADMIN). Without CAP_SETUID
-        # the image's worker user is lifted: workers stay uid 0, without any capability.
+        # (a) What a cautious operator writes: the router's capabilities and the user switch's,
+        # with the runtime's default seccomp profile (which refuses bpf(2) without CAP_SYS_ADMIN).
+        # Workers never stay at the master's uid 0 unless asked (-e EBPF_STICKY_USER=root).
         pytest.param(
-            [*ONLY_BPF, "-e", "EBPF_STICKY_USER="],
+            [*ONLY_BPF, *USER_SWITCH],
             "cbpf",
-            0,
+            STICKY_UID,
             id="a-bpf-caps-default-seccomp",
             marks=NEEDS_CBPF,
         ),

@@ -166,7 +166,11 @@ def test_systemd_timeouts_match_the_graceful_timeout() -> None:
     assert unit["KillMode"] == ["mixed"]
     assert int(unit["TimeoutStopSec"][0]) > float(env["EBPF_STICKY_GRACEFUL_TIMEOUT"])
     assert unit["NoNewPrivileges"] == ["yes"]
-    assert unit["AmbientCapabilities"] == unit["CapabilityBoundingSet"] == ["CAP_BPF"]
+    assert (
+        unit["AmbientCapabilities"]
+        == unit["CapabilityBoundingSet"]
+        == ["CAP_BPF CAP_SETUID CAP_SETGID CAP_KILL"]
+    )
 
 
 def capabilities(pid: int, field: str) -> set[int]:
@@ -177,7 +181,12 @@ def capabilities(pid: int, field: str) -> set[int]:
     return {bit for bit in range(64) if value >> bit & 1}
 
 
-CAP_NET_ADMIN, CAP_BPF = 12, 39
+def unit_env() -> dict[str, str]:
+    """The unit's Environment= lines as variables."""
+    return dict(item.split("=", 1) for item in unit_settings()["Environment"])
+
+
+CAP_KILL, CAP_SETGID, CAP_SETUID, CAP_NET_ADMIN, CAP_BPF = 5, 6, 7, 12, 39
 
 
 @contextlib.contextmanager
@@ -206,7 +215,12 @@ def launched_as_unit() -> Iterator[tuple[Instance, socket.socket]]:
     caps = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in unit["AmbientCapabilities"][0].split())
     binary, *args = unit["ExecStart"][0].split()
     (user,) = unit["User"]
-    with unit_user(user) as entry, tempfile.TemporaryDirectory(prefix="ebpf-sticky-unit-") as tmp:
+    env = unit_env()
+    with (
+        unit_user(user) as entry,
+        unit_user(env["EBPF_STICKY_USER"]),
+        tempfile.TemporaryDirectory(prefix="ebpf-sticky-unit-") as tmp,
+    ):
         workdir = Path(tmp)
         workdir.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
         shutil.copy(ROOT / "tests/e2e/apps/asgi_app.py", workdir / "app.py")
@@ -218,7 +232,6 @@ def launched_as_unit() -> Iterator[tuple[Instance, socket.socket]]:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(f"\0ebpf-sticky-unit-test-{os.getpid()}")
         notify.settimeout(30)
-        env = dict(item.split("=", 1) for item in unit["Environment"])
         env.update(
             EBPF_STICKY_BIND="127.0.0.1:0",
             EBPF_STICKY_METRICS="127.0.0.1:0",
@@ -248,7 +261,10 @@ def test_systemd_launch_under_the_units_user_and_capabilities() -> None:
     with launched_as_unit() as (instance, notify):
         master = instance.proc.pid
         # The unit's bounding set, and the native router (CAP_BPF alone loads it).
-        assert capabilities(master, "CapBnd") == {CAP_BPF}
+        assert capabilities(master, "CapBnd") == {CAP_BPF, CAP_SETUID, CAP_SETGID, CAP_KILL}
+        # Workers at a uid of their own, not the master's.
+        app_uid = pwd.getpwnam(unit_env()["EBPF_STICKY_USER"]).pw_uid
+        assert {os.stat(f"/proc/{pid}").st_uid for pid in children(master)} == {app_uid}
         assert "(native loader" in instance.output()
         # Type=notify: READY=1 from the main pid once every slot serves.
         assert b"READY=1" in notify.recv(4096).split(b"\n")

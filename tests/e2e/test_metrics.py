@@ -7,14 +7,17 @@ import platform
 import re
 import signal
 import socket
+import time
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.launcher import KEY, Instance, Load, launched, predicted, run_bad, wait_for
 from support.netlab import v4_sources
 
+from ebpf_sticky.supervisor import metrics
 from ebpf_sticky.supervisor.core import Core
 
 SOURCES = v4_sources(48, start=3000)
@@ -105,3 +108,40 @@ def test_metrics_port_taken() -> None:
 )
 def test_metrics_bad_address(address: str, expected: str) -> None:
     run_bad([*BASE, "--metrics", address], expected)
+
+
+def master_counts(pid: int) -> tuple[int, int]:
+    """The master's open fds and threads."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    threads = re.search(r"^Threads:\s+(\d+)$", status, re.M)
+    assert threads
+    return len(os.listdir(f"/proc/{pid}/fd")), int(threads.group(1))
+
+
+def test_a_slow_loris_on_metrics_leaves_the_master_flat() -> None:
+    """200 clients that send half a request head and wait: the master's fds grow by at most
+    MAX_CONNECTIONS, its threads not at all, and a scrape meanwhile is still answered."""
+    with launched([*BASE, "--metrics", "127.0.0.1:0"]) as instance:
+        url = metrics_url(instance)
+        port = int(url.split(":")[2].split("/")[0])
+        scrape(url)
+        before = master_counts(instance.proc.pid)
+        lorises = []
+        try:
+            for _ in range(200):
+                loris = socket.create_connection(("127.0.0.1", port), timeout=10)
+                loris.sendall(b"GET /metrics HTTP/1.1\r\nHost: victim\r\n")  # never the blank line
+                lorises.append(loris)
+            during = [master_counts(instance.proc.pid)]
+            assert routed(scrape(url), 3) == [0, 0, 0]  # answered in the crowd
+            end = time.monotonic() + 2 * metrics.REQUEST_TIMEOUT
+            while time.monotonic() < end:  # sample across a whole timeout, not one instant
+                during.append(master_counts(instance.proc.pid))
+                time.sleep(0.1)
+        finally:
+            for loris in lorises:
+                loris.close()
+        print(f"master fds/threads before {before}, during the slow-loris {max(during)}")
+        assert max(fds for fds, _ in during) <= before[0] + metrics.MAX_CONNECTIONS + 1
+        assert {threads for _, threads in during} == {before[1]}
+        wait_for(lambda: master_counts(instance.proc.pid)[0] <= before[0], 30, "the lorises' fds closed")

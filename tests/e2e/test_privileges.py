@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,19 +84,23 @@ def assert_sticky(port: int, slots: int) -> None:
 
 
 # 1. Every deployment shape --------------------------------------------------------------------------
-def test_root_with_every_capability() -> None:
-    with launched(["asgi_app.py", "-w", "2", *BASE]) as instance:
+def test_root_with_every_capability_and_user_root() -> None:
+    """Workers at uid 0, asked for: the master needs nothing once the group is built."""
+    with launched(["asgi_app.py", "-w", "2", *BASE, "--user", "root"]) as instance:
         assert_locked_down(instance, 2, bounding_dropped=True)
         master = sets(instance.proc.pid)
         print(show("master", master))
         assert master.permitted == master.effective == 0 and master.ambient == 0
         assert_sticky(instance.port, 2)
+        assert get(SOURCES[0], instance.port)[2] == 0
 
 
-def test_root_with_every_capability_and_user(world_readable_apps: Path) -> None:
-    with launched(
-        ["-w", "2", *BASE, "--user", "nobody", "--", "sleep", "600"], cwd=world_readable_apps
-    ) as instance:
+@pytest.mark.parametrize("user", [[], ["--user", "nobody"]])
+def test_root_with_every_capability_runs_workers_as_nobody(
+    world_readable_apps: Path, user: list[str]
+) -> None:
+    """nobody is a root master's default (no ebpf-sticky user here), and --user's."""
+    with launched(["-w", "2", *BASE, *user, "--", "sleep", "600"], cwd=world_readable_apps) as instance:
         for worker in assert_locked_down(instance, 2, bounding_dropped=True):
             assert worker.permitted == worker.effective == 0
         master = sets(instance.proc.pid)
@@ -104,11 +110,19 @@ def test_root_with_every_capability_and_user(world_readable_apps: Path) -> None:
         assert all(os.stat(f"/proc/{pid}").st_uid == 65534 for pid in workers_of(instance, 2))
 
 
+def test_root_without_setuid_refuses_root_workers_it_was_not_asked_for() -> None:
+    prefix = ["setpriv", *ONLY_BPF_NET, "--ambient-caps=-all,+bpf,+net_admin", "--"]
+    line = refused(["asgi_app.py", "-w", "2", *BASE], prefix=prefix)
+    assert "cannot start workers as nobody (uid 65534, the default for a root master)" in line
+    assert "grant them, or pass --user root" in line
+
+
 def test_root_with_only_bpf_and_net_admin() -> None:
     """No CAP_SETPCAP: the bounding set cannot shrink, yet no worker gets the two back. The master
-    drops both once the group is built and still adds a slot (TTIN) through the fds it holds."""
+    drops both once the group is built and still adds a slot (TTIN) through the fds it holds.
+    Workers at uid 0, asked for: without CAP_SETUID the master cannot drop them to another uid."""
     prefix = ["setpriv", *ONLY_BPF_NET, "--ambient-caps=-all,+bpf,+net_admin", "--"]
-    with launched(["asgi_app.py", "-w", "2", *BASE], prefix=prefix) as instance:
+    with launched(["asgi_app.py", "-w", "2", *BASE, "--user", "root"], prefix=prefix) as instance:
         assert_locked_down(instance, 2, bounding_dropped=False)
         master = sets(instance.proc.pid)
         print(show("master", master))
@@ -179,22 +193,26 @@ def test_user_without_setuid_is_refused() -> None:
         ["-w", "2", *BASE, "--user", "nobody", "--", "sleep", "600"],
         prefix=["setpriv", *ONLY_BPF_NET, "--"],
     )
-    assert "cannot start workers as --user/--group (Operation not permitted)" in output
+    assert "cannot start workers as nobody (uid 65534): Operation not permitted" in output
     assert "needs CAP_SETUID and CAP_SETGID for that, and was started with cap_net_admin,cap_bpf" in output
 
 
 # 2. The seccomp filter against every ABI --------------------------------------------------------------
 @pytest.fixture(scope="module")
-def detach_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def detach_binary() -> Iterator[Path]:
     if shutil.which("gcc") is None:
         pytest.skip("gcc is absent (scripts/setup installs it): cannot build the i386/x32 attacker")
     if os.uname().machine != "x86_64":
         pytest.skip("the i386 and x32 ABIs exist on x86_64 only")
-    directory = tmp_path_factory.mktemp("detach")
+    # Outside pytest's private tmp: the workers (nobody) run it.
+    directory = Path(tempfile.mkdtemp(prefix="ebpf-sticky-detach-"))
     directory.chmod(0o755)
     binary = directory / "detach"
-    subprocess.run(["gcc", "-O2", "-o", str(binary), str(APPS / "detach.c")], check=True)
-    return binary
+    try:
+        subprocess.run(["gcc", "-O2", "-o", str(binary), str(APPS / "detach.c")], check=True)
+        yield binary
+    finally:
+        shutil.rmtree(directory)
 
 
 def run_unfiltered(binary: Path, abi: str) -> tuple[str, int]:
@@ -282,7 +300,8 @@ def test_child_setup_never_execs_when_the_filter_is_refused(tmp_path: Path) -> N
         "import os, socket, subprocess\n"
         "from ebpf_sticky.supervisor.loop import _child_setup\n"
         "sock = socket.socket()\n"
-        f"setup = _child_setup(sock.fileno(), os.getpid())\n"
+        "from ebpf_sticky.kernel.seccomp import Listener\n"
+        "setup = _child_setup({3: sock.fileno()}, os.getpid(), Listener.SEALED)\n"
         f"proc = subprocess.Popen(['touch', {str(marker)!r}], preexec_fn=setup)\n"
         "raise SystemExit(proc.wait())\n"
     )
@@ -337,7 +356,8 @@ def test_missing_capability_is_named() -> None:
 def test_cap_bpf_alone_is_enough() -> None:
     """The kernel checks CAP_BPF only for SK_REUSEPORT programs: CAP_NET_ADMIN is never missing."""
     prefix = ["setpriv", "--bounding-set=-all,+bpf", "--inh-caps=-all,+bpf", "--"]
-    with launched(["-w", "2", *BASE, "--loader", "native", "--", "sleep", "600"], prefix=prefix) as instance:
+    args = ["-w", "2", *BASE, "--loader", "native", "--user", "root", "--", "sleep", "600"]
+    with launched(args, prefix=prefix) as instance:
         assert_locked_down(instance, 2, bounding_dropped=False)
 
 
@@ -355,7 +375,8 @@ def test_pid_file_in_a_directory_only_privilege_can_write(tmp_path: Path) -> Non
     directory.mkdir(mode=0o755)
     os.chown(directory, 65534, 65534)
     pid_file = directory / "master.pid"
-    with launched(["-w", "1", *BASE, "--pid-file", str(pid_file), "--", "sleep", "600"]) as instance:
+    args = ["-w", "1", *BASE, "--user", "root", "--pid-file", str(pid_file), "--", "sleep", "600"]
+    with launched(args) as instance:
         assert sets(instance.proc.pid).permitted == caps.mask(caps.CAP_DAC_OVERRIDE)
         instance.signal(signal.SIGTERM)
         assert instance.finish() == 0, instance.output()
@@ -373,3 +394,12 @@ def test_a_thread_started_before_the_drop_is_refused() -> None:
     )
     line = refused([], prefix=[], argv=[sys.executable, "-c", script])
     assert "2 threads run in the master and only this one dropped its capabilities" in line
+
+
+def test_an_app_the_default_user_cannot_read_is_one_clear_line(tmp_path: Path) -> None:
+    """pytest's tmp dirs are root's alone (0700), as /root is: the workers' default user cannot
+    import from there, and the launch says so before any worker starts."""
+    shutil.copy(APPS / "asgi_app.py", tmp_path)
+    who = "nobody (uid 65534, the default for a root master)"
+    expected = f"workers run as {who} and cannot list {tmp_path}: make"
+    run_bad(["asgi_app.py", "-w", "2", *BASE], expected, cwd=tmp_path)

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import http.client
 import json
+import os
 import re
 import shutil
 import ssl
@@ -35,7 +36,10 @@ from support.launcher import (
 from support.netlab import v4_sources
 from support.sio_clients import CHROMIUM, CHROMIUM_ARGS, node_swarm, python_swarm
 
+from ebpf_sticky.contract import OPTIONS_FDNAME
+
 SOURCES = v4_sources(48, start=3000)
+NOGROUP = 65534
 BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "10", "--no-access-log"]
 CHAT = Path(__file__).parents[2] / "examples" / "socketio_chat" / "app.py"
 
@@ -57,8 +61,18 @@ class Tls:
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
-    directory = tmp_path_factory.mktemp("tls")
+def tls() -> Iterator[Tls]:
+    # Readable by the workers (nobody, group nogroup), which load the key, and by no one else.
+    directory = Path(tempfile.mkdtemp(prefix="ebpf-sticky-tls-"))
+    try:
+        yield _issue(directory)
+    finally:
+        shutil.rmtree(directory)
+
+
+def _issue(directory: Path) -> Tls:
+    os.chown(directory, 0, NOGROUP)
+    directory.chmod(0o750)
     ca = trustme.CA()
     issued = ca.issue_cert("127.0.0.1", "localhost")
     paths = {name: directory / f"{name}.pem" for name in ("ca", "cert", "key", "encrypted", "other")}
@@ -80,6 +94,9 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
         .public_key()
         .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
+    for path in paths.values():
+        os.chown(path, 0, NOGROUP)
+        path.chmod(0o640)
     return Tls(paths["ca"], paths["cert"], paths["key"], paths["encrypted"], paths["other"],
                base64.b64encode(hashlib.sha256(spki).digest()).decode())  # fmt: skip
 
@@ -122,14 +139,29 @@ def test_https_from_many_addresses_is_sticky(tls: Tls) -> None:
         assert untrusted.returncode == 60, untrusted.stderr  # CURLE_PEER_FAILED_VERIFICATION
 
 
-def test_encrypted_key_with_its_password(tls: Tls) -> None:
-    args = ["--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.encrypted_key),
-            "--ssl-keyfile-password", "s3cret"]  # fmt: skip
-    with launched(["asgi_app.py", "-w", "2", *BASE, *args]) as instance:
+@pytest.mark.parametrize("given", ["flag", "environment", "file"])
+def test_secrets_never_reach_a_worker(tls: Tls, tmp_path: Path, given: str) -> None:
+    """The key's password (however given) and the hash key (from the environment) are in no
+    worker's environment, argv or fds; given as a file or a variable, not in the master's argv."""
+    args = ["--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.encrypted_key)]
+    env = {"EBPF_STICKY_HASH_KEY": KEY}
+    if given == "flag":
+        args += ["--ssl-keyfile-password", "s3cret"]
+    elif given == "environment":
+        env["EBPF_STICKY_SSL_KEYFILE_PASSWORD"] = "s3cret"
+    else:
+        (tmp_path / "password").write_text("s3cret\n")
+        args += ["--ssl-keyfile-password-file", str(tmp_path / "password")]
+    with launched(["asgi_app.py", "-w", "2", *BASE[:2], *args], extra_env=env) as instance:
         assert get(SOURCES[0], instance.port, tls=tls.client())[0] == predicted(SOURCES[0], 2)
-        # The password reaches workers through their environment, never their argv.
         for pids in instance.slot_pids().values():
-            assert b"s3cret" not in Path(f"/proc/{pids[0]}/cmdline").read_bytes()
+            for what in ("environ", "cmdline"):
+                seen = Path(f"/proc/{pids[0]}/{what}").read_bytes()
+                assert b"s3cret" not in seen and KEY.encode() not in seen, what
+            links = [str(fd.readlink()) for fd in Path(f"/proc/{pids[0]}/fd").iterdir()]
+            assert not [link for link in links if OPTIONS_FDNAME in link]  # read once, closed
+        master_argv = Path(f"/proc/{instance.proc.pid}/cmdline").read_bytes()
+        assert (b"s3cret" in master_argv) == (given == "flag")
 
 
 @pytest.mark.parametrize(
@@ -164,7 +196,8 @@ def test_bad_tls_input_is_one_line_before_any_worker(tls: Tls, kind: str, expect
 
 
 def test_workers_read_the_key_as_their_user(tls: Tls) -> None:
-    # The master (root) reads the key; workers dropped to nobody cannot: say so, once, and stop.
+    # The master (root) reads the key; workers dropped to nobody cannot: say so, once, and stop
+    # before starting any.
     directory = Path(tempfile.mkdtemp(prefix="ebpf-sticky-tls-"))
     try:
         directory.chmod(0o755)
@@ -179,8 +212,9 @@ def test_workers_read_the_key_as_their_user(tls: Tls) -> None:
                 "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]  # fmt: skip
         instance = Instance(args, cwd=directory)
         try:
-            assert instance.finish() == 4  # the app cannot start
-            assert f"--ssl-keyfile '{key}': uid 65534 cannot read it (Permission denied)" in instance.output()
+            assert instance.finish() == 2  # said by the master, before any worker starts
+            assert f"workers run as nobody (uid 65534) and cannot read {key}: make it" in instance.output()
+            assert "worker" not in instance.output().replace("workers run as", "")
             assert tagged_processes(instance.tag) == []
         finally:
             instance.close()
@@ -267,7 +301,8 @@ def test_limit_max_requests_recycles_under_load_without_a_failure() -> None:
         assert re.search(r"killed by signal|exited with|ignored TERM", instance.output()) is None
 
 
-def test_reload_picks_up_an_edit_and_keeps_clients_on_their_slot(tmp_path: Path) -> None:
+def test_reload_picks_up_an_edit_and_keeps_clients_on_their_slot(world_readable_apps: Path) -> None:
+    tmp_path = world_readable_apps  # the workers (nobody) import the app from there
     app = tmp_path / "app.py"
     template = (APPS / "asgi_app.py").read_text().replace('{os.getuid()}\\n"', '{os.getuid()} VERSION\\n"')
     app.write_text(template.replace("VERSION", "v1"))
@@ -312,8 +347,8 @@ def test_backlog_reaches_every_slot_socket() -> None:
 
 
 # The other per-worker options --------------------------------------------------------------------
-def test_per_worker_options_reach_uvicorn(tmp_path: Path) -> None:
-    env_file = tmp_path / "app.env"
+def test_per_worker_options_reach_uvicorn(world_readable_apps: Path) -> None:
+    env_file = world_readable_apps / "app.env"  # the workers (nobody) read it
     env_file.write_text("GREETING=hello from the env file\n")
     args = [
         "optapp:app", "-w", "2", *BASE[:-1], "--app-dir", "appdir", "--env-file", str(env_file),
@@ -329,7 +364,8 @@ def test_per_worker_options_reach_uvicorn(tmp_path: Path) -> None:
         body = json.loads(response.read())
         conn.close()
         assert body == {"slot": str(predicted(SOURCES[0], 2)), "greeting": "hello from the env file",
-                        "root_path": "/api", "options_left_in_env": False}  # fmt: skip
+                        "root_path": "/api", "master_settings_in_env": [],
+                        "options_fd_open": False}  # fmt: skip
         assert response.getheader("x-served-by") == "ebpf-sticky"
         assert response.getheader("server") is None
         wait_for(lambda: f"{SOURCES[0]}:" in instance.output(), 10, "the access log line")

@@ -38,7 +38,8 @@ def wait_for(predicate: Any, timeout: float, what: str) -> Any:
 
 
 def tagged_processes(tag: str) -> list[int]:
-    """Pids whose environment carries ``tag``: what a launch left running."""
+    """Pids whose environment carries ``tag``: what a launch left running. (Not an EBPF_STICKY_
+    name: the master keeps those from its workers.)"""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -46,7 +47,7 @@ def tagged_processes(tag: str) -> list[int]:
                 environ = Path(f"/proc/{entry}/environ").read_bytes()
             except OSError:
                 continue
-            if f"EBPF_STICKY_TEST_TAG={tag}".encode() in environ:
+            if f"STICKY_TEST_TAG={tag}".encode() in environ:
                 pids.append(int(entry))
     return pids
 
@@ -73,7 +74,7 @@ class Instance:
 
     def __post_init__(self) -> None:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="ebpf-sticky-", suffix=".log")  # noqa: SIM115
-        env = {**os.environ, "EBPF_STICKY_TEST_TAG": self.tag, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        env = {**os.environ, "STICKY_TEST_TAG": self.tag, "PYTHONUNBUFFERED": "1", **self.extra_env}
         self.proc = subprocess.Popen(
             [*self.prefix, *(self.argv or [sys.executable, "-m", "ebpf_sticky", "launch", *self.args])],
             cwd=self.cwd,

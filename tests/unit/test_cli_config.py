@@ -176,3 +176,14 @@ def test_output_into_a_closed_pipe_is_quiet() -> None:
         code = proc.wait(60)
     assert "Traceback" not in stderr, stderr
     assert code == 1
+
+
+def test_a_root_master_runs_workers_as_an_unprivileged_user_unless_asked() -> None:
+    from ebpf_sticky.config import worker_user
+
+    assert worker_user(None, 0, {"nobody"}.__contains__) == ("nobody", True)
+    assert worker_user("", 0, {"ebpf-sticky", "nobody"}.__contains__) == ("ebpf-sticky", True)
+    assert worker_user("root", 0, {"nobody"}.__contains__) == ("root", False)
+    assert worker_user(None, 1000, {"nobody"}.__contains__) == (None, False)
+    with pytest.raises(ConfigError, match="neither ebpf-sticky nor nobody exists here"):
+        worker_user(None, 0, set().__contains__)

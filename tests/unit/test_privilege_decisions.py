@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ebpf_sticky.errors import BpfDeniedError, PrivilegeError
 from ebpf_sticky.kernel import capabilities as caps
@@ -92,8 +94,11 @@ def decode(program: bytes) -> list[tuple[int, int, int, int]]:
 
 
 @pytest.mark.parametrize("machine", sorted(seccomp.ARCHES))
-def test_filter_checks_the_arch_first_and_every_jump_lands_on_an_instruction(machine: str) -> None:
-    insns = decode(seccomp.filter_program(machine))
+@pytest.mark.parametrize("listener", list(seccomp.Listener))
+def test_filter_checks_the_arch_first_and_every_jump_lands_on_an_instruction(
+    machine: str, listener: seccomp.Listener
+) -> None:
+    insns = decode(seccomp.filter_program(machine, listener))
     assert insns[0] == (seccomp.LD_W_ABS, 0, 0, seccomp.ARCH)
     code, jt, jf, k = insns[1]
     assert (code, k) == (seccomp.JEQ_K, seccomp.ARCHES[machine].audit)
@@ -108,3 +113,67 @@ def test_filter_checks_the_arch_first_and_every_jump_lands_on_an_instruction(mac
     }
     x32 = [k for code, _, _, k in insns if code == seccomp.JGE_K]
     assert x32 == ([seccomp.X32_SYSCALL_BIT] if machine == "x86_64" else [])
+
+
+def run_filter(program: bytes, arch: int, nr: int, args: tuple[int, ...]) -> int:
+    """Interpret a seccomp filter as the kernel would, on one struct seccomp_data."""
+    data = struct.pack("=iI8x6Q", nr, arch, *args)
+    insns = decode(program)
+    pc, acc = 0, 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        if code == seccomp.RET_K:
+            return k
+        if code == seccomp.LD_W_ABS:
+            acc = struct.unpack_from("=I", data, k)[0]
+            pc += 1
+        else:
+            taken = acc == k if code == seccomp.JEQ_K else acc >= k
+            pc += 1 + (jt if taken else jf)
+
+
+X86 = seccomp.ARCHES["x86_64"]
+SETSOCKOPT_LISTENER = {25, 62}  # SO_BINDTODEVICE, SO_BINDTOIFINDEX: refused on fd 3 only
+PROGRAM_OPTIONS = {51, 52, 68}  # attach cBPF, attach eBPF, detach: refused on every fd
+
+
+def expected(listener: seccomp.Listener, nr: int, args: tuple[int, ...]) -> int:
+    """The verdict the filter's docstring promises, written independently of its layout."""
+    fd, second, third = (a & 0xFFFFFFFF for a in args[:3])
+    eperm = seccomp.RET_ERRNO_EPERM
+    if nr >= seccomp.X32_SYSCALL_BIT:
+        return seccomp.RET_KILL_PROCESS
+    if nr in X86.denied:
+        return eperm
+    if nr in X86.unhash and fd == 3:
+        return eperm
+    sealed = listener is seccomp.Listener.SEALED
+    if sealed and nr in X86.dups and fd == 3:
+        return eperm
+    if sealed and nr == X86.fcntl and fd == 3 and second in (seccomp.F_DUPFD, seccomp.F_DUPFD_CLOEXEC):
+        return eperm
+    refused = third in PROGRAM_OPTIONS or (third in SETSOCKOPT_LISTENER and fd == 3)
+    if nr == X86.setsockopt and second == seccomp.SOL_SOCKET and refused:
+        return eperm
+    return seccomp.RET_ALLOW
+
+
+INTERESTING_NRS = sorted({*X86.denied, *X86.unhash, *X86.dups, X86.fcntl, X86.setsockopt, 0, 1, 50})
+INTERESTING_ARGS = [0, 1, 2, 3, 4, 25, 51, 52, 62, 68, 1030, 3 | 1 << 32, 1 << 32, 0xFFFFFFFF]
+
+
+@given(
+    listener=st.sampled_from(list(seccomp.Listener)),
+    nr=st.one_of(st.sampled_from(INTERESTING_NRS), st.integers(0, 0xFFFFFFFF)),
+    args=st.tuples(*[st.one_of(st.sampled_from(INTERESTING_ARGS), st.integers(0, 2**64 - 1))] * 6),
+)
+def test_filter_verdicts_match_the_stated_rules(
+    listener: seccomp.Listener, nr: int, args: tuple[int, ...]
+) -> None:
+    program = seccomp.filter_program("x86_64", listener)
+    assert run_filter(program, X86.audit, nr, args) == expected(listener, nr, args)
+
+
+def test_filter_kills_a_foreign_arch() -> None:
+    program = seccomp.filter_program("x86_64")
+    assert run_filter(program, 0x40000003, 366, (3, 1, 68, 0, 0, 0)) == seccomp.RET_KILL_PROCESS  # i386

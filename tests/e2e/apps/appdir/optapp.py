@@ -1,7 +1,18 @@
 """Shows what a worker's uvicorn options did: importable only with --app-dir appdir."""
 
+import contextlib
 import json
 import os
+
+WORKER = "EBPF_STICKY_WORKER"
+
+
+def fd_links() -> list[str]:
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the directory's own fd, closed by now
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return links
 
 
 async def app(scope, receive, send):  # type: ignore[no-untyped-def]
@@ -12,7 +23,13 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
             "slot": os.environ["EBPF_STICKY_WORKER"],
             "greeting": os.environ.get("GREETING"),  # from --env-file
             "root_path": scope.get("root_path"),
-            "options_left_in_env": "EBPF_STICKY_WORKER_OPTIONS" in os.environ,
+            # What app code could find of the master's settings: none of its variables, no fd.
+            "master_settings_in_env": sorted(
+                name
+                for name in os.environ
+                if name.startswith("EBPF_STICKY_") and name != "EBPF_STICKY_WORKER"
+            ),
+            "options_fd_open": any("ebpf-sticky-options" in link for link in fd_links()),
         }
     ).encode()
     await send(

@@ -1,0 +1,109 @@
+"""The master's watch over the group's membership: the kernel's view → what to repair (``decide``,
+``rebaseline``: pure), and the loop's thin side (``Watch``: look once a tick, repair, log).
+
+A worker holds its slot's socket, and a holder can take a listener out of the reuseport group
+(``shutdown``, ``connect(AF_UNSPEC)``) and put it back (``listen``) at the end. The seccomp filter
+refuses that on fd 3; a duplicate the filter cannot see (passed to itself over a Unix socket) still
+can. So every tick the master compares the kernel's view (``Router.view``) with what it built:
+
+* a slot that no longer listens is made to listen again;
+* eBPF: a slot whose sockarray entry no longer holds its socket gets it back (position in the
+  group does not matter to the eBPF program, so this repairs everything);
+* classic BPF: the program returns *positions* in the group, so a socket that left (and maybe
+  came back at the end) sent other slots' clients to the wrong worker. The kernel's listening hash
+  keeps the join order (``kernel/diag.py``): when it differs from the order the master last saw
+  after its own changes, or a slot left, every socket is rejoined in slot order. That resets the
+  queued connections of every slot: the price of putting every client back on its worker.
+* listeners of the master's uid on the group's address that are not the master's joined the group:
+  they cannot be removed from here; the log says so (workers of another uid cannot join).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ..errors import StickyError
+from ..kernel.router import GroupView, Router
+
+log = logging.getLogger("ebpf_sticky")
+
+
+@dataclass(frozen=True)
+class Repair:
+    relisten: tuple[int, ...]
+    reinsert: tuple[int, ...]
+    rejoin_all: bool
+    messages: tuple[str, ...]  # one warning each, for the log
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.relisten or self.reinsert or self.rejoin_all)
+
+
+def decide(view: GroupView, baseline: tuple[int, ...] | None, strangers_known: int) -> Repair:
+    """What to do about ``view``, given the listening-hash order seen after the master's last change
+    and the number of strangers already reported (each change is reported once)."""
+    relisten = tuple(slot for slot, listening in enumerate(view.listening) if not listening)
+    messages = [f"slot {slot}'s socket left the group (no longer listening)" for slot in relisten]
+    reinsert: tuple[int, ...] = ()
+    rejoin_all = False
+    if view.in_map is not None:
+        reinsert = tuple(slot for slot, held in enumerate(view.in_map) if not held or slot in relisten)
+        messages += [f"slot {slot}'s sockarray entry no longer holds its socket" for slot in reinsert]
+    else:
+        moved = baseline is not None and view.order is not None and view.order != baseline
+        if moved:
+            messages.append(
+                f"the group's join order changed ({list(baseline or ())} → {list(view.order or ())})"
+            )
+        rejoin_all = moved or bool(relisten)
+    if view.strangers > strangers_known:
+        messages.append(
+            f"{view.strangers} listener(s) of the master's uid that are not ours joined the group on its "
+            "port: run workers as another --user so the kernel keeps them out"
+        )
+    return Repair(relisten, reinsert, rejoin_all, tuple(messages))
+
+
+def rebaseline(view: GroupView, baseline: tuple[int, ...] | None, slots: int) -> tuple[int, ...] | None:
+    """The order to compare with from now on: the master's own changes (a slot added or released)
+    change it legitimately, so a view with another number of slots starts a new baseline."""
+    if baseline is None or view.order is None or len(baseline) != slots or len(view.order) != slots:
+        return view.order
+    return baseline
+
+
+@dataclass
+class Watch:
+    """The loop's side: look once a tick, repair, and log what was repaired or could not be."""
+
+    baseline: tuple[int, ...] | None = None
+    strangers: int = 0
+
+    def look(self, router: Router) -> None:
+        try:
+            view = router.view()
+        except OSError as exc:
+            log.error("membership: cannot read the group's state (%s): the group is not watched", exc)
+            return
+        self.baseline = rebaseline(view, self.baseline, router.slots)
+        repair = decide(view, self.baseline, self.strangers)
+        self.strangers = view.strangers
+        for message in repair.messages:
+            log.warning("membership: %s", message)
+        if not repair.needed:
+            return
+        try:
+            router.repair(repair.relisten, repair.reinsert, repair.rejoin_all)
+            self.baseline = router.view().order
+        except (OSError, StickyError) as exc:
+            log.error("membership: could not repair the group (%s): clients may reach the wrong worker", exc)
+            return
+        what = "rejoined every slot in order" if repair.rejoin_all else "restored"
+        log.warning(
+            "membership: repaired: %s (relisten %s, sockarray %s)",
+            what,
+            list(repair.relisten),
+            list(repair.reinsert),
+        )
