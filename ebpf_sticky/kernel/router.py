@@ -18,14 +18,14 @@ from types import TracebackType
 from ..addresses import Bind
 from ..errors import AddressInUseError, ConfigError, KernelError, StickyError
 from ..hashing import MAX_SLOTS, Address, HashSpec
-from .loaders import AUTO_ORDER, CHOICES, FALLBACK_ERRORS, LOADERS, Counters, MapRouting, Routing
+from .loaders import AUTO_ORDER, CHOICES, FALLBACK_ERRORS, LOADERS, Carried, Counters, MapRouting, Routing
 from .program import MapFds
 
 log = logging.getLogger("ebpf_sticky")
 _U32 = struct.Struct("=I")
 _TCPI_UNACKED = 24  # offset of tcpi_unacked in struct tcp_info: a listener's accept-queue length
 DEFAULT_BACKLOG = 1024
-__all__ = ["DEFAULT_BACKLOG", "Counters", "Router"]
+__all__ = ["DEFAULT_BACKLOG", "Carried", "Counters", "Router"]
 
 
 def _listener(bind: Bind, udp: bool, backlog: int) -> socket.socket:
@@ -134,7 +134,7 @@ class Router:
             raise _TooManySlots(
                 f"--workers {slots} is more than the {loader} router fits ({entry.max_slots} slots)"
             )
-        router = cls(bind, spec, udp=udp, loader=loader, routing=entry.routing(spec))
+        router = cls(bind, spec, udp=udp, loader=loader, routing=entry.routing(spec, None))
         try:
             for _ in range(slots):
                 router._add_socket(backlog)
@@ -143,6 +143,29 @@ class Router:
             router.close()
             raise
         return router
+
+    @classmethod
+    def adopt(
+        cls,
+        bind: Bind,
+        spec: HashSpec,
+        sockets: list[socket.socket],
+        *,
+        udp: bool,
+        loader: str,
+        carried: Carried,
+    ) -> Router:
+        """The group a master built before it exec'd this image: its sockets (in slot order, which
+        is the kernel's order in the group) and its routing's kernel objects, all taken as they are.
+        Nothing is created or attached, so no client moves and no capability is needed."""
+        router = cls(bind, spec, udp=udp, loader=loader, routing=LOADERS[loader].routing(spec, carried))
+        router.sockets = sockets
+        router.choice = f"{loader} ({LOADERS[loader].describe}), carried over from before the upgrade"
+        return router
+
+    def carried(self) -> Carried:
+        """What ``adopt`` needs besides the sockets."""
+        return self._routing.carried()
 
     def _add_socket(self, backlog: int) -> None:
         bind = self.bind

@@ -17,6 +17,7 @@ from ..errors import ControlError, StickyError
 from ..hashing import parse_address
 from ..kernel.router import Router
 from .core import Core
+from .metrics import build_version
 
 log = logging.getLogger("ebpf_sticky")
 
@@ -34,6 +35,10 @@ def answer(message: dict[str, Any], router: Router, sup_core: Core, uptime: floa
             "protocol": "udp" if router.udp else "tcp",
             "loader": router.loader,
             "phase": sup_core.phase.value,
+            "generation": sup_core.generation,
+            "version": build_version(),
+            "upgrades_refused": sup_core.upgrades_refused,
+            "upgrade_refusal": sup_core.upgrade_refusal,
             "uptime": round(uptime, 3),
             "failures": counters.failures,
             "slots": [
@@ -87,7 +92,6 @@ class ControlServer:
                 raise ControlError(f"another instance already answers at {path}")
             path.unlink()  # left by a master killed with -9
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server: ControlServer | None = None
         try:
             old_umask = os.umask(0o177)
             try:
@@ -95,6 +99,19 @@ class ControlServer:
             finally:
                 os.umask(old_umask)
             listener.listen(16)
+        except BaseException:
+            listener.close()
+            raise
+        with cls.adopt(listener, path, router) as server:
+            yield server
+
+    @classmethod
+    @contextlib.contextmanager
+    def adopt(cls, listener: socket.socket, path: Path, router: Router) -> Iterator[ControlServer]:
+        """Serve on a listener bound at ``path`` (ours, or the image's before an upgrade); at the
+        end close it and remove the path."""
+        server: ControlServer | None = None
+        try:
             listener.setblocking(False)
             server = cls(listener, path, router)
             yield server

@@ -16,6 +16,9 @@ Design rules:
 * Only an app that can never be loaded stops the launch: before any worker of any slot was ever
   ready, a worker exits with the load-error status, or one slot fails to boot ``STARTUP_ATTEMPTS``
   times in a row. The other workers then get TERM and the graceful timeout.
+* An upgrade (USR2) replaces the master in place: the core hands the loop its workers
+  (``Upgrade``), and the new image starts from them (``Resumed``) and renews every slot as HUP
+  does. Only a settled group upgrades: not while starting, stopping, reloading or retiring.
 * An action the loop could not carry out (a fork that failed, a slot the kernel would not add)
   comes back as an event: the group keeps serving and the log says what failed.
 """
@@ -75,7 +78,25 @@ class Recycle:
 
 @dataclass(frozen=True)
 class Signal:
-    name: str  # "TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU"
+    name: str  # "TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU", "USR2"
+    now: float
+
+
+@dataclass(frozen=True)
+class Carried:
+    """A worker as the master that exec'd this image left it."""
+
+    pid: int
+    slot: int
+    ready: bool
+    stopping: bool = False
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """This image replaced the master in place (in place of ``Start``): its workers run on."""
+
+    workers: tuple[Carried, ...]
     now: float
 
 
@@ -147,13 +168,32 @@ class Log:
 
 
 @dataclass(frozen=True)
+class Upgrade:
+    """Exec the installed master in place of this one, handing it these workers."""
+
+    workers: tuple[Carried, ...]
+
+
+@dataclass(frozen=True)
 class Exit:
     code: int
     message: str = ""
 
 
-Action = Spawn | Kill | AddSlot | RetireSlot | ReleaseSlot | NotifyReady | Log | Exit
-Event = Start | Spawned | Exited | Ready | LoadFailed | Recycle | Signal | SlotAdded | ActionFailed | Tick
+Action = Spawn | Kill | AddSlot | RetireSlot | ReleaseSlot | NotifyReady | Log | Upgrade | Exit
+Event = (
+    Start
+    | Resumed
+    | Spawned
+    | Exited
+    | Ready
+    | LoadFailed
+    | Recycle
+    | Signal
+    | SlotAdded
+    | ActionFailed
+    | Tick
+)
 
 
 class Phase(Enum):
@@ -219,6 +259,9 @@ class Core:
     exit_code: int = 0
     exit_message: str = ""
     stop_deadline: float | None = None
+    generation: int = 0  # in-place upgrades since launch
+    upgrades_refused: int = 0  # by this image (a refused upgrade keeps the image)
+    upgrade_refusal: str = ""  # why the last one was refused
 
     # Queries -------------------------------------------------------------------------------------
     def slot_workers(self, slot: int) -> list[Worker]:
@@ -231,6 +274,8 @@ class Core:
     def handle(self, event: Event) -> list[Action]:
         if isinstance(event, Start):
             return [Spawn(slot) for slot in range(self.slots)]
+        if isinstance(event, Resumed):
+            return self._resumed(event)
         if isinstance(event, Spawned):
             self.workers[event.pid] = Worker(event.pid, event.slot, event.now)
             if event.slot in self.health:  # started another way meanwhile (a reload): no second one
@@ -252,6 +297,42 @@ class Core:
         if isinstance(event, Recycle):
             return self._recycle(event)
         return self._tick(event)
+
+    def _resumed(self, event: Resumed) -> list[Action]:
+        """Adopt the workers of the image before, then renew every slot as HUP does. A slot whose
+        worker is gone (it died during the exec) gets one at once."""
+        for carried in event.workers:
+            worker = Worker(
+                carried.pid, carried.slot, event.now, ready_at=event.now if carried.ready else None
+            )
+            worker.stop_sent = event.now if carried.stopping else None
+            self.workers[carried.pid] = worker
+        self.ever_ready = True  # the group served before: a failing new worker is no launch failure
+        live = {w.slot for w in self.workers.values() if w.stop_sent is None}
+        if all(any(w.ready for w in self.slot_workers(slot)) for slot in range(self.slots)):
+            self.phase = Phase.RUNNING
+        self.reload_queue = [slot for slot in range(self.slots) if slot in live]
+        actions: list[Action] = [
+            Log(f"upgraded in place (generation {self.generation}): {len(live)} slots adopted, renewing them")
+        ]
+        return actions + [Spawn(slot) for slot in range(self.slots) if slot not in live] + self._next_reload()
+
+    def _upgrade(self) -> list[Action]:
+        busy = (
+            "still starting"
+            if self.phase is Phase.STARTING
+            else "a reload is under way"
+            if self.reloading is not None or self.reload_queue
+            else "a slot is retiring"
+            if self.retiring is not None
+            else ""
+        )
+        if busy:
+            return [Log(f"SIGUSR2 ignored: {busy}; send it again once that is done", "warning")]
+        workers = tuple(
+            Carried(w.pid, w.slot, w.ready, w.stop_sent is not None) for w in self.workers.values()
+        )
+        return [Log("SIGUSR2: upgrading the master in place"), Upgrade(workers)]
 
     def _recycle(self, event: Recycle) -> list[Action]:
         """The HUP path for one slot: its successor starts on the socket, the worker stops once the
@@ -417,6 +498,10 @@ class Core:
             return [Log(f"closing retired slot {action.slot} failed: {event.error}", "error")]
         if isinstance(action, Kill):
             return [Log(f"sending SIG{action.signal} to worker {action.pid} failed: {event.error}", "error")]
+        if isinstance(action, Upgrade):
+            self.upgrades_refused += 1
+            self.upgrade_refusal = event.error
+            return [Log(f"upgrade refused: {event.error}; this master keeps serving", "error")]
         return [Log(f"{action} failed: {event.error}", "error")]
 
     def _fail(self, message: str, now: float) -> list[Action]:
@@ -477,6 +562,8 @@ class Core:
             slot = self.slots - 1
             self.retiring = Retiring(slot, event.now)
             return [Log(f"SIGTTOU: retiring slot {slot}"), RetireSlot(slot)]
+        if event.name == "USR2":
+            return self._upgrade()
         return []
 
     def _tick(self, event: Tick) -> list[Action]:

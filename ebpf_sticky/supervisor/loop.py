@@ -18,6 +18,8 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from ..config import Launch
 from ..contract import (
@@ -32,14 +34,17 @@ from ..contract import (
     parse_load_error,
 )
 from ..errors import AppLoadError, LockdownError, StickyError
+from ..handover import CarriedWorker, Handover
+from ..handover import Routing as CarriedRouting
 from ..kernel.capabilities import prctl
-from ..kernel.router import Router
+from ..kernel.router import Carried, Router
 from ..notify import sd_notify
 from . import core
 from .control_server import ControlServer
 from .metrics import Exporter, serve
 from .privileges import lock_down_worker, refuse_to_exec, secure_group
 from .reloader import watching
+from .upgrade import exec_upgrade
 
 log = logging.getLogger("ebpf_sticky")
 
@@ -51,6 +56,7 @@ _SIGNALS = {
     signal.SIGHUP: "HUP",
     signal.SIGTTIN: "TTIN",
     signal.SIGTTOU: "TTOU",
+    signal.SIGUSR2: "USR2",
 }
 TICK = 0.05
 _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -93,7 +99,10 @@ class Supervisor:
     control: ControlServer
     exporter: Exporter | None = None  # --metrics
     started: float = field(default_factory=time.monotonic)
+    generation: int = 0  # in-place upgrades since launch
+    carried: tuple[core.Carried, ...] | None = None  # the workers of the image before, if upgraded
     children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    adopted: set[int] = field(default_factory=set)  # workers started by the image before
     signals: list[str] = field(default_factory=list)
 
     def worker_argv(self) -> list[str]:
@@ -171,11 +180,51 @@ class Supervisor:
                 notify_systemd("READY=1")
             elif isinstance(action, core.Log):
                 log.log(_LEVELS[action.level], "%s", action.message)
+            elif isinstance(action, core.Upgrade):
+                # Blocked across the exec (the mask survives it) and unblocked by the new image once
+                # its handlers are in place: a signal meanwhile waits instead of killing the master.
+                signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+                try:
+                    exec_upgrade(self.handover(action.workers))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         # A failed fork (EAGAIN under a pids limit), a preexec failure, a kernel refusal: the core
         # decides what it means; the group keeps serving.
         except (StickyError, OSError, subprocess.SubprocessError) as exc:
             return [core.ActionFailed(action, str(exc) or type(exc).__name__, now)]
         return []
+
+    @staticmethod
+    def upgraded(handover: Handover) -> dict[str, Any]:
+        """The fields of a supervisor that goes on where the image before left off."""
+        return {
+            "started": handover.started,
+            "generation": handover.generation,
+            "carried": tuple(core.Carried(w.pid, w.slot, w.ready, w.stopping) for w in handover.workers),
+        }
+
+    def handover(self, workers: tuple[core.Carried, ...]) -> Handover:
+        """Everything the next image of this master needs to go on as the same group."""
+        carried = self.router.carried()
+        return Handover(
+            launch=self.settings,
+            routing=CarriedRouting(
+                self.router.loader,
+                tuple(sock.fileno() for sock in self.router.sockets),
+                carried.insn_count,
+                carried.program,
+                carried.maps,
+                carried.live_table,
+            ),
+            generation=self.generation + 1,
+            started=self.started,
+            control=self.control.listener.fileno(),
+            control_path=str(self.control.path),
+            notify=self.notify_socket.fileno(),
+            notify_name=self.notify_name,
+            metrics=self.exporter.listener.fileno() if self.exporter is not None else None,
+            workers=tuple(CarriedWorker(w.pid, w.slot, w.ready, w.stopping) for w in workers),
+        )
 
     def execute(self, sup_core: core.Core, actions: list[core.Action]) -> core.Exit | None:
         queue = list(actions)
@@ -197,6 +246,7 @@ class Supervisor:
             if pid == 0:
                 break
             code = os.waitstatus_to_exitcode(status)
+            self.adopted.discard(pid)
             proc = self.children.pop(pid, None)
             if proc is not None:
                 proc.returncode = code  # so subprocess never waits for it again
@@ -233,6 +283,7 @@ class Supervisor:
             max_slots=self.router.max_slots,
             assume_ready_after=COMMAND_READY_AFTER if s.command else None,
             load_error_status=None if s.command else APP_LOAD_ERROR,
+            generation=self.generation,
         )
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
@@ -244,6 +295,7 @@ class Supervisor:
 
         handlers = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS}
         old_chld = signal.signal(signal.SIGCHLD, lambda _n, _f: None)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # blocked by an upgrade's exec
         try:
             log.info(
                 "%s: %d slots on %s (%s loader, %d BPF instructions)",
@@ -253,7 +305,13 @@ class Supervisor:
                 self.router.loader,
                 self.router.insn_count,
             )
-            done = self.execute(sup_core, sup_core.handle(core.Start(time.monotonic())))
+            first: core.Event = (
+                core.Start(time.monotonic())
+                if self.carried is None
+                else core.Resumed(self.carried, time.monotonic())
+            )
+            self.adopted = {worker.pid for worker in self.carried or ()}
+            done = self.execute(sup_core, sup_core.handle(first))
             while done is None:
                 readable, writable, _ = select.select(
                     [wake_r, self.notify_socket, *self.control.readers()], self.control.writers(), [], TICK
@@ -281,13 +339,16 @@ class Supervisor:
                     self.exporter.publish(sup_core)
             return done
         finally:
-            for proc in self.children.values():
+            for pid in [*self.children, *self.adopted]:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            for pid in list(self.children):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in [*self.children, *self.adopted]:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
-                self.children.pop(pid).returncode = -9
+            for proc in self.children.values():
+                proc.returncode = -9
+            self.children.clear()
+            self.adopted.clear()
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -312,6 +373,14 @@ def open_notify_socket() -> tuple[socket.socket, str]:
     return sock, "@" + name
 
 
+def configure_logging(log_level: str) -> None:
+    logging.basicConfig(
+        level={"trace": "DEBUG"}.get(log_level, log_level.upper()),
+        format="[ebpf-sticky] %(message)s",
+        stream=sys.stderr,
+    )
+
+
 def launch(settings: Launch) -> int:
     """Build the group, run workers until told to stop; returns the exit status."""
     router = Router.open(
@@ -322,8 +391,46 @@ def launch(settings: Launch) -> int:
         loader=settings.loader,
         backlog=settings.uvicorn.backlog,
     )
-    with router, ControlServer.open(router) as control, contextlib.ExitStack() as stack:
-        notify_sock, notify_name = open_notify_socket()
+    with router:
+        return _run_group(settings, router, open_notify_socket(), ControlServer.open(router))
+
+
+def resume(handover: Handover, state_fd: int) -> int:
+    """Go on as the master this process was before it exec'd: adopt its group, its sockets and
+    its workers (see upgrade.py), then renew the workers slot by slot."""
+    s, r = handover.launch, handover.routing
+    router = Router.adopt(
+        s.bind,
+        s.spec,
+        [socket.socket(fileno=fd) for fd in r.sockets],
+        udp=s.udp,
+        loader=r.loader,
+        carried=Carried(r.insn_count, r.program, r.maps, r.live_table),
+    )
+    os.close(state_fd)
+    with router:
+        return _run_group(
+            s,
+            router,
+            (socket.socket(fileno=handover.notify), handover.notify_name),
+            ControlServer.adopt(socket.socket(fileno=handover.control), Path(handover.control_path), router),
+            metrics=socket.socket(fileno=handover.metrics) if handover.metrics is not None else None,
+            upgraded=Supervisor.upgraded(handover),
+        )
+
+
+def _run_group(
+    settings: Launch,
+    router: Router,
+    notify: tuple[socket.socket, str],
+    control_server: contextlib.AbstractContextManager[ControlServer],
+    *,
+    metrics: socket.socket | None = None,
+    upgraded: dict[str, Any] | None = None,
+) -> int:
+    """Secure the group, start the master's threads, and supervise until the end."""
+    with control_server as control, contextlib.ExitStack() as stack:
+        notify_sock, notify_name = notify
         stack.callback(notify_sock.close)
         if settings.pid_file:
             with open(settings.pid_file, "w") as f:
@@ -333,8 +440,10 @@ def launch(settings: Launch) -> int:
         secure_group(settings.uid, settings.gid, router.port, settings.pid_file)
         # Threads only from here on: capset drops the calling thread's capabilities alone.
         stack.enter_context(watching(settings.uvicorn.reload))
-        exporter = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None
-        supervisor = Supervisor(settings, router, notify_sock, notify_name, control, exporter)
+        exporter = stack.enter_context(serve(settings.metrics, router, metrics)) if settings.metrics else None
+        supervisor = Supervisor(
+            settings, router, notify_sock, notify_name, control, exporter, **(upgraded or {})
+        )
         done = supervisor.run()
     if done.code == APP_LOAD_ERROR:
         raise AppLoadError(done.message)

@@ -12,12 +12,15 @@ import errno
 import functools
 import logging
 import platform
+import socket
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 from prometheus_client.registry import Collector
 
 from ..addresses import Bind
@@ -42,7 +45,7 @@ def state_of(core: Core) -> State:
 
 
 @functools.cache  # the installed version does not change while the master runs: look it up once
-def _build_version() -> str:
+def build_version() -> str:
     try:
         return version("ebpf-sticky")
     except PackageNotFoundError:  # run from a source tree that was never installed
@@ -79,7 +82,7 @@ def families(loader: str, counters: Counters, state: State) -> list[Metric]:
         InfoMetricFamily(
             "ebpf_sticky_build",
             "Version of ebpf-sticky and of the Python running it",
-            value={"version": _build_version(), "python": platform.python_version()},
+            value={"version": build_version(), "python": platform.python_version()},
         ),
     ]
 
@@ -87,8 +90,9 @@ def families(loader: str, counters: Counters, state: State) -> list[Metric]:
 class Exporter(Collector):
     """The live source a scrape reads: the router's counters now, the loop's latest state."""
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, listener: socket.socket) -> None:
         self.router = router
+        self.listener = listener  # carried across an in-place upgrade
         self.state = State(router.slots)
 
     def publish(self, core: Core) -> None:
@@ -98,18 +102,39 @@ class Exporter(Collector):
         return families(self.router.loader, self.router.counters(), self.state)
 
 
-@contextlib.contextmanager
-def serve(bind: Bind, router: Router) -> Iterator[Exporter]:
-    """Serve /metrics on ``bind`` from a thread of the master until the block ends."""
-    exporter = Exporter(router)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(exporter)
+def _listen(bind: Bind) -> socket.socket:
     try:
-        server, thread = start_http_server(bind.port, bind.host, registry)
+        return socket.create_server((bind.host, bind.port), family=bind.family)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"--metrics {bind}: the port is in use: choose another one") from None
         raise ConfigError(f"--metrics {bind}: cannot listen there ({exc.strerror or exc})") from None
+
+
+def _http_server(listener: socket.socket, registry: CollectorRegistry) -> ThreadingWSGIServer:
+    """prometheus_client's server on a listener we own (start_http_server binds its own, which an
+    upgraded master could not hand over)."""
+    host, port = listener.getsockname()[:2]
+    server = ThreadingWSGIServer((host, port), _SilentHandler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = listener
+    server.server_name, server.server_port = host, port  # what server_bind would have set
+    server.setup_environ()
+    server.set_app(make_wsgi_app(registry))
+    return server
+
+
+@contextlib.contextmanager
+def serve(bind: Bind, router: Router, listener: socket.socket | None = None) -> Iterator[Exporter]:
+    """Serve /metrics on ``bind`` (or on ``listener``, already bound there) from a thread of the
+    master until the block ends."""
+    listener = listener or _listen(bind)
+    exporter = Exporter(router, listener)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(exporter)
+    server = _http_server(listener, registry)
+    thread = threading.Thread(target=server.serve_forever, name="metrics", daemon=True)
+    thread.start()
     log.info("metrics on http://%s/metrics", bind.with_port(server.server_port))
     try:
         yield exporter
