@@ -148,7 +148,7 @@ class Carried:
     insn_count: int
     program: int | None = None  # the eBPF program (native, bcc)
     maps: tuple[int, int, int, int] | None = None  # socks, table, live, counters
-    live_table: int = 0  # which of the two bucket tables the live word names
+    live_table: int | None = 0  # which of the two bucket tables the live word names; None: read it
 
 
 class Routing(Protocol):
@@ -216,7 +216,10 @@ class MapRouting:
             self._resources.callback(os.close, fd)
         self.fds = program.MapFds(*carried.maps)
         self._program = LoadedProgram(carried.program, carried.insn_count)
-        self._live = carried.live_table
+        live = carried.live_table
+        if live is None:  # handed back by systemd: the live word itself says
+            live = _U32.unpack(syscalls.map_lookup(self.fds.live, _U32.pack(0), 4) or _U32.pack(0))[0]
+        self._live = live
 
     def carried(self) -> Carried:
         return Carried(self.insn_count, self.program_fd, astuple(self.fds), self._live)

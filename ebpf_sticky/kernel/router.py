@@ -13,6 +13,7 @@ import errno as errno_mod
 import logging
 import socket
 import struct
+from collections.abc import Sequence
 from types import TracebackType
 
 from ..addresses import Bind
@@ -102,18 +103,23 @@ class Router:
         udp: bool = False,
         loader: str = "auto",
         backlog: int = DEFAULT_BACKLOG,
+        existing: Sequence[socket.socket] = (),
     ) -> Router:
+        """``existing``: sockets handed in (by systemd) to take as slots 0, 1, ... in that order,
+        which must be the order they joined their group; more are made up to ``slots``."""
+        for sock in existing:
+            _check_fits(sock, bind, udp)
         if not 1 <= slots <= MAX_SLOTS:
             raise ConfigError(f"workers must be 1..{MAX_SLOTS}, got {slots}")
         if loader not in CHOICES:
             raise ConfigError(f"unknown loader {loader!r}: choose one of {', '.join(CHOICES)}")
         if loader != "auto":
-            return cls._open(bind, spec, slots, udp, loader, backlog)
+            return cls._open(bind, spec, slots, udp, loader, backlog, existing)
         refused: list[str] = []
         errors: list[StickyError] = []
         for name in AUTO_ORDER:
             try:
-                router = cls._open(bind, spec, slots, udp, name, backlog)
+                router = cls._open(bind, spec, slots, udp, name, backlog, existing)
             except (*FALLBACK_ERRORS, _TooManySlots) as exc:
                 refused.append(f"{name} refused: {exc}")
                 errors.append(exc)
@@ -128,7 +134,16 @@ class Router:
         raise first
 
     @classmethod
-    def _open(cls, bind: Bind, spec: HashSpec, slots: int, udp: bool, loader: str, backlog: int) -> Router:
+    def _open(
+        cls,
+        bind: Bind,
+        spec: HashSpec,
+        slots: int,
+        udp: bool,
+        loader: str,
+        backlog: int,
+        existing: Sequence[socket.socket] = (),
+    ) -> Router:
         entry = LOADERS[loader]
         if slots > entry.max_slots:
             raise _TooManySlots(
@@ -136,10 +151,11 @@ class Router:
             )
         router = cls(bind, spec, udp=udp, loader=loader, routing=entry.routing(spec, None))
         try:
-            for _ in range(slots):
-                router._add_socket(backlog)
+            for slot in range(slots):
+                router._add_socket(backlog, existing[slot] if slot < len(existing) else None)
             router._routing.route(router.sockets, slots)
         except BaseException:
+            router.sockets = [sock for sock in router.sockets if sock not in existing]  # not ours to close
             router.close()
             raise
         return router
@@ -167,12 +183,12 @@ class Router:
         """What ``adopt`` needs besides the sockets."""
         return self._routing.carried()
 
-    def _add_socket(self, backlog: int) -> None:
+    def _add_socket(self, backlog: int, handed: socket.socket | None = None) -> None:
         bind = self.bind
         if self.sockets and bind.port == 0:
             bind = bind.with_port(self.port)
         # Joins the kernel's group last: its position is len(self.sockets), its slot.
-        sock = _listener(bind, self.udp, backlog)
+        sock = handed or _listener(bind, self.udp, backlog)
         try:
             self._routing.join(sock, len(self.sockets))
         except BaseException:
@@ -268,6 +284,27 @@ class Router:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _check_fits(sock: socket.socket, bind: Bind, udp: bool) -> None:
+    """A socket handed in (systemd's fd store, a socket unit) must be what --bind and --udp ask
+    for, and in a SO_REUSEPORT group, or it cannot be a slot: say which and how to fix it."""
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+    name = sock.getsockname()
+    where = f"{name[0]}:{name[1]}" if sock.family == socket.AF_INET else f"[{name[0]}]:{name[1]}"
+    if sock.family != bind.family or sock.type != kind:
+        raise ConfigError(
+            f"the socket handed in ({where}) is not a {'UDP' if udp else 'TCP'} socket for --bind {bind}"
+        )
+    if (name[0], name[1] if bind.port else 0) != (bind.host, bind.port):
+        raise ConfigError(f"the socket handed in listens on {where}, not on --bind {bind}: make them agree")
+    if not udp and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ConfigError(f"the socket handed in ({where}) does not listen: a socket unit needs Accept=no")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+        raise ConfigError(
+            f"the socket handed in ({where}) has no SO_REUSEPORT, so no slot can join it: "
+            "set ReusePort=yes in the socket unit"
+        )
 
 
 def _leave_group(sock: socket.socket, udp: bool) -> None:

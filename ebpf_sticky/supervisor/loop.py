@@ -39,7 +39,7 @@ from ..handover import Routing as CarriedRouting
 from ..kernel.capabilities import prctl
 from ..kernel.router import Carried, Router
 from ..notify import sd_notify
-from . import core
+from . import core, fdstore
 from .control_server import ControlServer
 from .metrics import Exporter, serve
 from .privileges import lock_down_worker, refuse_to_exec, secure_group
@@ -171,10 +171,13 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(action.pid, signal.SIGKILL if action.signal == "KILL" else signal.SIGTERM)
             elif isinstance(action, core.AddSlot):
-                return [core.SlotAdded(self.router.add_slot(self.settings.uvicorn.backlog), now)]
+                slot = self.router.add_slot(self.settings.uvicorn.backlog)
+                fdstore.store_slot(slot, self.router.sockets[slot])
+                return [core.SlotAdded(slot, now)]
             elif isinstance(action, core.RetireSlot):
                 self.router.retire_slot()
             elif isinstance(action, core.ReleaseSlot):
+                fdstore.forget_slot(action.slot)
                 self.router.release_slot(action.slot)
             elif isinstance(action, core.NotifyReady):
                 notify_systemd("READY=1")
@@ -214,7 +217,7 @@ class Supervisor:
                 carried.insn_count,
                 carried.program,
                 carried.maps,
-                carried.live_table,
+                carried.live_table or 0,
             ),
             generation=self.generation + 1,
             started=self.started,
@@ -382,16 +385,12 @@ def configure_logging(log_level: str) -> None:
 
 
 def launch(settings: Launch) -> int:
-    """Build the group, run workers until told to stop; returns the exit status."""
-    router = Router.open(
-        settings.bind,
-        settings.spec,
-        settings.workers,
-        udp=settings.udp,
-        loader=settings.loader,
-        backlog=settings.uvicorn.backlog,
-    )
-    with router:
+    """Build the group (on the sockets systemd handed in, if any), run workers until told to stop;
+    returns the exit status."""
+    handed = fdstore.handed_in()
+    settings = fdstore.adopt(settings, handed)
+    with fdstore.open_router(settings, handed) as router:
+        fdstore.store_group(settings.spec.key, router)
         return _run_group(settings, router, open_notify_socket(), ControlServer.open(router))
 
 

@@ -56,7 +56,9 @@ def test_launch_settings_survive_the_round_trip(launch: Launch) -> None:
 
 @given(
     launches(),
-    st.lists(st.builds(CarriedWorker, st.integers(1, 2**22), st.integers(0, 255), st.booleans(), st.booleans())),
+    st.lists(
+        st.builds(CarriedWorker, st.integers(1, 2**22), st.integers(0, 255), st.booleans(), st.booleans())
+    ),
     st.none() | st.tuples(*[st.integers(3, 1000)] * 4),
 )
 def test_handover_survives_the_round_trip(
@@ -76,5 +78,7 @@ def test_the_new_image_validates_the_settings_again() -> None:
 
 def test_every_carried_fd_is_listed_for_inheritance() -> None:
     launch = Launch(Bind("127.0.0.1", 0, socket.AF_INET), 2, HashSpec(b"k" * 16), target="a:b")
-    handover = Handover(launch, Routing("native", (3, 4), 292, 9, (5, 6, 7, 8), 0), 1, 0.0, 10, "p", 11, "@n", 12)
+    handover = Handover(
+        launch, Routing("native", (3, 4), 292, 9, (5, 6, 7, 8), 0), 1, 0.0, 10, "p", 11, "@n", 12
+    )
     assert sorted(handover.fds()) == list(range(3, 13))
