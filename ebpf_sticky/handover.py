@@ -22,6 +22,7 @@ from .addresses import Bind
 from .config import Launch
 from .hashing import HashSpec
 from .options import WorkerOptions
+from .supervisor.core import Carried
 
 
 def _bind(data: dict[str, Any]) -> Bind:
@@ -64,14 +65,6 @@ def launch_from_dict(data: dict[str, Any]) -> Launch:
 
 
 @dataclass(frozen=True)
-class CarriedWorker:
-    pid: int
-    slot: int
-    ready: bool
-    stopping: bool = False  # TERM already sent: it is on its way out
-
-
-@dataclass(frozen=True)
 class Routing:
     """The router's kernel objects by fd, and what the new image cannot read back from them."""
 
@@ -94,7 +87,7 @@ class Handover:
     notify: int  # the socket workers send READY=1 to; they know it by name
     notify_name: str
     metrics: int | None = None  # the /metrics listener
-    workers: tuple[CarriedWorker, ...] = ()
+    workers: tuple[Carried, ...] = ()  # the workers, as the core saw them
 
     def fds(self) -> list[int]:
         """Every fd the new image needs inherited."""
@@ -119,5 +112,5 @@ class Handover:
                 **{**routing, "sockets": tuple(routing["sockets"])},
                 maps=None if maps is None else (maps[0], maps[1], maps[2], maps[3]),
             ),
-            workers=tuple(CarriedWorker(**w) for w in workers),
+            workers=tuple(Carried(**w) for w in workers),
         )

@@ -317,16 +317,18 @@ class Core:
         ]
         return actions + [Spawn(slot) for slot in range(self.slots) if slot not in live] + self._next_reload()
 
+    def _upgrade_blocked(self) -> str:
+        """Why the group is not settled enough to upgrade, or ""."""
+        if self.phase is Phase.STARTING:
+            return "still starting"
+        if self.reloading is not None or self.reload_queue:
+            return "a reload is under way"
+        if self.retiring is not None:
+            return "a slot is retiring"
+        return ""
+
     def _upgrade(self) -> list[Action]:
-        busy = (
-            "still starting"
-            if self.phase is Phase.STARTING
-            else "a reload is under way"
-            if self.reloading is not None or self.reload_queue
-            else "a slot is retiring"
-            if self.retiring is not None
-            else ""
-        )
+        busy = self._upgrade_blocked()
         if busy:
             return [Log(f"SIGUSR2 ignored: {busy}; send it again once that is done", "warning")]
         workers = tuple(

@@ -34,7 +34,7 @@ from ..contract import (
     parse_load_error,
 )
 from ..errors import AppLoadError, LockdownError, StickyError
-from ..handover import CarriedWorker, Handover
+from ..handover import Handover
 from ..handover import Routing as CarriedRouting
 from ..kernel.capabilities import prctl
 from ..kernel.router import Carried, Router
@@ -203,7 +203,7 @@ class Supervisor:
         return {
             "started": handover.started,
             "generation": handover.generation,
-            "carried": tuple(core.Carried(w.pid, w.slot, w.ready, w.stopping) for w in handover.workers),
+            "carried": handover.workers,
         }
 
     def handover(self, workers: tuple[core.Carried, ...]) -> Handover:
@@ -226,7 +226,7 @@ class Supervisor:
             notify=self.notify_socket.fileno(),
             notify_name=self.notify_name,
             metrics=self.exporter.listener.fileno() if self.exporter is not None else None,
-            workers=tuple(CarriedWorker(w.pid, w.slot, w.ready, w.stopping) for w in workers),
+            workers=workers,
         )
 
     def execute(self, sup_core: core.Core, actions: list[core.Action]) -> core.Exit | None:

@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from support.launcher import KEY, Instance, Load, launched, predicted, wait_for
+from support.launcher import KEY, SPEC, Instance, Load, launched, wait_for
 from support.netlab import v4_sources
 
 import ebpf_sticky
 from ebpf_sticky.errors import ControlError
+from ebpf_sticky.hashing import parse_address
+from ebpf_sticky.kernel.loaders import LOADERS
 
 SOURCES = v4_sources(500, start=9000)
 BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "10"]
@@ -36,7 +38,7 @@ def worker_pids(instance: Instance) -> set[int]:
     return {pid for pids in instance.slot_pids().values() for pid in pids}
 
 
-def upgrade_twice_under_load(instance: Instance) -> None:
+def upgrade_twice_under_load(instance: Instance, loader: str = "native") -> None:
     master = instance.proc.pid
     seen: set[int] = set()
     with Load(instance.port, SOURCES, threads=8) as load:
@@ -58,7 +60,9 @@ def upgrade_twice_under_load(instance: Instance) -> None:
     assert final.isdisjoint(seen) and len(final) == WORKERS
     assert len(load.seen) == len(SOURCES)
     for source, answers in load.seen.items():
-        assert {slot for slot, _ in answers} == {predicted(source, WORKERS)}, source
+        assert {slot for slot, _ in answers} == {
+            LOADERS[loader].slot_of(parse_address(source), SPEC, WORKERS)
+        }
 
 
 def ebpf_sticky_version() -> str:
@@ -67,10 +71,13 @@ def ebpf_sticky_version() -> str:
     return version("ebpf-sticky")
 
 
-def test_two_usr2_under_load_with_uvicorn_workers() -> None:
-    with launched(["asgi_app.py", "-w", str(WORKERS), *BASE, "--metrics", "127.0.0.1:0"]) as instance:
-        upgrade_twice_under_load(instance)
+@pytest.mark.parametrize("loader", ["native", "cbpf"])
+def test_two_usr2_under_load_with_uvicorn_workers(loader: str) -> None:
+    args = ["asgi_app.py", "-w", str(WORKERS), *BASE, "--loader", loader, "--metrics", "127.0.0.1:0"]
+    with launched(args) as instance:
+        upgrade_twice_under_load(instance, loader)
         assert instance.output().count("upgraded in place") == 2
+        assert f"({loader} loader," in instance.output().rsplit("upgrading the master", 1)[1]
 
 
 def test_two_usr2_under_load_with_command_workers() -> None:

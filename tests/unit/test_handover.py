@@ -11,10 +11,11 @@ from hypothesis import strategies as st
 from ebpf_sticky.addresses import Bind
 from ebpf_sticky.config import Launch
 from ebpf_sticky.errors import ConfigError
-from ebpf_sticky.handover import CarriedWorker, Handover, Routing, launch_from_dict, launch_to_dict
+from ebpf_sticky.handover import Handover, Routing, launch_from_dict, launch_to_dict
 from ebpf_sticky.hashing import HashSpec
 from ebpf_sticky.options import WorkerOptions
 from ebpf_sticky.options.model import Reload
+from ebpf_sticky.supervisor.core import Carried
 
 binds = st.one_of(
     st.builds(Bind, st.just("127.0.0.1"), st.integers(0, 65535), st.just(socket.AF_INET)),
@@ -56,13 +57,11 @@ def test_launch_settings_survive_the_round_trip(launch: Launch) -> None:
 
 @given(
     launches(),
-    st.lists(
-        st.builds(CarriedWorker, st.integers(1, 2**22), st.integers(0, 255), st.booleans(), st.booleans())
-    ),
+    st.lists(st.builds(Carried, st.integers(1, 2**22), st.integers(0, 255), st.booleans(), st.booleans())),
     st.none() | st.tuples(*[st.integers(3, 1000)] * 4),
 )
 def test_handover_survives_the_round_trip(
-    launch: Launch, workers: list[CarriedWorker], maps: tuple[int, int, int, int] | None
+    launch: Launch, workers: list[Carried], maps: tuple[int, int, int, int] | None
 ) -> None:
     routing = Routing("native" if maps else "cbpf", (3, 4, 5), 292, 9 if maps else None, maps, 1)
     handover = Handover(launch, routing, 2, 1234.5, 10, "/run/x.sock", 11, "@n", 12, tuple(workers))
