@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -57,12 +58,20 @@ class Waiting:
             self.conn.close()
 
 
-@pytest.mark.parametrize("loader", ["native", "cbpf"])
+NODE = shutil.which("node") or "node"
+
+
+@pytest.mark.parametrize(
+    ("loader", "workers"),
+    [("native", ["asgi_app.py"]), ("cbpf", ["asgi_app.py"]), ("native", ["--", NODE, "server.js"])],
+    ids=["native-uvicorn", "cbpf-uvicorn", "native-node"],
+)
 def test_kill_9_then_a_new_start_serves_the_queued_clients_on_their_slots(
-    manager: ServiceManager, loader: str
+    manager: ServiceManager, loader: str, workers: list[str]
 ) -> None:
-    args = [*ARGS, "--loader", loader]
-    first = manager.start([*args, "--bind", "127.0.0.1:0"])
+    options = ["-w", str(WORKERS), "--graceful-timeout", "5", "--loader", loader]
+    args = [*workers[:1], *options] if len(workers) == 1 else [*options, *workers]
+    first = manager.start(["--bind", "127.0.0.1:0", *args])
     try:
         port = first.wait_serving()
         stored = {"ebpf-sticky-key", *(f"ebpf-sticky-slot-{i}" for i in range(WORKERS))}
@@ -80,7 +89,7 @@ def test_kill_9_then_a_new_start_serves_the_queued_clients_on_their_slots(
         first.close()
     # No master, no worker: only the store holds the sockets. These clients queue.
     waiting = [Waiting(source, port) for source in SOURCES]
-    second = manager.start([*args, "--bind", f"127.0.0.1:{port}"])
+    second = manager.start(["--bind", f"127.0.0.1:{port}", *args])
     try:
         assert second.wait_serving() == port
         for client in waiting:
