@@ -37,8 +37,17 @@ CHECK_TIMEOUT = 60.0
 
 
 def resume_argv(state_fd: int, *, check: bool = False) -> list[str]:
-    # The fd number only: the state itself never goes in argv (world-readable in /proc).
-    return [sys.executable, "-m", RESUME_MODULE, *(["--check"] if check else []), str(state_fd)]
+    """The fd number only (the state itself never goes in argv: world-readable in /proc), then the
+    command line the master was launched with, so that ps and `pgrep -f` still know it."""
+    mode = ["--check"] if check else []
+    return [sys.executable, "-m", RESUME_MODULE, *mode, str(state_fd), "--", *launched_as()]
+
+
+def launched_as() -> list[str]:
+    argv = sys.orig_argv
+    if RESUME_MODULE not in argv:
+        return argv
+    return argv[argv.index("--", argv.index(RESUME_MODULE)) + 1 :]  # upgraded before
 
 
 def write_state(handover: Handover) -> int:

@@ -56,6 +56,9 @@ def upgrade_twice_under_load(instance: Instance, loader: str = "native") -> None
     print(f"USR2 x2: {load.requests} requests from {len(load.seen)} sources, {len(load.failures)} failed")
     assert load.failures == []
     assert status["pid"] == master and instance.proc.poll() is None
+    # ps and `pgrep -f` still show the command line it was launched with.
+    cmdline = Path(f"/proc/{master}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[cmdline.index(b"--") + 1 :][:-1] == [a.encode() for a in instance.proc.args]
     assert status["generation"] == 2 and status["version"] == ebpf_sticky_version()
     assert final.isdisjoint(seen) and len(final) == WORKERS
     assert len(load.seen) == len(SOURCES)
