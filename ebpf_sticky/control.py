@@ -105,6 +105,11 @@ def upgrade(path: Path, timeout: float = UPGRADE_TIMEOUT) -> dict[str, Any]:
     """SIGUSR2 to the instance at ``path``, then its status once the new image answers; raises
     UpgradeError with the master's reason if it refused."""
     before = request(path, {"cmd": "status"})
+    if "generation" not in before:
+        raise UpgradeError(
+            f"the master at {path} predates in-place upgrades (SIGUSR2 would stop it): "
+            "restart it once, and upgrade in place from then on"
+        )
     os.kill(int(before["pid"]), signal.SIGUSR2)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
