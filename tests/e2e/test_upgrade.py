@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -58,7 +59,8 @@ def upgrade_twice_under_load(instance: Instance, loader: str = "native") -> None
     assert status["pid"] == master and instance.proc.poll() is None
     # ps and `pgrep -f` still show the command line it was launched with.
     cmdline = Path(f"/proc/{master}/cmdline").read_bytes().split(b"\0")
-    assert cmdline[cmdline.index(b"--") + 1 :][:-1] == [a.encode() for a in instance.proc.args]
+    launched_as = [sys.executable, "-m", "ebpf_sticky", "launch", *instance.args]
+    assert cmdline[cmdline.index(b"--") + 1 : -1] == [os.fsencode(arg) for arg in launched_as]
     assert status["generation"] == 2 and status["version"] == ebpf_sticky_version()
     assert final.isdisjoint(seen) and len(final) == WORKERS
     assert len(load.seen) == len(SOURCES)
