@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.launcher import KEY, SPEC, Instance, Load, launched, wait_for
+from support.launcher import KEY, SPEC, Instance, Load, get, launched, wait_for
 from support.netlab import v4_sources
 
 import ebpf_sticky
@@ -149,3 +149,22 @@ def test_usr2_while_starting_is_not_fatal() -> None:
         assert instance.status()["generation"] in (0, 1)
     finally:
         instance.close()
+
+
+@pytest.mark.parametrize("loader", ["native", "cbpf"])
+def test_an_upgraded_master_still_adds_and_retires_slots(loader: str) -> None:
+    """The adopted routing (which bucket table is live, the program) keeps working: TTIN and TTOU
+    after an upgrade route every source where the loader's mirror says."""
+    mirror = LOADERS[loader].slot_of
+    sources = SOURCES[:120]
+    with launched(["asgi_app.py", "-w", "2", *BASE, "--loader", loader]) as instance:
+        old = worker_pids(instance)
+        instance.signal(signal.SIGUSR2)
+        wait_for(lambda: renewed(instance, 1, old), 120, "generation 1")
+        for sig, slots in ((signal.SIGTTIN, 3), (signal.SIGTTIN, 4), (signal.SIGTTOU, 3)):
+            instance.signal(sig)
+            wait_for(
+                lambda n=slots: len(instance.slot_pids()) == n and renewed(instance, 1, old), 60, "slots"
+            )
+            got = {source: get(source, instance.port)[0] for source in sources}
+            assert got == {source: mirror(parse_address(source), SPEC, slots) for source in sources}
