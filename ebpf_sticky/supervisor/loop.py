@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ..config import Launch
 from ..contract import (
@@ -196,15 +195,6 @@ class Supervisor:
         except (StickyError, OSError, subprocess.SubprocessError) as exc:
             return [core.ActionFailed(action, str(exc) or type(exc).__name__, now)]
         return []
-
-    @staticmethod
-    def upgraded(handover: Handover) -> dict[str, Any]:
-        """The fields of a supervisor that goes on where the image before left off."""
-        return {
-            "started": handover.started,
-            "generation": handover.generation,
-            "carried": handover.workers,
-        }
 
     def handover(self, workers: tuple[core.Carried, ...]) -> Handover:
         """Everything the next image of this master needs to go on as the same group."""
@@ -414,7 +404,7 @@ def resume(handover: Handover, state_fd: int) -> int:
             (socket.socket(fileno=handover.notify), handover.notify_name),
             ControlServer.adopt(socket.socket(fileno=handover.control), Path(handover.control_path), router),
             metrics=socket.socket(fileno=handover.metrics) if handover.metrics is not None else None,
-            upgraded=Supervisor.upgraded(handover),
+            before=handover,
         )
 
 
@@ -425,7 +415,7 @@ def _run_group(
     control_server: contextlib.AbstractContextManager[ControlServer],
     *,
     metrics: socket.socket | None = None,
-    upgraded: dict[str, Any] | None = None,
+    before: Handover | None = None,
 ) -> int:
     """Secure the group, start the master's threads, and supervise until the end."""
     with control_server as control, contextlib.ExitStack() as stack:
@@ -440,9 +430,10 @@ def _run_group(
         # Threads only from here on: capset drops the calling thread's capabilities alone.
         stack.enter_context(watching(settings.uvicorn.reload))
         exporter = stack.enter_context(serve(settings.metrics, router, metrics)) if settings.metrics else None
-        supervisor = Supervisor(
-            settings, router, notify_sock, notify_name, control, exporter, **(upgraded or {})
-        )
+        supervisor = Supervisor(settings, router, notify_sock, notify_name, control, exporter)
+        if before is not None:  # go on where the image before left off
+            supervisor.started, supervisor.generation = before.started, before.generation
+            supervisor.carried = before.workers
         done = supervisor.run()
     if done.code == APP_LOAD_ERROR:
         raise AppLoadError(done.message)
