@@ -102,9 +102,11 @@ def store_group(key: bytes, router: Router) -> None:
     for slot, sock in enumerate(router.sockets):
         store_slot(slot, sock)
     if router.map_fds is not None:
-        _store(program_name(router.loader, router.insn_count), router.program_fd)
+        # FDPOLL=0: a BPF map fd polls as EPOLLERR (bpf_map_poll), and systemd drops a stored
+        # fd that reports an error unless told not to watch it.
+        _store(program_name(router.loader, router.insn_count), router.program_fd, poll=False)
         for role, fd in zip(MAP_ROLES, astuple(router.map_fds), strict=True):
-            _store(map_name(role), fd)
+            _store(map_name(role), fd, poll=False)
 
 
 def _store_key(key: bytes) -> None:
@@ -125,8 +127,8 @@ def forget_slot(slot: int) -> None:
     _send(f"FDSTOREREMOVE=1\nFDNAME={slot_name(slot)}", ())
 
 
-def _store(name: str, fd: int) -> None:
-    _send(f"FDSTORE=1\nFDNAME={name}", (fd,))
+def _store(name: str, fd: int, *, poll: bool = True) -> None:
+    _send(f"FDSTORE=1\nFDNAME={name}" + ("" if poll else "\nFDPOLL=0"), (fd,))
 
 
 def _send(message: str, fds: tuple[int, ...]) -> None:

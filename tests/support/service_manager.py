@@ -2,9 +2,10 @@
 
 The notify socket (``NOTIFY_SOCKET``): READY=1, and the file-descriptor store as sd_notify(3)
 describes it: ``FDSTORE=1`` with ``FDNAME=`` and the fds as SCM_RIGHTS; duplicates (the same open
-file) are stored once; ``FDSTOREREMOVE=1`` with ``FDNAME=`` drops them. A start hands the store to
-the next process as sd_listen_fds(3) does: fds 3, 4, ..., ``LISTEN_FDS``, ``LISTEN_FDNAMES`` and
-``LISTEN_PID`` set to the started process's own pid.
+file) are stored once; an fd that polls POLLHUP or POLLERR is dropped unless ``FDPOLL=0`` (a BPF
+map fd always polls POLLERR: seen with systemd 252 as PID 1); ``FDSTOREREMOVE=1`` with ``FDNAME=``
+drops them. A start hands the store to the next process as sd_listen_fds(3) does: fds 3, 4, ...,
+``LISTEN_FDS``, ``LISTEN_FDNAMES`` and ``LISTEN_PID`` set to the started process's own pid.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import ctypes
 import os
 import platform
+import select
 import socket
 import threading
 from pathlib import Path
@@ -55,8 +57,9 @@ class ServiceManager:
             self.messages.append(text)
             if fields.get("FDSTORE") == "1":
                 for fd in fds:
-                    if any(_same_file(fd, kept) for _, kept in self.store):
-                        os.close(fd)  # systemd stores an open file once
+                    watched = fields.get("FDPOLL") != "0"
+                    if any(_same_file(fd, kept) for _, kept in self.store) or (watched and _failed(fd)):
+                        os.close(fd)  # stored once; dropped on POLLHUP/POLLERR unless FDPOLL=0
                     else:
                         self.store.append((fields.get("FDNAME", "stored"), fd))
                 return
@@ -86,6 +89,14 @@ class ServiceManager:
         for _, fd in self.store:
             os.close(fd)
         self.store.clear()
+
+
+def _failed(fd: int) -> bool:
+    """What systemd watches a stored fd for (unless FDPOLL=0): POLLHUP or POLLERR. An fd that
+    cannot be polled at all (EPERM from epoll, a BPF program) is kept."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
