@@ -4,17 +4,15 @@ with the same sockets and key; a socket unit's sockets become slots. systemd's s
 
 from __future__ import annotations
 
-import http.client
 import os
 import shutil
 import signal
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.launcher import get, run_bad, tagged_processes, wait_for
+from support.launcher import Waiting, get, run_bad, tagged_processes, wait_for
 from support.netlab import v4_sources
 from support.service_manager import ServiceManager
 
@@ -33,29 +31,6 @@ def manager(tmp_path: Path) -> Iterator[ServiceManager]:
         yield manager
     finally:
         manager.close()
-
-
-class Waiting:
-    """One client that connects now and sends its request, then waits up to a minute for the answer."""
-
-    def __init__(self, source: str, port: int) -> None:
-        self.source = source
-        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
-        self.conn.connect()  # the kernel completes the handshake: the connection is in a queue now
-        self.conn.request("GET", "/", headers={"Connection": "close"})
-        self.answer: tuple[int, int] | Exception | None = None
-        self.thread = threading.Thread(target=self._wait)
-        self.thread.start()
-
-    def _wait(self) -> None:
-        try:
-            response = self.conn.getresponse()
-            slot, pid, _ = response.read().split()
-            self.answer = (int(slot), int(pid))
-        except Exception as exc:
-            self.answer = exc
-        finally:
-            self.conn.close()
 
 
 NODE = shutil.which("node") or "node"

@@ -255,3 +255,26 @@ class Load:
     def wait_requests(self, count: int, timeout: float = 30.0) -> None:
         start = self.requests
         wait_for(lambda: self.requests >= start + count, timeout, f"{count} more requests")
+
+
+class Waiting:
+    """One client that connects now and sends its request, then waits up to a minute for the answer."""
+
+    def __init__(self, source: str, port: int) -> None:
+        self.source = source
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
+        self.conn.connect()  # the kernel completes the handshake: the connection is in a queue now
+        self.conn.request("GET", "/", headers={"Connection": "close"})
+        self.answer: tuple[int, int] | Exception | None = None
+        self.thread = threading.Thread(target=self._wait)
+        self.thread.start()
+
+    def _wait(self) -> None:
+        try:
+            response = self.conn.getresponse()
+            slot, pid, _ = response.read().split()
+            self.answer = (int(slot), int(pid))
+        except Exception as exc:
+            self.answer = exc
+        finally:
+            self.conn.close()
