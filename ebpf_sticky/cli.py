@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import grp
 import json
-import logging
 import os
 import pwd
 import sys
@@ -14,7 +13,7 @@ from collections.abc import Sequence
 from . import config
 from . import options as uvicorn_options
 from .addresses import parse_bind
-from .control import control_dir, find_instance, request
+from .control import control_dir, find_instance, request, upgrade
 from .errors import ConfigError, StickyError
 from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address
 from .kernel.cbpf import MAX_CBPF_SLOTS
@@ -166,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--port", type=whole_number, default=None)
     status.add_argument("--json", action="store_true")
 
+    upgrade = sub.add_parser(
+        "upgrade",
+        help="replace a running master in place with what is installed now (as SIGUSR2 does)",
+    )
+    upgrade.add_argument("--port", type=whole_number, default=None)
+
     sub.add_parser("doctor", help="check that this machine can run ebpf-sticky, with fixes")
     return parser
 
@@ -228,13 +233,9 @@ def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.
 
 def cmd_launch(args: argparse.Namespace, command: Sequence[str]) -> int:
     settings = launch_settings(args, command)
-    logging.basicConfig(
-        level={"trace": "DEBUG"}.get(settings.log_level, settings.log_level.upper()),
-        format="[ebpf-sticky] %(message)s",
-        stream=sys.stderr,
-    )
-    from .supervisor.loop import launch
+    from .supervisor.loop import configure_logging, launch
 
+    configure_logging(settings.log_level)
     return launch(settings)
 
 
@@ -286,6 +287,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    now = upgrade(find_instance(control_dir(), args.port))
+    print(
+        f"upgraded: pid {now['pid']} runs ebpf-sticky {now['version']} (generation {now['generation']}); "
+        "its workers are renewed slot by slot"
+    )
+    return 0
+
+
 def report(exc: StickyError) -> int:
     """The one line every user-facing error becomes; returns the exit status it calls for."""
     print(f"ebpf-sticky: error: {exc}", file=sys.stderr)
@@ -309,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_route(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "upgrade":
+            return cmd_upgrade(args)
         from .doctor import run_doctor
 
         return run_doctor()

@@ -21,15 +21,18 @@ SO_PEERCRED (``request``): the launching user or root.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import stat
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ControlError
+from .errors import ControlError, UpgradeError
 
 _RUN_DIR = Path("/run/ebpf-sticky")
 
@@ -138,3 +141,32 @@ def request(path: Path, message: dict[str, Any], timeout: float = 5.0) -> dict[s
     if "error" in answer:
         raise ControlError(str(answer["error"]))
     return answer
+
+
+# The master first runs the installed code in a child (for up to a minute), then execs it.
+UPGRADE_TIMEOUT = 90.0
+
+
+def upgrade(path: Path, timeout: float = UPGRADE_TIMEOUT) -> dict[str, Any]:
+    """SIGUSR2 to the instance at ``path``, then its status once the new image answers; raises
+    UpgradeError with the master's reason if it refused."""
+    before = request(path, {"cmd": "status"})
+    if "generation" not in before:
+        raise UpgradeError(
+            f"the master at {path} predates in-place upgrades (SIGUSR2 would stop it): "
+            "restart it once, and upgrade in place from then on"
+        )
+    os.kill(int(before["pid"]), signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        with contextlib.suppress(ControlError):  # the new image may not answer yet
+            now = request(path, {"cmd": "status"})
+            if now["generation"] > before["generation"]:
+                return now
+            if now["upgrades_refused"] > before["upgrades_refused"]:
+                raise UpgradeError(f"upgrade refused: {now['upgrade_refusal']}")
+    raise UpgradeError(
+        f"no upgrade within {timeout:g} s: see the master's log (it upgrades a settled group only: "
+        "not while starting, reloading or retiring a slot)"
+    )

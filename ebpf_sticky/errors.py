@@ -72,3 +72,7 @@ class AppLoadError(StickyError):
     """No worker could load or start the app."""
 
     exit_code = 4
+
+
+class UpgradeError(StickyError):
+    """An in-place upgrade that did not happen; the running master goes on as it was."""

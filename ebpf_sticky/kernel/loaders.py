@@ -21,7 +21,7 @@ import struct
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -146,6 +146,17 @@ class Counters:
     failures: int | None
 
 
+@dataclass(frozen=True)
+class Carried:
+    """What a routing hands across exec besides the sockets: the kernel objects by fd, and what
+    cannot be read back from them."""
+
+    insn_count: int
+    program: int | None = None  # the eBPF program (native, bcc)
+    maps: tuple[int, int, int, int] | None = None  # socks, table, live, counters
+    live_table: int | None = 0  # which of the two bucket tables the live word names; None: read it
+
+
 class Routing(Protocol):
     """What a loader does for the router; the router owns the sockets and their order."""
 
@@ -173,6 +184,9 @@ class Routing(Protocol):
     def migrates(self) -> bool:
         """Whether the kernel moves a closing socket's handshakes to the others (else they reset)."""
 
+    def carried(self) -> Carried:
+        """What a new image of this process needs to go on routing (see ``Router.adopt``)."""
+
     def close(self) -> None: ...
 
 
@@ -184,7 +198,10 @@ class MapRouting:
     """
 
     def __init__(
-        self, spec: HashSpec, load: Callable[[ProgramConstants, program.MapFds], LoadedProgram]
+        self,
+        spec: HashSpec,
+        load: Callable[[ProgramConstants, program.MapFds], LoadedProgram],
+        carried: Carried | None = None,
     ) -> None:
         self._load = load
         self._consts = hashing.program_constants(spec)
@@ -192,6 +209,9 @@ class MapRouting:
         self._program: LoadedProgram | None = None
         # Which of the two tables is live; starting at 1 makes the first publish fill table 0.
         self._live = 1
+        if carried is not None:
+            self._adopt(carried)
+            return
         try:
             self.fds = program.MapFds(
                 socks=self._map(syscalls.MAP_TYPE_REUSEPORT_SOCKARRAY, 8, MAX_SLOTS, "sticky_socks"),
@@ -202,6 +222,23 @@ class MapRouting:
         except BaseException:
             self._resources.close()
             raise
+
+    def _adopt(self, carried: Carried) -> None:
+        """Take over the maps and the attached program of a master this process was before exec:
+        nothing is created, so the group's program never changes and no capability is needed."""
+        if carried.maps is None or carried.program is None:
+            raise ValueError("an eBPF router needs its maps and program fds carried over")
+        for fd in carried.maps:
+            self._resources.callback(os.close, fd)
+        self.fds = program.MapFds(*carried.maps)
+        self._program = LoadedProgram(carried.program, carried.insn_count)
+        live = carried.live_table
+        if live is None:  # handed back by systemd: the live word itself says
+            live = _U32.unpack(syscalls.map_lookup(self.fds.live, _U32.pack(0), 4) or _U32.pack(0))[0]
+        self._live = live
+
+    def carried(self) -> Carried:
+        return Carried(self.insn_count, self.program_fd, astuple(self.fds), self._live)
 
     def _map(self, map_type: int, value_size: int, entries: int, name: str) -> int:
         fd = syscalls.map_create(map_type, 4, value_size, entries, name)
@@ -276,10 +313,14 @@ class CbpfRouting:
     keeps position = slot (see ``Router``); joining and leaving need nothing from here.
     """
 
-    def __init__(self, spec: HashSpec) -> None:
+    def __init__(self, spec: HashSpec, carried: Carried | None = None) -> None:
         self._consts = hashing_cbpf.program_constants(spec)
-        self.insn_count = 0
+        # An adopted group keeps the program attached to it: nothing to redo until the next route.
+        self.insn_count = carried.insn_count if carried is not None else 0
         self.migrates = False  # classic BPF has no migrate attach type
+
+    def carried(self) -> Carried:
+        return Carried(self.insn_count)
 
     def join(self, sock: socket.socket, slot: int) -> None:
         pass
@@ -308,7 +349,7 @@ class CbpfRouting:
 
 @dataclass(frozen=True)
 class Loader:
-    routing: Callable[[HashSpec], Routing]
+    routing: Callable[[HashSpec, Carried | None], Routing]
     slot_of: Callable[[Address, HashSpec, int], int]  # the Python mirror of its choice
     max_slots: int
     describe: str
@@ -316,13 +357,16 @@ class Loader:
 
 LOADERS: dict[str, Loader] = {
     "native": Loader(
-        lambda spec: MapRouting(spec, load_native),
+        lambda spec, carried: MapRouting(spec, load_native, carried),
         hashing.slot_of,
         MAX_SLOTS,
         "eBPF built in Python, loaded with bpf(2)",
     ),
     "bcc": Loader(
-        lambda spec: MapRouting(spec, load_bcc), hashing.slot_of, MAX_SLOTS, "eBPF compiled by bcc"
+        lambda spec, carried: MapRouting(spec, load_bcc, carried),
+        hashing.slot_of,
+        MAX_SLOTS,
+        "eBPF compiled by bcc",
     ),
     "cbpf": Loader(CbpfRouting, hashing_cbpf.slot_of, cbpf.MAX_CBPF_SLOTS, "classic BPF, unprivileged"),
 }

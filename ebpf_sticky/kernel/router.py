@@ -22,14 +22,14 @@ from ..addresses import Bind
 from ..errors import AddressInUseError, ConfigError, KernelError, StickyError
 from ..hashing import MAX_SLOTS, Address, HashSpec
 from . import diag
-from .loaders import AUTO_ORDER, CHOICES, FALLBACK_ERRORS, LOADERS, Counters, MapRouting, Routing
+from .loaders import AUTO_ORDER, CHOICES, FALLBACK_ERRORS, LOADERS, Carried, Counters, MapRouting, Routing
 from .program import MapFds
 
 log = logging.getLogger("ebpf_sticky")
 _U32 = struct.Struct("=I")
 _TCPI_UNACKED = 24  # offset of tcpi_unacked in struct tcp_info: a listener's accept-queue length
 DEFAULT_BACKLOG = 1024
-__all__ = ["DEFAULT_BACKLOG", "Counters", "GroupView", "Router"]
+__all__ = ["DEFAULT_BACKLOG", "Carried", "Counters", "GroupView", "Router"]
 
 
 @dataclass(frozen=True)
@@ -124,18 +124,23 @@ class Router:
         udp: bool = False,
         loader: str = "auto",
         backlog: int = DEFAULT_BACKLOG,
+        existing: Sequence[socket.socket] = (),
     ) -> Router:
+        """``existing``: sockets handed in (by systemd) to take as slots 0, 1, ... in that order,
+        which must be the order they joined their group; more are made up to ``slots``."""
+        for sock in existing:
+            _check_fits(sock, bind, udp)
         if not 1 <= slots <= MAX_SLOTS:
             raise ConfigError(f"workers must be 1..{MAX_SLOTS}, got {slots}")
         if loader not in CHOICES:
             raise ConfigError(f"unknown loader {loader!r}: choose one of {', '.join(CHOICES)}")
         if loader != "auto":
-            return cls._open(bind, spec, slots, udp, loader, backlog)
+            return cls._open(bind, spec, slots, udp, loader, backlog, existing)
         refused: list[str] = []
         errors: list[StickyError] = []
         for name in AUTO_ORDER:
             try:
-                router = cls._open(bind, spec, slots, udp, name, backlog)
+                router = cls._open(bind, spec, slots, udp, name, backlog, existing)
             except (*FALLBACK_ERRORS, _TooManySlots) as exc:
                 refused.append(f"{name} refused: {exc}")
                 errors.append(exc)
@@ -150,30 +155,67 @@ class Router:
         raise first
 
     @classmethod
-    def _open(cls, bind: Bind, spec: HashSpec, slots: int, udp: bool, loader: str, backlog: int) -> Router:
+    def _open(
+        cls,
+        bind: Bind,
+        spec: HashSpec,
+        slots: int,
+        udp: bool,
+        loader: str,
+        backlog: int,
+        existing: Sequence[socket.socket] = (),
+    ) -> Router:
         entry = LOADERS[loader]
         if slots > entry.max_slots:
             raise _TooManySlots(
                 f"--workers {slots} is more than the {loader} router fits ({entry.max_slots} slots)"
             )
-        with _port_for(bind, udp) as bind:
-            router = cls(bind, spec, udp=udp, loader=loader, routing=entry.routing(spec))
+        # Sockets handed in already have the group's port; otherwise a TCP port 0 is fixed first.
+        ports = contextlib.nullcontext(bind) if existing else _port_for(bind, udp)
+        with ports as bind:
+            router = cls(bind, spec, udp=udp, loader=loader, routing=entry.routing(spec, None))
             router.backlog = backlog
             try:
-                for _ in range(slots):
-                    router._add_socket(backlog)
+                for slot in range(slots):
+                    router._add_socket(backlog, existing[slot] if slot < len(existing) else None)
                 router._routing.route(router.sockets, slots)
             except BaseException:
+                router.sockets = [
+                    sock for sock in router.sockets if sock not in existing
+                ]  # not ours to close
                 router.close()
                 raise
         return router
 
-    def _add_socket(self, backlog: int) -> None:
+    @classmethod
+    def adopt(
+        cls,
+        bind: Bind,
+        spec: HashSpec,
+        sockets: list[socket.socket],
+        *,
+        udp: bool,
+        loader: str,
+        carried: Carried,
+    ) -> Router:
+        """The group a master built before it exec'd this image: its sockets (in slot order, which
+        is the kernel's order in the group) and its routing's kernel objects, all taken as they are.
+        Nothing is created or attached, so no client moves and no capability is needed."""
+        router = cls(bind, spec, udp=udp, loader=loader, routing=LOADERS[loader].routing(spec, carried))
+        router.sockets = sockets
+        router.choice = f"{loader} ({LOADERS[loader].describe}), carried over from before the upgrade"
+        return router
+
+    def carried(self) -> Carried:
+        """What ``adopt`` needs besides the sockets."""
+        return self._routing.carried()
+
+    def _add_socket(self, backlog: int, handed: socket.socket | None = None) -> None:
         bind = self.bind
         if self.sockets and bind.port == 0:
             bind = bind.with_port(self.port)
         # Joins the kernel's group last: its position is len(self.sockets), its slot.
-        sock = _listener(bind, self.udp, backlog)
+        sock = handed or _listener(bind, self.udp, backlog)
         try:
             self._routing.join(sock, len(self.sockets))
         except BaseException:
@@ -333,6 +375,27 @@ class Router:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _check_fits(sock: socket.socket, bind: Bind, udp: bool) -> None:
+    """A socket handed in (systemd's fd store, a socket unit) must be what --bind and --udp ask
+    for, and in a SO_REUSEPORT group, or it cannot be a slot: say which and how to fix it."""
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+    name = sock.getsockname()
+    where = f"{name[0]}:{name[1]}" if sock.family == socket.AF_INET else f"[{name[0]}]:{name[1]}"
+    if sock.family != bind.family or sock.type != kind:
+        raise ConfigError(
+            f"the socket handed in ({where}) is not a {'UDP' if udp else 'TCP'} socket for --bind {bind}"
+        )
+    if (name[0], name[1] if bind.port else 0) != (bind.host, bind.port):
+        raise ConfigError(f"the socket handed in listens on {where}, not on --bind {bind}: make them agree")
+    if not udp and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ConfigError(f"the socket handed in ({where}) does not listen: a socket unit needs Accept=no")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+        raise ConfigError(
+            f"the socket handed in ({where}) has no SO_REUSEPORT, so no slot can join it: "
+            "set ReusePort=yes in the socket unit"
+        )
 
 
 def _leave_group(sock: socket.socket, udp: bool) -> None:

@@ -22,6 +22,7 @@ from ..control import alive, check_dir, control_dir, peer_uid, socket_name
 from ..errors import ControlError, StickyError
 from ..kernel.router import Router
 from .core import Snapshot
+from .metrics import build_version
 from .requests import MAX_REQUEST, BadRequest, Request, Route, Status, parse_request
 
 log = logging.getLogger("ebpf_sticky")
@@ -38,6 +39,10 @@ def answer(request: Request, router: Router, snapshot: Snapshot, uptime: float) 
                 "protocol": "udp" if router.udp else "tcp",
                 "loader": router.loader,
                 "phase": snapshot.phase.value,
+                "generation": snapshot.generation,
+                "version": build_version(),
+                "upgrades_refused": snapshot.upgrades_refused,
+                "upgrade_refusal": snapshot.upgrade_refusal,
                 "uptime": round(uptime, 3),
                 "failures": counters.failures,
                 "slots": [
@@ -102,7 +107,6 @@ class ControlServer:
                 raise ControlError(f"another instance already answers at {path}")
             path.unlink()  # left by a master killed with -9
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server: ControlServer | None = None
         try:
             old_umask = os.umask(0o177)
             try:
@@ -110,6 +114,19 @@ class ControlServer:
             finally:
                 os.umask(old_umask)
             listener.listen(CONTROL_BACKLOG)
+        except BaseException:
+            listener.close()
+            raise
+        with cls.adopt(listener, path, router) as server:
+            yield server
+
+    @classmethod
+    @contextlib.contextmanager
+    def adopt(cls, listener: socket.socket, path: Path, router: Router) -> Iterator[ControlServer]:
+        """Serve on a listener bound at ``path`` (ours, or the image's before an upgrade); at the
+        end close it and remove the path."""
+        server: ControlServer | None = None
+        try:
             listener.setblocking(False)
             server = cls(listener, path, router)
             yield server

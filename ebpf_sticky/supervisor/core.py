@@ -17,6 +17,9 @@ Design rules:
 * Only an app that can never be loaded stops the launch: before any worker of any slot was ever
   ready, a worker exits with the load-error status, or one slot fails to boot ``STARTUP_ATTEMPTS``
   times in a row. The other workers then get TERM and the graceful timeout.
+* An upgrade (USR2) replaces the master in place: the core hands the loop its workers
+  (``Upgrade``), and the new image starts from them (``Resumed``) and renews every slot as HUP
+  does. Only a settled group upgrades: not while starting, stopping, reloading or retiring.
 * An action the loop could not carry out (a fork that failed, a slot the kernel would not add)
   comes back as an event: the group keeps serving and the log says what failed.
 """
@@ -72,6 +75,7 @@ class SignalName(_Name):
     HUP = "HUP"
     TTIN = "TTIN"
     TTOU = "TTOU"
+    USR2 = "USR2"
 
 
 class Reason(_Name):
@@ -128,6 +132,24 @@ class Recycle:
 @dataclass(frozen=True)
 class Signal:
     name: SignalName
+    now: float
+
+
+@dataclass(frozen=True)
+class Carried:
+    """A worker as the master that exec'd this image left it."""
+
+    pid: int
+    slot: int
+    ready: bool
+    stopping: bool = False
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """This image replaced the master in place (in place of ``Start``): its workers run on."""
+
+    workers: tuple[Carried, ...]
     now: float
 
 
@@ -199,13 +221,32 @@ class Log:
 
 
 @dataclass(frozen=True)
+class Upgrade:
+    """Exec the installed master in place of this one, handing it these workers."""
+
+    workers: tuple[Carried, ...]
+
+
+@dataclass(frozen=True)
 class Exit:
     code: int
     message: str = ""
 
 
-Action = Spawn | Kill | AddSlot | RetireSlot | ReleaseSlot | NotifyReady | Log | Exit
-Event = Start | Spawned | Exited | Ready | LoadFailed | Recycle | Signal | SlotAdded | ActionFailed | Tick
+Action = Spawn | Kill | AddSlot | RetireSlot | ReleaseSlot | NotifyReady | Log | Upgrade | Exit
+Event = (
+    Start
+    | Resumed
+    | Spawned
+    | Exited
+    | Ready
+    | LoadFailed
+    | Recycle
+    | Signal
+    | SlotAdded
+    | ActionFailed
+    | Tick
+)
 
 
 class Phase(Enum):
@@ -264,6 +305,9 @@ class Snapshot:
     slots: int
     workers: tuple[WorkerView, ...]
     restarts: dict[tuple[int, Reason], int]
+    generation: int = 0  # in-place upgrades since launch
+    upgrades_refused: int = 0
+    upgrade_refusal: str = ""
 
     def pids(self, slot: int) -> list[int]:
         return sorted(w.pid for w in self.workers if w.slot == slot)
@@ -309,6 +353,9 @@ class Core:
     exit_code: int = 0
     exit_message: str = ""
     stop_deadline: float | None = None
+    generation: int = 0  # in-place upgrades since launch
+    upgrades_refused: int = 0  # by this image (a refused upgrade keeps the image)
+    upgrade_refusal: str = ""  # why the last one was refused
 
     # Queries -------------------------------------------------------------------------------------
     def slot_workers(self, slot: int) -> list[Worker]:
@@ -324,13 +371,23 @@ class Core:
         workers = tuple(
             WorkerView(w.pid, w.slot, w.ready, not w.live) for w in sorted(self.workers.values(), key=_pid)
         )
-        return Snapshot(self.phase, self.slots, workers, dict(self.restarts))
+        return Snapshot(
+            self.phase,
+            self.slots,
+            workers,
+            dict(self.restarts),
+            self.generation,
+            self.upgrades_refused,
+            self.upgrade_refusal,
+        )
 
     # Transitions ---------------------------------------------------------------------------------
     def handle(self, event: Event) -> list[Action]:
         match event:
             case Start():
                 return [Spawn(slot) for slot in range(self.slots)]
+            case Resumed():
+                return self._resumed(event)
             case Spawned():
                 return self._spawned(event)
             case Ready():
@@ -360,6 +417,44 @@ class Core:
         if event.slot == self.reloading and self.successor is None:
             self.successor = event.pid
         return [Log(f"slot {event.slot}: worker {event.pid} started")]
+
+    def _resumed(self, event: Resumed) -> list[Action]:
+        """Adopt the workers of the image before, then renew every slot as HUP does. A slot whose
+        worker is gone (it died during the exec) gets one at once."""
+        for carried in event.workers:
+            worker = Worker(
+                carried.pid, carried.slot, event.now, ready_at=event.now if carried.ready else None
+            )
+            worker.stop_sent = event.now if carried.stopping else None
+            self.workers[carried.pid] = worker
+        self.ever_ready = True  # the group served before: a failing new worker is no launch failure
+        live = {w.slot for w in self.workers.values() if w.stop_sent is None}
+        if all(any(w.ready for w in self.slot_workers(slot)) for slot in range(self.slots)):
+            self.phase = Phase.RUNNING
+        self.reload_queue = [slot for slot in range(self.slots) if slot in live]
+        actions: list[Action] = [
+            Log(f"upgraded in place (generation {self.generation}): {len(live)} slots adopted, renewing them")
+        ]
+        return actions + [Spawn(slot) for slot in range(self.slots) if slot not in live] + self._next_reload()
+
+    def _upgrade_blocked(self) -> str:
+        """Why the group is not settled enough to upgrade, or ""."""
+        if self.phase is Phase.STARTING:
+            return "still starting"
+        if self.reloading is not None or self.reload_queue:
+            return "a reload is under way"
+        if self.retiring is not None:
+            return "a slot is retiring"
+        return ""
+
+    def _upgrade(self) -> list[Action]:
+        busy = self._upgrade_blocked()
+        if busy:
+            return [Log(f"SIGUSR2 ignored: {busy}; send it again once that is done", Level.WARNING)]
+        workers = tuple(
+            Carried(w.pid, w.slot, w.ready, w.stop_sent is not None) for w in self.workers.values()
+        )
+        return [Log("SIGUSR2: upgrading the master in place"), Upgrade(workers)]
 
     def _recycle(self, event: Recycle) -> list[Action]:
         """The HUP path for one slot: its successor starts on the socket, the worker stops once the
@@ -525,6 +620,10 @@ class Core:
                 ]
             case ReleaseSlot():
                 return [Log(f"closing retired slot {action.slot} failed: {event.error}", Level.ERROR)]
+            case Upgrade():
+                self.upgrades_refused += 1
+                self.upgrade_refusal = event.error
+                return [Log(f"upgrade refused: {event.error}; this master keeps serving", Level.ERROR)]
             case Kill():
                 return [
                     Log(
@@ -600,6 +699,8 @@ class Core:
                 return self._ttin()
             case SignalName.TTOU:
                 return self._ttou(event.now)
+            case SignalName.USR2:
+                return self._upgrade()
             case _:
                 assert_never(name)
 

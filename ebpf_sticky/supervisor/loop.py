@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import Launch
 from ..contract import (
@@ -36,15 +37,18 @@ from ..contract import (
     parse_load_error,
 )
 from ..errors import AppLoadError, LockdownError, StickyError
+from ..handover import Handover
+from ..handover import Routing as CarriedRouting
 from ..kernel.capabilities import prctl
-from ..kernel.router import Router
+from ..kernel.router import Carried, Router
 from ..kernel.seccomp import Listener
 from ..notify import sd_notify
-from . import core, membership
+from . import core, fdstore, membership
 from .control_server import ControlServer
 from .metrics import MetricsServer, serve
 from .privileges import WorkerPlan, lock_down_worker, refuse_to_exec, secure_group, worker_reads
 from .reloader import watching
+from .upgrade import exec_upgrade
 
 log = logging.getLogger("ebpf_sticky")
 
@@ -130,9 +134,12 @@ class Supervisor:
     control: ControlServer
     metrics: MetricsServer | None = None  # --metrics
     started: float = field(default_factory=time.monotonic)
+    generation: int = 0  # in-place upgrades since launch
+    carried: tuple[core.Carried, ...] | None = None  # the workers of the image before, if upgraded
     children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     signals: list[core.SignalName] = field(default_factory=list)
     watch: membership.Watch = field(default_factory=membership.Watch)
+    adopted: set[int] = field(default_factory=set)  # workers started by the image before
 
     def worker_argv(self) -> list[str]:
         s = self.settings
@@ -196,20 +203,54 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(action.pid, signal.SIGKILL if action.signal == "KILL" else signal.SIGTERM)
             elif isinstance(action, core.AddSlot):
-                return [core.SlotAdded(self.router.add_slot(self.settings.uvicorn.backlog), now)]
+                slot = self.router.add_slot(self.settings.uvicorn.backlog)
+                fdstore.store_slot(slot, self.router.sockets[slot])
+                return [core.SlotAdded(slot, now)]
             elif isinstance(action, core.RetireSlot):
                 self.router.retire_slot()
             elif isinstance(action, core.ReleaseSlot):
+                fdstore.forget_slot(action.slot)
                 self.router.release_slot(action.slot)
             elif isinstance(action, core.NotifyReady):
                 notify_systemd("READY=1")
             elif isinstance(action, core.Log):
                 log.log(_LEVELS[action.level], "%s", action.message)
+            elif isinstance(action, core.Upgrade):
+                # Blocked across the exec (the mask survives it) and unblocked by the new image once
+                # its handlers are in place: a signal meanwhile waits instead of killing the master.
+                signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+                try:
+                    exec_upgrade(self.handover(action.workers))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
         # A failed fork (EAGAIN under a pids limit), a preexec failure, a kernel refusal: the core
         # decides what it means; the group keeps serving.
         except (StickyError, OSError, subprocess.SubprocessError) as exc:
             return [core.ActionFailed(action, str(exc) or type(exc).__name__, now)]
         return []
+
+    def handover(self, workers: tuple[core.Carried, ...]) -> Handover:
+        """Everything the next image of this master needs to go on as the same group."""
+        carried = self.router.carried()
+        return Handover(
+            launch=self.settings,
+            routing=CarriedRouting(
+                self.router.loader,
+                tuple(sock.fileno() for sock in self.router.sockets),
+                carried.insn_count,
+                carried.program,
+                carried.maps,
+                carried.live_table or 0,
+            ),
+            generation=self.generation + 1,
+            started=self.started,
+            control=self.control.listener.fileno(),
+            control_path=str(self.control.path),
+            notify=self.notify_socket.fileno(),
+            notify_name=self.notify_name,
+            metrics=self.metrics.listener.fileno() if self.metrics is not None else None,
+            workers=workers,
+        )
 
     def execute(self, sup_core: core.Core, actions: list[core.Action]) -> core.Exit | None:
         queue = list(actions)
@@ -231,6 +272,7 @@ class Supervisor:
             if pid == 0:
                 break
             code = os.waitstatus_to_exitcode(status)
+            self.adopted.discard(pid)
             proc = self.children.pop(pid, None)
             if proc is not None:
                 proc.returncode = code  # so subprocess never waits for it again
@@ -267,6 +309,7 @@ class Supervisor:
             max_slots=self.router.max_slots,
             assume_ready_after=COMMAND_READY_AFTER if s.command else None,
             load_error_status=None if s.command else APP_LOAD_ERROR,
+            generation=self.generation,
         )
         wake_r, wake_w = socket.socketpair()
         wake_r.setblocking(False)
@@ -278,6 +321,7 @@ class Supervisor:
 
         handlers = {sig: signal.signal(sig, on_signal) for sig in _SIGNALS}
         old_chld = signal.signal(signal.SIGCHLD, lambda _n, _f: None)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)  # blocked by an upgrade's exec
         try:
             log.info(
                 "%s: %d slots on %s (%s loader, %d BPF instructions)",
@@ -287,7 +331,13 @@ class Supervisor:
                 self.router.loader,
                 self.router.insn_count,
             )
-            done = self.execute(sup_core, sup_core.handle(core.Start(time.monotonic())))
+            first: core.Event = (
+                core.Start(time.monotonic())
+                if self.carried is None
+                else core.Resumed(self.carried, time.monotonic())
+            )
+            self.adopted = {worker.pid for worker in self.carried or ()}
+            done = self.execute(sup_core, sup_core.handle(first))
             while done is None:
                 servers: list[ControlServer | MetricsServer] = [
                     self.control,
@@ -324,13 +374,16 @@ class Supervisor:
                     self.metrics.serve(readable, writable, time.monotonic())
             return done
         finally:
-            for proc in self.children.values():
+            for pid in [*self.children, *self.adopted]:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            for pid in list(self.children):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in [*self.children, *self.adopted]:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
-                self.children.pop(pid).returncode = -9
+            for proc in self.children.values():
+                proc.returncode = -9
+            self.children.clear()
+            self.adopted.clear()
             signal.set_wakeup_fd(old_wakeup)
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -355,18 +408,60 @@ def open_notify_socket() -> tuple[socket.socket, str]:
     return sock, "@" + name
 
 
-def launch(settings: Launch) -> int:
-    """Build the group, run workers until told to stop; returns the exit status."""
-    router = Router.open(
-        settings.bind,
-        settings.spec,
-        settings.workers,
-        udp=settings.udp,
-        loader=settings.loader,
-        backlog=settings.uvicorn.backlog,
+def configure_logging(log_level: str) -> None:
+    logging.basicConfig(
+        level={"trace": "DEBUG"}.get(log_level, log_level.upper()),
+        format="[ebpf-sticky] %(message)s",
+        stream=sys.stderr,
     )
-    with router, ControlServer.open(router) as control, contextlib.ExitStack() as stack:
-        notify_sock, notify_name = open_notify_socket()
+
+
+def launch(settings: Launch) -> int:
+    """Build the group (on the sockets systemd handed in, if any), run workers until told to stop;
+    returns the exit status."""
+    handed = fdstore.handed_in()
+    settings = fdstore.adopt(settings, handed)
+    with fdstore.open_router(settings, handed) as router:
+        fdstore.store_group(settings.spec.key, router)
+        return _run_group(settings, router, open_notify_socket(), ControlServer.open(router))
+
+
+def resume(handover: Handover, state_fd: int) -> int:
+    """Go on as the master this process was before it exec'd: adopt its group, its sockets and
+    its workers (see upgrade.py), then renew the workers slot by slot."""
+    s, r = handover.launch, handover.routing
+    router = Router.adopt(
+        s.bind,
+        s.spec,
+        [socket.socket(fileno=fd) for fd in r.sockets],
+        udp=s.udp,
+        loader=r.loader,
+        carried=Carried(r.insn_count, r.program, r.maps, r.live_table),
+    )
+    os.close(state_fd)
+    with router:
+        return _run_group(
+            s,
+            router,
+            (socket.socket(fileno=handover.notify), handover.notify_name),
+            ControlServer.adopt(socket.socket(fileno=handover.control), Path(handover.control_path), router),
+            metrics=socket.socket(fileno=handover.metrics) if handover.metrics is not None else None,
+            before=handover,
+        )
+
+
+def _run_group(
+    settings: Launch,
+    router: Router,
+    notify: tuple[socket.socket, str],
+    control_server: contextlib.AbstractContextManager[ControlServer],
+    *,
+    metrics: socket.socket | None = None,
+    before: Handover | None = None,
+) -> int:
+    """Secure the group, start the master's threads, and supervise until the end."""
+    with control_server as control, contextlib.ExitStack() as stack:
+        notify_sock, notify_name = notify
         stack.callback(notify_sock.close)
         if settings.pid_file:
             with open(settings.pid_file, "w") as f:
@@ -383,8 +478,13 @@ def launch(settings: Launch) -> int:
         secure_group(plan, router.port, settings.pid_file)
         # Threads only from here on: capset drops the calling thread's capabilities alone.
         stack.enter_context(watching(settings.uvicorn.reload))
-        metrics = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None
-        supervisor = Supervisor(settings, router, notify_sock, notify_name, control, metrics)
+        metrics_server = (
+            stack.enter_context(serve(settings.metrics, router, metrics)) if settings.metrics else None
+        )
+        supervisor = Supervisor(settings, router, notify_sock, notify_name, control, metrics_server)
+        if before is not None:  # go on where the image before left off
+            supervisor.started, supervisor.generation = before.started, before.generation
+            supervisor.carried = before.workers
         done = supervisor.run()
     if done.code == APP_LOAD_ERROR:
         raise AppLoadError(done.message)

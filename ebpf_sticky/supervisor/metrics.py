@@ -52,7 +52,7 @@ def state_of(core: Core) -> State:
 
 
 @functools.cache  # the installed version does not change while the master runs: look it up once
-def _build_version() -> str:
+def build_version() -> str:
     try:
         return version("ebpf-sticky")
     except PackageNotFoundError:  # run from a source tree that was never installed
@@ -89,7 +89,7 @@ def families(loader: str, counters: Counters, state: State) -> list[Metric]:
         InfoMetricFamily(
             "ebpf_sticky_build",
             "Version of ebpf-sticky and of the Python running it",
-            value={"version": _build_version(), "python": platform.python_version()},
+            value={"version": build_version(), "python": platform.python_version()},
         ),
     ]
 
@@ -210,9 +210,7 @@ class MetricsServer:
         sock.close()
 
 
-@contextlib.contextmanager
-def serve(bind: Bind, router: Router) -> Iterator[MetricsServer]:
-    """Listen for scrapes on ``bind`` until the block ends; the loop serves them."""
+def _listen(bind: Bind) -> socket.socket:
     listener = socket.socket(bind.family, socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -223,6 +221,14 @@ def serve(bind: Bind, router: Router) -> Iterator[MetricsServer]:
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"--metrics {bind}: the port is in use: choose another one") from None
         raise ConfigError(f"--metrics {bind}: cannot listen there ({exc.strerror or exc})") from None
+    return listener
+
+
+@contextlib.contextmanager
+def serve(bind: Bind, router: Router, listener: socket.socket | None = None) -> Iterator[MetricsServer]:
+    """Listen for scrapes on ``bind`` (or on ``listener``, already bound there: the one an upgraded
+    master carried over) until the block ends; the loop serves them."""
+    listener = listener or _listen(bind)
     listener.setblocking(False)
     server = MetricsServer(listener, Exporter(router))
     log.info("metrics on http://%s/metrics", bind.with_port(listener.getsockname()[1]))

@@ -12,18 +12,23 @@ our own would need routes into podman's 10.88/16 bridge, outside the addresses t
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from support.launcher import KEY, children, wait_for
+from support.launcher import KEY, Load, Waiting, children, wait_for
+from support.launcher import get as launcher_get
 from support.netlab import v4_sources
 
 from ebpf_sticky.hashing import HashSpec, parse_address
@@ -255,3 +260,134 @@ def test_image_user_without_the_capabilities_to_switch_is_one_line(image: str) -
     assert len(errors) == 1, result.stderr
     assert "--user" in errors[0] and "CAP_SETUID" in errors[0], errors[0]
     assert "Traceback" not in result.stderr
+
+
+# systemd as PID 1 ---------------------------------------------------------------------------------
+# The base image has no systemd and no registry is reachable: its packages come from this host's
+# apt cache, and the few libraries they link that the minimal base lacks from this (same Debian
+# release) host's /lib.
+SYSTEMD_DEBS = ("systemd", "libsystemd-shared", "libsystemd0", "systemd-sysv")
+SYSTEMD_LIBS = (
+    "libapparmor.so.1", "libkmod.so.2", "libfdisk.so.1", "libcryptsetup.so.12", "libip4tc.so.2",
+    "libargon2.so.1", "libdevmapper.so.1.02.1", "libjson-c.so.5",
+)  # fmt: skip
+APT_CACHE = Path("/var/cache/apt/archives")
+UNIT = """\
+[Service]
+Type=notify
+ExecStart=/opt/ebpf-sticky/bin/ebpf-sticky launch app.py --workers {slots} --bind 127.0.0.1:{port}
+WorkingDirectory=/app
+Environment=EBPF_STICKY_USER= XDG_RUNTIME_DIR=/run PYTHONUNBUFFERED=1
+FileDescriptorStoreMax=512
+Restart=on-failure
+RestartSec=1
+KillMode=mixed
+"""
+CONTAINERFILE = """\
+FROM {image}
+COPY libs/ /usr/lib/x86_64-linux-gnu/
+COPY debs/ /tmp/debs/
+RUN dpkg -i --force-depends /tmp/debs/*.deb >/dev/null 2>&1; rm -rf /tmp/debs; test -x /lib/systemd/systemd
+COPY app.py /app/app.py
+COPY ebpf-sticky.service /etc/systemd/system/
+RUN ln -s /etc/systemd/system/ebpf-sticky.service /etc/systemd/system/multi-user.target.wants/
+ENTRYPOINT ["/lib/systemd/systemd"]
+"""
+
+
+@pytest.fixture(scope="module")
+def systemd_image(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    debs = [next(iter(sorted(APT_CACHE.glob(f"{name}_*.deb"))), None) for name in SYSTEMD_DEBS]
+    libs = [Path("/lib/x86_64-linux-gnu") / name for name in SYSTEMD_LIBS]
+    if None in debs or not all(lib.exists() for lib in libs):
+        pytest.skip("no systemd packages in this host's apt cache to put in the image")
+    context = tmp_path_factory.mktemp("systemd-image")
+    for directory, files in (("debs", debs), ("libs", libs)):
+        (context / directory).mkdir()
+        for path in files:
+            assert path is not None
+            shutil.copyfile(path, context / directory / path.name)  # follows the links
+    with socket.socket() as probe:  # a free port, baked into the unit
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (context / "ebpf-sticky.service").write_text(UNIT.format(slots=SLOTS, port=port))
+    shutil.copyfile(ROOT / "tests/e2e/apps/asgi_app.py", context / "app.py")
+    (context / "Containerfile").write_text(CONTAINERFILE.format(image=image))
+    tag = f"localhost/ebpf-sticky:systemd-{uuid.uuid4().hex[:8]}"
+    podman(
+        "build", *RUNTIME, "--network", "none", "--layers=false", "-q", "-t", tag, str(context), timeout=300
+    )
+    try:
+        yield tag, port
+    finally:
+        podman("rmi", "-f", tag, check=False)
+
+
+class SystemdContainer:
+    def __init__(self, image: str) -> None:
+        self.name = f"ebpf-sticky-systemd-{uuid.uuid4().hex[:8]}"
+        # --privileged: systemd mounts its cgroups and runs units in namespaces of its own.
+        run = [*RUN, "-d", "--name", self.name, "--systemd=always", "--privileged", "--network", "host"]
+        subprocess.run([*run, image], capture_output=True, text=True, timeout=60, check=True)
+
+    def exec(self, *argv: str) -> str:
+        return podman("exec", self.name, *argv, timeout=60).stdout
+
+    def show(self, prop: str) -> str:
+        """A property of the service ("" while systemd is still coming up)."""
+        argv = ["exec", self.name, "systemctl", "show", "-p", prop, "--value", "ebpf-sticky"]
+        return podman(*argv, check=False).stdout.strip()
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.exec("ebpf-sticky", "status", "--json"))
+        return result
+
+    def journal(self) -> str:
+        return podman("exec", self.name, "journalctl", "-u", "ebpf-sticky", "--no-pager", check=False).stdout
+
+    def close(self) -> None:
+        podman("rm", "-f", "-t", "0", self.name, check=False)
+
+
+def test_systemd_as_pid_1_keeps_the_group_through_usr2_and_kill_9(
+    systemd_image: tuple[str, int],
+) -> None:
+    image, port = systemd_image
+    container = SystemdContainer(image)
+    try:
+        stored = 1 + SLOTS + 5  # the key, the slots, the program and its 4 maps
+        wait_for(lambda: container.show("NFileDescriptorStore") == str(stored), 60, "the fd store")
+        main = container.show("MainPID")
+        before = {source: launcher_get(source, port)[0] for source in SOURCES}
+        # USR2 under load: the same main pid, every worker new, nothing failed.
+        with Load(port, SOURCES, threads=4) as load:
+            load.wait_requests(100)
+            old = {pid for row in container.status()["slots"] for pid in row["pids"]}
+            container.exec("systemctl", "kill", "-s", "USR2", "--kill-who=main", "ebpf-sticky")
+
+            def renewed() -> bool:
+                with contextlib.suppress(subprocess.CalledProcessError, ValueError):
+                    status = container.status()
+                    pids = [row["pids"] for row in status["slots"]]
+                    return status["generation"] == 1 and all(len(p) == 1 and p[0] not in old for p in pids)
+                return False
+
+            wait_for(renewed, 120, "generation 1")
+            load.wait_requests(100)
+        assert load.failures == [] and container.show("MainPID") == main
+        for source, seen in load.seen.items():
+            assert {slot for slot, _ in seen} == {before[source]}
+        # kill -9 of the master: systemd restarts it with the stored fds; clients meanwhile wait.
+        container.exec("systemctl", "kill", "-s", "KILL", "--kill-who=main", "ebpf-sticky")
+        waiting = [Waiting(source, port) for source in SOURCES]
+        wait_for(lambda: container.show("NRestarts") == "1", 60, "the restart")
+        for client in waiting:
+            client.thread.join(90)
+        answers = {client.source: client.answer for client in waiting}
+        served = sum(isinstance(answer, tuple) for answer in answers.values())
+        print(f"systemd: kill -9 with {len(waiting)} clients waiting: {served} served")
+        assert all(isinstance(a, tuple) and a[0] == before[s] for s, a in answers.items()), answers
+        assert container.show("MainPID") != main
+        assert "systemd handed back 3 slot sockets" in container.journal()
+    finally:
+        container.close()

@@ -266,14 +266,29 @@ def test_systemd_launch_under_the_units_user_and_capabilities() -> None:
         app_uid = pwd.getpwnam(unit_env()["EBPF_STICKY_USER"]).pw_uid
         assert {os.stat(f"/proc/{pid}").st_uid for pid in children(master)} == {app_uid}
         assert "(native loader" in instance.output()
-        # Type=notify: READY=1 from the main pid once every slot serves.
-        assert b"READY=1" in notify.recv(4096).split(b"\n")
+        # Type=notify: READY=1 from the main pid once every slot serves (after FDSTORE=1 messages:
+        # FileDescriptorStoreMax=).
+        messages = [notify.recv(4096).split(b"\n")]
+        while messages[-1] != [b"READY=1"]:
+            messages.append(notify.recv(4096).split(b"\n"))
+        assert [b"FDSTORE=1", b"FDNAME=ebpf-sticky-key"] in messages
         served = {get(source, instance.port)[1] for source in ("127.0.8.1", "127.0.8.2", "127.0.8.3")}
         assert served <= set(children(master))
         # ExecReload: HUP replaces every worker.
         before = set(children(master))
         instance.signal(signal.SIGHUP)
         wait_for(lambda: len(set(children(master)) - before) == 2, 30, "both workers replaced")
+        # USR2 (no capability left to the master): the same pid runs a new image on the same
+        # group, its program and maps, and renews both workers. Only a settled group upgrades.
+        wait_for(lambda: "reload complete" in instance.output(), 60, "the reload")
+        before = set(children(master))
+        instance.signal(signal.SIGUSR2)
+        wait_for(lambda: len(set(children(master)) - before) == 2, 60, "both workers renewed")
+        wait_for(lambda: instance.output().count("reload complete") == 2, 60, "the upgrade's renewal")
+        assert "upgraded in place (generation 1)" in instance.output()
+        assert {get(source, instance.port)[1] for source in ("127.0.8.1", "127.0.8.2")} <= set(
+            children(master)
+        )
         # Stop: TERM to the main pid, exit 0 well before TimeoutStopSec.
         instance.signal(signal.SIGTERM)
         assert instance.finish(timeout=int(unit_settings()["TimeoutStopSec"][0])) == 0

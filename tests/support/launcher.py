@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import os
 import re
@@ -62,6 +63,19 @@ def children(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+def _hand_in(fds: list[int]) -> Any:
+    """In the child before exec: ``fds`` become 3, 4, ... (through high numbers first, so that
+    no fd is overwritten before it is moved)."""
+
+    def move() -> None:
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in fds]
+        for i, fd in enumerate(high):
+            os.dup2(fd, 3 + i)  # inheritable
+            os.close(fd)
+
+    return move
+
+
 @dataclass
 class Instance:
     args: list[str]
@@ -70,19 +84,29 @@ class Instance:
     prefix: list[str] = field(default_factory=list)  # e.g. setpriv ... --
     argv: list[str] | None = None  # instead of `python -m ebpf_sticky launch ARGS`
     own_group: bool = False  # a process group of its own, as a shell gives a foreground job
+    # (name, fd) handed in as fds 3, 4, ... with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID, as
+    # systemd starts a service (sd_listen_fds(3)).
+    handed: list[tuple[str, int]] = field(default_factory=list)
     tag: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self) -> None:
         self.log = tempfile.NamedTemporaryFile("w+", prefix="ebpf-sticky-", suffix=".log")  # noqa: SIM115
         env = {**os.environ, "STICKY_TEST_TAG": self.tag, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        argv = [*self.prefix, *(self.argv or [sys.executable, "-m", "ebpf_sticky", "launch", *self.args])]
+        if self.handed:
+            env.update(LISTEN_FDS=str(len(self.handed)), LISTEN_FDNAMES=":".join(n for n, _ in self.handed))
+            # LISTEN_PID is the pid of the process exec'd: the shell's $$, which it execs into.
+            argv = ["/bin/sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"', "sh", *argv]
         self.proc = subprocess.Popen(
-            [*self.prefix, *(self.argv or [sys.executable, "-m", "ebpf_sticky", "launch", *self.args])],
+            argv,
             cwd=self.cwd,
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=self.own_group,
+            pass_fds=range(3, 3 + len(self.handed)),
+            preexec_fn=_hand_in([fd for _, fd in self.handed]) if self.handed else None,
         )
 
     def output(self) -> str:
@@ -99,11 +123,13 @@ class Instance:
         self.port = int(wait_for(serving, timeout, "all slots serving"))
         return self.port
 
-    def status(self) -> dict[str, Any]:
+    def control_path(self) -> Path:
         host = re.search(r"slots on (\S+):\d+ ", self.output())
         assert host
-        name = socket_name(host.group(1).strip("[]"), self.port)
-        return request(control_dir() / name, {"cmd": "status"})
+        return control_dir() / socket_name(host.group(1).strip("[]"), self.port)
+
+    def status(self) -> dict[str, Any]:
+        return request(self.control_path(), {"cmd": "status"})
 
     def slot_pids(self) -> dict[int, list[int]]:
         return {row["slot"]: row["pids"] for row in self.status()["slots"]}
@@ -230,3 +256,26 @@ class Load:
     def wait_requests(self, count: int, timeout: float = 30.0) -> None:
         start = self.requests
         wait_for(lambda: self.requests >= start + count, timeout, f"{count} more requests")
+
+
+class Waiting:
+    """One client that connects now and sends its request, then waits up to a minute for the answer."""
+
+    def __init__(self, source: str, port: int) -> None:
+        self.source = source
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
+        self.conn.connect()  # the kernel completes the handshake: the connection is in a queue now
+        self.conn.request("GET", "/", headers={"Connection": "close"})
+        self.answer: tuple[int, int] | Exception | None = None
+        self.thread = threading.Thread(target=self._wait)
+        self.thread.start()
+
+    def _wait(self) -> None:
+        try:
+            response = self.conn.getresponse()
+            slot, pid, _ = response.read().split()
+            self.answer = (int(slot), int(pid))
+        except Exception as exc:
+            self.answer = exc
+        finally:
+            self.conn.close()

@@ -358,3 +358,62 @@ def test_commands_count_as_ready_after_a_delay() -> None:
     c.handle(Spawned(0, 10, 0.0))
     assert NotifyReady() not in c.handle(Tick(0.5))
     assert NotifyReady() in c.handle(Tick(1.1))
+
+
+# In-place upgrades (USR2) -------------------------------------------------------------------------
+def test_usr2_hands_the_workers_to_the_next_image() -> None:
+    c = started(2)
+    actions = c.handle(Signal(SignalName.USR2, 1.0))
+    assert kinds(actions, core.Upgrade) == [
+        core.Upgrade((core.Carried(100, 0, True), core.Carried(101, 1, True)))
+    ]
+
+
+def test_usr2_waits_for_a_settled_group() -> None:
+    c = Core(slots=1)
+    c.handle(Start(0.0))
+    assert not kinds(c.handle(Signal(SignalName.USR2, 0.1)), core.Upgrade)  # still starting
+    c = started(2)
+    c.handle(Signal(SignalName.HUP, 1.0))
+    assert not kinds(c.handle(Signal(SignalName.USR2, 1.1)), core.Upgrade)  # reloading
+
+
+def test_a_refused_upgrade_is_logged_and_counted() -> None:
+    c = started(1)
+    (upgrade,) = kinds(c.handle(Signal(SignalName.USR2, 1.0)), core.Upgrade)
+    actions = c.handle(
+        core.ActionFailed(upgrade, "the installed ebpf-sticky cannot start (SyntaxError)", 1.1)
+    )
+    logs = [a for a in actions if isinstance(a, core.Log)]
+    assert any("upgrade refused" in log.message and log.level == "error" for log in logs)
+    assert (c.upgrades_refused, c.phase) == (1, core.Phase.RUNNING)
+
+
+def test_resumed_core_renews_every_slot_one_at_a_time() -> None:
+    c = Core(slots=3, generation=1)
+    carried = (core.Carried(100, 0, True), core.Carried(101, 1, True), core.Carried(102, 2, True))
+    actions = c.handle(core.Resumed(carried, 0.0))
+    assert kinds(actions, Spawn) == [Spawn(0)]
+    assert c.phase is core.Phase.RUNNING and not kinds(actions, NotifyReady)
+    pid = 200
+    for slot in range(3):
+        c.handle(Spawned(slot, pid + slot, 0.1))
+        actions = c.handle(Ready(pid + slot, 0.2))
+        assert Kill(100 + slot, "TERM") in actions
+        assert kinds(actions, Spawn) == ([Spawn(slot + 1)] if slot < 2 else [])
+    assert sorted(w.pid for w in c.workers.values() if w.stop_sent is None) == [200, 201, 202]
+
+
+def test_resumed_core_refills_a_slot_whose_worker_died_during_the_exec() -> None:
+    c = Core(slots=2, generation=1)
+    actions = c.handle(core.Resumed((core.Carried(100, 0, True),), 0.0))
+    assert sorted(a.slot for a in actions if isinstance(a, Spawn)) == [0, 1]
+
+
+def test_a_new_worker_that_fails_after_an_upgrade_leaves_the_old_one_serving() -> None:
+    c = Core(slots=1, generation=1)
+    c.handle(core.Resumed((core.Carried(100, 0, True),), 0.0))
+    c.handle(Spawned(0, 200, 0.1))
+    actions = c.handle(Exited(200, APP_LOAD_ERROR, 0.5))
+    assert not kinds(actions, Kill) and not kinds(actions, Exit)
+    assert list(c.workers) == [100]

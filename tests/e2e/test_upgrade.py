@@ -1,0 +1,170 @@
+"""In-place upgrades of the master (SIGUSR2, `ebpf-sticky upgrade`) under load from many sources."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support.launcher import KEY, SPEC, Instance, Load, get, launched, wait_for
+from support.netlab import v4_sources
+
+import ebpf_sticky
+from ebpf_sticky.errors import ControlError
+from ebpf_sticky.hashing import parse_address
+from ebpf_sticky.kernel.loaders import LOADERS
+
+SOURCES = v4_sources(500, start=9000)
+BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "10"]
+WORKERS = 3
+
+
+def renewed(instance: Instance, generation: int, old: set[int]) -> bool:
+    """The instance runs ``generation``, and every slot has exactly one worker, none of ``old``."""
+    try:
+        status = instance.status()
+    except ControlError:  # a request the old image had accepted when it exec'd: ask again
+        return False
+    pids = [row["pids"] for row in status["slots"]]
+    settled = status["generation"] == generation and status["phase"] == "running"
+    return settled and all(len(p) == 1 for p in pids) and old.isdisjoint(p[0] for p in pids)
+
+
+def worker_pids(instance: Instance) -> set[int]:
+    return {pid for pids in instance.slot_pids().values() for pid in pids}
+
+
+def upgrade_twice_under_load(instance: Instance, loader: str = "native") -> None:
+    master = instance.proc.pid
+    seen: set[int] = set()
+    with Load(instance.port, SOURCES, threads=8) as load:
+        load.wait_requests(500, timeout=60)
+        for generation in (1, 2):
+            old = worker_pids(instance)
+            seen |= old
+            began = time.monotonic()
+            instance.signal(signal.SIGUSR2)
+            wait_for(lambda g=generation, o=old: renewed(instance, g, o), 120, f"generation {generation}")
+            print(f"generation {generation}: every worker renewed after {time.monotonic() - began:.2f} s")
+            load.wait_requests(500, timeout=60)
+    final = worker_pids(instance)
+    status = instance.status()
+    print(f"USR2 x2: {load.requests} requests from {len(load.seen)} sources, {len(load.failures)} failed")
+    assert load.failures == []
+    assert status["pid"] == master and instance.proc.poll() is None
+    # ps and `pgrep -f` still show the command line it was launched with.
+    cmdline = Path(f"/proc/{master}/cmdline").read_bytes().split(b"\0")
+    launched_as = [sys.executable, "-m", "ebpf_sticky", "launch", *instance.args]
+    assert cmdline[cmdline.index(b"--") + 1 : -1] == [os.fsencode(arg) for arg in launched_as]
+    assert status["generation"] == 2 and status["version"] == ebpf_sticky_version()
+    assert final.isdisjoint(seen) and len(final) == WORKERS
+    assert len(load.seen) == len(SOURCES)
+    for source, answers in load.seen.items():
+        assert {slot for slot, _ in answers} == {
+            LOADERS[loader].slot_of(parse_address(source), SPEC, WORKERS)
+        }
+
+
+def ebpf_sticky_version() -> str:
+    from importlib.metadata import version
+
+    return version("ebpf-sticky")
+
+
+@pytest.mark.parametrize("loader", ["native", "cbpf"])
+def test_two_usr2_under_load_with_uvicorn_workers(loader: str) -> None:
+    args = ["asgi_app.py", "-w", str(WORKERS), *BASE, "--loader", loader, "--metrics", "127.0.0.1:0"]
+    with launched(args) as instance:
+        upgrade_twice_under_load(instance, loader)
+        assert instance.output().count("upgraded in place") == 2
+        assert f"({loader} loader," in instance.output().rsplit("upgrading the master", 1)[1]
+
+
+def test_two_usr2_under_load_with_command_workers() -> None:
+    node = shutil.which("node")
+    assert node, "node is installed by .ci/run"
+    with launched(["-w", str(WORKERS), *BASE, "--", node, "server.js"]) as instance:
+        upgrade_twice_under_load(instance)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ebpf_sticky", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture
+def own_install(tmp_path: Path) -> Path:
+    """A copy of the installed package that the launched master imports (PYTHONPATH first):
+    an install the test can break and repair under a running master."""
+    site = tmp_path / "site"
+    shutil.copytree(Path(ebpf_sticky.__file__).parent, site / "ebpf_sticky")
+    return site
+
+
+def test_upgrade_to_a_broken_install_is_refused_and_the_group_serves_on(own_install: Path) -> None:
+    broken = own_install / "ebpf_sticky" / "handover.py"
+    good = broken.read_text()
+    args = ["asgi_app.py", "-w", "2", *BASE]
+    with launched(args, extra_env={"PYTHONPATH": str(own_install)}) as instance:
+        assert str(own_install) in Path(f"/proc/{instance.proc.pid}/environ").read_text()
+        before = instance.slot_pids()
+        with Load(instance.port, SOURCES[:100], threads=4) as load:
+            load.wait_requests(100)
+            broken.write_text(good + "\ndef broken(:\n")
+            refused = cli("upgrade", "--port", str(instance.port))
+            load.wait_requests(100)
+            assert instance.slot_pids() == before  # the same workers: nothing was replaced
+            broken.write_text(good)
+            repaired = cli("upgrade", "--port", str(instance.port))
+            wait_for(lambda: renewed(instance, 1, worker_pids_of(before)), 120, "the repaired upgrade")
+            load.wait_requests(100)
+        print(refused.stderr.strip())
+        assert refused.returncode == 2, refused
+        assert "upgrade refused: the installed ebpf-sticky cannot start (SyntaxError" in refused.stderr
+        assert "handover.py" in refused.stderr
+        log_lines = [line for line in instance.output().splitlines() if "upgrade refused" in line]
+        assert len(log_lines) == 1 and "this master keeps serving" in log_lines[0]
+        assert repaired.returncode == 0 and "generation 1" in repaired.stdout, repaired
+        assert load.failures == []
+        assert instance.status()["pid"] == instance.proc.pid
+
+
+def worker_pids_of(slot_pids: dict[int, list[int]]) -> set[int]:
+    return {pid for pids in slot_pids.values() for pid in pids}
+
+
+def test_usr2_while_starting_is_not_fatal() -> None:
+    """Before the group is settled the master says so and carries on (USR2 no longer kills it)."""
+    instance = Instance(["asgi_app.py", "-w", "2", *BASE])
+    try:
+        wait_for(lambda: "slots on" in instance.output(), 60, "the group")
+        instance.signal(signal.SIGUSR2)
+        instance.wait_serving()
+        assert instance.status()["generation"] in (0, 1)
+    finally:
+        instance.close()
+
+
+@pytest.mark.parametrize("loader", ["native", "cbpf"])
+def test_an_upgraded_master_still_adds_and_retires_slots(loader: str) -> None:
+    """The adopted routing (which bucket table is live, the program) keeps working: TTIN and TTOU
+    after an upgrade route every source where the loader's mirror says."""
+    mirror = LOADERS[loader].slot_of
+    sources = SOURCES[:120]
+    with launched(["asgi_app.py", "-w", "2", *BASE, "--loader", loader]) as instance:
+        old = worker_pids(instance)
+        instance.signal(signal.SIGUSR2)
+        wait_for(lambda: renewed(instance, 1, old), 120, "generation 1")
+        for sig, slots in ((signal.SIGTTIN, 3), (signal.SIGTTIN, 4), (signal.SIGTTOU, 3)):
+            instance.signal(sig)
+            wait_for(
+                lambda n=slots: len(instance.slot_pids()) == n and renewed(instance, 1, old), 60, "slots"
+            )
+            got = {source: get(source, instance.port)[0] for source in sources}
+            assert got == {source: mirror(parse_address(source), SPEC, slots) for source in sources}
