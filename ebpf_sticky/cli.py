@@ -3,31 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import grp
 import json
-import logging
 import os
-import pwd
 import sys
 from collections.abc import Sequence
 
-from . import config
+from . import config, settings
 from . import options as uvicorn_options
-from .addresses import parse_bind
+from .api import serve
 from .control import control_dir, find_instance, request
 from .errors import ConfigError, StickyError
 from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address
 from .kernel.cbpf import MAX_CBPF_SLOTS
-from .kernel.loaders import CHOICES, LOADERS, max_slots
+from .kernel.loaders import CHOICES, LOADERS
 from .options import whole_number
+from .settings import LOG_LEVELS, default_workers, env_twin
 
-ENV_PREFIX = "EBPF_STICKY_"
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    """The EBPF_STICKY_* twin of an option. argparse converts (and checks) string defaults with
-    the option's type, so a bad environment value is reported like a bad flag."""
-    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
+# argparse converts (and checks) string defaults with the option's type, so a bad EBPF_STICKY_*
+# twin is reported like a bad flag.
+_env = env_twin
 
 
 def _add_hash_options(parser: argparse.ArgumentParser) -> None:
@@ -48,10 +42,6 @@ def _add_hash_options(parser: argparse.ArgumentParser) -> None:
         default=_env("prefix6", str(DEFAULT_PREFIX6)),
         help="IPv6 clients in one prefix of this length share a worker (default 64)",
     )
-
-
-def _workers_default() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def _versions() -> str:
@@ -84,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-w",
         "--workers",
         type=whole_number,
-        default=_env("workers", str(_workers_default())),
+        default=_env("workers", str(default_workers())),
         help="worker processes, one per slot (default: CPUs)",
     )
     launch.add_argument(
@@ -134,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument(
         "--log-level",
         default=_env("log-level", "info"),
-        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        choices=LOG_LEVELS,
     )
     _add_hash_options(launch)
     uvicorn_options.add_arguments(launch, _env)
@@ -165,59 +155,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None]:
-    # Empty means unset, so `-e EBPF_STICKY_USER=` can lift an image's default user.
-    uid = gid = None
-    if user:
-        try:
-            entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-        except KeyError:
-            raise ConfigError(f"--user {user!r}: no such user on this machine") from None
-        uid, gid = entry.pw_uid, entry.pw_gid
-    if group:
-        try:
-            gid = (grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))).gr_gid
-        except KeyError:
-            raise ConfigError(f"--group {group!r}: no such group on this machine") from None
-    return uid, gid
-
-
 def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.Launch:
-    from .targets import check_target_exists, parse_target
-
-    if args.target is not None and not command:
-        check_target_exists(parse_target(args.target), args.app_dir)
-    uid, gid = _ids(args.user, args.group)
-    key = config.parse_key(args.hash_key) if args.hash_key else os.urandom(16)
-    return config.Launch(
-        bind=parse_bind(args.bind),
-        workers=config.check_workers(args.workers, max_slots(args.loader), args.loader),
-        spec=config.hash_spec(key, args.prefix4, args.prefix6),
+    return settings.launch_settings(
         target=args.target,
-        command=tuple(command),
-        factory=args.factory,
+        command=command,
+        bind=args.bind,
+        workers=args.workers,
         udp=args.udp,
         loader=args.loader,
+        factory=args.factory,
         graceful_timeout=args.graceful_timeout,
-        uid=uid,
-        gid=gid,
+        user=args.user,
+        group=args.group,
         pid_file=args.pid_file,
+        metrics=args.metrics,
         log_level=args.log_level,
-        metrics=parse_bind(args.metrics, "--metrics") if args.metrics else None,
+        hash_key=args.hash_key,
+        prefix4=args.prefix4,
+        prefix6=args.prefix6,
         uvicorn=uvicorn_options.from_args(args),
     )
 
 
 def cmd_launch(args: argparse.Namespace, command: Sequence[str]) -> int:
-    settings = launch_settings(args, command)
-    logging.basicConfig(
-        level={"trace": "DEBUG"}.get(settings.log_level, settings.log_level.upper()),
-        format="[ebpf-sticky] %(message)s",
-        stream=sys.stderr,
-    )
-    from .supervisor.loop import launch
-
-    return launch(settings)
+    return serve(launch_settings(args, command))
 
 
 def cmd_route(args: argparse.Namespace) -> int:

@@ -261,13 +261,11 @@ def test_the_readme_migration_line_means_what_uvicorn_means() -> None:
 
 
 def test_run_takes_uvicorn_run_keywords() -> None:
-    flags = uvicorn_options.argv(
-        {"ssl_certfile": "c.pem", "access_log": True, "proxy_headers": False,
-         "headers": [("X-A", "1"), "X-B: 2"], "reload_dirs": ["src"], "limit_max_requests": 100}
-    )  # fmt: skip
-    assert flags == ["--ssl-certfile", "c.pem", "--access-log", "--no-proxy-headers", "--header", "X-A:1",
-                     "--header", "X-B: 2", "--reload-dir", "src", "--limit-max-requests", "100"]  # fmt: skip
-    options = uvicorn_options.parse(build_parser().parse_args(["launch", "app.py", *flags, "--reload"]))
-    assert options.config["headers"] == [["X-A", "1"], ["X-B", "2"]] and options.limit_max_requests == 100
+    keywords = {"access_log": True, "proxy_headers": False, "headers": [("X-A", "1"), "X-B: 2"],
+                "reload": True, "reload_dirs": ["."], "limit_max_requests": 100}  # fmt: skip
+    options = uvicorn_options.from_keywords(keywords, lambda name: None)
+    headers = [["X-A", "1"], ["X-B", "2"]]
+    assert options.config == {"access_log": True, "proxy_headers": False, "headers": headers}
+    assert options.limit_max_requests == 100 and options.reload == Reload(dirs=(".",))
     with pytest.raises(ConfigError, match="run\\(\\) got workerz=: not a uvicorn option"):
-        uvicorn_options.argv({"workerz": 3})
+        uvicorn_options.from_keywords({"workerz": 3}, lambda name: None)
