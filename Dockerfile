@@ -12,7 +12,7 @@ ARG BASE=docker.io/library/python:3.11-slim-bookworm
 
 FROM ${BASE} AS build
 ARG PIP_OPTIONS=""
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md LICENSE /src/
 COPY ebpf_sticky /src/ebpf_sticky
 RUN python3 -m venv /opt/ebpf-sticky \
  && /opt/ebpf-sticky/bin/pip install --no-cache-dir ${PIP_OPTIONS} /src \

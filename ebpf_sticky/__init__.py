@@ -1,5 +1,6 @@
 """ebpf-sticky: sticky sessions for multi-process servers, routed in the kernel by eBPF."""
 
+from ._version import __version__
 from .addresses import Bind, parse_bind
 from .api import run
 from .errors import (
@@ -20,6 +21,7 @@ from .kernel.router import Counters, Router
 from .stopping import on_stop
 
 __all__ = [
+    "__version__",
     "AddressInUseError",
     "Bind",
     "BpfDeniedError",

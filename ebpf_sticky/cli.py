@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from . import config, settings
 from . import options as uvicorn_options
+from ._version import __version__
 from .api import serve
 from .control import control_dir, find_instance, request
 from .errors import ConfigError, StickyError
@@ -53,7 +54,7 @@ def _versions() -> str:
         except PackageNotFoundError:
             return "not installed"
 
-    return f"ebpf-sticky {of('ebpf-sticky')} (uvicorn {of('uvicorn')})"
+    return f"ebpf-sticky {__version__} (uvicorn {of('uvicorn')})"
 
 
 def build_parser() -> argparse.ArgumentParser:

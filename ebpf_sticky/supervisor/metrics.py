@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import platform
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .._version import __version__
 from ..addresses import Bind
 from ..errors import ConfigError
 from ..kernel.router import Counters, Router
@@ -39,14 +38,6 @@ class State:
 
 def state_of(core: Core) -> State:
     return State(core.slots, sum(worker.ready for worker in core.workers.values()), dict(core.restarts))
-
-
-@functools.cache  # the installed version does not change while the master runs: look it up once
-def _build_version() -> str:
-    try:
-        return version("ebpf-sticky")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
 
 
 def families(loader: str, counters: Counters, state: State) -> list[Metric]:
@@ -79,7 +70,7 @@ def families(loader: str, counters: Counters, state: State) -> list[Metric]:
         InfoMetricFamily(
             "ebpf_sticky_build",
             "Version of ebpf-sticky and of the Python running it",
-            value={"version": _build_version(), "python": platform.python_version()},
+            value={"version": __version__, "python": platform.python_version()},
         ),
     ]
 
