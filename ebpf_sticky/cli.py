@@ -29,18 +29,21 @@ def _add_hash_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hash-key",
         default=_env("hash-key"),
+        metavar="HEX32",
         help="128-bit key as 32 hex digits (default: random per launch)",
     )
     parser.add_argument(
         "--prefix4",
         type=whole_number,
         default=_env("prefix4", str(DEFAULT_PREFIX4)),
+        metavar="LENGTH",
         help="IPv4 clients in one prefix of this length share a worker (default 32)",
     )
     parser.add_argument(
         "--prefix6",
         type=whole_number,
         default=_env("prefix6", str(DEFAULT_PREFIX6)),
+        metavar="LENGTH",
         help="IPv6 clients in one prefix of this length share a worker (default 64)",
     )
 
@@ -76,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=whole_number,
         default=_env("workers", str(default_workers())),
+        metavar="N",
         help="worker processes, one per slot (default: CPUs)",
     )
     launch.add_argument(
         "-b",
         "--bind",
         default=_env("bind", config.DEFAULT_BIND),
+        metavar="HOST:PORT",
         help="HOST:PORT; [::]:PORT is dual-stack (default 127.0.0.1:8000)",
     )
     launch.add_argument(
@@ -110,12 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="graceful_timeout",
         type=float,
         default=_env("graceful-timeout", _env("timeout-graceful-shutdown", "30")),
+        metavar="SECONDS",
         help="seconds workers get to finish on TERM, HUP or TTOU (default 30); "
         "--timeout-graceful-shutdown is uvicorn's name for it",
     )
-    launch.add_argument("--user", default=_env("user"), help="workers run as this user")
-    launch.add_argument("--group", default=_env("group"), help="workers run as this group")
-    launch.add_argument("--pid-file", default=_env("pid-file"), help="write the master's pid here")
+    launch.add_argument("--user", default=_env("user"), metavar="USER", help="workers run as this user")
+    launch.add_argument("--group", default=_env("group"), metavar="GROUP", help="workers run as this group")
+    launch.add_argument(
+        "--pid-file", default=_env("pid-file"), metavar="FILE", help="write the master's pid here"
+    )
     launch.add_argument(
         "--metrics",
         default=_env("metrics"),
@@ -126,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default=_env("log-level", "info"),
         choices=LOG_LEVELS,
+        help="the master's log level, and uvicorn's in the workers (default info)",
     )
     _add_hash_options(launch)
     uvicorn_options.add_arguments(launch, _env)
