@@ -32,7 +32,6 @@ def test_the_page_names_every_launch_option_and_its_twin() -> None:
     page = generator().render()
     launch = build_parser().parse_args(["launch", "app.py"])
     flags = set(re.findall(r"^#{3,4} .*?`(--[a-z0-9-]+)", page, re.M))
-    assert {name.replace("_", "-") for name in vars(launch) if not name.startswith("_")} - {"command", "target"} <= {
-        flag[2:] for flag in flags
-    }
+    options = {name.replace("_", "-") for name in vars(launch) if not name.startswith("_")}
+    assert options - {"command", "target"} <= {flag[2:] for flag in flags}
     assert page.count("Environment: `EBPF_STICKY_") == len(flags)

@@ -250,9 +250,10 @@ def test_a_successor_that_fails_to_boot_leaves_the_worker_serving() -> None:
     assert 100 in c.workers and c.workers[100].stop_sent is None
 
 
-def test_the_readme_migration_line_means_what_uvicorn_means() -> None:
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    theirs, ours = re.search(r"```sh\n(uvicorn app:app .*)\n(ebpf-sticky launch .*)\n```", readme).groups()  # type: ignore[union-attr]
+@pytest.mark.parametrize("page", ["README.md", "docs/how-to/uvicorn-migration.md"])
+def test_the_migration_line_means_what_uvicorn_means(page: str) -> None:
+    text = (Path(__file__).parents[2] / page).read_text()
+    theirs, ours = re.search(r"```sh\n(uvicorn app:app .*)\n(ebpf-sticky launch .*)\n```", text).groups()  # type: ignore[union-attr]
     assert ours.split()[2:] == theirs.split()[1:]  # the same words after the command
     args = build_parser().parse_args(ours.split()[1:])
     options = uvicorn_options.parse(args)
