@@ -20,29 +20,25 @@ from .kernel.loaders import CHOICES, LOADERS
 from .options import whole_number
 from .settings import LOG_LEVELS, default_workers, env_twin
 
-# argparse converts (and checks) string defaults with the option's type, so a bad EBPF_STICKY_*
-# twin is reported like a bad flag.
-_env = env_twin
-
 
 def _add_hash_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hash-key",
-        default=_env("hash-key"),
+        default=env_twin("hash-key"),
         metavar="HEX32",
         help="128-bit key as 32 hex digits (default: random per launch)",
     )
     parser.add_argument(
         "--prefix4",
         type=whole_number,
-        default=_env("prefix4", str(DEFAULT_PREFIX4)),
+        default=env_twin("prefix4", str(DEFAULT_PREFIX4)),
         metavar="LENGTH",
         help="IPv4 clients in one prefix of this length share a worker (default 32)",
     )
     parser.add_argument(
         "--prefix6",
         type=whole_number,
-        default=_env("prefix6", str(DEFAULT_PREFIX6)),
+        default=env_twin("prefix6", str(DEFAULT_PREFIX6)),
         metavar="LENGTH",
         help="IPv6 clients in one prefix of this length share a worker (default 64)",
     )
@@ -61,6 +57,9 @@ def _versions() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The commands and their options. Each launch option's default is its EBPF_STICKY_* twin when
+    set: argparse converts (and checks) string defaults with the option's type, so a bad twin is
+    reported like a bad flag."""
     parser = argparse.ArgumentParser(
         prog="ebpf-sticky",
         description="Sticky sessions for multi-process servers, routed by the kernel.",
@@ -78,27 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
         "-w",
         "--workers",
         type=whole_number,
-        default=_env("workers", str(default_workers())),
+        default=env_twin("workers", str(default_workers())),
         metavar="N",
         help="worker processes, one per slot (default: CPUs)",
     )
     launch.add_argument(
         "-b",
         "--bind",
-        default=_env("bind", config.DEFAULT_BIND),
+        default=env_twin("bind", config.DEFAULT_BIND),
         metavar="HOST:PORT",
         help="HOST:PORT; [::]:PORT is dual-stack (default 127.0.0.1:8000)",
     )
     launch.add_argument(
         "--udp",
         action="store_true",
-        default=_env("udp", "") not in ("", "0"),
+        default=env_twin("udp", "") not in ("", "0"),
         help="UDP sockets, for -- COMMAND servers",
     )
     launch.add_argument(
         "--loader",
         choices=CHOICES,
-        default=_env("loader", "auto"),
+        default=env_twin("loader", "auto"),
         help="auto (default): native if the kernel allows eBPF, else cbpf; native: eBPF built in "
         "Python; bcc: compile bpf/select.c; cbpf: classic BPF, no privilege, "
         f"at most {MAX_CBPF_SLOTS} workers",
@@ -106,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument(
         "--factory",
         action="store_true",
-        default=_env("factory", "") not in ("", "0"),
+        default=env_twin("factory", "") not in ("", "0"),
         help="TARGET is a callable that returns the app",
     )
     launch.add_argument(
@@ -114,30 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout-graceful-shutdown",
         dest="graceful_timeout",
         type=float,
-        default=_env("graceful-timeout", _env("timeout-graceful-shutdown", "30")),
+        default=env_twin("graceful-timeout", env_twin("timeout-graceful-shutdown", "30")),
         metavar="SECONDS",
         help="seconds workers get to finish on TERM, HUP or TTOU (default 30); "
         "--timeout-graceful-shutdown is uvicorn's name for it",
     )
-    launch.add_argument("--user", default=_env("user"), metavar="USER", help="workers run as this user")
-    launch.add_argument("--group", default=_env("group"), metavar="GROUP", help="workers run as this group")
+    launch.add_argument("--user", default=env_twin("user"), metavar="USER", help="workers run as this user")
     launch.add_argument(
-        "--pid-file", default=_env("pid-file"), metavar="FILE", help="write the master's pid here"
+        "--group", default=env_twin("group"), metavar="GROUP", help="workers run as this group"
+    )
+    launch.add_argument(
+        "--pid-file", default=env_twin("pid-file"), metavar="FILE", help="write the master's pid here"
     )
     launch.add_argument(
         "--metrics",
-        default=_env("metrics"),
+        default=env_twin("metrics"),
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
     )
     launch.add_argument(
         "--log-level",
-        default=_env("log-level", "info"),
+        default=env_twin("log-level", "info"),
         choices=LOG_LEVELS,
         help="the master's log level, and uvicorn's in the workers (default info)",
     )
     _add_hash_options(launch)
-    uvicorn_options.add_arguments(launch, _env)
+    uvicorn_options.add_arguments(launch, env_twin)
 
     route = sub.add_parser("route", help="which worker slot serves each ADDRESS")
     route.add_argument("addresses", nargs="+", metavar="ADDRESS")
