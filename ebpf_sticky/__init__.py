@@ -5,6 +5,7 @@ from .addresses import Bind, parse_bind
 from .api import run
 from .errors import (
     AddressInUseError,
+    AppLoadError,
     BpfDeniedError,
     ConfigError,
     ControlError,
@@ -23,6 +24,7 @@ from .stopping import on_stop
 __all__ = [
     "__version__",
     "AddressInUseError",
+    "AppLoadError",
     "Bind",
     "BpfDeniedError",
     "ConfigError",
