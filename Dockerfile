@@ -3,7 +3,7 @@
 # unprivileged user `sticky`. Serve your app by building FROM this image:
 #   FROM ebpf-sticky
 #   COPY app.py /app/app.py
-# and run it with the privileges the router needs (README, "Deploying"):
+# and run it with the privileges the router needs (docs/how-to/deploy-container.md):
 #   podman run --cap-drop ALL --cap-add BPF --cap-add SETUID --cap-add SETGID --cap-add KILL \
 #     --security-opt seccomp=deploy/seccomp/ebpf-sticky.json -p 8000:8000 ebpf-sticky
 # Build arguments: BASE (any Debian-based image with python3 and its venv module), PIP_OPTIONS
@@ -12,7 +12,7 @@ ARG BASE=docker.io/library/python:3.11-slim-bookworm
 
 FROM ${BASE} AS build
 ARG PIP_OPTIONS=""
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md LICENSE /src/
 COPY ebpf_sticky /src/ebpf_sticky
 RUN python3 -m venv /opt/ebpf-sticky \
  && /opt/ebpf-sticky/bin/pip install --no-cache-dir ${PIP_OPTIONS} /src \

@@ -1,9 +1,11 @@
 """ebpf-sticky: sticky sessions for multi-process servers, routed in the kernel by eBPF."""
 
+from ._version import __version__
 from .addresses import Bind, parse_bind
 from .api import run
 from .errors import (
     AddressInUseError,
+    AppLoadError,
     BpfDeniedError,
     ConfigError,
     ControlError,
@@ -20,7 +22,9 @@ from .kernel.router import Counters, Router
 from .stopping import on_stop
 
 __all__ = [
+    "__version__",
     "AddressInUseError",
+    "AppLoadError",
     "Bind",
     "BpfDeniedError",
     "ConfigError",

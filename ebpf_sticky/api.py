@@ -7,8 +7,11 @@ import sys
 from typing import Any
 
 from . import config
-from .errors import ConfigError, StickyError
+from .config import Launch
+from .errors import ConfigError
 from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6
+from .options import from_keywords
+from .settings import ENV_PREFIX, env_twin, launch_settings
 
 
 def locate(app: Any) -> str:
@@ -46,37 +49,52 @@ def run(
     prefix6: int = DEFAULT_PREFIX6,
     graceful_timeout: float = 30.0,
     log_level: str = "info",
+    user: str | None = None,
+    group: str | None = None,
+    pid_file: str | None = None,
+    metrics: str | None = None,
     **uvicorn: Any,
 ) -> int:
     """Serve ``app`` (an ASGI/WSGI app, a factory with ``factory=True``, or a target string) with
-    sticky workers until stopped; returns the exit status. Exactly `ebpf-sticky launch`: the same
-    validation, defaults and one-line errors. uvicorn's options go by their ``uvicorn.run`` names
-    (``ssl_certfile=...``, ``access_log=True``, ``limit_max_requests=...``)."""
-    from .cli import main, report
-    from .options import argv as uvicorn_argv
+    sticky workers until stopped; returns the exit status. The settings of `ebpf-sticky launch`,
+    checked by the same function: uvicorn's options go by their ``uvicorn.run`` names
+    (``ssl_certfile=...``, ``access_log=True``, ``limit_max_requests=...``), and what is not given
+    falls back to its EBPF_STICKY_* twin (``workers``: the CPU count). Raises ``ConfigError`` for a
+    bad argument, before anything starts, and the other ``StickyError``s for what the kernel or
+    the app refuses."""
+    settings = launch_settings(
+        target=locate(app),
+        bind=bind,
+        workers=workers if workers is not None else _twin_count("workers"),
+        factory=factory,
+        loader=loader,
+        hash_key=hash_key if hash_key is not None else env_twin("hash-key"),
+        prefix4=prefix4,
+        prefix6=prefix6,
+        graceful_timeout=graceful_timeout,
+        log_level=log_level,
+        user=user if user is not None else env_twin("user"),
+        group=group if group is not None else env_twin("group"),
+        pid_file=pid_file if pid_file is not None else env_twin("pid-file"),
+        metrics=metrics if metrics is not None else env_twin("metrics"),
+        uvicorn=from_keywords(uvicorn, env_twin),
+    )
+    return serve(settings)
 
+
+def _twin_count(name: str) -> int | None:
+    text = env_twin(name)
+    if text is None:
+        return None
     try:
-        target = locate(app)
-        extra = uvicorn_argv(uvicorn)
-    except StickyError as exc:
-        return report(exc)
-    argv = [
-        "launch",
-        target,
-        "--bind",
-        bind,
-        "--loader",
-        loader,
-        "--prefix4",
-        str(prefix4),
-        "--prefix6",
-        str(prefix6),
-        "--graceful-timeout",
-        str(graceful_timeout),
-        "--log-level",
-        log_level,
-    ]
-    argv += ["--workers", str(workers)] if workers is not None else []
-    argv += ["--hash-key", hash_key] if hash_key is not None else []
-    argv += ["--factory"] if factory else []
-    return main(argv + extra)
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}: expected a whole number, got {text!r}") from None
+
+
+def serve(settings: Launch) -> int:
+    """Run a validated launch until it stops; returns the exit status (the CLI's path too)."""
+    from .supervisor.loop import configure_logging, launch
+
+    configure_logging(settings.log_level)
+    return launch(settings)

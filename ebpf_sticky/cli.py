@@ -3,54 +3,45 @@
 from __future__ import annotations
 
 import argparse
-import grp
 import json
 import os
-import pwd
 import sys
 from collections.abc import Sequence
 
-from . import config
+from . import config, settings
 from . import options as uvicorn_options
-from .addresses import parse_bind
+from ._version import __version__
+from .api import serve
 from .control import control_dir, find_instance, request, upgrade
 from .errors import ConfigError, StickyError
 from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address
 from .kernel.cbpf import MAX_CBPF_SLOTS
-from .kernel.loaders import CHOICES, LOADERS, max_slots
+from .kernel.loaders import CHOICES, LOADERS
 from .options import whole_number
-
-ENV_PREFIX = "EBPF_STICKY_"
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    """The EBPF_STICKY_* twin of an option. argparse converts (and checks) string defaults with
-    the option's type, so a bad environment value is reported like a bad flag."""
-    return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
+from .settings import LOG_LEVELS, default_workers, env_twin
 
 
 def _add_hash_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hash-key",
-        default=_env("hash-key"),
+        default=env_twin("hash-key"),
+        metavar="HEX32",
         help="128-bit key as 32 hex digits (default: random per launch)",
     )
     parser.add_argument(
         "--prefix4",
         type=whole_number,
-        default=_env("prefix4", str(DEFAULT_PREFIX4)),
+        default=env_twin("prefix4", str(DEFAULT_PREFIX4)),
+        metavar="LENGTH",
         help="IPv4 clients in one prefix of this length share a worker (default 32)",
     )
     parser.add_argument(
         "--prefix6",
         type=whole_number,
-        default=_env("prefix6", str(DEFAULT_PREFIX6)),
+        default=env_twin("prefix6", str(DEFAULT_PREFIX6)),
+        metavar="LENGTH",
         help="IPv6 clients in one prefix of this length share a worker (default 64)",
     )
-
-
-def _workers_default() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def _versions() -> str:
@@ -62,10 +53,13 @@ def _versions() -> str:
         except PackageNotFoundError:
             return "not installed"
 
-    return f"ebpf-sticky {of('ebpf-sticky')} (uvicorn {of('uvicorn')})"
+    return f"ebpf-sticky {__version__} (uvicorn {of('uvicorn')})"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The commands and their options. Each launch option's default is its EBPF_STICKY_* twin when
+    set: argparse converts (and checks) string defaults with the option's type, so a bad twin is
+    reported like a bad flag."""
     parser = argparse.ArgumentParser(
         prog="ebpf-sticky",
         description="Sticky sessions for multi-process servers, routed by the kernel.",
@@ -83,25 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
         "-w",
         "--workers",
         type=whole_number,
-        default=_env("workers", str(_workers_default())),
+        default=env_twin("workers", str(default_workers())),
+        metavar="N",
         help="worker processes, one per slot (default: CPUs)",
     )
     launch.add_argument(
         "-b",
         "--bind",
-        default=_env("bind", config.DEFAULT_BIND),
+        default=env_twin("bind", config.DEFAULT_BIND),
+        metavar="HOST:PORT",
         help="HOST:PORT; [::]:PORT is dual-stack (default 127.0.0.1:8000)",
     )
     launch.add_argument(
         "--udp",
         action="store_true",
-        default=_env("udp", "") not in ("", "0"),
+        default=env_twin("udp", "") not in ("", "0"),
         help="UDP sockets, for -- COMMAND servers",
     )
     launch.add_argument(
         "--loader",
         choices=CHOICES,
-        default=_env("loader", "auto"),
+        default=env_twin("loader", "auto"),
         help="auto (default): native if the kernel allows eBPF, else cbpf; native: eBPF built in "
         "Python; bcc: compile bpf/select.c; cbpf: classic BPF, no privilege, "
         f"at most {MAX_CBPF_SLOTS} workers",
@@ -109,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument(
         "--factory",
         action="store_true",
-        default=_env("factory", "") not in ("", "0"),
+        default=env_twin("factory", "") not in ("", "0"),
         help="TARGET is a callable that returns the app",
     )
     launch.add_argument(
@@ -117,31 +113,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout-graceful-shutdown",
         dest="graceful_timeout",
         type=float,
-        default=_env("graceful-timeout", _env("timeout-graceful-shutdown", "30")),
+        default=env_twin("graceful-timeout", env_twin("timeout-graceful-shutdown", "30")),
+        metavar="SECONDS",
         help="seconds workers get to finish on TERM, HUP or TTOU (default 30); "
         "--timeout-graceful-shutdown is uvicorn's name for it",
     )
     launch.add_argument(
         "--user",
-        default=_env("user"),
+        default=env_twin("user"),
+        metavar="USER",
         help="workers run as this user (a root master's default: ebpf-sticky if it exists, else nobody; "
         "--user root keeps uid 0)",
     )
-    launch.add_argument("--group", default=_env("group"), help="workers run as this group")
-    launch.add_argument("--pid-file", default=_env("pid-file"), help="write the master's pid here")
+    launch.add_argument(
+        "--group", default=env_twin("group"), metavar="GROUP", help="workers run as this group"
+    )
+    launch.add_argument(
+        "--pid-file", default=env_twin("pid-file"), metavar="FILE", help="write the master's pid here"
+    )
     launch.add_argument(
         "--metrics",
-        default=_env("metrics"),
+        default=env_twin("metrics"),
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
     )
     launch.add_argument(
         "--log-level",
-        default=_env("log-level", "info"),
-        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        default=env_twin("log-level", "info"),
+        choices=LOG_LEVELS,
+        help="the master's log level, and uvicorn's in the workers (default info)",
     )
     _add_hash_options(launch)
-    uvicorn_options.add_arguments(launch, _env)
+    uvicorn_options.add_arguments(launch, env_twin)
 
     route = sub.add_parser("route", help="which worker slot serves each ADDRESS")
     route.add_argument("addresses", nargs="+", metavar="ADDRESS")
@@ -175,68 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_exists(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True
-
-
-def _ids(user: str | None, group: str | None) -> tuple[int | None, int | None, bool]:
-    """(uid, gid, whether they are a root master's default). Empty means unset, so
-    `-e EBPF_STICKY_USER=` lifts an image's user (a root master then uses its default)."""
-    user, default = config.worker_user(user, os.geteuid(), _user_exists)
-    uid = gid = None
-    if user:
-        try:
-            entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-        except KeyError:
-            raise ConfigError(f"--user {user!r}: no such user on this machine") from None
-        uid, gid = entry.pw_uid, entry.pw_gid
-    if group:
-        try:
-            gid = (grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))).gr_gid
-        except KeyError:
-            raise ConfigError(f"--group {group!r}: no such group on this machine") from None
-    if (uid, gid) == (os.geteuid(), os.getegid()):
-        return None, None, False  # the master's own ids (--user root for a root master): no switch
-    return uid, gid, default
-
-
 def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.Launch:
-    from .targets import check_target_exists, parse_target
-
-    if args.target is not None and not command:
-        check_target_exists(parse_target(args.target), args.app_dir)
-    uid, gid, default_user = _ids(args.user, args.group)
-    key = config.parse_key(args.hash_key) if args.hash_key else os.urandom(16)
-    return config.Launch(
-        bind=parse_bind(args.bind),
-        workers=config.check_workers(args.workers, max_slots(args.loader), args.loader),
-        spec=config.hash_spec(key, args.prefix4, args.prefix6),
+    return settings.launch_settings(
         target=args.target,
-        command=tuple(command),
-        factory=args.factory,
+        command=command,
+        bind=args.bind,
+        workers=args.workers,
         udp=args.udp,
         loader=args.loader,
+        factory=args.factory,
         graceful_timeout=args.graceful_timeout,
-        uid=uid,
-        gid=gid,
-        default_user=default_user,
+        user=args.user,
+        group=args.group,
         pid_file=args.pid_file,
+        metrics=args.metrics,
         log_level=args.log_level,
-        metrics=parse_bind(args.metrics, "--metrics") if args.metrics else None,
+        hash_key=args.hash_key,
+        prefix4=args.prefix4,
+        prefix6=args.prefix6,
         uvicorn=uvicorn_options.from_args(args),
     )
 
 
 def cmd_launch(args: argparse.Namespace, command: Sequence[str]) -> int:
-    settings = launch_settings(args, command)
-    from .supervisor.loop import configure_logging, launch
-
-    configure_logging(settings.log_level)
-    return launch(settings)
+    return serve(launch_settings(args, command))
 
 
 def cmd_route(args: argparse.Namespace) -> int:

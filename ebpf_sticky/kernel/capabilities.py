@@ -1,6 +1,6 @@
 """Linux capabilities: read them, drop them, and tell a missing capability from a filtered bpf(2).
 
-Facts this module relies on (verified on Linux 6.18, see the README's least-privilege notes):
+Facts this module relies on (verified on Linux 6.18; docs/discussion/how-it-works.md, "Privileges"):
 capset(2) can always lower the effective, permitted and inheritable sets; PR_CAP_AMBIENT_CLEAR_ALL
 needs nothing; PR_CAPBSET_DROP needs CAP_SETPCAP; once no_new_privs is set, an exec never gains a
 capability the process did not already have in its permitted set (not even a root exec, nor a

@@ -97,7 +97,7 @@ class Router:
     would keep the retired socket in the group, the next ``add_slot`` would join *behind* it, and
     the new slot's clients would be sent to the dead socket (tested). UDP offers no such call: a
     UDP worker's leftover child that keeps fd 3 open after its slot is retired keeps that socket
-    in the group, and slots added later are misrouted until it closes (the README says so).
+    in the group, and slots added later are misrouted until it closes (docs/discussion/limits.md).
     """
 
     def __init__(self, bind: Bind, spec: HashSpec, *, udp: bool, loader: str, routing: Routing) -> None:

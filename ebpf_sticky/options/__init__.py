@@ -15,14 +15,16 @@ three places:
 the installed ``uvicorn --help``.
 
 By job: ``table`` (the options as data), ``model`` (the validated ``WorkerOptions`` a worker
-receives), ``arguments`` (argparse and ``EBPF_STICKY_*`` twins), ``validate`` (parsed arguments to
-``WorkerOptions``, pure) and ``files`` (the master's checks of the files named, before any worker).
+receives), ``arguments`` (argparse and ``EBPF_STICKY_*`` twins), ``keywords`` (``run()``'s
+keywords, by ``uvicorn.run``'s names), ``validate`` (parsed arguments to ``WorkerOptions``, pure)
+and ``files`` (the master's checks of the files named, before any worker).
 """
 
 from __future__ import annotations
 
-from .arguments import add_arguments, argv, bind_text, whole_number
+from .arguments import add_arguments, bind_text, whole_number
 from .files import check_files, check_tls
+from .keywords import from_keywords
 from .model import Reload, WorkerOptions
 from .table import (
     ACCESS_LOG,
@@ -52,11 +54,11 @@ __all__ = [
     "Reload",
     "WorkerOptions",
     "add_arguments",
-    "argv",
     "bind_text",
     "check_files",
     "check_tls",
     "from_args",
+    "from_keywords",
     "parse",
     "whole_number",
 ]

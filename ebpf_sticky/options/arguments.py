@@ -1,5 +1,4 @@
-"""The options on the command line: argparse arguments, their EBPF_STICKY_* twins, and ``run()``'s
-keywords written as the same flags."""
+"""The options on the command line: argparse arguments and their EBPF_STICKY_* twins."""
 
 from __future__ import annotations
 
@@ -8,29 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import ConfigError
-from .table import OPTIONS
-
-
-def argv(keywords: dict[str, Any]) -> list[str]:
-    """``run(app, ssl_certfile=..., access_log=True, header=[...])``: the same options as flags."""
-    # uvicorn.run's names: the flag's, with the repeatable ones plural (headers, reload_dirs, ...).
-    by_name = {option.dest + ("s" if option.kind == "list" else ""): option for option in OPTIONS}
-    flags: list[str] = []
-    for name, value in keywords.items():
-        option = by_name.get(name)
-        if option is None or option.kind == "bind":
-            raise ConfigError(
-                f"run() got {name}=: not a uvicorn option ebpf-sticky takes (see launch --help)"
-            )
-        if option.kind == "switch":
-            flags.append(option.flag if value else f"--no-{option.flag[2:]}")
-        elif option.kind == "list":
-            for item in [value] if isinstance(value, str) else value:
-                # headers=[("X-A", "1")], as uvicorn.run takes them, or "X-A: 1"
-                flags += [option.flag, item if isinstance(item, str) else ":".join(map(str, item))]
-        else:
-            flags += [option.flag, str(value)]
-    return flags
+from .table import OPTIONS, Option
 
 
 def whole_number(text: str) -> int:
@@ -57,11 +34,34 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _twin_bool(parser: argparse.ArgumentParser, name: str, text: str) -> bool:
+def twin_name(option: Option) -> str:
+    return "EBPF_STICKY_" + option.flag[2:].upper().replace("-", "_")
+
+
+def text_value(option: Option, text: str) -> Any:
+    """The value of an option's EBPF_STICKY_* twin: a switch takes 1/0 (true/false...), a
+    repeatable option one value per line."""
+    convert: Callable[[str], Any] = {
+        "list": lambda t: [line for line in t.splitlines() if line.strip()],
+        "switch": _bool,
+        "bool": _bool,
+        "int": whole_number,
+        "float": _float,
+    }.get(option.kind, str)
     try:
-        return _bool(text)
+        value = convert(text)
     except argparse.ArgumentTypeError as exc:
-        parser.error(f"EBPF_STICKY_{name.upper().replace('-', '_')}: {exc}")
+        raise ConfigError(f"{twin_name(option)}: {exc}") from None
+    if option.choices and value not in option.choices:
+        raise ConfigError(f"{twin_name(option)}: expected one of {', '.join(option.choices)}, got {text!r}")
+    return value
+
+
+def _twin(parser: argparse.ArgumentParser, option: Option, text: str | None) -> Any:
+    try:
+        return None if text is None else text_value(option, text)
+    except ConfigError as exc:
+        parser.error(str(exc))
 
 
 _METAVARS = {"int": "INTEGER", "float": "FLOAT", "bool": "BOOLEAN", "str": "TEXT"}  # uvicorn's (click's)
@@ -84,14 +84,13 @@ def add_arguments(parser: argparse.ArgumentParser, env: Callable[[str], str | No
             group.add_argument(
                 option.flag,
                 action=argparse.BooleanOptionalAction,
-                default=None if twin is None else _twin_bool(parser, name, twin),
+                default=_twin(parser, option, twin),
                 help=option.help,
             )
         elif option.kind == "list":
             # Repeatable; the twin holds one value per line.
-            default = None if twin is None else [line for line in twin.splitlines() if line.strip()]
             group.add_argument(option.flag, action="append", default=None, metavar="TEXT", help=option.help)
-            parser.set_defaults(**{f"_{option.dest}_env": default})
+            parser.set_defaults(**{f"_{option.dest}_env": _twin(parser, option, twin)})
         else:
             convert: Callable[[str], Any] = {"int": whole_number, "float": _float, "bool": _bool}.get(
                 option.kind, str

@@ -87,7 +87,7 @@ OPTIONS: tuple[Option, ...] = (
         "--access-log",
         "switch",
         "config",
-        "uvicorn's access log in each worker (default off here: see README)",
+        "uvicorn's access log in each worker (default off here)",
     ),
     Option("--use-colors", "switch", "config", "colorized worker logs (default: when on a terminal)"),
     Option(

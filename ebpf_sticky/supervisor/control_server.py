@@ -18,11 +18,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import assert_never
 
+from .._version import __version__
 from ..control import alive, check_dir, control_dir, peer_uid, socket_name
 from ..errors import ControlError, StickyError
 from ..kernel.router import Router
 from .core import Snapshot
-from .metrics import build_version
 from .requests import MAX_REQUEST, BadRequest, Request, Route, Status, parse_request
 
 log = logging.getLogger("ebpf_sticky")
@@ -40,7 +40,7 @@ def answer(request: Request, router: Router, snapshot: Snapshot, uptime: float) 
                 "loader": router.loader,
                 "phase": snapshot.phase.value,
                 "generation": snapshot.generation,
-                "version": build_version(),
+                "version": __version__,
                 "upgrades_refused": snapshot.upgrades_refused,
                 "upgrade_refusal": snapshot.upgrade_refusal,
                 "uptime": round(uptime, 3),

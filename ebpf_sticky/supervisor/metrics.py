@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import platform
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -29,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from .._version import __version__
 from ..addresses import Bind
 from ..errors import ConfigError
 from ..kernel.router import Counters, Router
@@ -49,14 +48,6 @@ class State:
 def state_of(core: Core) -> State:
     snapshot = core.snapshot()
     return State(snapshot.slots, snapshot.ready, snapshot.restarts)
-
-
-@functools.cache  # the installed version does not change while the master runs: look it up once
-def build_version() -> str:
-    try:
-        return version("ebpf-sticky")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
 
 
 def families(loader: str, counters: Counters, state: State) -> list[Metric]:
@@ -89,7 +80,7 @@ def families(loader: str, counters: Counters, state: State) -> list[Metric]:
         InfoMetricFamily(
             "ebpf_sticky_build",
             "Version of ebpf-sticky and of the Python running it",
-            value={"version": build_version(), "python": platform.python_version()},
+            value={"version": __version__, "python": platform.python_version()},
         ),
     ]
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 from support.launcher import APPS, KEY, get
-from support.multihost import Lab, Service, Topology
 
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
+from lab.multihost import Lab, Service, Topology
 
 SERVICE = Service(hosts=("one", "two"), bind_host="127.0.0.1", port=8000)
 

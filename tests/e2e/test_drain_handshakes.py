@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import pytest
 from support.launcher import KEY, SPEC, Instance, launched, wait_for
-from support.multihost import IFA_F_NODAD, in_netns
 
 from ebpf_sticky.hashing import parse_address
 from ebpf_sticky.kernel.diag import handshakes
 from ebpf_sticky.kernel.loaders import LOADERS
+from lab.multihost import IFA_F_NODAD, in_netns
 
 CLIENTS = 12
 HOLD = 3.0  # seconds the path holds the final ACKs after TTOU: past the old release (~1 s)

@@ -55,6 +55,7 @@ def test_any_command_serves_stickily_on_fd3() -> None:
         assert_sticky(instance.port, 3)
 
 
+@pytest.mark.bcc
 def test_bcc_loader_launch_routes_like_native() -> None:
     with launched(["asgi_app.py", "-w", "3", *BASE, "--loader", "bcc"]) as instance:
         assert_sticky(instance.port, 3)
@@ -234,6 +235,7 @@ def test_no_privileges_with_loader_native_is_status_3() -> None:
     )
 
 
+@pytest.mark.bcc  # hides the installed package
 def test_bcc_loader_without_bcc() -> None:
     # Hide bcc's Python package in a private mount namespace: the real import fails, as on a
     # machine without python3-bpfcc.

@@ -1,6 +1,6 @@
 """Beyond one host: clients → nftables balancer (jhash of the client address) → two ebpf-sticky hosts.
 
-The lab (tests/support/multihost.py) runs everything in network namespaces of its own: 200 clients (and
+The lab (lab/multihost.py) runs everything in network namespaces of its own: 200 clients (and
 100 IPv6 ones), each from its own address, keep their Socket.IO session on one host and one
 worker; a room broadcast crosses hosts through Redis exactly once; draining a host moves its
 clients and nobody else's.
@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import multihost
 from support.launcher import KEY
-from support.multihost import NETNS_DIR, SERVICE, Lab, client_sources, main
 from support.sio_clients import Member, SwarmResult, node_swarm, python_swarm, wait_async
 
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
+from lab import multihost
+from lab.multihost import NETNS_DIR, SERVICE, Lab, client_sources, main
 
 SPEC = HashSpec(bytes.fromhex(KEY))
 SOURCES = client_sources(200)

@@ -40,7 +40,7 @@ def routed_tcp(router: Router, sources: list[str], host: str = "127.0.0.1") -> d
     return routed(router.sockets, router.port, sources, host)
 
 
-@pytest.fixture(params=["native", "bcc"])
+@pytest.fixture(params=["native", pytest.param("bcc", marks=pytest.mark.bcc)])
 def loader(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -72,6 +72,7 @@ def test_dual_stack_ipv4_client_hashes_as_on_an_ipv4_socket(loader: str) -> None
     assert got == predicted(SOURCES[:256], 5)
 
 
+@pytest.mark.bcc
 def test_native_and_bcc_route_identically() -> None:
     bind = parse_bind("127.0.0.1:0")
     with (

@@ -1,1 +1,1 @@
-"""Helpers the tests share: launched instances, client addresses, sandboxes, the lab."""
+"""Helpers the tests share: launched instances, client addresses, sandboxes, clients."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from support.multihost import (
+
+from lab.multihost import (
     SERVICE,
     TOPOLOGY,
     bucket_owners,

@@ -261,9 +261,10 @@ def test_a_successor_that_fails_to_boot_leaves_the_worker_serving() -> None:
     assert 100 in c.workers and c.workers[100].stop_sent is None
 
 
-def test_the_readme_migration_line_means_what_uvicorn_means() -> None:
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    theirs, ours = re.search(r"```sh\n(uvicorn app:app .*)\n(ebpf-sticky launch .*)\n```", readme).groups()  # type: ignore[union-attr]
+@pytest.mark.parametrize("page", ["README.md", "docs/how-to/uvicorn-migration.md"])
+def test_the_migration_line_means_what_uvicorn_means(page: str) -> None:
+    text = (Path(__file__).parents[2] / page).read_text()
+    theirs, ours = re.search(r"```sh\n(uvicorn app:app .*)\n(ebpf-sticky launch .*)\n```", text).groups()  # type: ignore[union-attr]
     assert ours.split()[2:] == theirs.split()[1:]  # the same words after the command
     args = build_parser().parse_args(ours.split()[1:])
     options = uvicorn_options.parse(args)
@@ -272,13 +273,11 @@ def test_the_readme_migration_line_means_what_uvicorn_means() -> None:
 
 
 def test_run_takes_uvicorn_run_keywords() -> None:
-    flags = uvicorn_options.argv(
-        {"ssl_certfile": "c.pem", "access_log": True, "proxy_headers": False,
-         "headers": [("X-A", "1"), "X-B: 2"], "reload_dirs": ["src"], "limit_max_requests": 100}
-    )  # fmt: skip
-    assert flags == ["--ssl-certfile", "c.pem", "--access-log", "--no-proxy-headers", "--header", "X-A:1",
-                     "--header", "X-B: 2", "--reload-dir", "src", "--limit-max-requests", "100"]  # fmt: skip
-    options = uvicorn_options.parse(build_parser().parse_args(["launch", "app.py", *flags, "--reload"]))
-    assert options.config["headers"] == [["X-A", "1"], ["X-B", "2"]] and options.limit_max_requests == 100
+    keywords = {"access_log": True, "proxy_headers": False, "headers": [("X-A", "1"), "X-B: 2"],
+                "reload": True, "reload_dirs": ["."], "limit_max_requests": 100}  # fmt: skip
+    options = uvicorn_options.from_keywords(keywords, lambda name: None)
+    headers = [["X-A", "1"], ["X-B", "2"]]
+    assert options.config == {"access_log": True, "proxy_headers": False, "headers": headers}
+    assert options.limit_max_requests == 100 and options.reload == Reload(dirs=(".",))
     with pytest.raises(ConfigError, match="run\\(\\) got workerz=: not a uvicorn option"):
-        uvicorn_options.argv({"workerz": 3})
+        uvicorn_options.from_keywords({"workerz": 3}, lambda name: None)

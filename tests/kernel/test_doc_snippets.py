@@ -1,4 +1,5 @@
-"""The README's Router snippet runs as written and routes a real connection to its slot."""
+"""The Router snippet of the Python API reference runs as written and routes a real connection to
+its slot."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+PAGE = Path(__file__).parents[2] / "docs" / "reference" / "python-api.md"
 
-def test_readme_router_snippet() -> None:
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+
+def test_the_router_snippet_routes_a_connection_to_its_slot() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), re.S)
     snippet = next(block for block in blocks if "Router.open" in block)
     proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -46,7 +46,7 @@ CLONE_NEWNET = 0x40000000
 IFA_F_NODAD = 0x02  # no duplicate address detection: an IPv6 address is usable at once
 NETNS_DIR = Path("/run/netns")
 DEFAULT = {4: "0.0.0.0/0", 6: "::/0"}
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CHAT_APP = ROOT / "examples" / "socketio_chat" / "app.py"
 TABLE = "ebpf_sticky_lab"
 
