@@ -50,6 +50,37 @@ def _add_hash_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_session_options(parser: argparse.ArgumentParser) -> None:
+    keys = _env("session-key")
+    parser.add_argument(
+        "--session-key",
+        action="append",
+        dest="session_keys",
+        metavar="KEY",
+        default=None,
+        help="keep a session on its worker by KEY whatever address it comes from: engineio, mcp, "
+        "header:NAME, cookie:NAME, query:NAME or forwarded (repeatable; "
+        f"{ENV_PREFIX}SESSION_KEY: one per line)",
+    )
+    parser.set_defaults(env_session_keys=[line.strip() for line in (keys or "").splitlines() if line.strip()])
+    parser.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        default=_env("proxy-protocol", "") not in ("", "0"),
+        help="every connection starts with a PROXY protocol v1/v2 header, believed only from "
+        "--forwarded-allow-ips: route and serve by the client it names",
+    )
+
+
+def _session_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    from .sessions.keys import parse_key_spec
+
+    texts = tuple(args.session_keys if args.session_keys is not None else args.env_session_keys)
+    for text in texts:
+        parse_key_spec(text)  # raises ConfigError naming the forms
+    return texts
+
+
 def _workers_default() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -137,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug", "trace"],
     )
     _add_hash_options(launch)
+    _add_session_options(launch)
     uvicorn_options.add_arguments(launch, _env)
 
     route = sub.add_parser("route", help="which worker slot serves each ADDRESS")
@@ -205,6 +237,8 @@ def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.
         log_level=args.log_level,
         metrics=parse_bind(args.metrics, "--metrics") if args.metrics else None,
         uvicorn=uvicorn_options.from_args(args),
+        session_keys=_session_keys(args),
+        proxy_protocol=args.proxy_protocol,
     )
 
 

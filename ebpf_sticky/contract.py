@@ -13,6 +13,12 @@ ends of a connection). A worker is any process the master execs on a slot:
 * **Exit statuses**: ``APP_LOAD_ERROR`` (4) when the app cannot be loaded, which is never worth
   retrying; ``EXIT_LOCKDOWN`` (71, EX_OSERR) when the child could not be locked down before exec.
 * Our own Python worker also reads its uvicorn options (JSON) from ``OPTIONS_ENV``.
+* With ``--session-key`` or ``--proxy-protocol`` only (our Python worker): fd 4 is the session
+  table (a memfd the master creates: issued-key ownership, live slot count, per-slot counters),
+  fd 5 this slot's handoff receive end, fds 6.. the handoff send ends of slots 0, 1, ... (unix
+  datagram socketpairs the master keeps, so a handoff queued for a slot outlives its worker), and
+  ``SESSIONS_ENV`` carries the session settings (JSON; the routing key only when an address key
+  needs it).
 """
 
 from __future__ import annotations
@@ -25,6 +31,12 @@ WORKER_ENV = "EBPF_STICKY_WORKER"
 # The master hands each worker its uvicorn options here (JSON), not in argv: argv is world-readable
 # in /proc and may carry the key's password.
 OPTIONS_ENV = "EBPF_STICKY_WORKER_OPTIONS"
+
+# The session layer's fds and settings (see the docstring); absent without its flags.
+SESSION_TABLE_FD = 4
+HANDOFF_RECV_FD = 5
+HANDOFF_SEND_FD0 = 6
+SESSIONS_ENV = "EBPF_STICKY_WORKER_SESSIONS"
 
 READY = "READY=1"
 # What a worker tells the master once it has served its --limit-max-requests.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import logging
 import os
 import select
@@ -28,6 +29,7 @@ from ..contract import (
     MAX_REPORT,
     OPTIONS_ENV,
     RECYCLE,
+    SESSIONS_ENV,
     WORKER_ENV,
     parse_load_error,
 )
@@ -35,6 +37,7 @@ from ..errors import AppLoadError, LockdownError, StickyError
 from ..kernel.capabilities import prctl
 from ..kernel.router import Router
 from ..notify import sd_notify
+from ..sessions.master import MasterSessions, session_settings
 from . import core
 from .control_server import ControlServer
 from .metrics import Exporter, serve
@@ -44,6 +47,7 @@ from .reloader import watching
 log = logging.getLogger("ebpf_sticky")
 
 _PR_SET_PDEATHSIG = 1
+_LIFT_FD = 1024  # above every fd a worker is given (see contract)
 _SIGNALS = {
     signal.SIGTERM: "TERM",
     signal.SIGINT: "INT",
@@ -58,7 +62,7 @@ _LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ER
 COMMAND_READY_AFTER = 1.0
 
 
-def _child_setup(sock_fd: int, master_pid: int) -> Callable[[], None]:
+def _child_setup(sock_fd: int, master_pid: int, extra: dict[int, int]) -> Callable[[], None]:
     """Runs in the child between fork and exec (after any user/group change).
 
     Every step is checked and a failure ends the child before exec (fail closed): subprocess would
@@ -69,6 +73,9 @@ def _child_setup(sock_fd: int, master_pid: int) -> Callable[[], None]:
 
     def setup() -> None:
         try:
+            # ``extra`` (target fd -> master's fd) is copied out of the way first, so that no
+            # target clobbers a source, and before the lock-down (which refuses duplicating fd 3).
+            lifted = {target: fcntl.fcntl(fd, fcntl.F_DUPFD, _LIFT_FD) for target, fd in extra.items()}
             # Set after the uid change, which would clear it; the getppid check closes the race
             # with a master that died before the prctl.
             prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
@@ -78,6 +85,9 @@ def _child_setup(sock_fd: int, master_pid: int) -> Callable[[], None]:
             # holder from detaching or replacing the group's program (no privilege needed for that).
             lock_down_worker()
             os.dup2(sock_fd, LISTEN_FD)
+            for target, fd in lifted.items():
+                os.dup2(fd, target)
+                os.close(fd)
         except (OSError, LockdownError) as exc:
             refuse_to_exec(exc)
 
@@ -92,6 +102,7 @@ class Supervisor:
     notify_name: str
     control: ControlServer
     exporter: Exporter | None = None  # --metrics
+    sessions: MasterSessions | None = None  # --session-key / --proxy-protocol
     started: float = field(default_factory=time.monotonic)
     children: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     signals: list[str] = field(default_factory=list)
@@ -132,7 +143,10 @@ class Supervisor:
         env.pop("LISTEN_PID", None)
         if self.settings.target is not None:
             env[OPTIONS_ENV] = self.settings.uvicorn.to_json()
-        setup = _child_setup(self.router.sockets[slot].fileno(), os.getpid())
+        extra = self.sessions.worker_fds(slot) if self.sessions is not None else {}
+        if self.sessions is not None:
+            env[SESSIONS_ENV] = self.sessions.worker_settings()
+        setup = _child_setup(self.router.sockets[slot].fileno(), os.getpid(), extra)
 
         def preexec() -> None:
             # Ctrl-C signals the whole foreground group: only the master should act on it (it
@@ -144,7 +158,7 @@ class Supervisor:
         proc = subprocess.Popen(
             self.worker_argv(),
             env=env,
-            pass_fds=(LISTEN_FD,),
+            pass_fds=(LISTEN_FD, *extra),
             preexec_fn=preexec,
             user=self.settings.uid,
             group=self.settings.gid,
@@ -162,9 +176,12 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(action.pid, signal.SIGKILL if action.signal == "KILL" else signal.SIGTERM)
             elif isinstance(action, core.AddSlot):
-                return [core.SlotAdded(self.router.add_slot(self.settings.uvicorn.backlog), now)]
+                added = self.router.add_slot(self.settings.uvicorn.backlog)
+                self.routed_slots_changed()
+                return [core.SlotAdded(added, now)]
             elif isinstance(action, core.RetireSlot):
                 self.router.retire_slot()
+                self.routed_slots_changed()
             elif isinstance(action, core.ReleaseSlot):
                 self.router.release_slot(action.slot)
             elif isinstance(action, core.NotifyReady):
@@ -176,6 +193,11 @@ class Supervisor:
         except (StickyError, OSError, subprocess.SubprocessError) as exc:
             return [core.ActionFailed(action, str(exc) or type(exc).__name__, now)]
         return []
+
+    def routed_slots_changed(self) -> None:
+        if self.sessions is not None:
+            retiring = self.router.retiring is not None
+            self.sessions.slots_changed(self.router.slots - retiring)
 
     def execute(self, sup_core: core.Core, actions: list[core.Action]) -> core.Exit | None:
         queue = list(actions)
@@ -334,7 +356,11 @@ def launch(settings: Launch) -> int:
         # Threads only from here on: capset drops the calling thread's capabilities alone.
         stack.enter_context(watching(settings.uvicorn.reload))
         exporter = stack.enter_context(serve(settings.metrics, router)) if settings.metrics else None
-        supervisor = Supervisor(settings, router, notify_sock, notify_name, control, exporter)
+        sessions = None
+        if settings.session_keys or settings.proxy_protocol:
+            sessions = MasterSessions.open(session_settings(settings, router.loader), router.slots)
+            stack.callback(sessions.close)
+        supervisor = Supervisor(settings, router, notify_sock, notify_name, control, exporter, sessions=sessions)
         done = supervisor.run()
     if done.code == APP_LOAD_ERROR:
         raise AppLoadError(done.message)

@@ -1,0 +1,97 @@
+"""The master's share of the session layer: the shared table and the handoff sockets it keeps.
+
+The master creates both once and keeps them for the life of the group, like the slots' sockets:
+a worker's replacement inherits the table (learnt ids survive a crash) and the handoffs queued for
+its slot. The master itself never reads a request.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, replace
+
+from ..config import Launch
+from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, SESSION_TABLE_FD
+from .handoff import Channels
+from .ownership import SessionTable, table_size
+from .settings import SessionSettings
+
+# The top-source warning: at least this many connections seen, the top sources of each worker's
+# window carrying more than this share of them.
+CONCENTRATION_MIN = 200
+CONCENTRATION_SHARE = 0.5
+
+
+def forwarded_allow_ips(launch: Launch) -> str:
+    """uvicorn's --forwarded-allow-ips as the workers apply it, its default included."""
+    given = launch.uvicorn.config.get("forwarded_allow_ips")
+    return str(given) if given is not None else os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+
+
+def session_settings(launch: Launch, loader: str) -> SessionSettings:
+    """What the workers get: a fresh table key; the routing key only if an address decides."""
+    settings = SessionSettings(
+        keys=launch.session_keys,
+        proxy_protocol=launch.proxy_protocol,
+        trusted=forwarded_allow_ips(launch),
+        table_key=os.urandom(16).hex(),
+        prefix4=launch.spec.prefix4,
+        prefix6=launch.spec.prefix6,
+        mirror="cbpf" if loader == "cbpf" else "native",
+    )
+    if settings.needs_routing_key:
+        settings = replace(settings, routing_key=launch.spec.key.hex())
+    return settings
+
+
+@dataclass
+class MasterSessions:
+    settings: SessionSettings
+    memfd: int
+    memory: mmap.mmap
+    table: SessionTable
+    channels: Channels
+
+    @classmethod
+    def open(cls, settings: SessionSettings, slots: int) -> MasterSessions:
+        memfd = os.memfd_create("ebpf-sticky-sessions", os.MFD_CLOEXEC)
+        os.ftruncate(memfd, table_size())
+        memory = mmap.mmap(memfd, table_size(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        table = SessionTable.create(memoryview(memory), bytes.fromhex(settings.table_key), slots)
+        sessions = cls(settings, memfd, memory, table, Channels())
+        sessions.slots_changed(slots)
+        return sessions
+
+    def slots_changed(self, slots: int) -> None:
+        """After a slot is added or retired: workers hash addresses over the live count."""
+        for slot in range(slots):
+            self.channels.ensure(slot)
+        self.table.set_slots(slots)
+
+    def worker_fds(self, slot: int) -> dict[int, int]:
+        """Target fd in the worker → the master's fd (see ``contract``)."""
+        receive_end, send_ends = self.channels.worker_fds(slot)
+        fds = {SESSION_TABLE_FD: self.memfd, HANDOFF_RECV_FD: receive_end}
+        fds.update({HANDOFF_SEND_FD0 + i: fd for i, fd in enumerate(send_ends)})
+        return fds
+
+    def worker_settings(self) -> str:
+        return replace(self.settings, send_slots=len(self.channels.pairs)).to_json()
+
+    def counters(self, slots: int) -> list[dict[str, int]]:
+        return [self.table.counters(slot) for slot in range(slots)]
+
+    def concentration(self, slots: int) -> float | None:
+        """The share of recent connections the top few source addresses carried, when enough."""
+        rows = self.counters(slots)
+        total = sum(row["connections"] for row in rows)
+        if total < CONCENTRATION_MIN:
+            return None
+        return sum(row["top_source"] for row in rows) / total
+
+    def close(self) -> None:
+        self.channels.close()
+        self.table.buf.release()
+        self.memory.close()
+        os.close(self.memfd)
