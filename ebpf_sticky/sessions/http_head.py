@@ -1,0 +1,146 @@
+"""An HTTP/1.x request head: the request line and the header fields, up to the blank line. Pure.
+
+The worker reads a connection's first request head (and each later one on a keep-alive connection)
+to find its session key before deciding which worker serves it. ``parse_request_head`` is called
+with everything read so far and answers at once: ``None`` while the blank line has not arrived,
+``RequestHead`` once it has, ``HeadError`` when the bytes cannot be a request head or the head
+outgrows ``MAX_HEAD``.
+
+Design rules:
+
+* Only as much HTTP as routing needs. The head is handed on unchanged to the server that answers
+  it (uvicorn, with h11 or httptools), which parses it again and decides what it is worth; this
+  parser only has to find the same request line and fields. So it follows h11 on what a head is
+  (a bare LF ends lines as CRLF does, empty lines before the request line are skipped) and is
+  strict on what would make two parsers disagree about a field: a name that is not a token,
+  whitespace before the colon, obsolete line folding, control bytes.
+* Names are lowercased (ASCII) and values decoded as Latin-1, as ASGI presents them, with
+  surrounding spaces and tabs stripped. The fields keep their order and repeats.
+* Bounded: a head is ``MAX_HEAD`` bytes at most, and a stream that cannot be HTTP/1 (TLS, the
+  HTTP/2 preface, noise) is refused at its first word or line rather than buffered. Each call
+  scans what it is given again; a caller reading a slow head may skip calls whose new bytes hold
+  no LF, since only an LF can complete a head.
+
+Nothing here touches the OS.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+# Above h11's 16 KiB default (uvicorn's h11 limit) and nginx's 4 x 8 KiB header buffers, so a head
+# the server behind us would accept is never refused here first; small enough that a peer cannot
+# make a worker buffer much before it has sent a whole head.
+MAX_HEAD = 64 * 1024
+
+# RFC 9110 token characters: what a method and a field name may hold.
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
+# A request target: visible ASCII and (as servers tolerate) bytes >= 0x80, never space or control.
+_TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+")
+_VERSION = re.compile(rb"HTTP/1\.[0-9]")
+# A field value: visible characters, spaces and tabs, never another control byte (NUL, CR, ...).
+_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_END = re.compile(rb"\r?\n\r?\n")
+_LINE = re.compile(rb"\r?\n")
+_LEADING_BLANK_LINES = re.compile(rb"(?:\r?\n)*")
+
+
+class HeadError(ValueError):
+    """The bytes cannot be an HTTP/1.x request head, or the head is larger than ``MAX_HEAD``."""
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """A request line and its header fields; ``length`` counts the bytes up to the blank line's end."""
+
+    method: str
+    target: str
+    headers: tuple[tuple[str, str], ...]
+    length: int
+
+
+def parse_request_head(data: bytes) -> RequestHead | None:
+    """The request head at the start of ``data``; ``None`` until its blank line has arrived."""
+    blank = _LEADING_BLANK_LINES.match(data, 0, MAX_HEAD)
+    begin = blank.end() if blank else 0
+    end = _END.search(data, begin, MAX_HEAD)
+    if end is None:
+        if len(data) >= MAX_HEAD:
+            raise HeadError(f"request head larger than {MAX_HEAD} bytes: refused")
+        _check_request_line_so_far(data[begin:])
+        return None
+    lines = _LINE.split(data[begin : end.start()])
+    method, target = _request_line(lines[0])
+    headers = tuple(_field(line) for line in lines[1:])
+    return RequestHead(method, target, headers, end.end())
+
+
+def _check_request_line_so_far(partial: bytes) -> None:
+    # Refuse a stream that is plainly not HTTP/1 (TLS, HTTP/2's preface, binary noise) as soon as
+    # its first word or first line shows it, instead of buffering up to MAX_HEAD of it.
+    newline = partial.find(b"\n")
+    if newline >= 0:
+        _request_line(partial[:newline].removesuffix(b"\r"))
+        return
+    method = partial.removesuffix(b"\r").split(b" ", 1)[0]
+    if method and not _TOKEN.fullmatch(method):
+        raise HeadError(f"not an HTTP/1.x request: starts with {partial[:16]!r}")
+
+
+def _request_line(line: bytes) -> tuple[str, str]:
+    parts = line.split(b" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]):
+        raise HeadError(f"malformed request line {line[:80]!r}: expected 'METHOD TARGET HTTP/1.x'")
+    if not _VERSION.fullmatch(parts[2]):
+        raise HeadError(f"request line {line[:80]!r} is not HTTP/1.x")
+    return parts[0].decode("ascii"), parts[1].decode("latin-1")
+
+
+def _field(line: bytes) -> tuple[str, str]:
+    name, colon, value = line.partition(b":")
+    # A field name must be a token right up to the colon: " Host:" (obsolete folding) and
+    # "Host :" are what request smuggling is made of, so they are refused, as h11 refuses them.
+    if not colon or not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value):
+        raise HeadError(f"malformed header field {line[:80]!r}")
+    return name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")
+
+
+def header(head: RequestHead, name: str) -> str | None:
+    """The first value of header ``name`` (any case), or ``None``."""
+    wanted = name.lower()
+    return next((value for key, value in head.headers if key == wanted), None)
+
+
+def query_param(head: RequestHead, name: str) -> str | None:
+    """The first value of query parameter ``name`` in the request target, percent-decoded."""
+    # Not urlsplit: it raises on targets such as "//[x?sid=1"; the query is whatever follows the
+    # first "?", up to a fragment, as the ASGI server will cut it.
+    query = head.target.partition("?")[2].partition("#")[0]
+    return next((value for key, value in parse_qsl(query, keep_blank_values=True) if key == name), None)
+
+
+def cookie(head: RequestHead, name: str) -> str | None:
+    """The value of cookie ``name`` from the request's Cookie header(s), quotes removed."""
+    for key, value in head.headers:
+        if key != "cookie":
+            continue
+        for pair in value.split(";"):
+            cookie_name, equals, cookie_value = pair.partition("=")
+            if equals and cookie_name.strip() == name:
+                return _unquote(cookie_value.strip())
+    return None
+
+
+def is_upgrade(head: RequestHead) -> bool:
+    """Whether the request asks to switch protocols (a WebSocket handshake, in practice)."""
+    connection = ",".join(value for key, value in head.headers if key == "connection")
+    tokens = {token.strip().lower() for token in connection.split(",")}
+    return "upgrade" in tokens and header(head, "upgrade") is not None
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
