@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..hashing import HashSpec, cbpf, native, parse_address
 from . import handoff
@@ -37,7 +37,9 @@ log = logging.getLogger("ebpf_sticky.sessions")
 
 Peer = tuple[str, int]
 Scope = MutableMapping[str, Any]
-ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
+Receive = Callable[[], Awaitable[Any]]
+Send = Callable[[Any], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # A connection that sends no complete head within this long is closed (uvicorn's own default
 # keep-alive timeout is 5 s; a head is a single round trip).
 HEAD_TIMEOUT = 10.0
@@ -174,8 +176,7 @@ class Gate(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not its subclasses
         peer = transport.get_extra_info("peername")
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
         self.layer.gates[self.peer] = self
@@ -297,7 +298,7 @@ def wrap_app(app: ASGIApp, layer: Layer) -> ASGIApp:
     """Outermost ASGI layer: the PROXY client in ``scope["client"]`` (before uvicorn's proxy-headers
     middleware judges X-Forwarded-For by it), ids learnt from responses, and each response's end."""
 
-    async def asgi(scope: Scope, receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]) -> None:
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
         client = scope.get("client")
         gate = layer.gates.get((str(client[0]), int(client[1]))) if client else None
         if gate is None or scope["type"] not in ("http", "websocket"):
@@ -310,10 +311,9 @@ def wrap_app(app: ASGIApp, layer: Layer) -> ASGIApp:
     return asgi
 
 
-def _watching(
-    scope: Scope, send: Callable[[Any], Awaitable[None]], layer: Layer, gate: Gate
-) -> Callable[[Any], Awaitable[None]]:
-    status, headers, learning = 0, (), bool(layer.specs)
+def _watching(scope: Scope, send: Send, layer: Layer, gate: Gate) -> Send:
+    status, learning = 0, bool(layer.specs)
+    headers: tuple[tuple[str, str], ...] = ()
 
     async def watched(message: Any) -> None:
         nonlocal status, headers, learning
@@ -346,5 +346,4 @@ def issue_engineio_ids(slot: int, table_key: bytes) -> None:
     def generate_id(self: object) -> str:
         return issue_id(slot, table_key, secrets.token_bytes(11))
 
-    base_server.BaseServer.generate_id = generate_id  # type: ignore[method-assign]
-
+    base_server.BaseServer.generate_id = generate_id
