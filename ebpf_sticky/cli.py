@@ -293,12 +293,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             else f"{answer['failures']} routing failures"
         )
     )
-    print("slot  pids          routed")
+    sessions = "source_concentration" in answer
+    print("slot  pids          routed" + ("  moved-out  moved-in  unknown-keys" if sessions else ""))
     for row in answer["slots"]:
         pids = ",".join(map(str, row["pids"])) or "-"
         # The cbpf router has no map to count in: no per-slot figures rather than made-up ones.
         routed = "-" if row["routed"] is None else row["routed"]
-        print(f"{row['slot']:>4}  {pids:<12}  {routed}")
+        line = f"{row['slot']:>4}  {pids:<12}  {routed:<6}"
+        if sessions:
+            moves = row["sessions"]
+            line += f"  {moves['moved_out']:>9}  {moves['moved_in']:>8}  {moves['unknown']:>12}"
+        print(line.rstrip())
+    for warning in answer.get("warnings", []):
+        print(f"warning: {warning}")
     return 0
 
 

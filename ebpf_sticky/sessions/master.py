@@ -23,6 +23,24 @@ CONCENTRATION_MIN = 200
 CONCENTRATION_SHARE = 0.5
 
 
+@dataclass(frozen=True)
+class SessionFigures:
+    """What `status` and /metrics show of the session layer."""
+
+    per_slot: tuple[dict[str, int], ...]  # ownership.COUNTERS of each slot
+    concentration: float | None  # share of recent connections from the top few sources
+
+    @property
+    def concentrated(self) -> bool:
+        return self.concentration is not None and self.concentration > CONCENTRATION_SHARE
+
+
+CONCENTRATION_WARNING = (
+    "a few source addresses carry most connections: a proxy in front? --proxy-protocol or "
+    "--session-key forwarded would route by the client"
+)
+
+
 def forwarded_allow_ips(launch: Launch) -> str:
     """uvicorn's --forwarded-allow-ips as the workers apply it, its default included."""
     given = launch.uvicorn.config.get("forwarded_allow_ips")
@@ -79,16 +97,11 @@ class MasterSessions:
     def worker_settings(self) -> str:
         return replace(self.settings, send_slots=len(self.channels.pairs)).to_json()
 
-    def counters(self, slots: int) -> list[dict[str, int]]:
-        return [self.table.counters(slot) for slot in range(slots)]
-
-    def concentration(self, slots: int) -> float | None:
-        """The share of recent connections the top few source addresses carried, when enough."""
-        rows = self.counters(slots)
+    def figures(self, slots: int) -> SessionFigures:
+        rows = tuple(self.table.counters(slot) for slot in range(slots))
         total = sum(row["connections"] for row in rows)
-        if total < CONCENTRATION_MIN:
-            return None
-        return sum(row["top_source"] for row in rows) / total
+        share = sum(row["top_source"] for row in rows) / total if total >= CONCENTRATION_MIN else None
+        return SessionFigures(rows, share)
 
     def close(self) -> None:
         self.channels.close()

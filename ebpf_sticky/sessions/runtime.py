@@ -187,9 +187,9 @@ class Gate(asyncio.Protocol):
         if self.proxied and self.peer[0] not in self.layer.trusted:
             # A PROXY header is believed only from --forwarded-allow-ips: anyone else could claim
             # any address. The connection is refused, not served with the wrong address.
-            transport.abort()
+            self.transport.abort()
             return
-        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, transport.close)
+        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.transport.close)
 
     def data_received(self, data: bytes) -> None:
         if self.busy:

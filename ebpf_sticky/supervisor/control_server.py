@@ -16,19 +16,26 @@ from ..control import alive, control_dir, peer_uid, socket_name
 from ..errors import ControlError, StickyError
 from ..hashing import parse_address
 from ..kernel.router import Router
+from ..sessions.master import CONCENTRATION_WARNING, MasterSessions, SessionFigures
 from .core import Core
 
 log = logging.getLogger("ebpf_sticky")
 
 
-def answer(message: dict[str, Any], router: Router, sup_core: Core, uptime: float) -> dict[str, Any]:
-    """The reply to one request; pure given the router's counters."""
+def answer(
+    message: dict[str, Any],
+    router: Router,
+    sup_core: Core,
+    uptime: float,
+    sessions: SessionFigures | None = None,
+) -> dict[str, Any]:
+    """The reply to one request; pure given the router's counters and the session figures."""
     pids: dict[int, list[int]] = {}
     for worker in sup_core.workers.values():
         pids.setdefault(worker.slot, []).append(worker.pid)
     if message.get("cmd") == "status":
         counters = router.counters()
-        return {
+        reply: dict[str, Any] = {
             "pid": os.getpid(),
             "bind": str(router.bind.with_port(router.port)),
             "protocol": "udp" if router.udp else "tcp",
@@ -41,6 +48,13 @@ def answer(message: dict[str, Any], router: Router, sup_core: Core, uptime: floa
                 for slot in range(router.slots)
             ],
         }
+        if sessions is not None:
+            for slot, figures in enumerate(sessions.per_slot):
+                reply["slots"][slot]["sessions"] = figures
+            reply["source_concentration"] = sessions.concentration
+            if sessions.concentrated:
+                reply["warnings"] = [CONCENTRATION_WARNING]
+        return reply
     if message.get("cmd") == "route":
         rows = []
         for text in message.get("addresses", []):
@@ -74,6 +88,7 @@ class ControlServer:
         self.path = path
         self.router = router
         self.connections: dict[socket.socket, _Connection] = {}
+        self.sessions: MasterSessions | None = None  # set by the loop when the layer is on
 
     @classmethod
     @contextlib.contextmanager
@@ -163,7 +178,8 @@ class ControlServer:
             self._close(conn.sock)  # a liveness probe: connect and close
             return
         try:
-            reply = answer(json.loads(conn.inbox), self.router, sup_core, uptime)
+            figures = self.sessions.figures(self.router.slots) if self.sessions is not None else None
+            reply = answer(json.loads(conn.inbox), self.router, sup_core, uptime, figures)
         except (OSError, ValueError, StickyError) as exc:  # never the supervisor's problem
             log.warning("control request failed: %s", exc)
             reply = {"error": f"bad request: {exc}"}

@@ -360,6 +360,9 @@ def launch(settings: Launch) -> int:
         if settings.session_keys or settings.proxy_protocol:
             sessions = MasterSessions.open(session_settings(settings, router.loader), router.slots)
             stack.callback(sessions.close)
+            control.sessions = sessions
+            if exporter is not None:
+                exporter.sessions = sessions
         supervisor = Supervisor(
             settings, router, notify_sock, notify_name, control, exporter, sessions=sessions
         )
