@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import socket
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +150,85 @@ def test_proxy_protocol_from_an_allowed_peer_names_the_client() -> None:
 
 def wait_slots_serving(instance: Instance) -> None:
     wait_for(lambda: all(row["pids"] for row in instance.status()["slots"]), 30, "every slot serving")
+
+
+# -- handoffs queued while the owning slot's worker is replaced -------------------------------------
+
+
+def _session_get(port: int, source: str, path: str, session: str | None) -> tuple[int, str, str]:
+    """(status, slot, pid) of one request on its own connection, optionally in a session;
+    the session id a /login answer carries comes back in place of the pid."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers={"x-session": session} if session else {})
+        response = conn.getresponse()
+        slot, pid = response.read().decode().split()
+        return response.status, slot, response.getheader("x-session") or pid
+    finally:
+        conn.close()
+
+
+@dataclass
+class SessionLoad:
+    """Threads sending requests of one session from sources that land on other slots, until
+    stopped: every outcome recorded."""
+
+    port: int
+    sources: list[str]
+    session: str
+    answers: list[tuple[int, str, str]] = field(default_factory=list)
+    failures: list[tuple[float, str]] = field(default_factory=list)  # (when the request began, what)
+
+    def __post_init__(self) -> None:
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(s,)) for s in self.sources]
+
+    def _run(self, source: str) -> None:
+        while not self.stop.is_set():
+            began = time.monotonic()
+            try:
+                self.answers.append(_session_get(self.port, source, "/", self.session))
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                self.failures.append((began, f"{source}: {exc!r}"))
+
+    def served_by(self, pid: str) -> int:
+        return sum(1 for answer in self.answers if answer[2] == pid)
+
+
+@pytest.mark.parametrize("replace", ["KILL", "HUP"])
+def test_handoffs_queued_for_a_replaced_worker_are_all_served(replace: str) -> None:
+    args = ["session_app.py", "-w", "3", "--bind", "127.0.0.1:0", "--hash-key", KEY,
+            "--session-key", "header:x-session", "--graceful-timeout", "3"]  # fmt: skip
+    sources = v4_sources(400, start=6000)
+    owner = next(s for s in sources if predicted(s, 3) == 2)
+    others = [s for s in sources if predicted(s, 3) != 2][:16]
+    with launched(args) as instance:
+        _, slot, session = _session_get(instance.port, owner, "/login", None)
+        assert slot == "2"
+        (old_pid,) = instance.slot_pids()[2]
+        load = SessionLoad(instance.port, others, session)
+        for thread in load.threads:
+            thread.start()
+        try:
+            wait_for(lambda: load.served_by(str(old_pid)) >= 20, 30, "requests moved to slot 2")
+            replaced_at = time.monotonic()
+            if replace == "KILL":
+                os.kill(old_pid, signal.SIGKILL)
+            else:
+                instance.signal(signal.SIGHUP)
+
+            def new_worker_serving() -> bool:
+                pids = instance.slot_pids()[2]
+                return len(pids) == 1 and pids[0] != old_pid and load.served_by(str(pids[0])) >= 20
+
+            wait_for(new_worker_serving, 60, "slot 2's new worker serving moved requests")
+        finally:
+            load.stop.set()
+            for thread in load.threads:
+                thread.join()
+        print(f"{replace}: {len(load.answers)} moved requests, {len(load.failures)} failed")
+        # kill -9 loses what the worker was serving at that moment (as it would without moves):
+        # nothing sent to the slot after that, which waited in the slot's queue, is lost.
+        assert [what for began, what in load.failures if began > replaced_at or replace == "HUP"] == []
+        assert all(status == 200 and slot == "2" for status, slot, _ in load.answers)
+        assert instance.status()["slots"][2]["sessions"]["moved_in"] >= 40
