@@ -6,6 +6,7 @@ Real servers (the Socket.IO chat example, uvicorn under our worker), real client
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 from support.launcher import KEY, Instance, launched, predicted, wait_for
+from support.mcp_clients import official_session, raw_session
 from support.netlab import in_new_netns, local_ipv6_prefix, v4_sources
 from support.roaming import roaming_swarm
 
@@ -232,3 +234,54 @@ def test_handoffs_queued_for_a_replaced_worker_are_all_served(replace: str) -> N
         assert [what for began, what in load.failures if began > replaced_at or replace == "HUP"] == []
         assert all(status == 200 and slot == "2" for status, slot, _ in load.answers)
         assert instance.status()["slots"][2]["sessions"]["moved_in"] >= 40
+
+
+# -- MCP: the official SDK's server and client --------------------------------------------------------
+
+MCP_APP = Path(__file__).parents[2] / "examples" / "mcp_server" / "app.py"
+
+
+def _kept(answers: list[Any]) -> bool:
+    """One session's answers: all from one pid, counting 1, 2, 3..."""
+    return (
+        all(isinstance(a, dict) for a in answers)
+        and [a["count"] for a in answers] == list(range(1, len(answers) + 1))
+        and len({a["pid"] for a in answers}) == 1
+    )
+
+
+@pytest.mark.parametrize("keys", [["--session-key", "mcp"], []], ids=["mcp", "control"])
+def test_mcp_tool_calls_stay_in_their_session_across_addresses(keys: list[str]) -> None:
+    args = [
+        str(MCP_APP),
+        "-w",
+        "4",
+        "--bind",
+        "127.0.0.1:0",
+        "--hash-key",
+        KEY,
+        "--graceful-timeout",
+        "3",
+        *keys,
+    ]
+    sources = v4_sources(8 * 4, start=7000)
+    groups = [sources[i : i + 4] for i in range(0, len(sources), 4)]
+    with launched(args) as instance:
+        url = f"http://127.0.0.1:{instance.port}/mcp"
+
+        async def official() -> list[list[dict[str, Any]] | BaseException]:
+            return await asyncio.gather(
+                *(official_session(url, group, 6) for group in groups[:4]), return_exceptions=True
+            )
+
+        official_results = asyncio.run(official())
+        raw_results = [raw_session(instance.port, group, 6) for group in groups[4:]]
+        kept = sum(not isinstance(r, BaseException) and _kept(r) for r in official_results)
+        kept += sum(_kept(r) for r in raw_results)
+        print(
+            f"mcp {keys}: {kept}/8 sessions kept; official {official_results!r:.300}; raw {raw_results!r:.300}"
+        )
+        if keys:
+            assert kept == 8
+        else:
+            assert kept < 8
