@@ -278,9 +278,7 @@ def test_mcp_tool_calls_stay_in_their_session_across_addresses(keys: list[str]) 
         raw_results = [raw_session(instance.port, group, 6) for group in groups[4:]]
         kept = sum(not isinstance(r, BaseException) and _kept(r) for r in official_results)
         kept += sum(_kept(r) for r in raw_results)
-        print(
-            f"mcp {keys}: {kept}/8 sessions kept; official {official_results!r:.300}; raw {raw_results!r:.300}"
-        )
+        print(f"mcp {keys}: {kept}/8 kept; official {official_results!r:.300}; raw {raw_results!r:.300}")
         if keys:
             assert kept == 8
         else:

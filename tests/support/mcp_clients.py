@@ -68,8 +68,8 @@ def raw_session(port: int, sources: list[str], calls: int) -> list[Any]:
     """Initialize, then ``calls`` tool calls, every request from the next source: each call's
     structured answer, or the HTTP status when it failed."""
     rotation = itertools.cycle(sources)
-    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}}  # fmt: skip
+    hello = {"protocolVersion": PROTOCOL, "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}}
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": hello}
     status, session, _ = _post(port, next(rotation), init, None)
     assert status == 200 and session, status
     _post(port, next(rotation), {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
