@@ -22,7 +22,8 @@ import pytest
 from support.launcher import KEY, Instance, launched, predicted, wait_for
 from support.mcp_clients import official_session, raw_session
 from support.netlab import in_new_netns, local_ipv6_prefix, v4_sources
-from support.roaming import roaming_swarm
+from support.proxies import HAPROXY_SOURCE, haproxy_send_proxy, nginx_replicas
+from support.roaming import gather_sessions, replica_session, roaming_swarm
 
 pytestmark = pytest.mark.root
 
@@ -122,11 +123,16 @@ def test_a_keepalive_connection_moves_between_requests(keys: list[str]) -> None:
 
 
 def _proxied_get(port: int, source: str, header: bytes) -> bytes:
+    """The whole answer to one GET after ``header``; b"" when the connection was refused (closed
+    or reset) without one."""
     with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
-        sock.sendall(header + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        try:
+            sock.sendall(header + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            pass
         return data
 
 
@@ -283,3 +289,47 @@ def test_mcp_tool_calls_stay_in_their_session_across_addresses(keys: list[str]) 
             assert kept == 8
         else:
             assert kept < 8
+
+
+# -- behind real proxies: HAProxy with PROXY protocol, nginx replicas with keep-alive pools ---------
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_behind_haproxy_every_client_is_routed_and_seen_by_its_own_address(version: int) -> None:
+    args = ["client_app.py", "-w", "4", "--bind", "127.0.0.1:0", "--hash-key", KEY, "--proxy-protocol",
+            "--forwarded-allow-ips", HAPROXY_SOURCE]  # fmt: skip
+    clients = v4_sources(80, start=8000)
+    with launched(args) as instance, haproxy_send_proxy(instance.port, version=version) as front:
+        slots: dict[str, int] = {}
+        for client in clients:
+            reply = _proxied_get(front.port, client, b"")
+            slot, seen = reply.split(b"\r\n\r\n", 1)[1].split()
+            assert seen.decode() == client  # the app sees the client, not HAProxy
+            slots[client] = int(slot)
+        assert slots == {client: predicted(client, 4) for client in clients}
+        assert set(slots.values()) == {0, 1, 2, 3}  # balanced: HAProxy's one address would be one slot
+
+
+def test_negative_control_a_proxy_not_allowed_is_refused() -> None:
+    args = ["client_app.py", "-w", "4", "--bind", "127.0.0.1:0", "--hash-key", KEY, "--proxy-protocol",
+            "--forwarded-allow-ips", "127.0.0.1"]  # fmt: skip
+    with launched(args) as instance, haproxy_send_proxy(instance.port) as front:
+        assert all(_proxied_get(front.port, c, b"") == b"" for c in v4_sources(8, start=8200))
+
+
+@pytest.mark.parametrize("transports", [["polling"], ["polling", "websocket"]], ids=["polling", "upgrade"])
+@pytest.mark.parametrize("keys", [["--session-key", "engineio"], []], ids=["engineio", "control"])
+def test_behind_nginx_replicas_with_pooled_connections(keys: list[str], transports: list[str]) -> None:
+    with launched(chat_args("127.0.0.1:0", *keys)) as instance, nginx_replicas(instance.port) as fronts:
+        ports = [front.port for front in fronts]
+        url = f"http://replicas:{ports[0]}"
+        sessions = [
+            replica_session(url, ports[i % 2 :] + ports[: i % 2], transports, 4, 10) for i in range(24)
+        ]
+        kept, errors = gather_sessions(sessions)
+        whole = [k for k in kept if len(k) == 1]
+        print(f"nginx {keys} {transports}: {len(whole)}/24 kept; errors {errors[:3]}")
+        if keys:
+            assert errors == [] and len(whole) == 24
+        else:
+            assert len(whole) < 24

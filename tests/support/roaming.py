@@ -66,11 +66,49 @@ def roaming_swarm(
     url: str, sessions: list[list[str]], rounds: int = 4, timeout: float = 10
 ) -> tuple[list[set[str]], list[str]]:
     """Every session at once: (workers per kept session, errors of the others)."""
+    return gather_sessions([roaming_session(url, s, rounds, timeout) for s in sessions])
+
+
+class Alternating(AbstractResolver):
+    """``host`` resolves to 127.0.0.1 on the next of ``ports``: a client behind a balancer that
+    spreads its requests over the replicas of an L7 proxy (each replica its own port here)."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = itertools.cycle(ports)
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_UNSPEC) -> list[ResolveResult]:
+        return [ResolveResult(hostname=host, host="127.0.0.1", port=next(self.ports), family=socket.AF_INET,
+                              proto=0, flags=0)]  # fmt: skip
+
+    async def close(self) -> None:
+        pass
+
+
+async def replica_session(
+    url: str, ports: list[int], transports: list[str], rounds: int, timeout: float
+) -> set[str]:
+    """A Socket.IO session whose every connection goes through the next replica."""
+    connector = aiohttp.TCPConnector(force_close=True, use_dns_cache=False, resolver=Alternating(ports))
+    async with aiohttp.ClientSession(connector=connector) as http:
+        client = socketio.AsyncClient(http_session=http, reconnection=False, request_timeout=timeout)
+        try:
+            await asyncio.wait_for(client.connect(url, transports=transports, wait_timeout=timeout), timeout)
+            answered = set()
+            for _ in range(rounds):
+                answer = await client.call("whoami", timeout=timeout)
+                answered.add(str(answer["worker"]))
+            if "websocket" in transports and client.transport() != "websocket":
+                raise AssertionError(f"still on {client.transport()} after {rounds} round trips")
+            return answered
+        finally:
+            await client.eio.disconnect(abort=True)
+
+
+def gather_sessions(sessions: list[Any]) -> tuple[list[set[str]], list[str]]:
+    """Run session coroutines at once: (workers per kept session, errors of the others)."""
 
     async def main() -> list[set[str] | BaseException]:
-        return await asyncio.gather(
-            *(roaming_session(url, s, rounds, timeout) for s in sessions), return_exceptions=True
-        )
+        return await asyncio.gather(*sessions, return_exceptions=True)
 
     kept: list[set[str]] = []
     errors: list[str] = []
