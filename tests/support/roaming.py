@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohappyeyeballs
@@ -104,7 +105,7 @@ async def replica_session(
             await client.eio.disconnect(abort=True)
 
 
-def gather_sessions(sessions: list[Any]) -> tuple[list[set[str]], list[str]]:
+def gather_sessions(sessions: list[Coroutine[Any, Any, set[str]]]) -> tuple[list[set[str]], list[str]]:
     """Run session coroutines at once: (workers per kept session, errors of the others)."""
 
     async def main() -> list[set[str] | BaseException]:
