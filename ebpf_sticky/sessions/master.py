@@ -29,10 +29,13 @@ class SessionFigures:
 
     per_slot: tuple[dict[str, int], ...]  # ownership.COUNTERS of each slot
     concentration: float | None  # share of recent connections from the top few sources
+    forwarded: bool = False  # addresses already come from PROXY headers or X-Forwarded-For
 
     @property
     def concentrated(self) -> bool:
-        return self.concentration is not None and self.concentration > CONCENTRATION_SHARE
+        """Worth a warning: few sources, and nothing yet that would see past them."""
+        share = self.concentration
+        return share is not None and share > CONCENTRATION_SHARE and not self.forwarded
 
 
 CONCENTRATION_WARNING = (
@@ -101,7 +104,7 @@ class MasterSessions:
         rows = tuple(self.table.counters(slot) for slot in range(slots))
         total = sum(row["connections"] for row in rows)
         share = sum(row["top_source"] for row in rows) / total if total >= CONCENTRATION_MIN else None
-        return SessionFigures(rows, share)
+        return SessionFigures(rows, share, self.settings.needs_routing_key)
 
     def close(self) -> None:
         self.channels.close()

@@ -12,6 +12,8 @@ Design rules:
   table every worker maps (a memfd the master creates). Only responses insert: a request carrying an
   unknown key inserts nothing, so clients cannot grow the table; it is bounded anyway (a fixed
   number of entries, the oldest entry of a probe window is replaced when all are live).
+* **Client-chosen ids** (``query:NAME``: no response creates them) go to the slot their keyed hash
+  picks through the routers' bucket table, from the first request on; nothing is stored.
 * Entries are written without locks by several processes: each carries a check over its fields,
   and a torn entry reads as absent (that request is then served where it landed).
 
@@ -29,7 +31,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-from ..hashing import MAX_SLOTS
+from ..hashing import BUCKETS, MAX_SLOTS, bucket_table
 
 MAGIC = 0x5E55_1011
 HEADER = struct.Struct("<III4x")
@@ -77,6 +79,11 @@ def key_hash(value: str, table_key: bytes) -> int:
     """Never 0 (0 marks an empty entry)."""
     digest = hashlib.blake2b(value.encode(), digest_size=8, key=table_key, person=b"learnt-id").digest()
     return int.from_bytes(digest, "little") or 1
+
+
+def hashed_slot(value: str, table_key: bytes, slots: int) -> int:
+    """The slot of an id the client chose: its keyed hash through the routers' bucket table."""
+    return bucket_table(slots)[key_hash(value, table_key) & (BUCKETS - 1)]
 
 
 def _check(h: int, slot: int, expiry: int) -> int:

@@ -29,8 +29,8 @@ from typing import Any, cast
 from ..hashing import HashSpec, cbpf, native, parse_address
 from . import handoff
 from .http_head import HeadError, RequestHead, parse_request_head
-from .keys import MAX_LEARN_BODY, AddressKey, IdKey, KeySpec, TrustedProxies, extract_key, learn_key
-from .ownership import SessionTable, issue_id, issued_slot
+from .keys import MAX_LEARN_BODY, AddressKey, IdKey, KeyKind, KeySpec, TrustedProxies, extract_key, learn_key
+from .ownership import SessionTable, hashed_slot, issue_id, issued_slot
 from .proxy_protocol import ProxyProtocolError, parse_proxy_header
 
 log = logging.getLogger("ebpf_sticky.sessions")
@@ -44,7 +44,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # keep-alive timeout is 5 s; a head is a single round trip).
 HEAD_TIMEOUT = 10.0
 # The source addresses of this many accepted connections make one window of the top-source figure.
-SOURCE_WINDOW = 1000
+SOURCE_WINDOW = 256
 MIRRORS = {"native": native.slot_of, "cbpf": cbpf.slot_of}
 
 
@@ -78,19 +78,31 @@ class Layer:
         return self.mirror(address, self.spec, self.table.slots)
 
     def owner(self, head: RequestHead, peer_host: str, address_owner: int | None) -> int | None:
-        """The slot a request belongs to; None: where it landed (no key, or a key no one issued)."""
-        key = extract_key(head, self.specs, peer_host, self.trusted) if self.specs else None
-        if isinstance(key, AddressKey):
-            return self.mirror(key.address, self.spec, self.table.slots) if self.spec else None
-        if isinstance(key, IdKey):
-            slot = issued_slot(key.value, self.table.table_key)
-            if slot is None:
-                slot = self.table.lookup(key.value, int(time.monotonic()))
-            if slot is None:
-                self.table.count(self.slot, "unknown")
-                return address_owner
-            return slot
+        """The slot a request belongs to; None: where it landed (no key, or a key no one issued).
+
+        The first spec (in the order given) that finds a key decides, as ``extract_key`` does; it
+        is asked one spec at a time because the kind decides how the key maps to a slot.
+        """
+        for spec in self.specs:
+            key = extract_key(head, (spec,), peer_host, self.trusted)
+            if isinstance(key, AddressKey):
+                return self.mirror(key.address, self.spec, self.table.slots) if self.spec else None
+            if isinstance(key, IdKey):
+                return self.owner_of_id(spec, key.value, address_owner)
         return address_owner
+
+    def owner_of_id(self, spec: KeySpec, value: str, address_owner: int | None) -> int | None:
+        if spec.kind is KeyKind.QUERY:
+            # A client-chosen id (no response creates it): its own keyed hash picks the slot,
+            # from the first request on, and nothing is stored.
+            return hashed_slot(value, self.table.table_key, self.table.slots)
+        slot = issued_slot(value, self.table.table_key)
+        if slot is None:
+            slot = self.table.lookup(value, int(time.monotonic()))
+        if slot is None:
+            self.table.count(self.slot, "unknown")
+            return address_owner
+        return slot
 
     def note_source(self, host: str) -> None:
         self.sources[host] += 1
@@ -183,12 +195,13 @@ class Gate(asyncio.Protocol):
         if self.moved:
             self.serve_here()
             return
-        self.layer.note_source(self.peer[0])
         if self.proxied and self.peer[0] not in self.layer.trusted:
             # A PROXY header is believed only from --forwarded-allow-ips: anyone else could claim
             # any address. The connection is refused, not served with the wrong address.
             self.transport.abort()
             return
+        if not self.proxied:
+            self.layer.note_source(self.peer[0])  # with PROXY headers, the client they name
         self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.transport.close)
 
     def data_received(self, data: bytes) -> None:
@@ -211,6 +224,7 @@ class Gate(asyncio.Protocol):
                 if header.source is not None:
                     self.client = header.source
                     self.address_owner = self.layer.owner_of_address(header.source[0])
+                self.layer.note_source((self.client or self.peer)[0])
                 if not self.layer.specs:
                     self.route(self.address_owner)
                     return

@@ -12,6 +12,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.launcher import KEY, Instance, launched, predicted, wait_for
+import trustme
+from support.launcher import APPS as APPS_DIR
+from support.launcher import KEY, Instance, launched, predicted, run_bad, wait_for
 from support.mcp_clients import official_session, raw_session
 from support.netlab import in_new_netns, local_ipv6_prefix, v4_sources
 from support.proxies import HAPROXY_SOURCE, haproxy_send_proxy, nginx_replicas
@@ -333,3 +337,113 @@ def test_behind_nginx_replicas_with_pooled_connections(keys: list[str], transpor
             assert errors == [] and len(whole) == 24
         else:
             assert len(whole) < 24
+
+
+# -- status and validation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spread", [False, True], ids=["two-sources", "control-many-sources"])
+def test_status_warns_when_a_few_sources_carry_most_connections(spread: bool) -> None:
+    args = ["client_app.py", "-w", "2", "--bind", "127.0.0.1:0", "--hash-key", KEY, "--session-key", "mcp"]
+    sources = v4_sources(600, start=9000) if spread else ["127.0.90.1", "127.0.90.2"] * 300
+    with launched(args) as instance:
+        for source in sources:
+            _proxied_get(instance.port, source, b"")
+        status = instance.status()
+        text = subprocess.run(
+            [sys.executable, "-m", "ebpf_sticky", "status", "--port", str(instance.port)],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        warned = "a few source addresses carry most connections" in text
+        assert warned == (not spread), (status, text)
+        assert "moved-out" in text
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--session-key", "cookies:x"], "--session-key 'cookies:x': expected engineio"),
+        (["--session-key", "mcp", "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"], "TLS"),
+    ],
+)
+def test_bad_session_options_are_one_line(extra: list[str], expected: str, tmp_path: Path) -> None:
+    cert = trustme.CA().issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "k.pem"))
+    extra = [str(tmp_path / e) if e.endswith(".pem") else e for e in extra]
+    run_bad([str(APPS_DIR / "client_app.py"), "-w", "1", "--bind", "127.0.0.1:0", *extra], expected)
+
+
+def test_session_key_needs_a_python_target() -> None:
+    run_bad(["--session-key", "mcp", "--bind", "127.0.0.1:0", "--", "sleep", "1"], "give a TARGET")
+
+
+# -- the other key kinds: cookie, query, forwarded -----------------------------------------------------
+
+
+def _get_with(port: int, source: str, path: str, headers: dict[str, str]) -> tuple[str, str | None]:
+    """(slot, set-cookie) of one request on its own connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        return response.read().decode().split()[0], response.getheader("set-cookie")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("keys", [["--session-key", "cookie:sid"], []], ids=["cookie", "control"])
+def test_cookie_sessions_stay_with_the_worker_that_set_the_cookie(keys: list[str]) -> None:
+    args = ["session_app.py", "-w", "4", "--bind", "127.0.0.1:0", "--hash-key", KEY, *keys]
+    sources = v4_sources(200, start=10000)
+    with launched(args) as instance:
+        kept = 0
+        for n in range(12):
+            slot, cookie = _get_with(instance.port, sources[n * 10], "/login", {})
+            assert cookie is not None
+            answers = {
+                _get_with(instance.port, s, "/", {"Cookie": cookie.split(";")[0]})[0]
+                for s in sources[n * 10 + 1 : n * 10 + 6]
+            }
+            kept += answers == {slot}
+        assert (kept == 12) if keys else (kept < 12)
+
+
+def test_query_ids_chosen_by_clients_hash_to_one_slot_each() -> None:
+    args = [
+        "session_app.py",
+        "-w",
+        "4",
+        "--bind",
+        "127.0.0.1:0",
+        "--hash-key",
+        KEY,
+        "--session-key",
+        "query:session_hash",
+    ]
+    sources = v4_sources(60, start=11000)
+    with launched(args) as instance:
+        homes = []
+        for n in range(12):
+            answers = {
+                _get_with(instance.port, s, f"/?session_hash=client-{n}", {})[0]
+                for s in sources[n * 5 : n * 5 + 5]
+            }
+            assert len(answers) == 1, answers
+            homes.append(answers.pop())
+        assert len(set(homes)) > 1  # different ids, different slots
+
+
+def test_forwarded_addresses_from_an_allowed_proxy_route_like_direct_clients() -> None:
+    args = ["session_app.py", "-w", "4", "--bind", "127.0.0.1:0", "--hash-key", KEY,
+            "--session-key", "forwarded", "--forwarded-allow-ips", "127.0.0.9"]  # fmt: skip
+    clients = v4_sources(40, start=12000)
+    with launched(args) as instance:
+        for client in clients:
+            slot, _ = _get_with(instance.port, "127.0.0.9", "/", {"X-Forwarded-For": client})
+            assert int(slot) == predicted(client, 4)
+        # From a peer not allowed, the header is the client's word: ignored, the peer's own slot.
+        peer = "127.0.0.10"
+        assert {int(_get_with(instance.port, peer, "/", {"X-Forwarded-For": c})[0]) for c in clients} == {
+            predicted(peer, 4)
+        }
