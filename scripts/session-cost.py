@@ -5,7 +5,8 @@
   from many sources, driven by scripts/bench.d/loadgen.c) with and without ``--session-key``,
   in interleaved rounds in one run; with the key on, every request is served where it landed (it
   carries no key), so the figure is the gate's own cost: one more protocol object and a head
-  parse per connection. The machine is shared: compare the ratio of one run, not absolutes.
+  parse per connection. The machine is shared: compare the ratios of one run, not absolutes;
+  the CPU ratio (requests per worker CPU second, on / off) is the one other tenants disturb least.
 * **A move**: one launch with ``--session-key header:x-session``; the same client (on slot 0)
   sends requests of a session owned by slot 0 and of one owned by slot 1, alternating, one
   connection each; the difference of the two medians is what a move adds.
@@ -69,22 +70,36 @@ def build_loadgen() -> Path:
     return out
 
 
-def rate(loadgen: Path, port: int, seconds: float) -> float:
+def workers_cpu(master: int) -> float:
+    """CPU seconds the master's workers have used (utime + stime)."""
+    total = 0.0
+    for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
+        fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def rate(loadgen: Path, launch: Launch, seconds: float) -> tuple[float, float]:
+    """(requests per second, worker CPU microseconds per request) of one loadgen run."""
+    before = workers_cpu(launch.proc.pid)
     out = subprocess.run(
-        [str(loadgen), "127.0.0.1", str(port), "256", "32", str(seconds)], capture_output=True, check=True
+        [str(loadgen), "127.0.0.1", str(launch.port), "256", "32", str(seconds)],
+        capture_output=True,
+        check=True,
     ).stdout
-    result = json.loads(out)
-    return float(result["completed"]) / seconds
+    completed = float(json.loads(out)["completed"])
+    return completed / seconds, (workers_cpu(launch.proc.pid) - before) / completed * 1e6
 
 
-def rates(loadgen: Path, rounds: int, seconds: float) -> dict[str, list[float]]:
-    figures: dict[str, list[float]] = {"off": [], "on": []}
+def rates(loadgen: Path, rounds: int, seconds: float) -> dict[str, list[tuple[float, float]]]:
+    """Off and on in alternating order, each round on fresh launches."""
+    figures: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
     for r in range(rounds):
         for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
             launch = Launch(BENCH_APP, 2, *(["--session-key", "header:x-session"] if mode == "on" else []))
             try:
-                rate(loadgen, launch.port, 1.0)  # warm up
-                figures[mode].append(rate(loadgen, launch.port, seconds))
+                rate(loadgen, launch, 2.0)  # warm up
+                figures[mode].append(rate(loadgen, launch, seconds))
             finally:
                 launch.close()
     return figures
@@ -138,14 +153,16 @@ def main() -> int:
     args = parser.parse_args()
     os.chdir(ROOT)
     figures = rates(build_loadgen(), args.rounds, args.seconds)
-    ratios = [on / off for on, off in zip(figures["on"], figures["off"], strict=True)]
-    move = move_cost(args.requests)
+    pairs = list(zip(figures["on"], figures["off"], strict=True))
     result = {
-        "rate_off": figures["off"],
-        "rate_on": figures["on"],
-        "ratio_per_round": ratios,
-        "ratio_median": statistics.median(ratios),
-        **move,
+        "rate_off": [round(f[0]) for f in figures["off"]],
+        "rate_on": [round(f[0]) for f in figures["on"]],
+        "rate_ratio_median": statistics.median(on[0] / off[0] for on, off in pairs),
+        "cpu_us_per_request_off": [round(f[1], 1) for f in figures["off"]],
+        "cpu_us_per_request_on": [round(f[1], 1) for f in figures["on"]],
+        # Requests per worker CPU second, on / off: the rate ratio with other tenants' load removed.
+        "cpu_ratio_median": statistics.median(off[1] / on[1] for on, off in pairs),
+        **move_cost(args.requests),
     }
     print(json.dumps(result, indent=2))
     return 0

@@ -28,9 +28,10 @@ from typing import Any, cast
 
 from ..hashing import HashSpec, cbpf, native, parse_address
 from . import handoff
-from .http_head import HeadError, RequestHead, parse_request_head
+from .http_head import MAX_HEAD, HeadError, RequestHead, parse_request_head
 from .keys import MAX_LEARN_BODY, AddressKey, IdKey, KeyKind, KeySpec, TrustedProxies, extract_key, learn_key
 from .ownership import SessionTable, hashed_slot, issue_id, issued_slot
+from .prefilter import Creators, Markers, head_end
 from .proxy_protocol import ProxyProtocolError, parse_proxy_header
 
 log = logging.getLogger("ebpf_sticky.sessions")
@@ -61,10 +62,13 @@ class Layer:
     receiver: socket.socket
     spec: HashSpec | None  # the routing key's spec, when address keys are in use
     mirror: Callable[[Any, HashSpec, int], int]
+    markers: Markers
+    creators: Creators
     make_inner: Callable[[], asyncio.Protocol] | None = None  # uvicorn's protocol, once started
     gates: dict[Peer, Gate] = field(default_factory=dict)
     backlog: dict[int, collections.deque[tuple[int, Peer | None, bytes]]] = field(default_factory=dict)
     sources: collections.Counter[str] = field(default_factory=collections.Counter)
+    window: int = 0  # connections counted in ``sources``
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -106,12 +110,13 @@ class Layer:
 
     def note_source(self, host: str) -> None:
         self.sources[host] += 1
-        total = sum(self.sources.values())
-        if total >= SOURCE_WINDOW:
+        self.window += 1
+        if self.window >= SOURCE_WINDOW:
             top = sum(count for _, count in self.sources.most_common(3))
-            self.table.set_counter(self.slot, "connections", total)
+            self.table.set_counter(self.slot, "connections", self.window)
             self.table.set_counter(self.slot, "top_source", top)
             self.sources.clear()
+            self.window = 0
 
     # -- moving ------------------------------------------------------------------------------
 
@@ -191,14 +196,20 @@ class Gate(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not its subclasses
         peer = transport.get_extra_info("peername")
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
-        self.layer.gates[self.peer] = self
-        if self.moved:
-            self.serve_here()
-            return
         if self.proxied and self.peer[0] not in self.layer.trusted:
             # A PROXY header is believed only from --forwarded-allow-ips: anyone else could claim
             # any address. The connection is refused, not served with the wrong address.
             self.transport.abort()
+            return
+        self.layer.gates[self.peer] = self
+        # uvicorn's protocol exists from the start, as without the layer (it counts the connection
+        # for graceful shutdown and limits, and costs the same now as later); it sees no byte
+        # until the connection is known to be served here.
+        assert self.layer.make_inner is not None
+        self.inner = self.layer.make_inner()
+        self.inner.connection_made(self.transport)
+        if self.moved:
+            self.serve_here()
             return
         if not self.proxied:
             self.layer.note_source(self.peer[0])  # with PROXY headers, the client they name
@@ -228,6 +239,12 @@ class Gate(asyncio.Protocol):
                 if not self.layer.specs:
                     self.route(self.address_owner)
                     return
+            end = head_end(self.buffer)
+            if end < 0 and len(self.buffer) <= MAX_HEAD:
+                return
+            if end >= 0 and not self.layer.markers.may_carry_key(self.buffer[:end]):
+                self.route(self.address_owner)  # no key in it: no parse
+                return
             head = parse_request_head(self.buffer)
         except ProxyProtocolError:
             self.transport.abort()
@@ -259,13 +276,10 @@ class Gate(asyncio.Protocol):
         self.transport.close()  # closes our fd only: the connection lives on in the dup
 
     def serve_here(self) -> None:
-        assert self.transport is not None and self.layer.make_inner is not None
+        assert self.inner is not None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-        if self.inner is None:
-            self.inner = self.layer.make_inner()
-            self.inner.connection_made(self.transport)
         self.busy = True
         data, self.buffer = self.buffer, b""
         if data:
@@ -326,7 +340,7 @@ def wrap_app(app: ASGIApp, layer: Layer) -> ASGIApp:
 
 
 def _watching(scope: Scope, send: Send, layer: Layer, gate: Gate) -> Send:
-    status, learning = 0, bool(layer.specs)
+    status, learning = 0, scope["type"] == "websocket" and layer.creators.engineio
     headers: tuple[tuple[str, str], ...] = ()
 
     async def watched(message: Any) -> None:
@@ -334,9 +348,10 @@ def _watching(scope: Scope, send: Send, layer: Layer, gate: Gate) -> Send:
         kind = message["type"]
         if kind == "http.response.start":
             status = message["status"]
-            headers = tuple(
-                (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in message.get("headers", ())
-            )
+            raw = message.get("headers", ())
+            learning = layer.creators.may_create(raw, scope.get("query_string", b""))
+            if learning:
+                headers = tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in raw)
         elif learning and kind in ("http.response.body", "websocket.send"):
             learning = False
             body = message.get("body") or (message.get("text") or "").encode()
@@ -350,14 +365,16 @@ def _watching(scope: Scope, send: Send, layer: Layer, gate: Gate) -> Send:
     return watched
 
 
-def issue_engineio_ids(slot: int, table_key: bytes) -> None:
-    """python-engineio's sids name their slot, so any worker routes them without a table."""
+def issue_engineio_ids(slot: int, table_key: bytes) -> bool:
+    """python-engineio's sids name their slot, so any worker routes them without a table.
+    False when python-engineio is not installed (ids are then learnt from handshakes)."""
     try:
         from engineio import base_server
     except ImportError:
-        return
+        return False
 
     def generate_id(self: object) -> str:
         return issue_id(slot, table_key, secrets.token_bytes(11))
 
     base_server.BaseServer.generate_id = generate_id
+    return True

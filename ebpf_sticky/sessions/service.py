@@ -14,8 +14,9 @@ from typing import Any
 
 from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, SESSION_TABLE_FD
 from ..hashing import HashSpec
-from .keys import parse_key_spec, parse_trusted
+from .keys import KeyKind, parse_key_spec, parse_trusted
 from .ownership import SessionTable, table_size
+from .prefilter import creators, markers
 from .runtime import MIRRORS, Gate, Layer, issue_engineio_ids, wrap_app
 from .settings import SessionSettings
 
@@ -35,11 +36,13 @@ def open_layer(settings: SessionSettings, slot: int) -> Layer:
         else None
     )
     trusted = parse_trusted(settings.trusted)
-    if any(text.startswith("engineio") for text in settings.keys):
-        issue_engineio_ids(slot, table_key)
+    specs = tuple(parse_key_spec(text) for text in settings.keys)
+    issued = any(spec.kind is KeyKind.ENGINEIO for spec in specs) and issue_engineio_ids(slot, table_key)
     return Layer(
         slot=slot,
-        specs=tuple(parse_key_spec(text) for text in settings.keys),
+        specs=specs,
+        markers=markers(specs),
+        creators=creators(specs, issued),
         proxy_protocol=settings.proxy_protocol,
         trusted=trusted,
         table=SessionTable(memoryview(memory), table_key),
