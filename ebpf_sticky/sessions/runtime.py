@@ -334,7 +334,13 @@ def wrap_app(app: ASGIApp, layer: Layer) -> ASGIApp:
             return
         if gate.client is not None:
             scope["client"] = gate.client
-        await app(scope, receive, _watching(scope, send, layer, gate))
+        try:
+            await app(scope, receive, _watching(scope, send, layer, gate))
+        finally:
+            # After an upgrade the WebSocket protocol owns the transport: the gate hears no
+            # connection_lost, so it leaves the registry when the app is done with the socket.
+            if scope["type"] == "websocket" and layer.gates.get(gate.peer) is gate:
+                del layer.gates[gate.peer]
 
     return asgi
 
