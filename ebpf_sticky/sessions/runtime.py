@@ -262,7 +262,8 @@ class Gate(asyncio.Protocol):
         if (
             owner is None
             or owner == layer.slot
-            or owner >= len(layer.senders)
+            or owner >= len(layer.senders)  # a slot added after this worker started
+            or owner >= layer.table.slots  # a retired slot: nobody would read its queue
             or len(self.buffer) > handoff.MAX_PREFIX
             or self.transport.get_write_buffer_size()  # our last response is still going out
         ):
