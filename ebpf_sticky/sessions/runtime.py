@@ -41,9 +41,6 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Any]]
 Send = Callable[[Any], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-# A connection that sends no complete head within this long is closed (uvicorn's own default
-# keep-alive timeout is 5 s; a head is a single round trip).
-HEAD_TIMEOUT = 10.0
 # The source addresses of this many accepted connections make one window of the top-source figure.
 SOURCE_WINDOW = 256
 MIRRORS = {"native": native.slot_of, "cbpf": cbpf.slot_of}
@@ -190,11 +187,17 @@ class Gate(asyncio.Protocol):
         self.address_owner: int | None = None
         self.transport: asyncio.Transport | None = None
         self.peer: Peer = ("", 0)
-        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not its subclasses
-        peer = transport.get_extra_info("peername")
+        # uvicorn's protocol exists from the start, as without the layer (it counts the connection
+        # for graceful shutdown and limits, and costs the same now as later); it sees no byte
+        # until the connection is known to be served here. Like uvicorn, no deadline for the
+        # first request.
+        assert self.layer.make_inner is not None
+        self.inner = self.layer.make_inner()
+        self.inner.connection_made(self.transport)
+        peer = getattr(self.inner, "client", None) or transport.get_extra_info("peername")
         self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
         if self.proxied and self.peer[0] not in self.layer.trusted:
             # A PROXY header is believed only from --forwarded-allow-ips: anyone else could claim
@@ -202,18 +205,10 @@ class Gate(asyncio.Protocol):
             self.transport.abort()
             return
         self.layer.gates[self.peer] = self
-        # uvicorn's protocol exists from the start, as without the layer (it counts the connection
-        # for graceful shutdown and limits, and costs the same now as later); it sees no byte
-        # until the connection is known to be served here.
-        assert self.layer.make_inner is not None
-        self.inner = self.layer.make_inner()
-        self.inner.connection_made(self.transport)
         if self.moved:
             self.serve_here()
-            return
-        if not self.proxied:
+        elif not self.proxied:
             self.layer.note_source(self.peer[0])  # with PROXY headers, the client they name
-        self.timer = asyncio.get_running_loop().call_later(HEAD_TIMEOUT, self.transport.close)
 
     def data_received(self, data: bytes) -> None:
         if self.busy:
@@ -278,9 +273,6 @@ class Gate(asyncio.Protocol):
 
     def serve_here(self) -> None:
         assert self.inner is not None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self.busy = True
         data, self.buffer = self.buffer, b""
         if data:
@@ -298,8 +290,6 @@ class Gate(asyncio.Protocol):
         return self.inner.eof_received() if self.inner is not None else None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         if self.layer.gates.get(self.peer) is self:
             del self.layer.gates[self.peer]
         if self.inner is not None:
