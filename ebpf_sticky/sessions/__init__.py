@@ -1,9 +1,18 @@
-"""Session affinity beyond the source address: what the worker reads before the app sees a byte.
+"""Session affinity beyond the source address: the worker decides before the app sees a byte.
 
-The pure parts live here: the PROXY protocol header (``proxy_protocol``), an HTTP/1.x request head
-(``http_head``), and the session keys read from a head or learnt from a response (``keys``). They
-take bytes and return values or raise their own declared errors, never anything else, whatever the
-peer sends; every size they read is bounded. Nothing here touches the OS.
+A connection is read up to its first request head; its session key (an id the app issued, or a
+client address a trusted proxy reports) names the slot that owns it, and a connection owned
+elsewhere is handed to that slot's worker. Pure, and re-exported here:
+
+* ``proxy_protocol`` — the PROXY protocol v1/v2 header a load balancer sends first;
+* ``http_head`` — an HTTP/1.x request head, and the header, cookie and query values in it;
+* ``keys`` — ``--session-key`` specs, the key of a request, the id a response creates, and
+  ``--forwarded-allow-ips``.
+
+They take bytes and strings and return values or raise their own declared errors, whatever the
+peer sends, and every size they read is bounded. ``settings`` and ``ownership`` (which slot owns
+an id) are pure too; ``handoff`` (moving a connection), ``master`` (the table and the handoff
+sockets the master keeps), ``runtime`` and ``service`` (the layer in a worker) do the I/O.
 """
 
 from .http_head import (

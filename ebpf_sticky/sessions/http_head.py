@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 # Above h11's 16 KiB default (uvicorn's h11 limit) and nginx's 4 x 8 KiB header buffers, so a head
 # the server behind us would accept is never refused here first; small enough that a peer cannot
@@ -40,10 +40,10 @@ _TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 # A request target: visible ASCII and (as servers tolerate) bytes >= 0x80, never space or control.
 _TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+")
 _VERSION = re.compile(rb"HTTP/1\.[0-9]")
-# A field value: visible characters, spaces and tabs, never another control byte (NUL, CR, ...).
-_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
-_END = re.compile(rb"\r?\n\r?\n")
-_LINE = re.compile(rb"\r?\n")
+# A field line: a token, a colon, then visible characters, spaces and tabs, never another control
+# byte (NUL, CR, ...). All the fields are checked by one match: a head is parsed per request.
+_FIELD = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*"
+_FIELDS = re.compile(_FIELD + rb"(?:\n" + _FIELD + rb")*")
 _LEADING_BLANK_LINES = re.compile(rb"(?:\r?\n)*")
 
 
@@ -63,18 +63,49 @@ class RequestHead:
 
 def parse_request_head(data: bytes) -> RequestHead | None:
     """The request head at the start of ``data``; ``None`` until its blank line has arrived."""
-    blank = _LEADING_BLANK_LINES.match(data, 0, MAX_HEAD)
-    begin = blank.end() if blank else 0
-    end = _END.search(data, begin, MAX_HEAD)
+    begin = 0
+    if data[:1] in (b"\r", b"\n"):
+        blank = _LEADING_BLANK_LINES.match(data, 0, MAX_HEAD)
+        begin = blank.end() if blank else 0
+    end = _blank_line(data, begin)
     if end is None:
         if len(data) >= MAX_HEAD:
             raise HeadError(f"request head larger than {MAX_HEAD} bytes: refused")
         _check_request_line_so_far(data[begin:])
         return None
-    lines = _LINE.split(data[begin : end.start()])
-    method, target = _request_line(lines[0])
-    headers = tuple(_field(line) for line in lines[1:])
-    return RequestHead(method, target, headers, end.end())
+    lines_end, length = end
+    # One line ending from here on: CRLF becomes LF, and the CR of the last line's CRLF (its LF
+    # is the blank line's first byte) goes. A CR left anywhere else fails the checks below.
+    text = data[begin:lines_end].replace(b"\r\n", b"\n")
+    request_line, _, fields = text.removesuffix(b"\r").partition(b"\n")
+    method, target = _request_line(request_line)
+    return RequestHead(method, target, _fields(fields), length)
+
+
+def _blank_line(data: bytes, begin: int) -> tuple[int, int] | None:
+    """Where the head's lines end and where its blank line ends, if it has arrived."""
+    crlf = data.find(b"\n\r\n", begin, MAX_HEAD)
+    # A bare-LF blank line counts only if it comes first.
+    lf = data.find(b"\n\n", begin, crlf + 2 if crlf >= 0 else MAX_HEAD)
+    if lf >= 0:
+        return lf, lf + 2
+    return (crlf, crlf + 3) if crlf >= 0 else None
+
+
+def _fields(text: bytes) -> tuple[tuple[str, str], ...]:
+    if not text:
+        return ()
+    if not _FIELDS.fullmatch(text):
+        # A field name must be a token right up to the colon: " Host:" (obsolete folding) and
+        # "Host :" are what request smuggling is made of, so they are refused, as h11 refuses them.
+        bad = next((line for line in text.split(b"\n") if not _FIELDS.fullmatch(line)), text)
+        raise HeadError(f"malformed header field {bad[:80]!r}")
+    # Checked: names are ASCII tokens, so decoding the block once as Latin-1 is exact and cheap.
+    fields = []
+    for line in text.decode("latin-1").split("\n"):
+        name, _, value = line.partition(":")
+        fields.append((name.lower(), value.strip(" \t")))
+    return tuple(fields)
 
 
 def _check_request_line_so_far(partial: bytes) -> None:
@@ -98,15 +129,6 @@ def _request_line(line: bytes) -> tuple[str, str]:
     return parts[0].decode("ascii"), parts[1].decode("latin-1")
 
 
-def _field(line: bytes) -> tuple[str, str]:
-    name, colon, value = line.partition(b":")
-    # A field name must be a token right up to the colon: " Host:" (obsolete folding) and
-    # "Host :" are what request smuggling is made of, so they are refused, as h11 refuses them.
-    if not colon or not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value):
-        raise HeadError(f"malformed header field {line[:80]!r}")
-    return name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")
-
-
 def header(head: RequestHead, name: str) -> str | None:
     """The first value of header ``name`` (any case), or ``None``."""
     wanted = name.lower()
@@ -114,11 +136,21 @@ def header(head: RequestHead, name: str) -> str | None:
 
 
 def query_param(head: RequestHead, name: str) -> str | None:
-    """The first value of query parameter ``name`` in the request target, percent-decoded."""
-    # Not urlsplit: it raises on targets such as "//[x?sid=1"; the query is whatever follows the
-    # first "?", up to a fragment, as the ASGI server will cut it.
+    """The first value of query parameter ``name`` in the request target, percent-decoded.
+
+    Reads the query as ``urllib.parse.parse_qs`` does (python-engineio's reader), decoding only
+    the parts that need it: this runs for every request when a query names the session.
+    """
     query = head.target.partition("?")[2].partition("#")[0]
-    return next((value for key, value in parse_qsl(query, keep_blank_values=True) if key == name), None)
+    for pair in query.split("&"):
+        key, _, value = pair.partition("=")
+        if pair and _decoded(key) == name:
+            return _decoded(value)
+    return None
+
+
+def _decoded(text: str) -> str:
+    return unquote_plus(text) if "%" in text or "+" in text else text
 
 
 def cookie(head: RequestHead, name: str) -> str | None:

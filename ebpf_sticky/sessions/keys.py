@@ -30,6 +30,7 @@ Nothing here touches the OS.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import json
 import re
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..hashing import Address, parse_address
-from .http_head import RequestHead, cookie, header, query_param
+from .http_head import RequestHead, cookie, header, is_upgrade, query_param
 
 # A browser keeps cookies of up to 4096 bytes (RFC 6265's floor), and signed session cookies come
 # close; the table keeps a keyed hash of each id, so a long id costs nothing there.
@@ -55,6 +56,7 @@ _OPEN_PACKET = re.compile(rb"(?:[0-9]{1,6}:|\x00[\x00-\x09]{1,6}\xff)?0(\{.*)", 
 _JSON = json.JSONDecoder()
 # Max-Age of zero or less: the cookie is being removed, not created.
 _MAX_AGE_GONE = re.compile(r"0+|-[0-9]+")
+_EPOCH = re.compile(r"\b(?:1[0-8][0-9][0-9]|19[0-6][0-9]|1970)\b")
 
 
 class KeyKind(enum.Enum):
@@ -122,21 +124,22 @@ def parse_key_spec(text: str) -> KeySpec:
     kind_text, colon, argument = text.strip().partition(":")
     kind = next((kind for kind in KeyKind if kind.value == kind_text.lower()), None)
     if kind is None or (colon and kind in (KeyKind.MCP, KeyKind.FORWARDED)):
-        raise ConfigError(f"--session-key {text!r}: expected {_FORMS}")
+        raise _bad_spec(text, "unknown form")
     if kind is KeyKind.ENGINEIO:
-        return KeySpec(kind, _engineio_path(text, argument or ENGINEIO_PATH))
+        path = argument or ENGINEIO_PATH
+        if not path.startswith("/") or any(c in path for c in "?# "):
+            raise _bad_spec(text, "engineio:PATH takes a path such as /socket.io/")
+        # python-engineio normalises its path the same way: leading and trailing slash.
+        return KeySpec(kind, path.rstrip("/") + "/")
     if kind in (KeyKind.HEADER, KeyKind.COOKIE, KeyKind.QUERY):
         if not _TOKEN.fullmatch(argument):
-            raise ConfigError(f"--session-key {text!r}: {kind.value}:NAME needs a name, as in {_FORMS}")
+            raise _bad_spec(text, f"{kind.value}:NAME needs a name (letters, digits, -_.)")
         return KeySpec(kind, argument.lower() if kind is KeyKind.HEADER else argument)
     return KeySpec(kind)
 
 
-def _engineio_path(text: str, path: str) -> str:
-    if not path.startswith("/") or any(c in path for c in "?# "):
-        raise ConfigError(f"--session-key {text!r}: engineio:PATH takes a path such as {ENGINEIO_PATH}")
-    # python-engineio normalises its path the same way: leading and trailing slash.
-    return path.rstrip("/") + "/"
+def _bad_spec(text: str, why: str) -> ConfigError:
+    return ConfigError(f"--session-key {text!r}: {why}; expected {_FORMS}")
 
 
 def parse_trusted(text: str) -> TrustedProxies:
@@ -271,8 +274,19 @@ def _host(hop: str) -> str:
 
 
 def _address(host: str) -> Address | None:
+    # Behind a proxy every request asks about the same few hosts (the proxies, then its client):
+    # remembered, as uvicorn remembers its trust answers. Nothing longer than any written address
+    # (with brackets, port and scope) is an address, nor fills the cache.
+    return _parsed(host) if 0 < len(host) <= _LONGEST_HOP else None
+
+
+_LONGEST_HOP = 72  # [ + 45 (IPv6 with a dotted tail) + %scope (<= 16) + ] + :65535
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(host: str) -> Address | None:
     try:
-        return parse_address(_host(host)) if host else None
+        return parse_address(_host(host))
     except ValueError:
         return None
 
@@ -290,8 +304,12 @@ def learn_key(
     """The session id this response creates (first spec in order), or ``None``.
 
     ``headers`` are the response's fields (any case); ``body_prefix`` the start of its decoded
-    body (the ASGI body bytes, not chunked wire bytes): only Engine.IO's handshake needs it.
+    body (the ASGI body bytes, not chunked wire bytes; for a WebSocket, status 101 and the first
+    message sent): only Engine.IO's handshake needs it. An error response (4xx, 5xx) creates
+    nothing, whatever it carries: "404 Session not found" must not claim the id it refuses.
     """
+    if status >= 400:
+        return None
     for spec in specs:
         value = _bounded(_learn_one(spec, head, status, headers, body_prefix))
         if value is not None:
@@ -330,23 +348,31 @@ def _set_cookie(headers: Sequence[tuple[str, str]], name: str) -> str | None:
 
 
 def _deletes(attributes: str) -> bool:
+    # Max-Age wins over Expires (RFC 6265 5.3); without a clock, an Expires in or before 1970
+    # (the date every framework writes to delete a cookie) is the one past date we recognise.
+    expired = False
     for attribute in attributes.split(";"):
         name, _, value = attribute.partition("=")
-        if name.strip().lower() == "max-age":
+        name = name.strip().lower()
+        if name == "max-age":
             return _MAX_AGE_GONE.fullmatch(value.strip()) is not None
-    return False
+        expired = expired or (name == "expires" and _EPOCH.search(value) is not None)
+    return expired
 
 
 def _engineio_open(path: str, head: RequestHead, status: int, body: bytes) -> str | None:
-    # Only a handshake creates a session: a polling GET on the path without a sid yet.
-    if status != 200 or head.method != "GET" or not _on_path(head, path) or query_param(head, "sid"):
+    # Only a handshake creates a session: a GET on the path without a sid yet, answered by a
+    # polling response (200) or, for a WebSocket-only client, by the first message after the 101.
+    handshake = status == 200 or (status == 101 and is_upgrade(head))
+    if not handshake or head.method != "GET" or not _on_path(head, path) or query_param(head, "sid"):
         return None
     match = _OPEN_PACKET.match(body[:MAX_LEARN_BODY])
     if match is None:
         return None
     try:
-        # raw_decode stops at the object's end: packets batched after it are left unread.
-        data, _ = _JSON.raw_decode(match[1].decode("utf-8"))
+        # raw_decode stops at the object's end: packets batched after it (EIO=4 "\x1e", EIO=3
+        # binary framing) are left unread, and so is any invalid UTF-8 in them.
+        data, _ = _JSON.raw_decode(match[1].decode("utf-8", "replace"))
         sid = data.get("sid") if isinstance(data, dict) else None
     except (ValueError, RecursionError):
         return None

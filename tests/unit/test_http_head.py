@@ -137,6 +137,49 @@ def test_query_param_agrees_with_parse_qs(pairs: list[tuple[str, str]], name: st
     assert query_param(head, name) == expected
 
 
+@PROPERTY
+@given(st.text("sid=&+%20aé#?", max_size=40), st.data())
+def test_query_param_agrees_with_parse_qs_on_raw_queries(query: str, data: st.DataObject) -> None:
+    # Raw, as clients write them: "+" for spaces, stray "%", empty pairs, a fragment.
+    parsed = parse_qs(query.partition("#")[0], keep_blank_values=True)
+    name = data.draw(st.sampled_from([*parsed, "sid", "s d"]))
+    head = RequestHead("GET", f"/socket.io/?{query}", (), 0)
+    assert query_param(head, name) == parsed.get(name, [None])[0]
+
+
+odd_lines = st.sampled_from([b" folded", b"A : b", b"A:\x00b", b"A:\rb", b"NoColon", b"\tx", b"A:b\r", b""])
+lines = st.one_of(
+    st.tuples(tokens, values).map(lambda f: f"{f[0]}: {f[1]}".encode("latin-1")),
+    odd_lines,
+)
+
+
+@PROPERTY
+@given(tokens, targets, st.lists(lines, max_size=6), st.sampled_from([b"\r\n", b"\n"]))
+def test_agrees_with_h11_wherever_both_read_a_request(
+    method: str, target: str, fields: list[bytes], newline: bytes
+) -> None:
+    # uvicorn's h11 server is the reference for what the head says: where both parse it, the
+    # method, target and fields are the same, so the key we read is the one the app will see.
+    # On these lines this parser may refuse more (obsolete folding, which h11 joins), never less;
+    # h11 also refuses what routing need not judge (no Host, conflicting body framing).
+    import h11
+
+    data = newline.join([f"{method} {target} HTTP/1.1".encode(), b"Host: x", *fields]) + newline + newline
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(data)
+    ours = parse_or_error(data)
+    try:
+        event = server.next_event()
+    except h11.RemoteProtocolError:
+        # What the server refuses is never read as a request here either (it answers 400 itself).
+        assert isinstance(ours, HeadError)
+        return
+    if isinstance(event, h11.Request) and isinstance(ours, RequestHead):
+        assert ours.method.encode() == event.method and ours.target.encode("latin-1") == event.target
+        assert [(n.encode(), v.encode("latin-1")) for n, v in ours.headers] == list(event.headers)
+
+
 def test_socketio_client_handshake() -> None:
     head = parse_request_head(SOCKETIO_HANDSHAKE)
     assert head is not None and head.length == len(SOCKETIO_HANDSHAKE)
