@@ -362,7 +362,7 @@ def test_status_warns_when_a_few_sources_carry_most_connections(spread: bool) ->
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
-        (["--session-key", "cookies:x"], "--session-key 'cookies:x': expected engineio"),
+        (["--session-key", "cookies:x"], "--session-key 'cookies:x'"),
         (["--session-key", "mcp", "--ssl-certfile", "c.pem", "--ssl-keyfile", "k.pem"], "TLS"),
     ],
 )
