@@ -18,7 +18,7 @@ from .hashing import DEFAULT_PREFIX4, DEFAULT_PREFIX6, parse_address
 from .kernel.cbpf import MAX_CBPF_SLOTS
 from .kernel.loaders import CHOICES, LOADERS
 from .options import whole_number
-from .settings import LOG_LEVELS, default_workers, env_twin
+from .settings import ENV_PREFIX, LOG_LEVELS, default_workers, env_twin
 
 
 def _add_hash_options(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +42,32 @@ def _add_hash_options(parser: argparse.ArgumentParser) -> None:
         metavar="LENGTH",
         help="IPv6 clients in one prefix of this length share a worker (default 64)",
     )
+
+
+def _add_session_options(parser: argparse.ArgumentParser) -> None:
+    keys = env_twin("session-key")
+    parser.add_argument(
+        "--session-key",
+        action="append",
+        dest="session_keys",
+        metavar="KEY",
+        default=None,
+        help="keep a session on its worker by KEY whatever address it comes from: engineio, mcp, "
+        "header:NAME, cookie:NAME, query:NAME or forwarded (repeatable; "
+        f"{ENV_PREFIX}SESSION_KEY: one per line)",
+    )
+    parser.set_defaults(env_session_keys=[line.strip() for line in (keys or "").splitlines() if line.strip()])
+    parser.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        default=env_twin("proxy-protocol", "") not in ("", "0"),
+        help="every connection starts with a PROXY protocol v1/v2 header, believed only from "
+        "--forwarded-allow-ips: route and serve by the client it names",
+    )
+
+
+def _session_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(args.session_keys if args.session_keys is not None else args.env_session_keys)
 
 
 def _versions() -> str:
@@ -144,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the master's log level, and uvicorn's in the workers (default info)",
     )
     _add_hash_options(launch)
+    _add_session_options(launch)
     uvicorn_options.add_arguments(launch, env_twin)
 
     route = sub.add_parser("route", help="which worker slot serves each ADDRESS")
@@ -197,6 +224,8 @@ def launch_settings(args: argparse.Namespace, command: Sequence[str]) -> config.
         prefix4=args.prefix4,
         prefix6=args.prefix6,
         uvicorn=uvicorn_options.from_args(args),
+        session_keys=_session_keys(args),
+        proxy_protocol=args.proxy_protocol,
     )
 
 
@@ -243,12 +272,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             else f"{answer['failures']} routing failures"
         )
     )
-    print("slot  pids          routed")
+    sessions = "source_concentration" in answer
+    print("slot  pids          routed" + ("  moved-out  moved-in  unknown-keys" if sessions else ""))
     for row in answer["slots"]:
         pids = ",".join(map(str, row["pids"])) or "-"
         # The cbpf router has no map to count in: no per-slot figures rather than made-up ones.
         routed = "-" if row["routed"] is None else row["routed"]
-        print(f"{row['slot']:>4}  {pids:<12}  {routed}")
+        line = f"{row['slot']:>4}  {pids:<12}  {routed:<6}"
+        if sessions:
+            moves = row["sessions"]
+            line += f"  {moves['moved_out']:>9}  {moves['moved_in']:>8}  {moves['unknown']:>12}"
+        print(line.rstrip())
+    for warning in answer.get("warnings", []):
+        print(f"warning: {warning}")
     return 0
 
 

@@ -84,8 +84,11 @@ class Launch:
     log_level: str = "info"
     uvicorn: WorkerOptions = field(default_factory=WorkerOptions)
     metrics: Bind | None = None  # where /metrics is served
+    session_keys: tuple[str, ...] = ()  # --session-key, validated by sessions.keys.parse_key_spec
+    proxy_protocol: bool = False
 
     def __post_init__(self) -> None:
+        self._check_sessions()
         if (self.target is None) == (not self.command):
             raise ConfigError(
                 "launch takes either a TARGET (path/app.py, module:attr) or -- COMMAND: one of them"
@@ -98,4 +101,16 @@ class Launch:
             raise ConfigError(
                 "uvicorn's options (TLS, --limit-max-requests, --env-file, ...) apply to a Python TARGET; "
                 "a -- COMMAND configures its own server"
+            )
+
+    def _check_sessions(self) -> None:
+        flag = "--session-key" if self.session_keys else "--proxy-protocol" if self.proxy_protocol else None
+        if flag is None:
+            return
+        if self.command:
+            raise ConfigError(f"{flag} works in ebpf-sticky's Python worker: give a TARGET, not -- COMMAND")
+        if self.uvicorn.config.get("ssl_certfile"):
+            raise ConfigError(
+                f"{flag} reads each connection's first bytes, which TLS hides: terminate TLS in front "
+                "(or drop --ssl-certfile)"
             )

@@ -18,6 +18,12 @@ ends of a connection). A worker is any process the master execs on a slot:
   the group (``shutdown``, ``connect``), nor, for our Python worker, duplicate it.
 * **What a worker never gets**: the master's ``EBPF_STICKY_*`` variables (its settings, among them
   the hash key and the TLS key's password); workers get the rest of the master's environment.
+* With ``--session-key`` or ``--proxy-protocol`` only (our Python worker): fd 5 is the session
+  table (a memfd the master creates: issued-key ownership, live slot count, per-slot counters),
+  fd 6 this slot's handoff receive end, fds 7.. the handoff send ends of slots 0, 1, ... (unix
+  datagram socketpairs the master keeps, so a handoff queued for a slot outlives its worker); the
+  session settings travel in the options channel beside the uvicorn options (the routing key only
+  when an address key needs it).
 """
 
 from __future__ import annotations
@@ -49,6 +55,25 @@ WORKER_BOOT = (
     "import runpy\n"
     f"runpy.run_module({WORKER_MODULE!r}, run_name='__main__', alter_sys=True)\n"
 )
+
+# The session layer's fds (see the docstring); absent without its flags.
+SESSION_TABLE_FD = 5
+HANDOFF_RECV_FD = 6
+HANDOFF_SEND_FD0 = 7
+
+
+def encode_channel(options: str, sessions: str | None) -> bytes:
+    """What the master writes on ``OPTIONS_FD``: the uvicorn options and, with the session layer
+    on, its settings (both JSON texts)."""
+    return json.dumps({"uvicorn": options, "sessions": sessions}).encode()
+
+
+def decode_channel(data: bytes) -> tuple[str, str | None]:
+    """(uvicorn options, session settings or None) from what ``encode_channel`` wrote."""
+    document = json.loads(data)
+    sessions = document["sessions"]
+    return str(document["uvicorn"]), None if sessions is None else str(sessions)
+
 
 READY = "READY=1"
 # What a worker tells the master once it has served its --limit-max-requests.

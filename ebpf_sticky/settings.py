@@ -95,8 +95,11 @@ def launch_settings(
     prefix4: int = DEFAULT_PREFIX4,
     prefix6: int = DEFAULT_PREFIX6,
     uvicorn: WorkerOptions | None = None,
+    session_keys: Sequence[str] = (),
+    proxy_protocol: bool = False,
 ) -> Launch:
     """The validated `Launch`; raises ``ConfigError`` naming the option and the fix."""
+    from .sessions.keys import parse_key_spec
     from .targets import check_target_exists, parse_target
 
     uvicorn = uvicorn or WorkerOptions()
@@ -105,6 +108,8 @@ def launch_settings(
         check_target_exists(parse_target(target), uvicorn.app_dir)
     if not isinstance(graceful_timeout, (int, float)) or isinstance(graceful_timeout, bool):
         raise ConfigError(f"--graceful-timeout must be a number of seconds, got {graceful_timeout!r}")
+    for text in session_keys:
+        parse_key_spec(text)  # raises ConfigError naming the forms
     uid, gid, default_user = user_ids(user, group)
     key = config.parse_key(hash_key) if hash_key else os.urandom(16)
     count = default_workers() if workers is None else _whole("workers", workers)
@@ -125,4 +130,6 @@ def launch_settings(
         log_level=_choice("log-level", log_level, LOG_LEVELS),
         metrics=parse_bind(metrics, "--metrics") if metrics else None,
         uvicorn=uvicorn,
+        session_keys=tuple(session_keys),
+        proxy_protocol=bool(proxy_protocol),
     )

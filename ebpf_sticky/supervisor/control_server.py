@@ -22,18 +22,25 @@ from .._version import __version__
 from ..control import alive, check_dir, control_dir, peer_uid, socket_name
 from ..errors import ControlError, StickyError
 from ..kernel.router import Router
+from ..sessions.master import CONCENTRATION_WARNING, MasterSessions, SessionFigures
 from .core import Snapshot
 from .requests import MAX_REQUEST, BadRequest, Request, Route, Status, parse_request
 
 log = logging.getLogger("ebpf_sticky")
 
 
-def answer(request: Request, router: Router, snapshot: Snapshot, uptime: float) -> dict[str, Any]:
-    """The reply to one valid request; pure given the router's counters."""
+def answer(
+    request: Request,
+    router: Router,
+    snapshot: Snapshot,
+    uptime: float,
+    sessions: SessionFigures | None = None,
+) -> dict[str, Any]:
+    """The reply to one valid request; pure given the router's counters and the session figures."""
     match request:
         case Status():
             counters = router.counters()
-            return {
+            reply: dict[str, Any] = {
                 "pid": os.getpid(),
                 "bind": str(router.bind.with_port(router.port)),
                 "protocol": "udp" if router.udp else "tcp",
@@ -50,6 +57,13 @@ def answer(request: Request, router: Router, snapshot: Snapshot, uptime: float) 
                     for slot in range(router.slots)
                 ],
             }
+            if sessions is not None:
+                for slot, figures in enumerate(sessions.per_slot):
+                    reply["slots"][slot]["sessions"] = figures
+                reply["source_concentration"] = sessions.concentration
+                if sessions.concentrated:
+                    reply["warnings"] = [CONCENTRATION_WARNING]
+            return reply
         case Route():
             rows = []
             for text, address in request.addresses:
@@ -60,9 +74,15 @@ def answer(request: Request, router: Router, snapshot: Snapshot, uptime: float) 
             assert_never(request)
 
 
-def reply_to(line: bytes, router: Router, snapshot: Snapshot, uptime: float) -> dict[str, Any]:
+def reply_to(
+    line: bytes, router: Router, snapshot: Snapshot, uptime: float, sessions: MasterSessions | None = None
+) -> dict[str, Any]:
     try:
-        return answer(parse_request(line), router, snapshot, uptime)
+        request = parse_request(line)
+        figures = (
+            sessions.figures(router.slots) if sessions is not None and isinstance(request, Status) else None
+        )
+        return answer(request, router, snapshot, uptime, figures)
     except BadRequest as exc:
         return {"error": f"bad request: {exc}"}
     except (OSError, StickyError) as exc:  # reading the router's counters: never the supervisor's problem
@@ -95,6 +115,7 @@ class ControlServer:
         self.path = path
         self.router = router
         self.connections: dict[socket.socket, _Connection] = {}
+        self.sessions: MasterSessions | None = None  # set by the loop when the layer is on
 
     @classmethod
     @contextlib.contextmanager
@@ -202,7 +223,7 @@ class ControlServer:
         if not conn.inbox:
             self._close(conn.sock)  # a liveness probe: connect and close
             return
-        conn.outbox = json.dumps(reply_to(line, self.router, snapshot, uptime)).encode()
+        conn.outbox = json.dumps(reply_to(line, self.router, snapshot, uptime, self.sessions)).encode()
 
     def _write(self, conn: _Connection) -> None:
         assert conn.outbox is not None

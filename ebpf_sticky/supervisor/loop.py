@@ -34,6 +34,7 @@ from ..contract import (
     RECYCLE,
     WORKER_BOOT,
     WORKER_ENV,
+    encode_channel,
     parse_load_error,
 )
 from ..errors import AppLoadError, LockdownError, StickyError
@@ -43,6 +44,7 @@ from ..kernel.capabilities import prctl
 from ..kernel.router import Carried, Router
 from ..kernel.seccomp import Listener
 from ..notify import sd_notify
+from ..sessions.master import MasterSessions, session_settings
 from . import core, fdstore, membership
 from .control_server import ControlServer
 from .metrics import MetricsServer, serve
@@ -71,7 +73,7 @@ def listener_guard(settings: Launch) -> Listener:
 
 def _child_setup(fds: dict[int, int], master_pid: int, listener: Listener) -> Callable[[], None]:
     """Runs in the child between fork and exec (after any user/group change); ``fds`` maps each
-    contract fd (``LISTEN_FD``, ``OPTIONS_FD``) to the master's fd to put there.
+    contract fd (``LISTEN_FD``, ``OPTIONS_FD``, the session layer's) to the master's fd to put there.
 
     Every step is checked and a failure ends the child before exec (fail closed): subprocess would
     turn an exception raised here into a SubprocessError without its message, so the child says why
@@ -86,9 +88,10 @@ def _child_setup(fds: dict[int, int], master_pid: int, listener: Listener) -> Ca
             prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, "setting the parent-death signal")
             if os.getppid() != master_pid:
                 os._exit(1)
-            # Before the filter, which refuses dup2 onto fd 3; first out of the way of each other
-            # (the master's fd for one may be the other's number).
-            moved = {target: fcntl.fcntl(source, fcntl.F_DUPFD, 10) for target, source in fds.items()}
+            # Before the filter, which refuses dup2 onto fd 3; first copied above every target, so
+            # no target clobbers a source (the master's fd for one may be another's number).
+            above = max(fds) + 1
+            moved = {target: fcntl.fcntl(source, fcntl.F_DUPFD, above) for target, source in fds.items()}
             for target, source in moved.items():
                 os.dup2(source, target)
                 os.close(source)
@@ -112,11 +115,11 @@ def worker_env(slot: int, notify_name: str) -> dict[str, str]:
     return env
 
 
-def options_memfd(text: str) -> int:
-    """A sealed memfd holding ``text``, read from the start: the worker's options."""
+def options_memfd(data: bytes) -> int:
+    """A sealed memfd holding ``data``, read from the start: the worker's options channel."""
     fd = os.memfd_create(OPTIONS_FDNAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        os.write(fd, text.encode())
+        os.write(fd, data)
         os.lseek(fd, 0, os.SEEK_SET)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
     except BaseException:
@@ -133,6 +136,7 @@ class Supervisor:
     notify_name: str
     control: ControlServer
     metrics: MetricsServer | None = None  # --metrics
+    sessions: MasterSessions | None = None  # --session-key / --proxy-protocol
     started: float = field(default_factory=time.monotonic)
     generation: int = 0  # in-place upgrades since launch
     carried: tuple[core.Carried, ...] | None = None  # the workers of the image before, if upgraded
@@ -167,9 +171,12 @@ class Supervisor:
 
     def spawn(self, slot: int) -> int:
         fds = {LISTEN_FD: self.router.sockets[slot].fileno()}
+        if self.sessions is not None:
+            fds.update(self.sessions.worker_fds(slot))
         with contextlib.ExitStack() as stack:
             if self.settings.target is not None:
-                fds[OPTIONS_FD] = options_memfd(self.settings.uvicorn.to_json())
+                sessions = self.sessions.worker_settings() if self.sessions is not None else None
+                fds[OPTIONS_FD] = options_memfd(encode_channel(self.settings.uvicorn.to_json(), sessions))
                 stack.callback(os.close, fds[OPTIONS_FD])
             setup = _child_setup(fds, os.getpid(), listener_guard(self.settings))
 
@@ -205,9 +212,11 @@ class Supervisor:
             elif isinstance(action, core.AddSlot):
                 slot = self.router.add_slot(self.settings.uvicorn.backlog)
                 fdstore.store_slot(slot, self.router.sockets[slot])
+                self.routed_slots_changed()
                 return [core.SlotAdded(slot, now)]
             elif isinstance(action, core.RetireSlot):
                 self.router.retire_slot()
+                self.routed_slots_changed()
             elif isinstance(action, core.ReleaseSlot):
                 fdstore.forget_slot(action.slot)
                 self.router.release_slot(action.slot)
@@ -251,6 +260,11 @@ class Supervisor:
             metrics=self.metrics.listener.fileno() if self.metrics is not None else None,
             workers=workers,
         )
+
+    def routed_slots_changed(self) -> None:
+        if self.sessions is not None:
+            retiring = self.router.retiring is not None
+            self.sessions.slots_changed(self.router.slots - retiring)
 
     def execute(self, sup_core: core.Core, actions: list[core.Action]) -> core.Exit | None:
         queue = list(actions)
@@ -481,7 +495,16 @@ def _run_group(
         metrics_server = (
             stack.enter_context(serve(settings.metrics, router, metrics)) if settings.metrics else None
         )
-        supervisor = Supervisor(settings, router, notify_sock, notify_name, control, metrics_server)
+        sessions = None
+        if settings.session_keys or settings.proxy_protocol:
+            sessions = MasterSessions.open(session_settings(settings, router.loader), router.slots)
+            stack.callback(sessions.close)
+            control.sessions = sessions
+            if metrics_server is not None:
+                metrics_server.exporter.sessions = sessions
+        supervisor = Supervisor(
+            settings, router, notify_sock, notify_name, control, metrics_server, sessions=sessions
+        )
         if before is not None:  # go on where the image before left off
             supervisor.started, supervisor.generation = before.started, before.generation
             supervisor.carried = before.workers

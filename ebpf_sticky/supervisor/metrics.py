@@ -31,6 +31,7 @@ from .._version import __version__
 from ..addresses import Bind
 from ..errors import ConfigError
 from ..kernel.router import Counters, Router
+from ..sessions.master import MasterSessions, SessionFigures
 from .core import Core, Reason
 
 log = logging.getLogger("ebpf_sticky")
@@ -50,7 +51,9 @@ def state_of(core: Core) -> State:
     return State(snapshot.slots, snapshot.ready, snapshot.restarts)
 
 
-def families(loader: str, counters: Counters, state: State) -> list[Metric]:
+def families(
+    loader: str, counters: Counters, state: State, sessions: SessionFigures | None = None
+) -> list[Metric]:
     """Every metric of one scrape; pure."""
     routed = CounterMetricFamily(
         "ebpf_sticky_connections_routed",
@@ -74,6 +77,7 @@ def families(loader: str, counters: Counters, state: State) -> list[Metric]:
         routed,
         failures,
         restarts,
+        *(session_families(sessions) if sessions is not None else []),
         GaugeMetricFamily("ebpf_sticky_workers_ready", "Workers that said READY", value=state.workers_ready),
         GaugeMetricFamily("ebpf_sticky_slots", "Slots (listening sockets) in the group", value=state.slots),
         InfoMetricFamily("ebpf_sticky_router", "The router in use", value={"loader": loader}),
@@ -85,18 +89,48 @@ def families(loader: str, counters: Counters, state: State) -> list[Metric]:
     ]
 
 
+def session_families(sessions: SessionFigures) -> list[Metric]:
+    moved = CounterMetricFamily(
+        "ebpf_sticky_session_moves",
+        "Requests handed to the slot owning their session, by slot and direction (out, in)",
+        labels=["slot", "direction"],
+    )
+    unknown = CounterMetricFamily(
+        "ebpf_sticky_session_unknown_keys",
+        "Requests whose session key no worker issued (served where they landed)",
+        labels=["slot"],
+    )
+    for slot, row in enumerate(sessions.per_slot):
+        moved.add_metric([str(slot), "out"], row["moved_out"])
+        moved.add_metric([str(slot), "in"], row["moved_in"])
+        unknown.add_metric([str(slot)], row["unknown"])
+    metrics: list[Metric] = [moved, unknown]
+    if sessions.concentration is not None:
+        metrics.append(
+            GaugeMetricFamily(
+                "ebpf_sticky_top_sources_share",
+                "Share of recent connections from each worker's top 3 source addresses "
+                "(near 1: a proxy in front hides the clients)",
+                value=sessions.concentration,
+            )
+        )
+    return metrics
+
+
 class Exporter(Collector):
     """The live source a scrape reads: the router's counters now, the loop's latest state."""
 
     def __init__(self, router: Router) -> None:
         self.router = router
         self.state = State(router.slots)
+        self.sessions: MasterSessions | None = None  # set by the loop when the layer is on
 
     def publish(self, core: Core) -> None:
         self.state = state_of(core)  # one reference swap: a scrape sees the old state or the new
 
     def collect(self) -> Iterable[Metric]:
-        return families(self.router.loader, self.router.counters(), self.state)
+        figures = self.sessions.figures(self.router.slots) if self.sessions is not None else None
+        return families(self.router.loader, self.router.counters(), self.state, figures)
 
 
 REQUEST_TIMEOUT = 5.0

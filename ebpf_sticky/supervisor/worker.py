@@ -15,14 +15,27 @@ import random
 import socket
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..contract import APP_LOAD_ERROR, LISTEN_FD, OPTIONS_FD, READY, RECYCLE, WORKER_ENV, encode_load_error
+from ..contract import (
+    APP_LOAD_ERROR,
+    LISTEN_FD,
+    OPTIONS_FD,
+    READY,
+    RECYCLE,
+    WORKER_ENV,
+    decode_channel,
+    encode_load_error,
+)
 from ..errors import ConfigError
 from ..notify import sd_notify
 from ..options import ACCESS_LOG, WorkerOptions
+from ..sessions.settings import SessionSettings
 from ..stopping import run_stop_hooks
 from ..targets import load_app, parse_target
+
+if TYPE_CHECKING:
+    from ..sessions.runtime import Layer
 
 # On stop, how long a worker keeps connections it has just accepted before closing idle ones:
 # a connection accepted a moment before TERM has often not delivered its request yet, and
@@ -45,7 +58,7 @@ def check_readable(options: WorkerOptions) -> None:
             ) from None
 
 
-def _server(config: Any, max_requests: int | None) -> Any:
+def _server(config: Any, max_requests: int | None, layer: Layer | None) -> Any:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -64,14 +77,26 @@ def _server(config: Any, max_requests: int | None) -> Any:
                 sd_notify(RECYCLE)
             return bool(await super().on_tick(counter))
 
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if layer is not None and self.started:
+                layer.start_receiving()
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if layer is not None:
+                layer.stop_receiving()  # handoffs still queued wait for the slot's next worker
             for server in self.servers:
                 server.close()  # stop accepting first ...
             await run_stop_hooks(STOP_GRACE)  # ... let the app release requests it holds open ...
             await asyncio.sleep(STOP_GRACE)  # ... so just-accepted connections get their request in
             await super().shutdown(sockets)
 
-    return Server(config)
+    server = Server(config)
+    if layer is not None:
+        from ..sessions.service import install
+
+        install(config, server, layer)
+    return server
 
 
 def max_requests(options: WorkerOptions) -> int | None:
@@ -126,6 +151,7 @@ def serve(
     options: WorkerOptions,
     graceful_timeout: float,
     log_level: str,
+    layer: Layer | None = None,
 ) -> bool:
     import uvicorn
 
@@ -142,19 +168,22 @@ def serve(
         else "auto",
         **{"access_log": ACCESS_LOG, **options.config},
     )
-    server = _server(config, max_requests(options))
+    server = _server(config, max_requests(options), layer)
     return _run(_serve(server, sock), config.get_loop_factory())
 
 
-def read_options() -> WorkerOptions:
-    """The options the master put on ``OPTIONS_FD``, read once; the fd is closed so nothing the app
-    runs later finds the key's password there."""
+def read_options() -> tuple[WorkerOptions, str | None]:
+    """The options (and session settings) the master put on ``OPTIONS_FD``, read once; the fd is
+    closed so nothing the app runs later finds the key's password there."""
     try:
         with open(OPTIONS_FD, "rb") as channel:
-            text = channel.read()
+            data = channel.read()
     except OSError:  # started by hand, without the master
-        return WorkerOptions()
-    return WorkerOptions.from_json(text.decode()) if text else WorkerOptions()
+        return WorkerOptions(), None
+    if not data:
+        return WorkerOptions(), None
+    options, sessions = decode_channel(data)
+    return WorkerOptions.from_json(options), sessions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,9 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     slot = os.environ.get(WORKER_ENV, "?")
-    options = read_options()
+    options, sessions_text = read_options()
+    layer = None
     try:
         check_readable(options)
+        if sessions_text:
+            from ..sessions.service import open_layer
+
+            # Before the import: python-engineio's ids are issued from the start.
+            layer = open_layer(SessionSettings.from_json(sessions_text), int(slot))
         if options.env_file is not None:
             # Before the import, as uvicorn does: the app may read its settings at import time.
             from dotenv import load_dotenv
@@ -183,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             f"slot {slot}: importing {args.target} raised {type(exc).__name__}: {exc}", traceback.format_exc()
         )
     sock = socket.socket(fileno=LISTEN_FD)
-    started = serve(app, sock, options, args.graceful_timeout, args.log_level)
+    started = serve(app, sock, options, args.graceful_timeout, args.log_level, layer)
     return 0 if started else APP_LOAD_ERROR
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,13 +20,20 @@ SOURCE_0 = next(s for s in v4_sources(64, start=42000) if predicted(s, 2) == 0)
 
 
 @pytest.fixture
-def gated(tmp_path: Path) -> Iterator[tuple[Instance, Path]]:
-    with launched(["gate_app.py", "-w", "2", *BASE], extra_env={"GATE": str(tmp_path)}) as instance:
-        try:
-            yield instance, tmp_path
-        finally:
-            for gate in tmp_path.iterdir():  # let lingering and held workers go
-                gate.unlink()
+def gated() -> Iterator[tuple[Instance, Path]]:
+    # Workers run as an unprivileged user: the gate directory must be theirs to look into (pytest's
+    # own tmp_path sits under a directory private to root).
+    gate_dir = Path(tempfile.mkdtemp(prefix="ebpf-sticky-gate-"))
+    gate_dir.chmod(0o755)
+    try:
+        with launched(["gate_app.py", "-w", "2", *BASE], extra_env={"GATE": str(gate_dir)}) as instance:
+            try:
+                yield instance, gate_dir
+            finally:
+                for gate in gate_dir.iterdir():  # let lingering and held workers go
+                    gate.unlink()
+    finally:
+        shutil.rmtree(gate_dir)
 
 
 def ready_pid(instance: Instance, slot: int, exclude: set[int]) -> int | None:

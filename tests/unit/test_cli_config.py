@@ -164,6 +164,21 @@ def test_environment_twins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert build_parser().parse_args(["launch", "app.py", "-w", "5"]).workers == 5  # the flag wins
 
 
+def test_session_options_and_their_twins(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ebpf_sticky.cli import _session_keys, build_parser
+
+    monkeypatch.setenv("EBPF_STICKY_SESSION_KEY", "engineio\n cookie:sid \n\nmcp")
+    monkeypatch.setenv("EBPF_STICKY_PROXY_PROTOCOL", "1")
+    args = build_parser().parse_args(["launch", "app.py"])
+    assert _session_keys(args) == ("engineio", "cookie:sid", "mcp") and args.proxy_protocol
+    flags = build_parser().parse_args(
+        ["launch", "app.py", "--session-key", "query:s", "--session-key", "forwarded"]
+    )
+    assert _session_keys(flags) == ("query:s", "forwarded")  # the flags win, all of them
+    with pytest.raises(ConfigError, match="expected engineio"):
+        _session_keys(build_parser().parse_args(["launch", "app.py", "--session-key", "sid"]))
+
+
 def test_output_into_a_closed_pipe_is_quiet() -> None:
     # `ebpf-sticky route ... | head -1`: the reader leaves early; no BrokenPipeError traceback.
     addresses = [f"10.0.{i // 256}.{i % 256}" for i in range(20000)]

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from ebpf_sticky.kernel.router import Counters
+from ebpf_sticky.sessions.master import SessionFigures
 from ebpf_sticky.supervisor.core import Core, Ready, Reason, Spawned, Start
 from ebpf_sticky.supervisor.metrics import State, families, state_of
 
@@ -50,3 +51,17 @@ def test_state_counts_ready_workers_only() -> None:
         sup_core.handle(Spawned(slot, pid, 0.0))
     sup_core.handle(Ready(10, 0.1))
     assert state_of(sup_core) == State(slots=2, workers_ready=1, restarts={})
+
+
+def test_session_figures_have_their_samples() -> None:
+    row = {"moved_out": 4, "moved_in": 3, "unknown": 2, "connections": 256, "top_source": 250}
+    sessions = SessionFigures((row, {**row, "moved_out": 0}), concentration=0.98)
+    samples = exposition(families("native", Counters((1, 1), 0), State(slots=2), sessions))
+    assert samples[("ebpf_sticky_session_moves_total", (("direction", "out"), ("slot", "0")))] == 4
+    assert samples[("ebpf_sticky_session_moves_total", (("direction", "in"), ("slot", "1")))] == 3
+    assert samples[("ebpf_sticky_session_moves_total", (("direction", "out"), ("slot", "1")))] == 0
+    assert samples[("ebpf_sticky_session_unknown_keys_total", (("slot", "0"),))] == 2
+    assert samples[("ebpf_sticky_top_sources_share", ())] == 0.98
+    assert sessions.concentrated and not SessionFigures((row,), 0.98, forwarded=True).concentrated
+    plain = exposition(families("native", Counters((1, 1), 0), State(slots=2)))
+    assert not any(name.startswith("ebpf_sticky_session") for name, _ in plain)

@@ -1,0 +1,73 @@
+"""Wiring the session layer into a worker: its fds from the master, and uvicorn's hooks.
+
+The layer is installed on uvicorn's own server, not beside it: uvicorn still accepts on the slot's
+socket (its accept loop, its backlog, its graceful shutdown), but each accepted connection's
+protocol is a ``Gate`` that creates uvicorn's protocol once the connection is known to be ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import socket
+from typing import Any
+
+from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, SESSION_TABLE_FD
+from ..hashing import HashSpec
+from .keys import KeyKind, parse_key_spec, parse_trusted
+from .ownership import SessionTable, table_size
+from .prefilter import creators, markers
+from .runtime import MIRRORS, Gate, Layer, issue_engineio_ids, wrap_app
+from .settings import SessionSettings
+
+
+def open_layer(settings: SessionSettings, slot: int) -> Layer:
+    """The worker's layer over the fds the master passed (see ``contract``)."""
+    table_key = bytes.fromhex(settings.table_key)
+    memory = mmap.mmap(SESSION_TABLE_FD, table_size(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    receiver = socket.socket(fileno=HANDOFF_RECV_FD)
+    receiver.setblocking(False)
+    senders = [socket.socket(fileno=HANDOFF_SEND_FD0 + i) for i in range(settings.send_slots)]
+    for sender in senders:
+        sender.setblocking(False)
+    spec = (
+        HashSpec(bytes.fromhex(settings.routing_key), settings.prefix4, settings.prefix6)
+        if settings.routing_key
+        else None
+    )
+    trusted = parse_trusted(settings.trusted)
+    specs = tuple(parse_key_spec(text) for text in settings.keys)
+    issued = any(spec.kind is KeyKind.ENGINEIO for spec in specs) and issue_engineio_ids(slot, table_key)
+    return Layer(
+        slot=slot,
+        specs=specs,
+        markers=markers(specs),
+        creators=creators(specs, issued),
+        proxy_protocol=settings.proxy_protocol,
+        trusted=trusted,
+        table=SessionTable(memoryview(memory), table_key),
+        senders=senders,
+        receiver=receiver,
+        spec=spec,
+        mirror=MIRRORS[settings.mirror],
+    )
+
+
+def install(config: Any, server: Any, layer: Layer) -> None:
+    """Before ``server.serve``: every connection uvicorn accepts starts with a ``Gate``."""
+    if not config.loaded:
+        config.load()
+    config.loaded_app = wrap_app(config.loaded_app, layer)
+    real = config.http_protocol_class
+
+    def inner() -> asyncio.Protocol:
+        protocol: asyncio.Protocol = real(
+            config=config, server_state=server.server_state, app_state=server.lifespan.state
+        )
+        return protocol
+
+    def gate(**_: Any) -> asyncio.Protocol:
+        return Gate(layer)
+
+    layer.make_inner = inner
+    config.http_protocol_class = gate

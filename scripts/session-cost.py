@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""What the session layer costs: new-connection rate with and without it, and a move's latency.
+
+* **Rate**: the same launch (scripts/bench.d/app.py, Python workers, one request per connection
+  from many sources, driven by scripts/bench.d/loadgen.c) with and without ``--session-key``,
+  in interleaved rounds in one run; with the key on, every request is served where it landed (it
+  carries no key), so the figure is the gate's own cost: one more protocol object and a head
+  parse per connection. The machine is shared: compare the ratios of one run, not absolutes;
+  the CPU ratio (requests per worker CPU second, on / off) is the one other tenants disturb least.
+* **A move**: one launch with ``--session-key header:x-session``; the same client (on slot 0)
+  sends requests of a session owned by slot 0 and of one owned by slot 1, alternating, one
+  connection each; the difference of the two medians is what a move adds.
+
+    scripts/session-cost.py [--rounds N] [--seconds S] [--requests N]   (needs root: BPF)
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ebpf_sticky.hashing import HashSpec, parse_address, slot_of  # noqa: E402
+
+KEY = "00112233445566778899aabbccddeeff"
+SPEC = HashSpec(bytes.fromhex(KEY))
+BENCH_APP = ROOT / "scripts" / "bench.d" / "app.py"
+SESSION_APP = ROOT / "tests" / "e2e" / "apps" / "session_app.py"
+
+
+class Launch:
+    def __init__(self, app: Path, workers: int, *extra: str) -> None:
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")  # noqa: SIM115
+        argv = [sys.executable, "-m", "ebpf_sticky", "launch", str(app), "-w", str(workers),
+                "--bind", "127.0.0.1:0", "--hash-key", KEY, *extra]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=app.parent)
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            text = Path(self.log.name).read_text()
+            match = re.search(r"slots on \S+:(\d+) ", text)
+            if match and "slots serving" in text:
+                self.port = int(match.group(1))
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise SystemExit(f"launch failed:\n{Path(self.log.name).read_text()}")
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(30)
+        self.log.close()
+
+
+def build_loadgen() -> Path:
+    out = Path(tempfile.gettempdir()) / "ebpf-sticky-session-cost-loadgen"
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "scripts/bench.d/loadgen.c")], check=True)
+    return out
+
+
+def workers_cpu(master: int) -> float:
+    """CPU seconds the master's workers have used (utime + stime)."""
+    total = 0.0
+    for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
+        fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def rate(loadgen: Path, launch: Launch, seconds: float) -> tuple[float, float]:
+    """(requests per second, worker CPU microseconds per request) of one loadgen run."""
+    before = workers_cpu(launch.proc.pid)
+    out = subprocess.run(
+        [str(loadgen), "127.0.0.1", str(launch.port), "256", "32", str(seconds)],
+        capture_output=True,
+        check=True,
+    ).stdout
+    completed = float(json.loads(out)["completed"])
+    return completed / seconds, (workers_cpu(launch.proc.pid) - before) / completed * 1e6
+
+
+def rates(loadgen: Path, rounds: int, seconds: float) -> dict[str, list[tuple[float, float]]]:
+    """Off and on in alternating order, each round on fresh launches."""
+    figures: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+    for r in range(rounds):
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            launch = Launch(BENCH_APP, 2, *(["--session-key", "header:x-session"] if mode == "on" else []))
+            try:
+                rate(loadgen, launch, 2.0)  # warm up
+                figures[mode].append(rate(loadgen, launch, seconds))
+            finally:
+                launch.close()
+    return figures
+
+
+def request(port: int, source: str, session: str | None, path: str = "/") -> tuple[float, str, str]:
+    """(seconds, slot, x-session of the answer) of one request on its own connection."""
+    began = time.perf_counter()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers={"x-session": session} if session else {})
+        response = conn.getresponse()
+        slot = response.read().split()[0].decode()
+        return time.perf_counter() - began, slot, response.getheader("x-session") or ""
+    finally:
+        conn.close()
+
+
+def move_cost(requests: int) -> dict[str, float]:
+    sources = [f"127.88.{i >> 8}.{i & 255}" for i in range(2, 400) if i & 255 not in (0, 255)]
+    on = {s: slot_of(parse_address(s), SPEC, 2) for s in sources}
+    home = next(s for s in sources if on[s] == 0)
+    away = next(s for s in sources if on[s] == 1)
+    launch = Launch(SESSION_APP, 2, "--session-key", "header:x-session")
+    try:
+        local = request(launch.port, home, None, "/login")[2]
+        remote = request(launch.port, away, None, "/login")[2]
+        times: dict[str, list[float]] = {"local": [], "moved": []}
+        for i in range(requests * 2):
+            kind = "local" if i % 2 == 0 else "moved"
+            seconds, slot, _ = request(launch.port, home, local if kind == "local" else remote)
+            assert slot == ("0" if kind == "local" else "1"), (kind, slot)
+            times[kind].append(seconds)
+    finally:
+        launch.close()
+    p50 = {kind: statistics.median(values) * 1e6 for kind, values in times.items()}
+    return {
+        "local_p50_us": p50["local"],
+        "moved_p50_us": p50["moved"],
+        "added_p50_us": p50["moved"] - p50["local"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--requests", type=int, default=2000)
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    figures = rates(build_loadgen(), args.rounds, args.seconds)
+    pairs = list(zip(figures["on"], figures["off"], strict=True))
+    result = {
+        "rate_off": [round(f[0]) for f in figures["off"]],
+        "rate_on": [round(f[0]) for f in figures["on"]],
+        "rate_ratio_median": statistics.median(on[0] / off[0] for on, off in pairs),
+        "cpu_us_per_request_off": [round(f[1], 1) for f in figures["off"]],
+        "cpu_us_per_request_on": [round(f[1], 1) for f in figures["on"]],
+        # Requests per worker CPU second, on / off: the rate ratio with other tenants' load removed.
+        "cpu_ratio_median": statistics.median(off[1] / on[1] for on, off in pairs),
+        **move_cost(args.requests),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

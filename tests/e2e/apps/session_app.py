@@ -1,0 +1,16 @@
+import os
+import secrets
+
+
+async def app(scope, receive, send):  # type: ignore[no-untyped-def]
+    """GET /login opens a session (its id in an x-session response header and a sid cookie);
+    every answer names the slot and pid that served it."""
+    if scope["type"] != "http":
+        return
+    headers = [(b"content-type", b"text/plain")]
+    if scope["path"] == "/login":
+        session = secrets.token_hex(16).encode()
+        headers += [(b"x-session", session), (b"set-cookie", b"sid=" + session + b"; Path=/; HttpOnly")]
+    body = f"{os.environ['EBPF_STICKY_WORKER']} {os.getpid()}\n".encode()
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

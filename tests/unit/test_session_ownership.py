@@ -1,0 +1,140 @@
+"""Which slot owns a session id: issued ids, the shared table, the handoff frame. Pure apart from
+one real socketpair."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ebpf_sticky.sessions import handoff
+from ebpf_sticky.sessions.ownership import (
+    ENTRIES_AT,
+    ENTRY,
+    TTL,
+    SessionTable,
+    issue_id,
+    issued_slot,
+    table_size,
+)
+
+KEY = bytes(range(16))
+OTHER_KEY = bytes(range(1, 17))
+slots = st.integers(0, 255)
+randoms = st.binary(min_size=11, max_size=11)
+ids = st.text(st.characters(codec="ascii", exclude_categories=["Cc"]), min_size=1, max_size=64)
+
+
+def small_table(capacity: int = 64, slots: int = 4) -> SessionTable:
+    return SessionTable.create(memoryview(bytearray(table_size(capacity))), KEY, slots)
+
+
+@given(slots, randoms)
+def test_an_issued_id_names_its_slot_and_looks_like_engineio(slot: int, random: bytes) -> None:
+    value = issue_id(slot, KEY, random)
+    assert len(value) == 20 and value.isascii() and "/" not in value and "+" not in value
+    assert issued_slot(value, KEY) == slot
+
+
+@given(slots, randoms)
+def test_an_id_issued_under_another_key_is_unknown(slot: int, random: bytes) -> None:
+    # The tag is 24 bits: a chance collision is possible in principle, never in this search.
+    assert issued_slot(issue_id(slot, OTHER_KEY, random), KEY) is None
+
+
+@given(st.text(max_size=40))
+def test_anything_else_is_not_an_issued_id(value: str) -> None:
+    assert issued_slot(value, KEY) is None
+
+
+@given(st.lists(st.tuples(ids, slots), min_size=1, max_size=200))
+def test_a_learnt_id_is_found_at_once_and_the_table_never_grows(learnt: list[tuple[str, int]]) -> None:
+    table = small_table()
+    size = len(table.buf)
+    for value, slot in learnt:
+        table.learn(value, slot, now=100)
+        assert table.lookup(value, now=100) == slot
+    assert len(table.buf) == size
+
+
+@given(ids, slots)
+def test_a_learnt_id_expires(value: str, slot: int) -> None:
+    table = small_table()
+    table.learn(value, slot, now=100)
+    assert table.lookup(value, now=100 + TTL) == slot
+    assert table.lookup(value, now=100 + 2 * TTL + 1) is None
+
+
+@given(st.lists(ids, max_size=50), ids)
+def test_lookups_of_unknown_ids_insert_nothing(asked: list[str], learnt: str) -> None:
+    table = small_table()
+    before = bytes(table.buf[ENTRIES_AT:])
+    for value in asked:
+        assert table.lookup(value, now=100) is None
+    assert bytes(table.buf[ENTRIES_AT:]) == before
+    table.learn(learnt, 1, now=100)
+    assert sum(1 for i in range(table.capacity) if ENTRY.unpack_from(table.buf, ENTRIES_AT + 16 * i)[0]) == 1
+
+
+def test_a_torn_entry_reads_as_absent() -> None:
+    table = small_table(capacity=8)
+    table.learn("abc", 2, now=100)
+    for i in range(8):
+        h, meta = ENTRY.unpack_from(table.buf, ENTRIES_AT + 16 * i)
+        if h:
+            ENTRY.pack_into(table.buf, ENTRIES_AT + 16 * i, h, meta ^ 1)  # another slot, old check
+    assert table.lookup("abc", now=100) is None
+
+
+def test_counters_and_slot_count_are_shared_fields() -> None:
+    table = small_table()
+    table.count(3, "moved_out")
+    table.count(3, "moved_out")
+    table.set_slots(7)
+    view = SessionTable(table.buf, KEY)
+    assert view.counters(3)["moved_out"] == 2 and view.slots == 7
+
+
+clients = st.one_of(
+    st.none(),
+    st.tuples(st.ip_addresses().map(str), st.integers(0, 65535)),
+)
+
+
+@given(clients, st.binary(max_size=2000))
+def test_the_handoff_frame_round_trips(client: tuple[str, int] | None, data: bytes) -> None:
+    moved = handoff.decode(9, handoff.encode(client, data))
+    assert moved.data == data and moved.fd == 9
+    if client is None:
+        assert moved.client is None
+    else:
+        assert moved.client is not None and moved.client[1] == client[1]
+        assert moved.client[0] == str(ipaddress.ip_address(client[0]))
+
+
+def test_a_connection_and_its_bytes_cross_a_socketpair() -> None:
+    channels = handoff.Channels()
+    channels.ensure(0)
+    receive_end, (send_end,) = channels.worker_fds(0)
+    left, right = socket.socketpair()
+    try:
+        sender = socket.socket(fileno=os.dup(send_end))
+        receiver = socket.socket(fileno=os.dup(receive_end))
+        receiver.setblocking(False)
+        assert handoff.receive(receiver) is None
+        handoff.send(sender, left.fileno(), ("192.0.2.7", 4242), b"GET / HTTP/1.1\r\n\r\n")
+        moved = handoff.receive(receiver)
+        assert moved is not None and moved.client == ("192.0.2.7", 4242)
+        assert moved.data == b"GET / HTTP/1.1\r\n\r\n"
+        with socket.socket(fileno=moved.fd) as adopted:
+            adopted.sendall(b"hello")  # the same connection: the other end hears it
+            assert right.recv(5) == b"hello"
+        sender.close()
+        receiver.close()
+    finally:
+        left.close()
+        right.close()
+        channels.close()

@@ -1,0 +1,55 @@
+"""The byte search before a head parse never hides a key the parse would find."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ebpf_sticky.sessions.http_head import parse_request_head
+from ebpf_sticky.sessions.keys import extract_key, parse_key_spec, parse_trusted
+from ebpf_sticky.sessions.prefilter import creators, head_end, markers
+
+SPECS = tuple(
+    parse_key_spec(text)
+    for text in ("engineio", "mcp", "header:X-Session", "cookie:sid", "query:session_hash", "forwarded")
+)
+TRUSTED = parse_trusted("*")
+names = st.sampled_from(
+    [
+        "Mcp-Session-Id",
+        "X-Session",
+        "x-session",
+        "Cookie",
+        "X-Forwarded-For",
+        "Forwarded",
+        "Host",
+        "Accept",
+        "X-Other",
+    ]
+)
+values = st.sampled_from(["abc", "sid=1", "a=b; sid=2", "192.0.2.1", "for=192.0.2.9", "x"])
+targets = st.sampled_from(
+    ["/", "/socket.io/?EIO=4&transport=polling", "/socket.io/?EIO=4&sid=abc", "/?session_hash=h",
+     "/?%73ession_hash=h", "/socket.io/?%73id=q", "/x?SID=1"]
+)  # fmt: skip
+
+
+@given(targets, st.lists(st.tuples(names, values), max_size=6), st.sampled_from(SPECS))
+def test_a_head_without_markers_has_no_key(target: str, headers: list[tuple[str, str]], spec: object) -> None:
+    raw = f"GET {target} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers) + "\r\n"
+    data = raw.encode()
+    head = parse_request_head(data)
+    assert head is not None and head_end(data) == len(data)
+    found = extract_key(head, (spec,), "127.0.0.1", TRUSTED)  # type: ignore[arg-type]
+    if found is not None:
+        assert markers((spec,)).may_carry_key(data)  # type: ignore[arg-type]
+
+
+def test_only_responses_that_can_create_a_key_are_learnt_from() -> None:
+    learn = creators(SPECS, issued_engineio=True)
+    assert learn.may_create([(b"Mcp-Session-Id", b"1")], b"")
+    assert learn.may_create([(b"set-cookie", b"sid=1")], b"")
+    assert learn.may_create([(b"x-session", b"1")], b"")
+    assert not learn.may_create([(b"content-type", b"text/plain")], b"")
+    assert creators(SPECS, issued_engineio=False).may_create([], b"EIO=4&transport=polling")
+    assert not creators(SPECS, issued_engineio=False).may_create([], b"EIO=4&sid=abc")
