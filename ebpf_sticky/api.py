@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from . import config
@@ -53,6 +54,8 @@ def run(
     group: str | None = None,
     pid_file: str | None = None,
     metrics: str | None = None,
+    session_keys: Sequence[str] = (),
+    proxy_protocol: bool = False,
     **uvicorn: Any,
 ) -> int:
     """Serve ``app`` (an ASGI/WSGI app, a factory with ``factory=True``, or a target string) with
@@ -78,6 +81,8 @@ def run(
         pid_file=pid_file if pid_file is not None else env_twin("pid-file"),
         metrics=metrics if metrics is not None else env_twin("metrics"),
         uvicorn=from_keywords(uvicorn, env_twin),
+        session_keys=session_keys,
+        proxy_protocol=proxy_protocol,
     )
     return serve(settings)
 
