@@ -23,6 +23,8 @@ from ..notify import sd_notify
 from ..options import ACCESS_LOG, WorkerOptions
 from ..stopping import run_stop_hooks
 from ..targets import load_app, parse_target
+from .draining import close_keep_alive
+from .longpoll import releasers
 
 # On stop, how long a worker keeps connections it has just accepted before closing idle ones:
 # a connection accepted a moment before TERM has often not delivered its request yet, and
@@ -65,10 +67,20 @@ def _server(config: Any, max_requests: int | None) -> Any:
             return bool(await super().on_tick(counter))
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            connections, app = self.server_state.connections, self.config.loaded_app
             for server in self.servers:
                 server.close()  # stop accepting first ...
-            await run_stop_hooks(STOP_GRACE)  # ... let the app release requests it holds open ...
+            # ... so that a client whose connection closes comes back through the slot's socket, to
+            # the slot's next worker: close keep-alive connections before answering held requests,
+            # or their clients would send the next request (and long-poll) here again ...
+            close_keep_alive(connections, just_accepted=False)
+            # ... then answer held requests: Engine.IO long-polls, and whatever the app's hooks hold ...
+            await run_stop_hooks(STOP_GRACE, releasers(app, first=True))
+            await run_stop_hooks(STOP_GRACE)
             await asyncio.sleep(STOP_GRACE)  # ... so just-accepted connections get their request in
+            # A request that came in meanwhile on a just-accepted connection may be a long-poll too.
+            close_keep_alive(connections, just_accepted=True)
+            await run_stop_hooks(STOP_GRACE, releasers(app, first=False))
             await super().shutdown(sockets)
 
     return Server(config)
