@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 import socketio
-from support.launcher import KEY, Instance, launched, wait_for
+from support.launcher import KEY, Instance, launched, wait_for, watch_ready
 from support.netlab import v4_sources
 from support.sio_clients import CHROMIUM, CHROMIUM_ARGS, Member, node_swarm, python_swarm, wait_async
 
@@ -294,13 +293,7 @@ async def hup_and_wait_back(instance: Instance, members: list[Member], slots: li
             assert answer["worker"] == slots[members.index(member)]  # the same slot, its new worker
             back_at[member] = time.monotonic()
 
-    async def watch_ready() -> None:  # on its own, so a slow round of calls delays no timestamp
-        while True:
-            for slot, _ in re.findall(r"slot (\d+): worker (\d+) ready", instance.output()[mark:]):
-                ready_at.setdefault(slot, time.monotonic())
-            await asyncio.sleep(0.02)
-
-    watcher = asyncio.create_task(watch_ready())
+    watcher = asyncio.create_task(watch_ready(instance, mark, ready_at))
     end = time.monotonic() + 60
     try:
         while len(back_at) < len(members):
