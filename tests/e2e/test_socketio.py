@@ -229,6 +229,78 @@ def test_kill_9_one_worker_mid_run(chat: str) -> None:
     asyncio.run(scenario())
 
 
+# A socket.io client in the page (the page's own script loaded the official browser client): it
+# asks which worker holds it on every connect, and forgets on disconnect.
+BROWSER_CLIENT = """(transports) => {
+  window.clients = window.clients || [];
+  const client = { socket: io({ transports, forceNew: true }), pid: null };
+  client.socket.on("connect", async () => { client.pid = (await client.socket.emitWithAck("whoami")).pid; });
+  client.socket.on("disconnect", () => { client.pid = null; });
+  window.clients.push(client);
+}"""
+BROWSER_STATE = "window.clients.map(c => [c.pid, c.socket.io.engine?.transport?.name ?? null])"
+
+
+def test_browsers_come_back_promptly_on_hup_and_term() -> None:
+    """Headless Chromium, socket.io-client in pages as users load them: long-polling over kept-alive
+    connections, and upgraded to WebSocket. On HUP every client is on the slot's new worker promptly;
+    TERM exits without waiting out pingInterval. The app registers no stop hook."""
+    with launched([*chat_args()[:-1], "30"]) as instance:
+        back, term, count = asyncio.run(browsers_through_hup_and_term(instance))
+    print(
+        f"Socket.IO, {count} Chromium clients (2/3 long-polling, 1/3 upgraded to WebSocket): on HUP all "
+        f"back on the slot's new worker {back:.2f} s after it was ready; TERM exit in {term:.2f} s"
+    )
+    assert term < 10  # far above the figures, far below pingInterval (25 s)
+    assert back < 10
+
+
+async def browsers_through_hup_and_term(instance: Instance) -> tuple[float, float, int]:
+    from playwright.async_api import async_playwright
+
+    slot = str(slot_of(parse_address("127.0.0.1"), SPEC, 4))  # every page's source
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            pages = []
+            for _ in range(4):  # contexts of their own: a browser keeps 6 connections per host
+                page = await (await browser.new_context()).new_page()
+                await page.goto(f"http://127.0.0.1:{instance.port}/")
+                for transports in (["polling"], ["polling"], ["polling", "websocket"]):
+                    await page.evaluate(BROWSER_CLIENT, transports)
+                pages.append(page)
+
+            async def states() -> list[tuple[int | None, str | None]]:
+                return [tuple(state) for page in pages for state in await page.evaluate(BROWSER_STATE)]
+
+            async def all_on(kinds: set[str], unlike: int | None = None) -> bool:
+                now = await states()
+                return all(pid not in (None, unlike) for pid, _ in now) and {k for _, k in now} == kinds
+
+            await wait_browsers(lambda: all_on({"polling", "websocket"}), "every client connected")
+            (old,) = {pid for pid, _ in await states()}
+            mark, ready_at = len(instance.output()), dict[str, float]()
+            watcher = asyncio.create_task(watch_ready(instance, mark, ready_at))
+            instance.signal(signal.SIGHUP)
+            await wait_browsers(lambda: all_on({"polling", "websocket"}, unlike=old), "every client back")
+            back = time.monotonic() - ready_at[slot]
+            watcher.cancel()
+            wait_for(lambda: "reload complete" in instance.output(), 30, "the reload")
+            start = time.monotonic()
+            instance.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(instance.finish) == 0
+            return back, time.monotonic() - start, len(await states())
+        finally:
+            await browser.close()
+
+
+async def wait_browsers(check: Any, what: str, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
 def test_hup_and_term_with_clients_connected_are_prompt() -> None:
     """Each slot's clients (long-polling and WebSocket, python-socketio's defaults: connections kept
     alive) reconnect to the slot's new worker on HUP; TERM exits without waiting out the long-polls
