@@ -65,19 +65,22 @@ def releasers(app: Any, *, first: bool) -> list[Callable[[], Awaitable[None]]]:
 
 
 async def _release(server: Any, first: bool) -> None:
+    await release_sessions(server)
     if first:
         await server.shutdown()
-    await release_sessions(server)
 
 
 async def release_sessions(server: Any) -> None:
-    """Answer each session's pending long-poll with a NOOP and forget the session.
+    """Answer each session's pending long-poll with a NOOP, then forget the session.
 
-    Safe to call again: sessions that began meanwhile are released, the others are gone already.
+    Every NOOP goes out before any session ends: ending one runs the app's ``disconnect`` handlers,
+    which may take a while. Safe to call again: sessions that began meanwhile are released, the
+    others are gone already.
     """
     from engineio import packet
 
-    for socket in list(server.sockets.values()):
-        if not (socket.closed or socket.closing):
-            await socket.send(packet.Packet(packet.NOOP))
-            await socket.close(wait=False, abort=True)
+    sockets = [socket for socket in server.sockets.values() if not (socket.closed or socket.closing)]
+    for socket in sockets:
+        await socket.send(packet.Packet(packet.NOOP))
+    for socket in sockets:
+        await socket.close(wait=False, abort=True)
