@@ -21,16 +21,13 @@ def has_no_request_yet(connection: Any) -> bool:
     return getattr(connection, "cycle", False) is None
 
 
-def close_keep_alive(connections: Iterable[Any], *, just_accepted: bool) -> int:
-    """Make every connection close after its current response; returns how many were told.
+def close_keep_alive(connections: Iterable[Any], *, just_accepted: bool) -> None:
+    """Make every connection close after its current response.
 
     ``just_accepted=False`` spares connections that have not sent a request yet: uvicorn would
     close them as idle, resetting a request still on its way (a client connects, then writes).
     Call it again with True once they have had a moment to deliver it.
     """
-    told = 0
     for connection in list(connections):  # shutdown() may remove it from the set
         if just_accepted or not has_no_request_yet(connection):
             connection.shutdown()
-            told += 1
-    return told
