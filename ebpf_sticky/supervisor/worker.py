@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import socket
 import sys
 from collections.abc import Callable, Coroutine
+from types import FrameType
 from typing import Any
 
 from ..contract import APP_LOAD_ERROR, LISTEN_FD, OPTIONS_FD, READY, RECYCLE, WORKER_ENV, encode_load_error
@@ -66,10 +68,25 @@ def _server(config: Any, max_requests: int | None) -> Any:
                 sd_notify(RECYCLE)
             return bool(await super().on_tick(counter))
 
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn acts on the signal at its next tick (0.1 s, longer under load). On HUP the
+            # slot's new worker already accepts from the same socket: while both do, a client's new
+            # connections are split between them, and a session the new worker holds can see a
+            # request answered "unknown session" by this one (python-engineio's client then stops
+            # sending, while its long-poll waits at the new worker for pingInterval). Stop
+            # accepting now, from the loop (a signal handler must not touch it directly); with no
+            # loop running (not serving yet, or done) there is nothing to stop.
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon_threadsafe(self.stop_accepting)
+
+        def stop_accepting(self) -> None:
+            for server in getattr(self, "servers", []):  # uvicorn sets it in startup()
+                server.close()
+
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             connections, app = self.server_state.connections, self.config.loaded_app
-            for server in self.servers:
-                server.close()  # stop accepting first ...
+            self.stop_accepting()  # first (if the signal did not already) ...
             # ... so that a client whose connection closes comes back through the slot's socket, to
             # the slot's next worker: close keep-alive connections before answering held requests,
             # or their clients would send the next request (and long-poll) here again ...
