@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import socket
 import sys
 from collections.abc import Callable, Coroutine
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from ..contract import (
@@ -33,6 +35,8 @@ from ..options import ACCESS_LOG, WorkerOptions
 from ..sessions.settings import SessionSettings
 from ..stopping import run_stop_hooks
 from ..targets import load_app, parse_target
+from .draining import close_keep_alive
+from .longpoll import releasers
 
 if TYPE_CHECKING:
     from ..sessions.runtime import Layer
@@ -77,6 +81,22 @@ def _server(config: Any, max_requests: int | None, layer: Layer | None) -> Any:
                 sd_notify(RECYCLE)
             return bool(await super().on_tick(counter))
 
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            super().handle_exit(sig, frame)
+            # uvicorn acts on the signal at its next tick (0.1 s, longer under load). On HUP the
+            # slot's new worker already accepts from the same socket: while both do, a client's new
+            # connections are split between them, and a session the new worker holds can see a
+            # request answered "unknown session" by this one (python-engineio's client then stops
+            # sending, while its long-poll waits at the new worker for pingInterval). Stop
+            # accepting now, from the loop (a signal handler must not touch it directly); with no
+            # loop running (not serving yet, or done) there is nothing to stop.
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon_threadsafe(self.stop_accepting)
+
+        def stop_accepting(self) -> None:
+            for server in getattr(self, "servers", []):  # uvicorn sets it in startup()
+                server.close()
+
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if layer is not None and self.started:
@@ -85,10 +105,19 @@ def _server(config: Any, max_requests: int | None, layer: Layer | None) -> Any:
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             if layer is not None:
                 layer.stop_receiving()  # handoffs still queued wait for the slot's next worker
-            for server in self.servers:
-                server.close()  # stop accepting first ...
-            await run_stop_hooks(STOP_GRACE)  # ... let the app release requests it holds open ...
+            connections, app = self.server_state.connections, self.config.loaded_app
+            self.stop_accepting()  # first (if the signal did not already) ...
+            # ... so that a client whose connection closes comes back through the slot's socket, to
+            # the slot's next worker: close keep-alive connections before answering held requests,
+            # or their clients would send the next request (and long-poll) here again ...
+            close_keep_alive(connections, just_accepted=False)
+            # ... then answer held requests: Engine.IO long-polls, and whatever the app's hooks hold ...
+            await run_stop_hooks(STOP_GRACE, releasers(app, first=True))
+            await run_stop_hooks(STOP_GRACE)
             await asyncio.sleep(STOP_GRACE)  # ... so just-accepted connections get their request in
+            # A request that came in meanwhile on a just-accepted connection may be a long-poll too.
+            close_keep_alive(connections, just_accepted=True)
+            await run_stop_hooks(STOP_GRACE, releasers(app, first=False))
             await super().shutdown(sockets)
 
     server = Server(config)

@@ -5,9 +5,9 @@ holds the session: ebpf-sticky keeps each client address on one worker. Broadcas
 matter: a message must reach clients on every worker, which needs a message queue. With
 REDIS_URL set, python-socketio's Redis manager relays them; without it, they stay in one worker.
 
-On stop (TERM, and the old worker of each slot on HUP) the app releases its sessions at once
-(`end_sessions` below): otherwise each client's pending long-poll would hold the worker for up to
-pingInterval (25 s).
+On stop (TERM, and the old worker of each slot on HUP) the app needs no hook: the worker closes
+keep-alive connections and releases the Engine.IO sessions it finds in `app` itself, so clients
+reconnect at once (to the slot's new worker on HUP) instead of holding the stop for pingInterval.
 
 GET / serves a page using the official socket.io browser client (npm `socket.io-client`, found in
 the repository's node_modules or at $SOCKETIO_CLIENT_JS).
@@ -15,17 +15,13 @@ the repository's node_modules or at $SOCKETIO_CLIENT_JS).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
 from pathlib import Path
 from typing import Any
 
-import engineio
 import socketio
-
-from ebpf_sticky import on_stop
 
 log = logging.getLogger("chat")
 WORKER = os.environ.get("EBPF_STICKY_WORKER", "?")
@@ -75,22 +71,6 @@ async def say(sid: str, data: dict[str, Any]) -> dict[str, Any]:
 
 for handler in (connect, whoami, join, say):
     sio.on(handler.__name__, handler)
-
-
-@on_stop
-async def end_sessions() -> None:
-    """Runs when this worker begins to stop, after it stopped accepting and before it waits for the
-    requests in flight (where the ASGI lifespan shutdown would come too late).
-
-    Every long-polling client has a GET pending here for up to pingInterval: answer it with an
-    Engine.IO NOOP, so the client sends its next request at once. That request reaches the slot's
-    socket, not this worker: on HUP the slot's new worker answers "unknown session", and the client
-    reconnects there (a CLOSE packet instead would tell python-socketio clients not to reconnect).
-    WebSocket clients need nothing: uvicorn closes their connections with 1012, and they reconnect.
-    """
-    await sio.shutdown()  # stops python-socketio's background tasks, as its docs ask before a stop
-    noop = engineio.packet.Packet(engineio.packet.NOOP)
-    await asyncio.gather(*(sio.eio.send_packet(sid, noop) for sid in list(sio.eio.sockets)))
 
 
 PAGE = """<!doctype html>

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -10,9 +11,11 @@ import subprocess
 import sys
 import time
 
+import aiohttp
 import pytest
-from support.launcher import KEY, get, launched, tagged_processes, wait_for
+from support.launcher import KEY, Instance, get, launched, predicted, tagged_processes, wait_for, watch_ready
 from support.netlab import v4_sources
+from support.sio_clients import wait_async
 
 BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--loader", "native"]
 # A `-- COMMAND` worker that ignores TERM: only SIGKILL ends it.
@@ -128,3 +131,63 @@ def test_status_command_prints_text_and_json() -> None:
         assert answer["loader"] == "native" and answer["failures"] == 0
         assert [(row["slot"], row["pids"]) for row in answer["slots"]] == [(0, pids[0]), (1, pids[1])]
         assert sum(row["routed"] for row in answer["slots"]) == len(sources)
+
+
+def test_keep_alive_long_polls_released_by_a_stop_hook_stop_promptly() -> None:
+    """A client that keeps its connection alive sends its next poll at once, on that connection:
+    the stopping worker must close it after answering, or it holds that poll too (25 s here). On
+    HUP each client's next poll reaches its slot's new worker; TERM exits without the wait."""
+    sources = v4_sources(12, start=3000)
+    with launched(["longpoll_app.py", "-w", "2", *BASE, "--graceful-timeout", "30"]) as instance:
+        per_slot, term = asyncio.run(polls_through_hup_and_term(instance, sources))
+    print(
+        f"{len(sources)} keep-alive long-polling clients: on HUP back on the slot's new worker within "
+        f"{max(per_slot.values()):.2f} s of it being ready; TERM exit in {term:.2f} s"
+    )
+    assert term < 10  # far above the figure, far below the 25 s a held poll would take
+    assert max(per_slot.values()) < 10
+
+
+async def polls_through_hup_and_term(
+    instance: Instance, sources: list[str]
+) -> tuple[dict[str, float], float]:
+    url = f"http://127.0.0.1:{instance.port}/poll"
+    first = {slot: pids[0] for slot, pids in instance.slot_pids().items()}
+    served_by: dict[str, int] = {}  # source -> the pid that answered its last poll
+    back_at: dict[str, float] = {}  # source -> when a new worker of its slot first answered
+
+    async def poll(source: str) -> None:
+        # aiohttp's default connector keeps connections alive, as browsers do.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(source, 0))) as http:
+            while True:
+                try:
+                    async with http.get(url, params={"session": served_by.get(source, 0)}) as response:
+                        slot, pid = (await response.text()).split()
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)  # stopping: refused, or reset
+                    continue
+                assert int(slot) == predicted(source, 2)
+                served_by[source] = int(pid)
+                if int(pid) != first[int(slot)]:
+                    back_at.setdefault(source, time.monotonic())
+
+    clients = [asyncio.create_task(poll(source)) for source in sources]
+    try:
+        await wait_async(lambda: len(served_by) == len(sources), 60, "every client's first answer")
+        mark, ready_at = len(instance.output()), dict[str, float]()
+        watcher = asyncio.create_task(watch_ready(instance, mark, ready_at))
+        instance.signal(signal.SIGHUP)
+        await wait_async(lambda: len(back_at) == len(sources), 60, "every client on its slot's new worker")
+        watcher.cancel()
+        in_order = sorted(back_at.items(), key=lambda item: item[1])
+        last_back = {str(predicted(source, 2)): at for source, at in in_order}
+        per_slot = {slot: last_back[slot] - ready_at[slot] for slot in ready_at}
+        await wait_async(lambda: "reload complete" in instance.output(), 30, "the reload")
+        start = time.monotonic()
+        instance.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(instance.finish) == 0
+        return per_slot, time.monotonic() - start
+    finally:
+        for client in clients:
+            client.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import http.client
@@ -51,6 +52,15 @@ def tagged_processes(tag: str) -> list[int]:
             if f"STICKY_TEST_TAG={tag}".encode() in environ:
                 pids.append(int(entry))
     return pids
+
+
+async def watch_ready(instance: Instance, mark: int, ready_at: dict[str, float]) -> None:
+    """Note (in ``ready_at``, slot → time.monotonic()) when each slot's new worker is ready, until
+    cancelled: a task of its own, so slow client calls delay no timestamp."""
+    while True:
+        for slot in instance.ready_since(mark):
+            ready_at.setdefault(slot, time.monotonic())
+        await asyncio.sleep(0.02)
 
 
 def predicted(source: str, slots: int) -> int:
@@ -133,6 +143,10 @@ class Instance:
 
     def slot_pids(self) -> dict[int, list[int]]:
         return {row["slot"]: row["pids"] for row in self.status()["slots"]}
+
+    def ready_since(self, mark: int) -> list[str]:
+        """The slots whose worker reported ready in the output after offset ``mark``."""
+        return [slot for slot, _ in re.findall(r"slot (\d+): worker (\d+) ready", self.output()[mark:])]
 
     def signal(self, sig: signal.Signals) -> None:
         self.proc.send_signal(sig)

@@ -1,9 +1,10 @@
 """Swarms of real Socket.IO clients, each from its own source address.
 
-Python clients use python-socketio over an aiohttp session bound to the source; every HTTP request
-opens a new connection (force_close), so each long-polling request is routed afresh, as behind a
-proxy or with browsers' connection churn. Node clients use the npm socket.io-client with an
-http.Agent (https.Agent for https URLs) bound to the source.
+Python clients use python-socketio over an aiohttp session bound to the source. The swarms open a
+new connection for every HTTP request (force_close), so each long-polling request is routed afresh,
+as behind a proxy or with browsers' connection churn; chat members (``Member``) run as users run
+them: python-socketio's defaults, connections kept alive. Node clients use the npm socket.io-client
+with an http.Agent (https.Agent for https URLs) bound to the source.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ class SwarmResult:
     hosts: dict[str, str] = field(default_factory=dict)  # source → host (the app's HOSTNAME)
 
 
-def session_for(source: str, tls: ssl.SSLContext | None = None) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(local_addr=(source, 0), force_close=True, ssl=tls or True)
+def session_for(
+    source: str, tls: ssl.SSLContext | None = None, force_close: bool = True
+) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(local_addr=(source, 0), force_close=force_close, ssl=tls or True)
     return aiohttp.ClientSession(connector=connector)
 
 
@@ -117,7 +120,8 @@ def node_swarm(
 
 
 class Member:
-    """A chat client from one source address that records what it hears."""
+    """A chat client from one source address that records what it hears: python-socketio's
+    AsyncClient with its defaults (keep-alive connections, reconnection delays)."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -128,9 +132,8 @@ class Member:
     async def start(
         self, url: str, room: str = "all", reconnection: bool = False, transports: list[str] | None = None
     ) -> str:
-        self.http = session_for(self.source)
-        self.client = socketio.AsyncClient(http_session=self.http, reconnection=reconnection,
-                                           reconnection_delay=0.2, reconnection_delay_max=0.5)  # fmt: skip
+        self.http = session_for(self.source, force_close=False)
+        self.client = socketio.AsyncClient(http_session=self.http, reconnection=reconnection)
         self.client.on("message", self._heard)
         self.client.on("disconnect", self._disconnected)
         await self.client.connect(url, transports=transports or ["polling", "websocket"], wait_timeout=15)
