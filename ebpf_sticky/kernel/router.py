@@ -25,10 +25,16 @@ log = logging.getLogger("ebpf_sticky")
 _U32 = struct.Struct("=I")
 _TCPI_UNACKED = 24  # offset of tcpi_unacked in struct tcp_info: a listener's accept-queue length
 DEFAULT_BACKLOG = 1024
-__all__ = ["DEFAULT_BACKLOG", "Counters", "Router"]
+# TCP_DEFER_ACCEPT, as nginx's `listen ... deferred`: a connection reaches the accept queue (and
+# wakes the worker) only once its first bytes have arrived, so accepting and reading it happen in
+# one turn of the worker's loop. The kernel rounds the seconds to SYN-ACK retransmissions (1 s:
+# one); a client still silent by then is queued anyway when it acknowledges the retransmission,
+# so nothing is dropped. Only for protocols where the client speaks first (HTTP, TLS).
+DEFER_ACCEPT_S = 1
+__all__ = ["DEFAULT_BACKLOG", "DEFER_ACCEPT_S", "Counters", "Router"]
 
 
-def _listener(bind: Bind, udp: bool, backlog: int) -> socket.socket:
+def _listener(bind: Bind, udp: bool, backlog: int, defer_accept: int = 0) -> socket.socket:
     sock = socket.socket(bind.family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -53,6 +59,8 @@ def _listener(bind: Bind, udp: bool, backlog: int) -> socket.socket:
                 ) from exc
             raise
         if not udp:
+            if defer_accept:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
             sock.listen(backlog)
     except BaseException:
         sock.close()
@@ -81,10 +89,13 @@ class Router:
     in the group, and slots added later are misrouted until it closes (the README says so).
     """
 
-    def __init__(self, bind: Bind, spec: HashSpec, *, udp: bool, loader: str, routing: Routing) -> None:
+    def __init__(
+        self, bind: Bind, spec: HashSpec, *, udp: bool, loader: str, routing: Routing, defer_accept: int = 0
+    ) -> None:
         # Private: use Router.open, which builds the group all-or-nothing.
         self.spec = spec
         self.udp = udp
+        self.defer_accept = 0 if udp else defer_accept  # seconds of TCP_DEFER_ACCEPT, 0: off
         self.loader = loader  # the loader actually running, never "auto"
         self.choice = f"{loader} ({LOADERS[loader].describe}), asked for with --loader {loader}"
         self.bind = bind
@@ -102,18 +113,21 @@ class Router:
         udp: bool = False,
         loader: str = "auto",
         backlog: int = DEFAULT_BACKLOG,
+        defer_accept: int = 0,
     ) -> Router:
+        """The group of ``slots`` listening sockets on ``bind``. ``defer_accept`` (seconds, TCP
+        only): queue connections once the client has sent data (``DEFER_ACCEPT_S`` for HTTP)."""
         if not 1 <= slots <= MAX_SLOTS:
             raise ConfigError(f"workers must be 1..{MAX_SLOTS}, got {slots}")
         if loader not in CHOICES:
             raise ConfigError(f"unknown loader {loader!r}: choose one of {', '.join(CHOICES)}")
         if loader != "auto":
-            return cls._open(bind, spec, slots, udp, loader, backlog)
+            return cls._open(bind, spec, slots, udp, loader, backlog, defer_accept)
         refused: list[str] = []
         errors: list[StickyError] = []
         for name in AUTO_ORDER:
             try:
-                router = cls._open(bind, spec, slots, udp, name, backlog)
+                router = cls._open(bind, spec, slots, udp, name, backlog, defer_accept)
             except (*FALLBACK_ERRORS, _TooManySlots) as exc:
                 refused.append(f"{name} refused: {exc}")
                 errors.append(exc)
@@ -128,13 +142,17 @@ class Router:
         raise first
 
     @classmethod
-    def _open(cls, bind: Bind, spec: HashSpec, slots: int, udp: bool, loader: str, backlog: int) -> Router:
+    def _open(
+        cls, bind: Bind, spec: HashSpec, slots: int, udp: bool, loader: str, backlog: int, defer_accept: int
+    ) -> Router:
         entry = LOADERS[loader]
         if slots > entry.max_slots:
             raise _TooManySlots(
                 f"--workers {slots} is more than the {loader} router fits ({entry.max_slots} slots)"
             )
-        router = cls(bind, spec, udp=udp, loader=loader, routing=entry.routing(spec))
+        router = cls(
+            bind, spec, udp=udp, loader=loader, routing=entry.routing(spec), defer_accept=defer_accept
+        )
         try:
             for _ in range(slots):
                 router._add_socket(backlog)
@@ -149,7 +167,7 @@ class Router:
         if self.sockets and bind.port == 0:
             bind = bind.with_port(self.port)
         # Joins the kernel's group last: its position is len(self.sockets), its slot.
-        sock = _listener(bind, self.udp, backlog)
+        sock = _listener(bind, self.udp, backlog, self.defer_accept)
         try:
             self._routing.join(sock, len(self.sockets))
         except BaseException:

@@ -33,7 +33,7 @@ from ..contract import (
 )
 from ..errors import AppLoadError, LockdownError, StickyError
 from ..kernel.capabilities import prctl
-from ..kernel.router import Router
+from ..kernel.router import DEFER_ACCEPT_S, Router
 from ..notify import sd_notify
 from . import core
 from .control_server import ControlServer
@@ -321,6 +321,9 @@ def launch(settings: Launch) -> int:
         udp=settings.udp,
         loader=settings.loader,
         backlog=settings.uvicorn.backlog,
+        # HTTP and TLS clients speak first; a `-- COMMAND` may serve a protocol where the server
+        # speaks first, which deferring would stall until the client's own timeout.
+        defer_accept=DEFER_ACCEPT_S if settings.target is not None else 0,
     )
     with router, ControlServer.open(router) as control, contextlib.ExitStack() as stack:
         notify_sock, notify_name = open_notify_socket()
