@@ -5,8 +5,6 @@ not a silent one, not one that leaves without a word, not a TLS one (which speak
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 import socket
 import ssl
 import subprocess
@@ -19,32 +17,19 @@ from support.launcher import KEY, Instance, get, launched, wait_for
 
 from ebpf_sticky.contract import LISTEN_FD
 from ebpf_sticky.kernel.router import DEFER_ACCEPT_S
+from ebpf_sticky.kernel.syscalls import borrow_socket
 
 BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "5", "--no-access-log"]
-SYS_PIDFD_GETFD = 438  # same number on every architecture
 # The kernel queues a still-silent connection once the client acknowledges the SYN-ACK retransmitted
 # after DEFER_ACCEPT_S (the retransmission timer doubles: 1 s, then 3 s...). Ample on a loaded machine.
 QUEUED_WITHIN = 30.0
-
-
-def slot_socket(pid: int) -> socket.socket:
-    """A duplicate of process ``pid``'s fd 3 (root: pidfd_getfd needs ptrace rights)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
-    try:
-        fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, LISTEN_FD, 0)
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), f"pidfd_getfd({pid}, {LISTEN_FD})")
-    finally:
-        os.close(pidfd)
-    return socket.socket(fileno=fd)
 
 
 def deferral(instance: Instance) -> list[int]:
     """TCP_DEFER_ACCEPT of every worker's slot socket, read back from the kernel."""
     values = []
     for pids in instance.slot_pids().values():
-        with slot_socket(pids[0]) as sock:
+        with borrow_socket(pids[0], LISTEN_FD) as sock:
             values.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT))
     return values
 
