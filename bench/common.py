@@ -18,10 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+PACKAGE = Path(__file__).resolve().parent
+REPO = PACKAGE.parent
+NATIVE = PACKAGE / "native"  # the C tools and the Node.js workers
+APPS = PACKAGE / "apps"  # the Python workers, imported by uvicorn as top-level modules
+RESULTS = PACKAGE / "results"
 STOP_TIMEOUT = 15.0  # seconds a contender gets to exit on TERM before it is killed
 CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")  # cgroup v1 cpu controller (this VM's layout)
+# cgroup v1 cpuacct controller: the CPU time a group's tasks used, exited tasks and kernel work
+# done on their behalf (syscalls, softirq run in their context) included.
+CPUACCT_CGROUPS = Path("/sys/fs/cgroup/cpuacct")
 
 
 class CpuGroup:
@@ -35,26 +41,40 @@ class CpuGroup:
     """
 
     def __init__(self, name: str) -> None:
-        self.path: Path | None = CPU_CGROUPS / f"ebpf-sticky-bench-{os.getpid()}-{name}"
-        try:
-            self.path.mkdir()
-        except OSError:
-            self.path = None
+        leaf = f"ebpf-sticky-bench-{os.getpid()}-{name}"
+        self.path = _make_group(CPU_CGROUPS / leaf)
+        self.accounting = _make_group(CPUACCT_CGROUPS / leaf)
 
     def enter(self) -> None:
         """Move the calling process in (run in the child between fork and exec)."""
-        if self.path:
-            (self.path / "cgroup.procs").write_text(str(os.getpid()))
+        for path in (self.path, self.accounting):
+            if path:
+                (path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def usage_seconds(self) -> float | None:
+        """CPU time used by every task that was ever in the group; None without cpuacct."""
+        if not self.accounting:
+            return None
+        return int((self.accounting / "cpuacct.usage").read_text()) / 1e9
 
     def remove(self) -> None:
-        if self.path:
-            wait_until(
-                lambda: not (self.path / "cgroup.procs").read_text().strip(),  # type: ignore[operator]
-                STOP_TIMEOUT,
-                f"an empty {self.path}",
-                lambda: True,
-            )
-            self.path.rmdir()
+        for path in (self.path, self.accounting):
+            if path:
+                wait_until(
+                    lambda p=path: not (p / "cgroup.procs").read_text().strip(),  # type: ignore[misc]
+                    STOP_TIMEOUT,
+                    f"an empty {path}",
+                    lambda: True,
+                )
+                path.rmdir()
+
+
+def _make_group(path: Path) -> Path | None:
+    try:
+        path.mkdir()
+    except OSError:
+        return None
+    return path
 
 
 # Every load generator's source addresses (loadgen.c and sioload.py count up from 127.77.0.2).
@@ -112,6 +132,9 @@ class Settings:
     launch_help: str  # `ebpf-sticky launch --help`: which loaders and options this branch has
     loadgen_python: Path  # runs sioload.py (the fast venv's, with uvloop, when there is one)
     loadgen_group: CpuGroup
+    python_only: bool = False  # HTTP workload without its Node.js block
+    profile_seconds: float = 0.0  # > 0: py-spy one worker per router after the measured rounds
+    profile_dir: Path | None = None  # where flame graphs go (None: not kept)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, alive: Callable[[], bool]) -> None:
@@ -188,25 +211,30 @@ def tree_pids(roots: Sequence[int]) -> list[int]:
     return out
 
 
-def run_load(
-    argv: Sequence[str], timeout: float, server_pids: Sequence[int], group: CpuGroup
-) -> tuple[bytes, Cpu]:
+def server_cpu_seconds(contender: Contender) -> Callable[[], float]:
+    """A reader of the contender's CPU time so far: its cgroup's cpuacct.usage (nanoseconds; every
+    process of the router and its workers, whatever their number or lifetime), else the sum of
+    /proc utime+stime of the processes it has now (ticks of 10 ms)."""
+    group = contender.group
+    if group and group.accounting:
+        return group.usage_seconds  # type: ignore[return-value]
+    pids = tree_pids([p.pid for p in contender.procs])
+    return lambda: sum(process_cpu_seconds(p) for p in pids)
+
+
+def run_load(argv: Sequence[str], timeout: float, contender: Contender, group: CpuGroup) -> tuple[bytes, Cpu]:
     """Run one load generator to its end: its stdout and who spent how much CPU meanwhile. The
-    server's share is read per process from /proc (workers are long-lived: none exit mid-run), so
-    other engineers' jobs on this machine do not count against a contender."""
-    pids = tree_pids(server_pids)
+    server's share is its own cgroup's (or processes'), so other engineers' jobs on this machine
+    do not count against a contender; CPU per connection is therefore steadier than any rate."""
+    server_now = server_cpu_seconds(contender)
     busy, before = busy_seconds(), children_cpu_seconds()
-    server_before = sum(process_cpu_seconds(p) for p in pids)
+    server_before = server_now()
     out = subprocess.run(
-        list(argv), capture_output=True, check=True, timeout=timeout, preexec_fn=group.enter
+        list(argv), capture_output=True, check=True, timeout=timeout, preexec_fn=group.enter, cwd=REPO
     ).stdout
-    server = sum(process_cpu_seconds(p) for p in pids) - server_before
+    server = server_now() - server_before
     loadgen = children_cpu_seconds() - before
     return out, Cpu(loadgen, server, max(busy_seconds() - busy - loadgen - server, 0.0))
-
-
-def load_average() -> float:
-    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 @dataclass

@@ -16,13 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from seedhash import seed_worker
-
 from ebpf_sticky.addresses import parse_bind
 from ebpf_sticky.hashing import BUCKETS, Address, HashSpec, bucket_table, buckets_of
 from ebpf_sticky.kernel import asm, program, syscalls
 from ebpf_sticky.kernel.loaders import LOADERS
 from ebpf_sticky.kernel.router import Router
+
+from .seedhash import seed_worker
 
 
 @contextlib.contextmanager

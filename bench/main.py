@@ -1,11 +1,4 @@
-"""ebpf-sticky against the routers users would use instead, side by side in one run.
-
-Every router fronts the very same worker program, the same load generator hits each in interleaved
-rounds, and every figure is a median over rounds; ratios are medians of per-round ratios. Run
-through `scripts/bench` (which builds the C tools and finds the venv). The parts: ``common``
-(settings, processes, CPU), ``routers``, ``workloads/*`` (one module per workload), ``stats``
-(pure arithmetic), ``report`` and ``plots``, ``kernel_figures`` (program cost, hash).
-"""
+"""`python -m bench`: parse the options, run the chosen workloads, write bench/results/."""
 
 from __future__ import annotations
 
@@ -15,17 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import kernel_figures  # noqa: E402
-import plots  # noqa: E402
-import report  # noqa: E402
-from common import CLIENT_NET, REPO, CpuGroup, Settings, UvicornConfig, load_average, started, untracked  # noqa: E402
-from workloads import Block, Workload, http_requests, socketio_echo  # noqa: E402
+from . import kernel_figures, machine, plots, report
+from .common import CLIENT_NET, REPO, RESULTS, CpuGroup, Settings, UvicornConfig, started, untracked
+from .workloads import Block, Workload, http_requests, socketio_echo
 
 WORKLOADS: tuple[Workload, ...] = (http_requests.WORKLOAD, socketio_echo.WORKLOAD)
 
@@ -81,8 +71,7 @@ def launch_help(venv_bin: Path) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# ebpf-sticky benchmark {result['date']}", "", result["setup"], ""]
-    loads = ", ".join(f"{x['before']} ({x['load']})" for x in result["load"])
-    lines += [f"Machine load (1-min load average) before each block: {loads}.", ""]
+    lines += [report.load_line(result["load"]), ""]
     by_name = {w.name: w for w in WORKLOADS}
     for name, blocks in result["workloads"].items():
         for label, block in blocks.items():
@@ -109,13 +98,15 @@ def measure(settings: Settings, chosen: list[Workload]) -> dict[str, Any]:
             blocks: dict[str, Block] = {}
             for worker in workload.workers(settings):
                 contenders = workload.contenders(settings, worker)
-                result["load"].append({"before": f"{workload.name}/{worker.label}", "load": load_average()})
+                before = machine.load()
                 with started(contenders, worker.label):
                     blocks[worker.label] = workload.run(settings, worker, contenders)
                     for c in contenders:
                         if c.name.startswith("ebpf-sticky"):
                             stats = kernel_figures.bpf_stats(c.procs[0].pid)
                             result["kernel"][f"{c.name}/{worker.label}"] = {**c.info, **stats}
+                block = f"{workload.name}/{worker.label}"
+                result["load"].append({"block": block, "before": before, "after": machine.load()})
             result["workloads"][workload.name] = blocks
         result["kernel"]["floor"] = kernel_figures.floor_programs(300 if settings.quick else 2000)
         result["kernel"]["instructions"] = kernel_figures.program_sizes(settings.workers)
@@ -124,7 +115,7 @@ def measure(settings: Settings, chosen: list[Workload]) -> dict[str, Any]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="scripts/bench")
+    parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -133,7 +124,27 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/")
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--tools", type=Path, required=True, help="where loadgen and bare were built")
+    parser.add_argument(
+        "--tools",
+        type=Path,
+        help="where loadgen and bare were built (default: build them into a temporary directory)",
+    )
+    parser.add_argument(
+        "--python-only", action="store_true", help="HTTP workload: Python workers only (no Node.js block)"
+    )
+    parser.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after the measured rounds, record one worker of each router with py-spy for this long "
+        "under the same load: flame graph and top functions in the results (not in the figures)",
+    )
+    parser.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="write bench/results/ from a tree with uncommitted changes (marked dirty in the results)",
+    )
     parser.add_argument(
         "--fast-venv",
         type=Path,
@@ -145,31 +156,43 @@ def main() -> int:
     if args.replot:
         saved: dict[str, Any] = json.loads(args.replot.read_text())
         if "workloads" not in saved:
-            print(f"scripts/bench: {args.replot} is from an earlier bench (no 'workloads'): cannot replot")
+            print(f"python -m bench: {args.replot} is from an earlier bench (no 'workloads'): cannot replot")
             return 2
         for path in write_outputs(saved, args.replot.parent, args.replot.stem):
             print(f"wrote {path}")
         return 0
     chosen = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    tree = machine.tree()
+    writes = not args.no_write and not args.quick
+    if writes and tree["dirty"] and not args.allow_dirty:
+        print(
+            "python -m bench: the tree has uncommitted changes (" + ", ".join(tree["changed"][:5]) + "): "
+            "commit them so the results name the tree measured, or pass --no-write or --allow-dirty"
+        )
+        return 2
     venv_bin = Path(sys.executable).parent
     help_text = launch_help(venv_bin)
     configs = uvicorn_configs(venv_bin, args.fast_venv and args.fast_venv / "bin", help_text)
     if len({c.name for c in configs}) != len(configs):
-        print(f"scripts/bench: --fast-venv: both venvs run {configs[0].name}: {FAST} must differ")
+        print(f"python -m bench: --fast-venv: both venvs run {configs[0].name}: {FAST} must differ")
         return 2
     settings = Settings(
         workers=args.workers,
-        tools=args.tools,
+        tools=args.tools or machine.build_tools(Path(tempfile.mkdtemp(prefix="ebpf-sticky-bench-tools-"))),
         venv_bin=venv_bin,
         quick=args.quick,
         uvicorn_configs=configs,
         launch_help=help_text,
         loadgen_python=configs[-1].venv_bin / "python",
         loadgen_group=CpuGroup("loadgen"),
+        python_only=args.python_only,
+        profile_seconds=args.profile,
+        profile_dir=None if args.quick or args.no_write else RESULTS / f"{stamp}-profiles",
     )
     try:
         with untracked() as exempt:
-            result = run(settings, chosen)
+            result = run(settings, chosen, tree)
     finally:
         settings.loadgen_group.remove()
     result["setup"] += (
@@ -181,28 +204,25 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     # A quick run is too short to stand as the day's results: it would overwrite a full run's.
-    if not args.no_write and not args.quick:
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-        for path in write_outputs(result, REPO / "bench" / "results", stamp):
+    if writes:
+        for path in write_outputs(result, RESULTS, stamp):
             print(f"wrote {path.relative_to(REPO)}")
     return 0
 
 
-def run(settings: Settings, chosen: list[Workload]) -> dict[str, Any]:
+def run(settings: Settings, chosen: list[Workload], tree: machine.Tree) -> dict[str, Any]:
     began, configs = time.monotonic(), settings.uvicorn_configs
     grouped = (
         "each router and the load generator in a cpu cgroup of its own"
         if settings.loadgen_group.path
         else "no cpu cgroups (no cgroup v1 cpu controller): routers of more processes get more CPU under load"
     )
-    tree = subprocess.run(
-        ["git", "-C", str(REPO), "log", "-1", "--format=%h (%D)"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    named = tree["commit"][:12] + (" with uncommitted changes (dirty)" if tree["dirty"] else "")
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "tree": tree,
+        "tree": tree,  # the commit measured, and whether the tree had uncommitted changes
         "setup": (
-            f"tree {tree}, {os.cpu_count()} cores, kernel {os.uname().release}, "
+            f"tree {named}, {os.cpu_count()} cores, kernel {os.uname().release}, "
             f"{settings.workers} workers, {grouped}, "
             f"Python workers on uvicorn: "
             + "; ".join(f"{c.name} = {c.loop} loop, {c.http}, {c.ws}" for c in configs)
@@ -214,7 +234,7 @@ def run(settings: Settings, chosen: list[Workload]) -> dict[str, Any]:
         },
     }
     result.update(measure(settings, chosen))
-    result["load"].append({"before": "end", "load": load_average()})
+    result["load_end"] = machine.load()
     result["elapsed_s"] = round(time.monotonic() - began, 1)
     return result
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from stats import Spread
+from .stats import Spread
 
 
 def cell(value: Any, digits: int = 0) -> str:
@@ -110,3 +110,21 @@ def hash_section(h: Mapping[str, Any]) -> list[str]:
         f"{h['sticky_session_max_share_10_workers']:.1%} of 100k random IPv4 (ideal 10%)",
         "",
     ]
+
+
+def load_line(blocks: Sequence[Mapping[str, Any]]) -> str:
+    """How loaded the machine was around each block: 1-min load average before→after and the
+    processes runnable at those instants, against the number of cores."""
+    if not blocks:
+        return ""
+    if "block" not in blocks[0]:  # results from before the load was recorded around each block
+        return "Machine load before each block: " + ", ".join(f"{b['before']} ({b['load']})" for b in blocks)
+    cores = blocks[0]["before"]["cores"]
+    parts = [
+        f"{b['block']} {b['before']['load1']:.1f}→{b['after']['load1']:.1f} "
+        f"(runnable {b['before']['runnable']}→{b['after']['runnable']})"
+        for b in blocks
+    ]
+    return (
+        f"Machine load ({cores} cores; 1-min load average before→after each block): " + ", ".join(parts) + "."
+    )

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import HERE, REPO, Contender, Settings, UvicornConfig, free_port, rss_kib, wait_until
-
 from ebpf_sticky.kernel import syscalls
+
+from .common import APPS, NATIVE, REPO, Contender, Settings, UvicornConfig, free_port, rss_kib, wait_until
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Worker:
     """One worker program: a Node.js script or a Python ASGI app under uvicorn."""
 
     label: str  # how the results name it: "node", "python", "socketio-python (fast)", ...
-    script: str  # a file in scripts/bench.d
+    script: str  # a file in bench/native (Node.js) or bench/apps (Python)
     uvicorn: UvicornConfig | None = None  # None: a Node.js script
     socketio: bool = False
 
@@ -36,18 +36,22 @@ class Worker:
     def is_node(self) -> bool:
         return self.uvicorn is None
 
+    @property
+    def path(self) -> Path:
+        return (NATIVE if self.is_node else APPS) / self.script
+
     def bin_dir(self, settings: Settings) -> Path:
         return self.uvicorn.venv_bin if self.uvicorn else settings.venv_bin
 
     def launch_target(self) -> list[str]:
         """What follows the options of `ebpf-sticky launch`."""
         if self.uvicorn is None:
-            return ["--", "node", str(HERE / self.script), "fd3"]
-        return [*self.uvicorn.launch_options, str(HERE / self.script)]
+            return ["--", "node", str(self.path), "fd3"]
+        return [*self.uvicorn.launch_options, str(self.path)]
 
     def on_port(self, contender: Contender, settings: Settings, port: int, index: int) -> None:
         if self.uvicorn is None:
-            contender.spawn(["node", str(HERE / self.script), "port", str(port), str(index)])
+            contender.spawn(["node", str(self.path), "port", str(port), str(index)])
             return
         contender.spawn(
             [
@@ -60,7 +64,7 @@ class Worker:
                 "--no-access-log",
                 *self.uvicorn.uvicorn_options(),
             ],
-            cwd=HERE,
+            cwd=APPS,
             env={**os.environ, "WORKER_ID": str(index)},
         )
 
@@ -84,7 +88,7 @@ def ebpf(settings: Settings, worker: Worker, loader: str, detach: bool = False) 
         ]
         argv += ["--loader", loader, "--log-level", "warning", "--graceful-timeout", "1"]
         began = time.monotonic()
-        c.spawn([*argv, *worker.launch_target()], cwd=HERE)
+        c.spawn([*argv, *worker.launch_target()], cwd=APPS)
         status: dict[str, Any] = {}
 
         def running() -> bool:
@@ -133,7 +137,7 @@ def node_cluster(settings: Settings, worker: Worker, mode: str) -> Start:
 
     def start(c: Contender) -> None:
         c.port = free_port()
-        c.spawn(["node", str(HERE / worker.script), mode, str(c.port), str(settings.workers)], cwd=REPO)
+        c.spawn(["node", str(worker.path), mode, str(c.port), str(settings.workers)], cwd=REPO)
         c.wait_http(c.port)
 
     return start

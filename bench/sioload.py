@@ -1,6 +1,6 @@
 """sioload: Socket.IO load from many client addresses, speaking raw Engine.IO v4 over asyncio.
 
-    sioload.py HOST PORT SCENARIO SOURCES CONCURRENCY SECONDS [--payload BYTES]
+    python -m bench.sioload HOST PORT SCENARIO SOURCES CONCURRENCY SECONDS [--payload BYTES]
 
 Scenarios (every connection binds a source address 127.x.y.z first, so a client's connections
 share one address and a sticky router keeps them on one worker):
@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from stats import percentile
+from .stats import percentile
 
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h; not in the socket module
 PATH = "/socket.io/?EIO=4&transport="
@@ -351,7 +351,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="sioload.py")
+    parser = argparse.ArgumentParser(prog="python -m bench.sioload")
     parser.add_argument("host")
     parser.add_argument("port", type=int)
     parser.add_argument("scenario", choices=["sessions", "websocket", "polling"])

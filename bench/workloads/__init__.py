@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from common import Contender, Settings
-from plots import BarChart
-from routers import Worker
+from ..common import Contender, Settings
+from ..plots import BarChart
+from ..routers import Worker
 
 Block = dict[str, Any]
 

@@ -4,15 +4,16 @@ concurrency levels, then 20 GETs per keep-alive connection. Node and Python (uvi
 from __future__ import annotations
 
 import json
+import tempfile
+from functools import partial
+from pathlib import Path
 
-import routers
-import stats
-from common import Contender, Settings, interleaved, run_load
-from plots import BarChart, Panel
-from report import cell, ratio_line, table
-from routers import Worker
-
-from workloads import Block, Workload
+from .. import profiles, routers, stats
+from ..common import Contender, Settings, interleaved, run_load
+from ..plots import BarChart, Panel
+from ..report import cell, ratio_line, table
+from ..routers import Worker
+from . import Block, Workload
 
 SOURCES = 4096  # client addresses 127.0.x.y cycled by the load generator
 # Keep-alive runs make 20 times fewer connections: fewer sources, so each still makes several
@@ -26,9 +27,10 @@ CEILING = "bare-accept"
 
 def workers(settings: Settings) -> list[Worker]:
     node = Worker("node", "worker.js")
-    if settings.quick:
-        return [node]
-    return [node, *(Worker(f"python ({u.name})", "app.py", u) for u in settings.uvicorn_configs)]
+    python = [Worker(f"python ({u.name})", "app.py", u) for u in settings.uvicorn_configs]
+    if settings.python_only:
+        return python
+    return [node] if settings.quick else [node, *python]
 
 
 def contenders(settings: Settings, worker: Worker) -> list[Contender]:
@@ -39,15 +41,17 @@ def contenders(settings: Settings, worker: Worker) -> list[Contender]:
     return [Contender(CEILING, routers.bare(settings)), *out] if worker.is_node else out
 
 
-def _row(
+def load_row(
     settings: Settings, c: Contender, concurrency: int, seconds: float, per_connection: int
 ) -> stats.Row:
+    """One run of the C load generator against ``c``: rates, latency, stickiness, and the CPU
+    the server (``c``'s cgroup), the load generator and the rest of the machine spent."""
     sources = SOURCES if per_connection == 1 else KEEPALIVE_SOURCES
     argv = [str(settings.tools / "loadgen"), "127.0.0.1", str(c.port), str(sources), str(concurrency)]
     out, cpu = run_load(
         [*argv, str(seconds), str(per_connection)],
         seconds + 60,
-        [p.pid for p in c.procs],
+        c,
         settings.loadgen_group,
     )
     r = json.loads(out)
@@ -81,7 +85,7 @@ def _measure(
     for round_, order in interleaved(contenders, rounds):
         for level in levels:
             for c in order:
-                row = _row(settings, c, level, seconds, per_conn)
+                row = load_row(settings, c, level, seconds, per_conn)
                 runs[c.name][str(level)].append(row)
                 print(
                     f"  round {round_ + 1} c={level:<4} requests/conn={per_conn:<3} {c.name:<18} "
@@ -89,6 +93,23 @@ def _measure(
                     flush=True,
                 )
     return runs
+
+
+def _profiles(
+    settings: Settings, contenders: list[Contender], worker: Worker, level: int, seconds: float
+) -> dict[str, profiles.Summary]:
+    """One py-spy run per router of Python workers, one request per connection (not measured)."""
+    if not settings.profile_seconds or worker.is_node:
+        return {}
+    out_dir = settings.profile_dir or Path(tempfile.mkdtemp(prefix="ebpf-sticky-profiles-"))
+    out_dir = out_dir / worker.label.replace(" ", "").replace("(", "-").replace(")", "")
+    out: dict[str, profiles.Summary] = {}
+    for c in contenders:
+        print(f"  profiling one worker of {c.name} for {settings.profile_seconds:g} s", flush=True)
+        load = partial(load_row, settings, c, level, settings.profile_seconds, 1)
+        if (summary := profiles.record(c, settings.profile_seconds, out_dir, load)) is not None:
+            out[c.name] = summary
+    return out
 
 
 def run(settings: Settings, worker: Worker, contenders: list[Contender]) -> Block:
@@ -104,6 +125,7 @@ def run(settings: Settings, worker: Worker, contenders: list[Contender]) -> Bloc
         settings, sticky, [KEEPALIVE_CONCURRENCY], keepalive_rounds, seconds, KEEPALIVE_REQUESTS
     )
     return {
+        "profiles": _profiles(settings, contenders, worker, levels[-1], seconds),
         "levels": levels,
         "rounds": rounds,
         "seconds": seconds,
@@ -111,6 +133,8 @@ def run(settings: Settings, worker: Worker, contenders: list[Contender]) -> Bloc
         "routers": stats.summarize(runs),
         "ratios": stats.ratios(runs, "conn_per_s", "ebpf-sticky", BASES),
         "ratios_cbpf": stats.ratios(runs, "conn_per_s", "ebpf-sticky-cbpf", ("reuseport", "ebpf-sticky")),
+        # Lower is better here: ebpf-sticky's server CPU per connection over each base's.
+        "cpu_ratios": stats.ratios(runs, "cpu_s_per_1k", "ebpf-sticky", BASES),
         "runs": runs,
         "keepalive": {
             "requests_per_connection": KEEPALIVE_REQUESTS,
@@ -131,7 +155,7 @@ def _table(routers_: dict[str, dict[str, stats.Row]], setting: str, rate: str) -
         "p99 ms",
         "sticky %",
         "balance",
-        "server CPU s / 1k conn" if rate == "conn/s" else "server CPU s / 1k req",
+        "server CPU µs / conn" if rate == "conn/s" else "server CPU µs / req",
         "errors",
     ]
     key = "conn_per_s" if rate == "conn/s" else "req_per_s"
@@ -143,7 +167,7 @@ def _table(routers_: dict[str, dict[str, stats.Row]], setting: str, rate: str) -
             cell(r["p99_ms"], 2),
             cell(r["sticky_pct"], 1),
             cell(r["balance"], 3),
-            cell(r["cpu_s_per_1k"], 3),
+            cell(None if r["cpu_s_per_1k"] is None else 1000 * r["cpu_s_per_1k"], 0),
             cell(r["errors"]),
         ]
         for name, by_setting in routers_.items()
@@ -164,6 +188,13 @@ def report(label: str, block: Block) -> list[str]:
         f"{block['levels']}: " + ratio_line(block["ratios"]),
         "",
     ]
+    if block.get("cpu_ratios"):
+        lines += [
+            "ebpf-sticky's server CPU per connection (lower is cheaper): " + ratio_line(block["cpu_ratios"]),
+            "",
+        ]
+    for name, summary in block.get("profiles", {}).items():
+        lines += list(profiles.lines(name, summary))
     if block["ratios_cbpf"]:
         lines += ["ebpf-sticky-cbpf's rate: " + ratio_line(block["ratios_cbpf"]), ""]
     ka = block["keepalive"]

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import routers
-import stats
-from common import HERE, Contender, Settings, interleaved, run_load
-from plots import BarChart, Panel
-from report import cell, ratio_line, table
-from routers import Worker
-
-from workloads import Block, Workload
+from .. import routers, stats
+from ..common import Contender, Settings, interleaved, run_load
+from ..plots import BarChart, Panel
+from ..report import cell, ratio_line, table
+from ..routers import Worker
+from . import Block, Workload
 
 SOURCES = 4096  # session loops cycle through these; each echo client keeps one address
 BASES = ("nginx-ip-hash", "haproxy-source", "sticky-session", "socket.io-sticky")
@@ -61,9 +59,9 @@ def contenders(settings: Settings, worker: Worker) -> list[Contender]:
 
 def _row(settings: Settings, worker: Worker, c: Contender, scenario: Scenario, seconds: float) -> stats.Row:
     before = routers.routed(settings, worker, c)
-    argv = [str(settings.loadgen_python), str(HERE / "sioload.py"), "127.0.0.1", str(c.port), scenario.name]
+    argv = [str(settings.loadgen_python), "-m", "bench.sioload", "127.0.0.1", str(c.port), scenario.name]
     argv += [str(SOURCES), str(scenario.concurrency), str(seconds)]
-    out, cpu = run_load(argv, seconds + 120, [p.pid for p in c.procs], settings.loadgen_group)
+    out, cpu = run_load(argv, seconds + 120, c, settings.loadgen_group)
     r = json.loads(out)
     if r["errors"]:
         print(f"    {c.name} {scenario.name}: {r['errors']} errors, e.g. {r['error_kinds']}", flush=True)
