@@ -44,7 +44,15 @@ LEVERS = {
         "--no-server-header (B) against the Server header sent (A)", ("--no-server-header",)
     ),
     "date-header": Lever("--no-date-header (B) against the Date header sent (A)", ("--no-date-header",)),
-    "access-log": Lever("--access-log (B) against no access log, as shipped (A)", ("--access-log",)),
+    "access-log": Lever(
+        "--access-log at info level (B) against no access log, as shipped (A)",
+        ("--access-log", "--log-level", "info"),
+    ),
+    "proxy-headers": Lever(
+        "--no-proxy-headers (B) against uvicorn's default, which checks every client against "
+        "--forwarded-allow-ips (A)",
+        ("--no-proxy-headers",),
+    ),
     "recycling": Lever(
         "--limit-max-requests (B: the recycling check on every tick) against none (A)",
         ("--limit-max-requests", "1000000000"),
