@@ -165,7 +165,9 @@ def main() -> int:
         "--config", choices=["plain", "fast"], default="fast", help="uvicorn's loop and parser"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--write", action="store_true", help="write bench/results/<date>-levers.{json,md}")
+    parser.add_argument(
+        "--write", action="store_true", help="write bench/results/<date>T<time>-levers.{json,md}"
+    )
     args = parser.parse_args()
     tree = machine.tree()
     if args.write and tree["dirty"]:
@@ -211,7 +213,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.write:
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H%M")
         (RESULTS / f"{stamp}-levers.json").write_text(json.dumps(result, indent=2) + "\n")
         (RESULTS / f"{stamp}-levers.md").write_text(text)
     return 0
