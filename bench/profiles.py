@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypedDict
 
-from .common import Contender, tree_pids
+from .common import RESULTS, Contender, tree_pids
 
 TOP = 15  # functions kept in a summary
 
@@ -33,6 +33,10 @@ class Summary(TypedDict):
     samples: int
     idle_pct: float  # samples in the event loop's poll that py-spy still recorded
     top: list[Line]
+
+
+class Recorded(Summary):
+    flame_graph: str | None  # the SVG, relative to bench/results/ when it is there
 
 
 IDLE_MARKERS = ("epoll_wait", "select (selectors.py", "uv__io_poll", "_run_once (asyncio/base_events.py")
@@ -101,7 +105,9 @@ def py_spy() -> str | None:
     return str(here) if here.exists() else shutil.which("py-spy")
 
 
-def record(contender: Contender, seconds: float, out_dir: Path, load: Callable[[], object]) -> Summary | None:
+def record(
+    contender: Contender, seconds: float, out_dir: Path, load: Callable[[], object]
+) -> Recorded | None:
     """Sample two workers of ``contender`` while ``load()`` runs: the first into a flame graph
     (``<name>.svg``), the second into collapsed stacks (``<name>.txt``) summarised here. None
     when py-spy is missing or the router has no Python workers."""
@@ -122,13 +128,18 @@ def record(contender: Contender, seconds: float, out_dir: Path, load: Callable[[
     load()
     for proc in spies:
         proc.wait(seconds + 60)
-    return summarize(parse_collapsed(raw.read_text())) if raw.exists() else None
+    if not raw.exists():
+        return None
+    summary = summarize(parse_collapsed(raw.read_text()))
+    graph = (svg.relative_to(RESULTS) if svg.is_relative_to(RESULTS) else svg) if svg.exists() else None
+    return Recorded(**summary, flame_graph=str(graph) if graph else None)
 
 
-def lines(name: str, summary: Summary) -> Iterable[str]:
+def lines(name: str, summary: Recorded) -> Iterable[str]:
+    graph = f" ([flame graph]({summary['flame_graph']}))" if summary.get("flame_graph") else ""
     yield (
-        f"**{name}**: {summary['samples']} busy samples of one worker (py-spy --native, 200 Hz); "
-        "self % is time in the function itself, total % with what it calls"
+        f"**{name}**{graph}: {summary['samples']} busy samples of one worker (py-spy --native, "
+        "200 Hz); self % is time in the function itself, total % with what it calls"
     )
     yield ""
     yield "| function | self % | total % |"

@@ -97,13 +97,13 @@ def _measure(
 
 def _profiles(
     settings: Settings, contenders: list[Contender], worker: Worker, level: int, seconds: float
-) -> dict[str, profiles.Summary]:
+) -> dict[str, profiles.Recorded]:
     """One py-spy run per router of Python workers, one request per connection (not measured)."""
     if not settings.profile_seconds or worker.is_node:
         return {}
     out_dir = settings.profile_dir or Path(tempfile.mkdtemp(prefix="ebpf-sticky-profiles-"))
     out_dir = out_dir / worker.label.replace(" ", "").replace("(", "-").replace(")", "")
-    out: dict[str, profiles.Summary] = {}
+    out: dict[str, profiles.Recorded] = {}
     for c in contenders:
         print(f"  profiling one worker of {c.name} for {settings.profile_seconds:g} s", flush=True)
         load = partial(load_row, settings, c, level, settings.profile_seconds, 1)
