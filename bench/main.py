@@ -162,7 +162,8 @@ def main() -> int:
             print(f"wrote {path}")
         return 0
     chosen = [w for w in WORKLOADS if not args.only or w.name in args.only.split(",")]
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    # To the minute: two runs of one day are both kept.
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H%M")
     tree = machine.tree()
     writes = not args.no_write and not args.quick
     if writes and tree["dirty"] and not args.allow_dirty:
