@@ -40,6 +40,13 @@ def test_idle_samples_are_left_out_and_shares_are_of_busy_samples() -> None:
     assert [line["function"] for line in summary["top"]][0] == "send (app.py:9)"
 
 
+def test_uvloops_native_poll_is_idle_and_a_syscall_that_does_work_is_not() -> None:
+    loop = ("run_forever (loop.c:33192)", "uv_run (core.c:464)")
+    assert is_idle((*loop, "epoll_pwait (libc.so.6)"))
+    assert not is_idle((*loop, "write (libc.so.6)"))
+    assert not is_idle((*loop, "epoll_ctl (libc.so.6)"))
+
+
 def test_no_samples_summarise_to_zeros() -> None:
     assert summarize(Counter()) == {"samples": 0, "idle_pct": 0.0, "top": []}
 
