@@ -219,6 +219,22 @@ def charts(blocks: dict[str, Block]) -> list[BarChart]:
         }
         return Panel(f"{label} worker, one request per connection", "new connections / s", names, series)
 
+    def cpu_panel(label: str, block: Block) -> Panel:
+        # The figure that holds on a shared machine: each router's own cgroup, per connection.
+        names, ka = list(block["routers"]), block["keepalive"]["routers"]
+
+        def us(row: stats.Row | None) -> float | None:
+            cpu = row and row["cpu_s_per_1k"]
+            return 1000 * cpu if cpu else None
+
+        series = {
+            f"1 request/conn, {level} concurrent": [us(block["routers"][n][str(level)]) for n in names]
+            for level in block["levels"]
+        }
+        concurrency = str(block["keepalive"]["concurrency"])
+        series["per request, keep-alive"] = [us(ka.get(n, {}).get(concurrency)) for n in names]
+        return Panel(f"{label} worker", "server CPU µs / conn (keep-alive: / req)", names, series)
+
     def latency_panel(label: str, block: Block) -> Panel:
         names, top = list(block["routers"]), str(block["levels"][-1])
         series = {k.split("_")[0]: [block["routers"][n][top][k] for n in names] for k in ("p50_ms", "p99_ms")}
@@ -237,6 +253,7 @@ def charts(blocks: dict[str, Block]) -> list[BarChart]:
 
     return [
         BarChart("conn-per-s", [conn_panel(k, b) for k, b in blocks.items()]),
+        BarChart("cpu-per-conn", [cpu_panel(k, b) for k, b in blocks.items()]),
         BarChart("latency", [latency_panel(k, b) for k, b in blocks.items()]),
         BarChart("keepalive", [keepalive_panel(k, b) for k, b in blocks.items()]),
     ]
