@@ -114,7 +114,7 @@ def measure(settings: Settings, chosen: list[Workload]) -> dict[str, Any]:
     return result
 
 
-def main() -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument(
         "--quick",
@@ -152,7 +152,11 @@ def main() -> int:
     )
     parser.add_argument("--only", help="comma-separated workloads: " + ",".join(w.name for w in WORKLOADS))
     parser.add_argument("--replot", type=Path, help="only rewrite the table and plots of this results JSON")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = _parser().parse_args()
     if args.replot:
         saved: dict[str, Any] = json.loads(args.replot.read_text())
         if "workloads" not in saved:
