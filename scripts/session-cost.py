@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What the session layer costs: new-connection rate with and without it, and a move's latency.
 
-* **Rate**: the same launch (scripts/bench.d/app.py, Python workers, one request per connection
-  from many sources, driven by scripts/bench.d/loadgen.c) with and without ``--session-key``,
+* **Rate**: the same launch (bench/apps/app.py, Python workers, one request per connection
+  from many sources, driven by bench/native/loadgen.c) with and without ``--session-key``,
   in interleaved rounds in one run; with the key on, every request is served where it landed (it
   carries no key), so the figure is the gate's own cost: one more protocol object and a head
   parse per connection. The machine is shared: compare the ratios of one run, not absolutes;
@@ -36,7 +36,7 @@ from ebpf_sticky.hashing import HashSpec, parse_address, slot_of  # noqa: E402
 
 KEY = "00112233445566778899aabbccddeeff"
 SPEC = HashSpec(bytes.fromhex(KEY))
-BENCH_APP = ROOT / "scripts" / "bench.d" / "app.py"
+BENCH_APP = ROOT / "bench" / "apps" / "app.py"
 SESSION_APP = ROOT / "tests" / "e2e" / "apps" / "session_app.py"
 
 
@@ -66,7 +66,7 @@ class Launch:
 
 def build_loadgen() -> Path:
     out = Path(tempfile.gettempdir()) / "ebpf-sticky-session-cost-loadgen"
-    subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "scripts/bench.d/loadgen.c")], check=True)
+    subprocess.run(["gcc", "-O2", "-o", str(out), str(ROOT / "bench/native/loadgen.c")], check=True)
     return out
 
 

@@ -29,7 +29,13 @@ log = logging.getLogger("ebpf_sticky")
 _U32 = struct.Struct("=I")
 _TCPI_UNACKED = 24  # offset of tcpi_unacked in struct tcp_info: a listener's accept-queue length
 DEFAULT_BACKLOG = 1024
-__all__ = ["DEFAULT_BACKLOG", "Carried", "Counters", "GroupView", "Router"]
+# TCP_DEFER_ACCEPT, as nginx's `listen ... deferred`: a connection reaches the accept queue (and
+# wakes the worker) only once its first bytes have arrived, so accepting and reading it happen in
+# one turn of the worker's loop. The kernel rounds the seconds to SYN-ACK retransmissions (1 s:
+# one); a client still silent by then is queued anyway when it acknowledges the retransmission,
+# so nothing is dropped. Only for protocols where the client speaks first (HTTP, TLS).
+DEFER_ACCEPT_S = 1
+__all__ = ["DEFAULT_BACKLOG", "DEFER_ACCEPT_S", "Carried", "Counters", "GroupView", "Router"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class GroupView:
     strangers: int  # other listeners of our uid on our address and port: they joined the group
 
 
-def _listener(bind: Bind, udp: bool, backlog: int) -> socket.socket:
+def _listener(bind: Bind, udp: bool, backlog: int, defer_accept: int = 0) -> socket.socket:
     sock = socket.socket(bind.family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -51,6 +57,8 @@ def _listener(bind: Bind, udp: bool, backlog: int) -> socket.socket:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if bind.dual_stack else 1)
         _bind(sock, bind)
         if not udp:
+            if defer_accept:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
             sock.listen(backlog)
     except BaseException:
         sock.close()
@@ -100,10 +108,13 @@ class Router:
     in the group, and slots added later are misrouted until it closes (docs/discussion/limits.md).
     """
 
-    def __init__(self, bind: Bind, spec: HashSpec, *, udp: bool, loader: str, routing: Routing) -> None:
+    def __init__(
+        self, bind: Bind, spec: HashSpec, *, udp: bool, loader: str, routing: Routing, defer_accept: int = 0
+    ) -> None:
         # Private: use Router.open, which builds the group all-or-nothing.
         self.spec = spec
         self.udp = udp
+        self.defer_accept = 0 if udp else defer_accept  # seconds of TCP_DEFER_ACCEPT, 0: off
         self.loader = loader  # the loader actually running, never "auto"
         self.choice = f"{loader} ({LOADERS[loader].describe}), asked for with --loader {loader}"
         self.bind = bind
@@ -125,9 +136,12 @@ class Router:
         loader: str = "auto",
         backlog: int = DEFAULT_BACKLOG,
         existing: Sequence[socket.socket] = (),
+        defer_accept: int = 0,
     ) -> Router:
-        """``existing``: sockets handed in (by systemd) to take as slots 0, 1, ... in that order,
-        which must be the order they joined their group; more are made up to ``slots``."""
+        """The group of ``slots`` listening sockets on ``bind``. ``existing``: sockets handed in (by
+        systemd) to take as slots 0, 1, ... in that order, which must be the order they joined their
+        group; more are made up to ``slots``. ``defer_accept`` (seconds, TCP only): queue connections
+        once the client has sent data (``DEFER_ACCEPT_S`` for HTTP)."""
         for sock in existing:
             _check_fits(sock, bind, udp)
         if not 1 <= slots <= MAX_SLOTS:
@@ -135,12 +149,12 @@ class Router:
         if loader not in CHOICES:
             raise ConfigError(f"unknown loader {loader!r}: choose one of {', '.join(CHOICES)}")
         if loader != "auto":
-            return cls._open(bind, spec, slots, udp, loader, backlog, existing)
+            return cls._open(bind, spec, slots, udp, loader, backlog, existing, defer_accept)
         refused: list[str] = []
         errors: list[StickyError] = []
         for name in AUTO_ORDER:
             try:
-                router = cls._open(bind, spec, slots, udp, name, backlog, existing)
+                router = cls._open(bind, spec, slots, udp, name, backlog, existing, defer_accept)
             except (*FALLBACK_ERRORS, _TooManySlots) as exc:
                 refused.append(f"{name} refused: {exc}")
                 errors.append(exc)
@@ -164,6 +178,7 @@ class Router:
         loader: str,
         backlog: int,
         existing: Sequence[socket.socket] = (),
+        defer_accept: int = 0,
     ) -> Router:
         entry = LOADERS[loader]
         if slots > entry.max_slots:
@@ -173,7 +188,14 @@ class Router:
         # Sockets handed in already have the group's port; otherwise a TCP port 0 is fixed first.
         ports = contextlib.nullcontext(bind) if existing else _port_for(bind, udp)
         with ports as bind:
-            router = cls(bind, spec, udp=udp, loader=loader, routing=entry.routing(spec, None))
+            router = cls(
+                bind,
+                spec,
+                udp=udp,
+                loader=loader,
+                routing=entry.routing(spec, None),
+                defer_accept=defer_accept,
+            )
             router.backlog = backlog
             try:
                 for slot in range(slots):
@@ -197,11 +219,20 @@ class Router:
         udp: bool,
         loader: str,
         carried: Carried,
+        defer_accept: int = 0,
     ) -> Router:
         """The group a master built before it exec'd this image: its sockets (in slot order, which
         is the kernel's order in the group) and its routing's kernel objects, all taken as they are.
-        Nothing is created or attached, so no client moves and no capability is needed."""
-        router = cls(bind, spec, udp=udp, loader=loader, routing=LOADERS[loader].routing(spec, carried))
+        Nothing is created or attached, so no client moves and no capability is needed.
+        ``defer_accept`` applies to slots added later."""
+        router = cls(
+            bind,
+            spec,
+            udp=udp,
+            loader=loader,
+            routing=LOADERS[loader].routing(spec, carried),
+            defer_accept=defer_accept,
+        )
         router.sockets = sockets
         router.choice = f"{loader} ({LOADERS[loader].describe}), carried over from before the upgrade"
         return router
@@ -215,7 +246,7 @@ class Router:
         if self.sockets and bind.port == 0:
             bind = bind.with_port(self.port)
         # Joins the kernel's group last: its position is len(self.sockets), its slot.
-        sock = handed or _listener(bind, self.udp, backlog)
+        sock = handed or _listener(bind, self.udp, backlog, self.defer_accept)
         try:
             self._routing.join(sock, len(self.sockets))
         except BaseException:

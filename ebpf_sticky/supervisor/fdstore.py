@@ -72,7 +72,7 @@ def adopt(settings: Launch, handed: Handed) -> Launch:
     return settings
 
 
-def open_router(settings: Launch, handed: Handed) -> Router:
+def open_router(settings: Launch, handed: Handed, defer_accept: int = 0) -> Router:
     """The group: on the sockets handed in (with their program and maps if systemd kept them: a
     socket sits in one sockarray at most), completed up to --workers."""
     s = settings
@@ -80,10 +80,19 @@ def open_router(settings: Launch, handed: Handed) -> Router:
     program = handed.program
     if program is None:
         return Router.open(
-            s.bind, s.spec, s.workers, udp=s.udp, loader=s.loader, backlog=s.uvicorn.backlog, existing=sockets
+            s.bind,
+            s.spec,
+            s.workers,
+            udp=s.udp,
+            loader=s.loader,
+            backlog=s.uvicorn.backlog,
+            existing=sockets,
+            defer_accept=defer_accept,
         )
     carried = Carried(program.insn_count, program.fd, program.maps, live_table=None)
-    router = Router.adopt(s.bind, s.spec, sockets, udp=s.udp, loader=program.loader, carried=carried)
+    router = Router.adopt(
+        s.bind, s.spec, sockets, udp=s.udp, loader=program.loader, carried=carried, defer_accept=defer_accept
+    )
     try:
         while router.slots < s.workers:
             router.add_slot(s.uvicorn.backlog)

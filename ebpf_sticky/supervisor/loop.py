@@ -41,7 +41,7 @@ from ..errors import AppLoadError, LockdownError, StickyError
 from ..handover import Handover
 from ..handover import Routing as CarriedRouting
 from ..kernel.capabilities import prctl
-from ..kernel.router import Carried, Router
+from ..kernel.router import DEFER_ACCEPT_S, Carried, Router
 from ..kernel.seccomp import Listener
 from ..notify import sd_notify
 from ..sessions.master import MasterSessions, session_settings
@@ -430,12 +430,19 @@ def configure_logging(log_level: str) -> None:
     )
 
 
+def defer_accept(settings: Launch) -> int:
+    """TCP_DEFER_ACCEPT seconds for the slot sockets: HTTP and TLS clients speak first; a
+    `-- COMMAND` may serve a protocol where the server speaks first, which deferring would stall
+    until the client's own timeout."""
+    return DEFER_ACCEPT_S if settings.target is not None else 0
+
+
 def launch(settings: Launch) -> int:
     """Build the group (on the sockets systemd handed in, if any), run workers until told to stop;
     returns the exit status."""
     handed = fdstore.handed_in()
     settings = fdstore.adopt(settings, handed)
-    with fdstore.open_router(settings, handed) as router:
+    with fdstore.open_router(settings, handed, defer_accept(settings)) as router:
         fdstore.store_group(settings.spec.key, router)
         return _run_group(settings, router, open_notify_socket(), ControlServer.open(router))
 
@@ -451,6 +458,7 @@ def resume(handover: Handover, state_fd: int) -> int:
         udp=s.udp,
         loader=r.loader,
         carried=Carried(r.insn_count, r.program, r.maps, r.live_table),
+        defer_accept=defer_accept(s),
     )
     os.close(state_fd)
     with router:

@@ -6,13 +6,11 @@ import ipaddress
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).parents[2]
-sys.path.insert(0, str(REPO / "scripts" / "bench.d"))
+from bench.seedhash import seed_hash
 
-from seedhash import seed_hash  # noqa: E402
+REPO = Path(__file__).parents[2]
 
 ADDRESSES = ["127.0.0.1", "10.1.2.3", "255.255.255.255", "192.168.7.9", "0.0.0.0", "8.8.4.4"]
 SEEDS = [0, 123456789, -987654321, 2147483647, -2147483648]

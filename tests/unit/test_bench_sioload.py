@@ -1,17 +1,13 @@
-"""The Socket.IO load generator's protocol pieces (scripts/bench.d/sioload.py), checked against
+"""The Socket.IO load generator's protocol pieces (bench/sioload.py), checked against
 the RFC 6455 framing rules and the C load generator's choice of source addresses."""
 
 from __future__ import annotations
 
 import struct
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "scripts" / "bench.d"))
-
-from sioload import ProtocolError, engineio_packets, open_sid, source_address, ws_frame  # noqa: E402
+from bench.sioload import ProtocolError, engineio_packets, open_sid, source_address, ws_frame
 
 
 @pytest.mark.parametrize(("size", "header"), [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)])

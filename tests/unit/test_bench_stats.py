@@ -1,16 +1,21 @@
-"""The benchmark's arithmetic (scripts/bench.d/stats.py): ratios are taken round by round, side
+"""The benchmark's arithmetic (bench/stats.py): ratios are taken round by round, side
 by side, before any median; unknown figures never count as zeros."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[2] / "scripts" / "bench.d"))
-
-from stats import Runs, balance, median, paired_ratios, per_thousand, percentile, ratios, spread, summarize  # noqa: E402
+from bench.stats import (
+    Runs,
+    balance,
+    median,
+    paired_ratios,
+    per_thousand,
+    percentile,
+    ratios,
+    spread,
+    summarize,
+)
 
 
 def rows(*values: float | None) -> list[dict[str, float | None]]:
