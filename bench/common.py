@@ -129,7 +129,7 @@ class Settings:
     venv_bin: Path
     quick: bool
     uvicorn_configs: tuple[UvicornConfig, ...]  # the Python workloads run once per config
-    launch_help: str  # `ebpf-sticky launch --help`: which loaders and options this branch has
+    launch_help: str  # `ebpf-sticky launch --help`: which loaders and options this tree has
     loadgen_python: Path  # runs sioload.py (the fast venv's, with uvloop, when there is one)
     loadgen_group: CpuGroup
     python_only: bool = False  # HTTP workload without its Node.js block

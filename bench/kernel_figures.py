@@ -48,7 +48,7 @@ def bpf_stats(master_pid: int) -> dict[str, float]:
 
 
 def program_sizes(workers: int) -> dict[str, int]:
-    """Instructions of the selection program each loader of this branch builds for ``workers``."""
+    """Instructions of the selection program each loader of this tree builds for ``workers``."""
     sizes = {}
     for loader in LOADERS:
         with Router.open(
@@ -123,7 +123,7 @@ def _fd_stats(fd: int) -> tuple[int, int]:
 
 
 def classic_mirror() -> Callable[[list[Address], HashSpec], list[int]] | None:
-    """The classic-BPF router's Python mirror (address -> bucket), where this branch has it."""
+    """The classic-BPF router's Python mirror (address -> bucket), where this tree has it."""
     try:
         module = importlib.import_module("ebpf_sticky.hashing.cbpf")
     except ImportError:

@@ -49,14 +49,13 @@ def _add_session_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--session-key",
         action="append",
-        dest="session_keys",
         metavar="KEY",
         default=None,
         help="keep a session on its worker by KEY whatever address it comes from: engineio, mcp, "
         "header:NAME, cookie:NAME, query:NAME or forwarded (repeatable; "
         f"{ENV_PREFIX}SESSION_KEY: one per line)",
     )
-    parser.set_defaults(env_session_keys=[line.strip() for line in (keys or "").splitlines() if line.strip()])
+    parser.set_defaults(_session_key_env=[line.strip() for line in (keys or "").splitlines() if line.strip()])
     parser.add_argument(
         "--proxy-protocol",
         action="store_true",
@@ -67,7 +66,7 @@ def _add_session_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _session_keys(args: argparse.Namespace) -> tuple[str, ...]:
-    return tuple(args.session_keys if args.session_keys is not None else args.env_session_keys)
+    return tuple(args.session_key if args.session_key is not None else args._session_key_env)
 
 
 def _versions() -> str:

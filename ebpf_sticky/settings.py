@@ -33,7 +33,7 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _user_exists(name: str) -> bool:
+def user_exists(name: str) -> bool:
     try:
         pwd.getpwnam(name)
     except KeyError:
@@ -45,7 +45,7 @@ def user_ids(user: str | None, group: str | None) -> tuple[int | None, int | Non
     """(uid, gid, whether they are a root master's default) of ``--user``/``--group`` (names or
     numbers). Empty means unset, so ``-e EBPF_STICKY_USER=`` lifts an image's user (a root master
     then uses its default)."""
-    user, default = config.worker_user(user, os.geteuid(), _user_exists)
+    user, default = config.worker_user(user, os.geteuid(), user_exists)
     uid = gid = None
     if user:
         try:

@@ -64,7 +64,8 @@ def _ours() -> Iterator[str]:
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     launch = subparsers.choices["launch"]
     group = next(g for g in launch._action_groups if g.title == "options")
-    run_names = {"udp": None}  # run() serves Python apps over TCP: no udp keyword
+    # run() serves Python apps over TCP: no udp keyword; a repeatable option's keyword is plural.
+    run_names = {"udp": None, "session_key": "session_keys"}
     for action in group._group_actions:
         if isinstance(action, argparse._HelpAction):
             continue

@@ -18,7 +18,6 @@ from support.launcher import KEY, Instance, Load, launched, predicted, run_bad, 
 from support.netlab import v4_sources
 
 from ebpf_sticky.supervisor import metrics
-from ebpf_sticky.supervisor.core import Core
 
 SOURCES = v4_sources(48, start=3000)
 BASE = ["asgi_app.py", "-w", "3", "--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "5"]
@@ -64,15 +63,15 @@ def test_scrape_while_traffic_flows_matches_what_was_sent(how: str) -> None:
             during = scrape(url)  # the kernel counts at the SYN: never behind what was answered
             assert sum(routed(during, 3)) >= 100
         assert load.failures == []
-        # Every request was a new connection from a known source, so the exact per-slot figures
-        # follow from the Python mirror of the hash.
+        # Every request was a new connection from a known source, so the per-slot figures follow
+        # from the Python mirror of the hash: one selection per connection, two for one that went
+        # through SYN cookies (the program runs again on its ACK; a loaded machine turns them on).
         sent = Counter(predicted(source, 3) for source, hits in load.seen.items() for _ in hits)
-        after = scrape(url)
-        assert routed(after, 3) == [sent[slot] for slot in range(3)]
-        assert after[("ebpf_sticky_routing_failures_total", ())] == 0
+        after = routed(scrape(url), 3)
+        assert all(sent[slot] <= after[slot] <= 2 * sent[slot] for slot in range(3)), (after, sent)
+        assert scrape(url)[("ebpf_sticky_routing_failures_total", ())] == 0
 
 
-@pytest.mark.skipif("restarts" not in Core.__dataclass_fields__, reason="needs Core.restarts (branch core)")
 def test_restart_is_counted_by_slot_and_reason() -> None:
     with launched([*BASE, "--metrics", "127.0.0.1:0"]) as instance:
         url = metrics_url(instance)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -18,7 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.launcher import APPS, KEY, Instance, get, launched, run_bad, tagged_processes, wait_for
+from support.launcher import (
+    APPS,
+    KEY,
+    Instance,
+    default_worker,
+    get,
+    launched,
+    run_bad,
+    tagged_processes,
+    wait_for,
+)
 from support.netlab import v4_sources
 
 from ebpf_sticky import HashSpec, Router, parse_address, parse_bind, slot_of
@@ -96,24 +107,26 @@ def test_root_with_every_capability_and_user_root() -> None:
 
 
 @pytest.mark.parametrize("user", [[], ["--user", "nobody"]])
-def test_root_with_every_capability_runs_workers_as_nobody(
+def test_root_with_every_capability_runs_workers_unprivileged(
     world_readable_apps: Path, user: list[str]
 ) -> None:
-    """nobody is a root master's default (no ebpf-sticky user here), and --user's."""
+    """A root master's default user (ebpf-sticky if it exists, else nobody), and --user's."""
+    uid = pwd.getpwnam(user[1]).pw_uid if user else default_worker().pw_uid
     with launched(["-w", "2", *BASE, *user, "--", "sleep", "600"], cwd=world_readable_apps) as instance:
         for worker in assert_locked_down(instance, 2, bounding_dropped=True):
             assert worker.permitted == worker.effective == 0
         master = sets(instance.proc.pid)
         print(show("master", master))
-        # Spawning as nobody takes setuid/setgid, signalling nobody's processes kill: nothing else.
+        # Spawning as another user takes setuid/setgid, signalling its processes kill: nothing else.
         assert master.permitted == caps.mask(caps.CAP_KILL, caps.CAP_SETUID, caps.CAP_SETGID)
-        assert all(os.stat(f"/proc/{pid}").st_uid == 65534 for pid in workers_of(instance, 2))
+        assert all(os.stat(f"/proc/{pid}").st_uid == uid for pid in workers_of(instance, 2))
 
 
 def test_root_without_setuid_refuses_root_workers_it_was_not_asked_for() -> None:
     prefix = ["setpriv", *ONLY_BPF_NET, "--ambient-caps=-all,+bpf,+net_admin", "--"]
     line = refused(["asgi_app.py", "-w", "2", *BASE], prefix=prefix)
-    assert "cannot start workers as nobody (uid 65534, the default for a root master)" in line
+    who = default_worker()
+    assert f"cannot start workers as {who.pw_name} (uid {who.pw_uid}, the default for a root master)" in line
     assert "grant them, or pass --user root" in line
 
 
@@ -400,6 +413,7 @@ def test_an_app_the_default_user_cannot_read_is_one_clear_line(tmp_path: Path) -
     """pytest's tmp dirs are root's alone (0700), as /root is: the workers' default user cannot
     import from there, and the launch says so before any worker starts."""
     shutil.copy(APPS / "asgi_app.py", tmp_path)
-    who = "nobody (uid 65534, the default for a root master)"
+    worker = default_worker()
+    who = f"{worker.pw_name} (uid {worker.pw_uid}, the default for a root master)"
     expected = f"workers run as {who} and cannot list {tmp_path}: make"
     run_bad(["asgi_app.py", "-w", "2", *BASE], expected, cwd=tmp_path)

@@ -7,7 +7,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -99,12 +101,17 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def own_install(tmp_path: Path) -> Path:
+def own_install() -> Iterator[Path]:
     """A copy of the installed package that the launched master imports (PYTHONPATH first):
-    an install the test can break and repair under a running master."""
-    site = tmp_path / "site"
-    shutil.copytree(Path(ebpf_sticky.__file__).parent, site / "ebpf_sticky")
-    return site
+    an install the test can break and repair under a running master. Outside pytest's tmp_path,
+    which is root's alone: the workers' default user imports it too."""
+    site = Path(tempfile.mkdtemp(prefix="ebpf-sticky-site-"))
+    try:
+        site.chmod(0o755)
+        shutil.copytree(Path(ebpf_sticky.__file__).parent, site / "ebpf_sticky")
+        yield site
+    finally:
+        shutil.rmtree(site)
 
 
 def test_upgrade_to_a_broken_install_is_refused_and_the_group_serves_on(own_install: Path) -> None:

@@ -26,6 +26,7 @@ from support.launcher import (
     KEY,
     Instance,
     Load,
+    default_worker,
     get,
     launched,
     predicted,
@@ -39,7 +40,6 @@ from support.sio_clients import CHROMIUM, CHROMIUM_ARGS, node_swarm, python_swar
 from ebpf_sticky.contract import OPTIONS_FDNAME
 
 SOURCES = v4_sources(48, start=3000)
-NOGROUP = 65534
 BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "10", "--no-access-log"]
 CHAT = Path(__file__).parents[2] / "examples" / "socketio_chat" / "app.py"
 
@@ -62,7 +62,7 @@ class Tls:
 
 @pytest.fixture(scope="module")
 def tls() -> Iterator[Tls]:
-    # Readable by the workers (nobody, group nogroup), which load the key, and by no one else.
+    # Readable by the workers (the default user's group), which load the key, and by no one else.
     directory = Path(tempfile.mkdtemp(prefix="ebpf-sticky-tls-"))
     try:
         yield _issue(directory)
@@ -71,7 +71,7 @@ def tls() -> Iterator[Tls]:
 
 
 def _issue(directory: Path) -> Tls:
-    os.chown(directory, 0, NOGROUP)
+    os.chown(directory, 0, default_worker().pw_gid)
     directory.chmod(0o750)
     ca = trustme.CA()
     issued = ca.issue_cert("127.0.0.1", "localhost")
@@ -95,7 +95,7 @@ def _issue(directory: Path) -> Tls:
         .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     for path in paths.values():
-        os.chown(path, 0, NOGROUP)
+        os.chown(path, 0, default_worker().pw_gid)
         path.chmod(0o640)
     return Tls(paths["ca"], paths["cert"], paths["key"], paths["encrypted"], paths["other"],
                base64.b64encode(hashlib.sha256(spki).digest()).decode())  # fmt: skip

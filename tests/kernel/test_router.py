@@ -56,7 +56,11 @@ def test_tcp_ipv4_every_connection_lands_on_the_predicted_slot(router4: Router) 
     assert got == predicted(SOURCES, 5)
     counters = router4.counters()
     assert counters.failures == 0
-    assert counters.per_slot == tuple(Counter(got.values())[i] for i in range(5))
+    # The counters count selections: one per SYN, and a second on the ACK of a connection that
+    # went through SYN cookies (which a loaded machine turns on for a burst like this one).
+    for slot in range(5):
+        connections, selections = Counter(got.values())[slot], counters.per_slot[slot]
+        assert selections is not None and connections <= selections <= 2 * connections
 
 
 def test_udp_ipv4_every_datagram_lands_on_the_predicted_slot(loader: str) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import http.client
 import os
+import pwd
 import re
 import signal
 import ssl
@@ -21,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ebpf_sticky.config import worker_user
 from ebpf_sticky.control import control_dir, request, socket_name
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
+from ebpf_sticky.settings import user_exists
 
 KEY = "00112233445566778899aabbccddeeff"
 SPEC = HashSpec(bytes.fromhex(KEY))
@@ -293,3 +296,11 @@ class Waiting:
             self.answer = exc
         finally:
             self.conn.close()
+
+
+def default_worker() -> pwd.struct_passwd:
+    """The user a root master runs workers as when not told (``config.worker_user``'s rule). Tests
+    follow the rule instead of assuming nobody: a machine may have an ebpf-sticky user."""
+    name, _ = worker_user(None, 0, user_exists)
+    assert name is not None
+    return pwd.getpwnam(name)

@@ -166,6 +166,7 @@ def test_environment_twins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_session_options_and_their_twins(monkeypatch: pytest.MonkeyPatch) -> None:
     from ebpf_sticky.cli import _session_keys, build_parser
+    from ebpf_sticky.settings import launch_settings
 
     monkeypatch.setenv("EBPF_STICKY_SESSION_KEY", "engineio\n cookie:sid \n\nmcp")
     monkeypatch.setenv("EBPF_STICKY_PROXY_PROTOCOL", "1")
@@ -176,7 +177,7 @@ def test_session_options_and_their_twins(monkeypatch: pytest.MonkeyPatch) -> Non
     )
     assert _session_keys(flags) == ("query:s", "forwarded")  # the flags win, all of them
     with pytest.raises(ConfigError, match="expected engineio"):
-        _session_keys(build_parser().parse_args(["launch", "app.py", "--session-key", "sid"]))
+        launch_settings(target=None, command=["true"], session_keys=("sid",))
 
 
 def test_output_into_a_closed_pipe_is_quiet() -> None:
