@@ -16,7 +16,7 @@ COPY pyproject.toml README.md LICENSE /src/
 COPY ebpf_sticky /src/ebpf_sticky
 RUN python3 -m venv /opt/ebpf-sticky \
  && /opt/ebpf-sticky/bin/pip install --no-cache-dir ${PIP_OPTIONS} /src \
- && /opt/ebpf-sticky/bin/pip uninstall --yes pip
+ && /opt/ebpf-sticky/bin/pip uninstall --yes setuptools pip
 
 # Only the virtualenv crosses over: no sources, no build tools, no pip cache.
 FROM ${BASE}
