@@ -48,7 +48,7 @@ BPF_CAPS = (12, 21, 38, 39)
 ONLY_BPF = ["--cap-drop", "ALL", "--cap-add", "BPF", "--cap-add", "NET_ADMIN"]
 USER_SWITCH = ["--cap-add", "SETUID", "--cap-add", "SETGID", "--cap-add", "KILL"]
 NEEDS_CBPF = pytest.mark.skipif(
-    "cbpf" not in LOADERS, reason="needs the classic-BPF router and --loader auto (branch cbpf)"
+    "cbpf" not in LOADERS, reason="needs the classic-BPF router and --loader auto"
 )
 
 pytestmark = pytest.mark.skipif(
