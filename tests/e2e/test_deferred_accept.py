@@ -5,16 +5,16 @@ not a silent one, not one that leaves without a word, not a TLS one (which speak
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import trustme
-from support.launcher import KEY, Instance, get, launched, wait_for
+from support.launcher import KEY, Instance, get, launched, wait_for, worker_readable_dir
 
 from ebpf_sticky.contract import LISTEN_FD
 from ebpf_sticky.kernel.router import DEFER_ACCEPT_S
@@ -124,24 +124,30 @@ def test_a_client_that_leaves_without_a_word_leaves_nothing_behind(
     )
 
 
-def test_tls_clients_speak_first_and_are_served(tmp_path: Path) -> None:
+def test_tls_clients_speak_first_and_are_served() -> None:
     ca = trustme.CA()
     issued = ca.issue_cert("127.0.0.1")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    issued.private_key_pem.write_to_path(str(key))
-    for blob in issued.cert_chain_pems:
-        blob.write_to_path(str(cert), append=True)
     context = ssl.create_default_context()
     ca.configure_trust(context)
-    args = ["asgi_app.py", "-w", "2", *BASE, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
-    with launched(args) as instance:
-        assert deferral(instance) == [DEFER_ACCEPT_S, DEFER_ACCEPT_S]
-        for source in ("127.0.9.1", "127.0.9.2", "127.0.9.3"):
-            assert get(source, instance.port, tls=context)[0] in (0, 1)
-        # A TLS client that waits past the deferral before its ClientHello is served too.
-        with silent_client(instance.port) as raw:
-            client_port = raw.getsockname()[1]
-            wait_for(lambda: server_states(instance.port, client_port) == ["ESTAB"], QUEUED_WITHIN, "queued")
-            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-                response = served(tls)
-        assert response.startswith(b"HTTP/1.1 200 "), response
+    with worker_readable_dir() as directory:  # the workers load the key
+        cert, key = directory / "cert.pem", directory / "key.pem"
+        issued.private_key_pem.write_to_path(str(key))
+        for blob in issued.cert_chain_pems:
+            blob.write_to_path(str(cert), append=True)
+        for path in (cert, key):
+            os.chown(path, 0, directory.stat().st_gid)
+            path.chmod(0o640)
+        args = ["asgi_app.py", "-w", "2", *BASE, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+        with launched(args) as instance:
+            assert deferral(instance) == [DEFER_ACCEPT_S, DEFER_ACCEPT_S]
+            for source in ("127.0.9.1", "127.0.9.2", "127.0.9.3"):
+                assert get(source, instance.port, tls=context)[0] in (0, 1)
+            # A TLS client that waits past the deferral before its ClientHello is served too.
+            with silent_client(instance.port) as raw:
+                client_port = raw.getsockname()[1]
+                wait_for(
+                    lambda: server_states(instance.port, client_port) == ["ESTAB"], QUEUED_WITHIN, "queued"
+                )
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                    response = served(tls)
+            assert response.startswith(b"HTTP/1.1 200 "), response

@@ -9,6 +9,7 @@ import http.client
 import os
 import pwd
 import re
+import shutil
 import signal
 import ssl
 import subprocess
@@ -304,3 +305,16 @@ def default_worker() -> pwd.struct_passwd:
     name, _ = worker_user(None, 0, user_exists)
     assert name is not None
     return pwd.getpwnam(name)
+
+
+@contextlib.contextmanager
+def worker_readable_dir() -> Iterator[Path]:
+    """A directory that root and the default worker user's group read, and no one else: for files
+    the workers open (pytest's tmp_path is root's alone). Files put in it should be 0640."""
+    directory = Path(tempfile.mkdtemp(prefix="ebpf-sticky-"))
+    try:
+        os.chown(directory, 0, default_worker().pw_gid)
+        directory.chmod(0o750)
+        yield directory
+    finally:
+        shutil.rmtree(directory)

@@ -117,7 +117,7 @@ def test_filter_checks_the_arch_first_and_every_jump_lands_on_an_instruction(
 
 def run_filter(program: bytes, arch: int, nr: int, args: tuple[int, ...]) -> int:
     """Interpret a seccomp filter as the kernel would, on one struct seccomp_data."""
-    data = struct.pack("=iI8x6Q", nr, arch, *args)
+    data = struct.pack("=II8x6Q", nr, arch, *args)  # nr as the u32 word the filter loads
     insns = decode(program)
     pc, acc = 0, 0
     while True:
