@@ -25,7 +25,7 @@ binds = st.one_of(
 )
 specs = st.builds(HashSpec, st.binary(min_size=16, max_size=16), st.integers(0, 32), st.integers(0, 128))
 texts = st.text(min_size=1, max_size=20)
-option_settings = st.fixed_dictionaries(
+option_settings: st.SearchStrategy[dict[str, Any]] = st.fixed_dictionaries(
     {
         "config": st.dictionaries(st.sampled_from(["ssl_keyfile_password", "timeout_keep_alive"]), texts),
         "env_file": st.none() | texts,
