@@ -34,7 +34,8 @@ def _spec(data: dict[str, Any]) -> HashSpec:
 
 
 # Fields that are not plain JSON values. Any other field (str, int, float, bool, None) travels as is,
-# so a new plain setting needs nothing here.
+# so a new plain setting needs nothing here; a tuple needs a decoder, since JSON gives it back as a
+# list (tests/unit/test_handover.py draws every field, so one left out fails there).
 _ENCODE: dict[str, Callable[[Any], Any]] = {
     "bind": dataclasses.asdict,
     "metrics": lambda bind: None if bind is None else dataclasses.asdict(bind),
@@ -48,6 +49,7 @@ _DECODE: dict[str, Callable[[Any], Any]] = {
     "spec": _spec,
     "uvicorn": lambda data: WorkerOptions.from_json(json.dumps(data)),
     "command": tuple,
+    "session_keys": tuple,
 }
 
 

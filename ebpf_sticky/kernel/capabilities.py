@@ -178,17 +178,19 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
 
 
 def drop(caps: int) -> None:
-    """Remove ``caps`` from this process for good: from the effective and permitted sets, and from
-    the bounding set where CAP_SETPCAP allows it. The inheritable and ambient sets are emptied:
-    they only hand capabilities over an exec, which nothing here should. Raises OSError naming the
-    step that failed."""
-    effective, permitted, _ = capget()
+    """Remove ``caps`` from this process for good: from the effective, permitted and inheritable
+    sets, and from the bounding set where CAP_SETPCAP allows it. The kernel lowers the ambient set
+    with them (a capability is ambient only while permitted and inheritable), so an exec keeps
+    what was ambient and is not dropped: a non-root master's own exec (an in-place upgrade) still
+    holds CAP_SETUID to start its workers. Raises OSError naming the step that failed."""
+    effective, permitted, inheritable = capget()
     if effective >> CAP_SETPCAP & 1:
         for cap in range(len(_NAMES)):
             if caps >> cap & 1:
                 prctl(_PR_CAPBSET_DROP, cap, f"dropping cap_{_NAMES[cap]} from the bounding set")
-    prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "clearing the ambient capabilities")
-    capset(effective & ~caps, permitted & ~caps, 0)
+    if caps == ALL:
+        prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, "clearing the ambient capabilities")
+    capset(effective & ~caps, permitted & ~caps, inheritable & ~caps)
 
 
 def set_no_new_privs() -> None:

@@ -25,6 +25,8 @@ import pytest
 import yaml
 from support.launcher import Instance, children, wait_for
 
+from ebpf_sticky.config import DEFAULT_WORKER_USERS
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
@@ -191,20 +193,46 @@ CAP_KILL, CAP_SETGID, CAP_SETUID, CAP_NET_ADMIN, CAP_BPF = 5, 6, 7, 12, 39
 
 @contextlib.contextmanager
 def unit_user(name: str) -> Iterator[pwd.struct_passwd]:
-    """The unit's User=, created for the test (and removed after) unless the machine has it."""
+    """The unit's User=, or one made for the test (and always removed after) if the machine lacks
+    it. A default worker user's name is not made: while an ebpf-sticky user exists, every root
+    master on the machine runs its workers as it. A user of the test's own stands in for it."""
     try:
         yield pwd.getpwnam(name)
         return
     except KeyError:
         pass
+    if name in DEFAULT_WORKER_USERS:
+        name = f"{name}-t{os.getpid()}"
     subprocess.run(
         ["useradd", "--system", "--no-create-home", "--user-group", "--shell", "/usr/sbin/nologin", name],
         check=True,
     )
+    entry = pwd.getpwnam(name)
     try:
-        yield pwd.getpwnam(name)
+        yield entry
     finally:
-        subprocess.run(["userdel", name], check=True)
+        try:
+            kill_processes_of(entry.pw_uid)  # userdel refuses a user with processes (exit 8)
+        finally:
+            subprocess.run(["userdel", "--force", name], check=True)
+
+
+def kill_processes_of(uid: int) -> None:
+    """SIGKILL every process whose real uid is ``uid`` (a user made for this test: its processes
+    are the test's), and wait until none is left."""
+
+    def running() -> list[int]:
+        pids = []
+        for status in Path("/proc").glob("[0-9]*/status"):
+            with contextlib.suppress(OSError):
+                if re.search(rf"^Uid:\s+{uid}\s", status.read_text(), re.MULTILINE):
+                    pids.append(int(status.parent.name))
+        return pids
+
+    for pid in running():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not running(), 30, f"the processes of uid {uid} to end")
 
 
 @contextlib.contextmanager
@@ -214,10 +242,9 @@ def launched_as_unit() -> Iterator[tuple[Instance, socket.socket]]:
     unit = unit_settings()
     caps = ",".join("+" + cap.removeprefix("CAP_").lower() for cap in unit["AmbientCapabilities"][0].split())
     binary, *args = unit["ExecStart"][0].split()
-    (user,) = unit["User"]
     env = unit_env()
     with (
-        unit_user(user) as entry,
+        unit_user(unit["User"][0]) as entry,
         unit_user(env["EBPF_STICKY_USER"]),
         tempfile.TemporaryDirectory(prefix="ebpf-sticky-unit-") as tmp,
     ):
@@ -241,7 +268,7 @@ def launched_as_unit() -> Iterator[tuple[Instance, socket.socket]]:
             NOTIFY_SOCKET=f"@ebpf-sticky-unit-test-{os.getpid()}",
         )
         setpriv = [
-            "setpriv", f"--reuid={user}", f"--regid={unit['Group'][0]}", "--init-groups",
+            "setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups",
             f"--inh-caps={caps}", f"--ambient-caps={caps}", f"--bounding-set=-all,{caps}",
             "--no-new-privs", "--",
         ]  # fmt: skip

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from support.launcher import KEY, Load, get, launched, predicted, run_bad, tagged_processes, wait_for
 from support.netlab import v4_sources
+from support.service_manager import ServiceManager
 
+from ebpf_sticky.activation import KEY_NAME, slot_name
 from ebpf_sticky.control import control_dir, socket_name
 
 SOURCES = v4_sources(64)
@@ -276,13 +278,14 @@ def test_term_stops_gracefully_with_status_0_and_cleans_up(tmp_path: Path) -> No
 
 
 def test_ready_is_notified_to_systemd(tmp_path: Path) -> None:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(str(tmp_path / "notify"))
-        notify.settimeout(60)
-        with launched(
-            ["asgi_app.py", "-w", "2", *BASE], extra_env={"NOTIFY_SOCKET": str(tmp_path / "notify")}
-        ):
-            assert notify.recv(64) == b"READY=1"
+    # READY=1 comes among other datagrams (FDSTORE=1 pushes the group first), as systemd allows.
+    manager = ServiceManager(tmp_path)
+    try:
+        with launched(["asgi_app.py", "-w", "2", *BASE], extra_env={"NOTIFY_SOCKET": manager.path}):
+            wait_for(lambda: "READY=1" in manager.messages, 60, "READY=1 on the notify socket")
+            assert {slot_name(0), slot_name(1), KEY_NAME} <= set(manager.names())
+    finally:
+        manager.close()
 
 
 def test_workers_hold_no_bpf_capability() -> None:
