@@ -20,6 +20,8 @@ import aiohttp
 import socketio
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from support.sio_clients import round_trips
+
 
 class BothLoopbacks(AbstractResolver):
     async def resolve(self, host: str, port: int = 0, family: int = socket.AF_UNSPEC) -> list[ResolveResult]:
@@ -93,14 +95,8 @@ async def replica_session(
     async with aiohttp.ClientSession(connector=connector) as http:
         client = socketio.AsyncClient(http_session=http, reconnection=False, request_timeout=timeout)
         try:
-            await asyncio.wait_for(client.connect(url, transports=transports, wait_timeout=timeout), timeout)
-            answered = set()
-            for _ in range(rounds):
-                answer = await client.call("whoami", timeout=timeout)
-                answered.add(str(answer["worker"]))
-            if "websocket" in transports and client.transport() != "websocket":
-                raise AssertionError(f"still on {client.transport()} after {rounds} round trips")
-            return answered
+            answers = await round_trips(client, url, transports, rounds, timeout)
+            return {str(answer["worker"]) for answer in answers}
         finally:
             await client.eio.disconnect(abort=True)
 

@@ -45,6 +45,20 @@ def session_for(
     return aiohttp.ClientSession(connector=connector)
 
 
+async def round_trips(
+    client: socketio.AsyncClient, url: str, transports: list[str], rounds: int, timeout: float
+) -> list[dict[str, Any]]:
+    """Connect ``client``, then ``rounds`` whoami calls: their answers. Raises when a WebSocket
+    upgrade was asked for and the session is still polling."""
+    # Bounded from outside too: a failed polling connect otherwise disconnects gracefully, which
+    # waits out the pending long-poll (pingInterval, 25 s).
+    await asyncio.wait_for(client.connect(url, transports=transports, wait_timeout=timeout), timeout)
+    answers = [await client.call("whoami", timeout=timeout) for _ in range(rounds)]
+    if "websocket" in transports and client.transport() != "websocket":
+        raise AssertionError(f"still on {client.transport()} after {rounds} round trips")
+    return answers
+
+
 async def _one(
     url: str,
     source: str,
@@ -57,15 +71,8 @@ async def _one(
     async with session_for(source, tls) as http:
         client = socketio.AsyncClient(http_session=http, reconnection=False, request_timeout=timeout)
         try:
-            # Bounded from outside too: a failed polling connect otherwise disconnects gracefully,
-            # which waits out the pending long-poll (pingInterval, 25 s).
-            await asyncio.wait_for(client.connect(url, transports=transports, wait_timeout=timeout), timeout)
-            answered = set()
-            for _ in range(rounds):
-                answer = await client.call("whoami", timeout=timeout)
-                answered.add((answer["host"], answer["worker"]))
-            if "websocket" in transports and client.transport() != "websocket":
-                raise AssertionError(f"still on {client.transport()} after {rounds} round trips")
+            answers = await round_trips(client, url, transports, rounds, timeout)
+            answered = {(answer["host"], answer["worker"]) for answer in answers}
             if len(answered) != 1:
                 raise AssertionError(f"session answered from (host, worker) {sorted(answered)}")
             result.ok += 1
