@@ -62,18 +62,23 @@ def test_a_squatted_directory_stops_the_master_with_one_line(squatted: Path) -> 
     )
 
 
+def victim_status() -> subprocess.CompletedProcess[str]:
+    """`ebpf-sticky status` as the victim, whose control directory is the fallback one."""
+    return subprocess.run(
+        [*VICTIM, "env", "XDG_RUNTIME_DIR=", sys.executable, "-m", "ebpf_sticky", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+
+
 def test_status_does_not_believe_a_squatter(squatted: Path) -> None:
     netns = Path("/proc/thread-self/ns/net").stat().st_ino
     with fake_server(squatted / f"net{netns}-127.0.0.1-8000.sock") as server:
         try:
             assert server.stdout is not None and server.stdout.readline() == b"ready\n"
-            status = subprocess.run(
-                [*VICTIM, "env", "XDG_RUNTIME_DIR=", sys.executable, "-m", "ebpf_sticky", "status"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                cwd="/",
-            )
+            status = victim_status()
         finally:
             server.kill()
     assert status.returncode == 2, status.stdout + status.stderr
@@ -90,13 +95,7 @@ def test_status_checks_who_answers(squatted: Path) -> None:
             assert server.stdout is not None and server.stdout.readline() == b"ready\n"
             os.chown(squatted, 33, 33)
             squatted.chmod(0o700)
-            status = subprocess.run(
-                [*VICTIM, "env", "XDG_RUNTIME_DIR=", sys.executable, "-m", "ebpf_sticky", "status"],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                cwd="/",
-            )
+            status = victim_status()
         finally:
             server.kill()
     assert status.returncode == 2, status.stdout + status.stderr
