@@ -59,23 +59,30 @@ def send(channel: socket.socket, fd: int, client: tuple[str, int] | None, data: 
     channel.sendmsg([encode(client, data)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
 
-def receive(channel: socket.socket) -> Handoff | None:
+def receive_buffer() -> bytearray:
+    """Where ``receive`` reads datagrams: allocated once per receiver (a fresh buffer of this size
+    per call would be mapped and unmapped by malloc every time, an empty queue included)."""
+    return bytearray(MAX_PREFIX + _FRAME.size)
+
+
+_ANCILLARY = socket.CMSG_SPACE(struct.calcsize("i") * 4)
+
+
+def receive(channel: socket.socket, buffer: bytearray) -> Handoff | None:
     """The next queued connection, or None when the queue is empty. The fd is the caller's."""
-    try:
-        message, ancdata, _, _ = channel.recvmsg(
-            MAX_PREFIX + _FRAME.size, socket.CMSG_SPACE(struct.calcsize("i") * 4)
-        )
-    except BlockingIOError:
-        return None
-    fds = array.array("i")
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    if not fds:
-        return receive(channel)  # a datagram without a connection: nothing to serve
-    for extra in fds[1:]:
-        os.close(extra)
-    return decode(fds[0], message)
+    while True:
+        try:
+            size, ancdata, _, _ = channel.recvmsg_into([buffer], _ANCILLARY)
+        except BlockingIOError:
+            return None
+        fds = array.array("i")
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if fds:  # else a datagram without a connection: nothing to serve
+            for extra in fds[1:]:
+                os.close(extra)
+            return decode(fds[0], bytes(buffer[:size]))
 
 
 @dataclass

@@ -58,6 +58,11 @@ class Creators:
     headers: frozenset[bytes]  # lowercased response header names that carry a new key
     engineio: bool  # Engine.IO handshakes (requests without a sid) when our ids are not issued
 
+    @property
+    def any(self) -> bool:
+        """Whether any response at all may create a key (else responses are not watched)."""
+        return bool(self.headers) or self.engineio
+
     def may_create(self, response_headers: Sequence[tuple[bytes, bytes]], query: bytes) -> bool:
         if self.engineio and b"sid=" not in query:
             return True

@@ -1,10 +1,10 @@
 """The session layer in a worker: between the slot's socket and uvicorn's protocol.
 
-Each connection the worker accepts (or receives from another slot) starts with a ``Gate``: it
-reads a PROXY protocol header when asked to, then the request head, and decides the owning slot.
-Owned here: uvicorn's own protocol is created on the same transport and fed the bytes read so far;
-from then on the gate only forwards, until the response is complete. Then it reads the next head
-of a keep-alive connection the same way, so a request of another slot's session moves between
+Each connection the worker accepts (or receives from another slot) is uvicorn's protocol with a
+``Gate`` in front: it reads a PROXY protocol header when asked to, then the request head, and
+decides the owning slot. Owned here: uvicorn is fed the bytes read so far, and everything else
+goes straight to it until the response is complete. Then the gate reads the next head of a
+keep-alive connection the same way, so a request of another slot's session moves between
 requests (a WebSocket upgrade is a request too: it moves before the upgrade). Owned elsewhere: the
 connection's fd and the bytes read go to that slot's worker (``handoff``), which serves that one
 request without deciding again, so two workers can never pass a connection back and forth.
@@ -61,11 +61,11 @@ class Layer:
     mirror: Callable[[Any, HashSpec, int], int]
     markers: Markers
     creators: Creators
-    make_inner: Callable[[], asyncio.Protocol] | None = None  # uvicorn's protocol, once started
-    gates: dict[Peer, Gate] = field(default_factory=dict)
+    make_protocol: Callable[[], Gate] | None = None  # uvicorn's gated protocol, once installed
     backlog: dict[int, collections.deque[tuple[int, Peer | None, bytes]]] = field(default_factory=dict)
     sources: collections.Counter[str] = field(default_factory=collections.Counter)
     window: int = 0  # connections counted in ``sources``
+    received: bytearray = field(default_factory=handoff.receive_buffer)
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -152,95 +152,104 @@ class Layer:
 
     def _receive(self) -> None:
         loop = asyncio.get_running_loop()
+        assert self.make_protocol is not None
         for _ in range(64):  # a bounded batch: accepts and requests get their turn
-            moved = handoff.receive(self.receiver)
+            moved = handoff.receive(self.receiver, self.received)
             if moved is None:
                 return
             self.table.count(self.slot, "moved_in")
             sock = socket.socket(fileno=moved.fd)
             sock.setblocking(False)
-            gate = Gate(self, client=moved.client, prefix=moved.data, moved=True)
-            loop.create_task(_adopt(loop, gate, sock))
+            protocol = self.make_protocol()
+            protocol.adopt(moved.client, moved.data)
+            loop.create_task(_adopt(loop, protocol, sock))
 
 
-async def _adopt(loop: asyncio.AbstractEventLoop, gate: Gate, sock: socket.socket) -> None:
+async def _adopt(loop: asyncio.AbstractEventLoop, protocol: Gate, sock: socket.socket) -> None:
     try:
-        await loop.connect_accepted_socket(lambda: gate, sock)
+        await loop.connect_accepted_socket(lambda: protocol, sock)
     except OSError as exc:  # the client went away while the connection was queued
         log.debug("a moved connection was gone: %s", exc)
         sock.close()
 
 
 class Gate(asyncio.Protocol):
-    """A connection's protocol while the layer decides who serves it; then a thin forwarder."""
+    """Mixed in before uvicorn's HTTP protocol class (``gated``): each request head on the
+    connection is seen here first, and reaches uvicorn only once it is known to be served here.
 
-    def __init__(
-        self, layer: Layer, client: Peer | None = None, prefix: bytes = b"", moved: bool = False
-    ) -> None:
-        self.layer = layer
-        self.client = client  # the PROXY header's source, when one was read
-        self.buffer = prefix
-        self.moved = moved  # served here whatever its key says: it was decided once already
-        self.inner: asyncio.Protocol | None = None
-        self.busy = False  # a request is in uvicorn's hands: forward everything
-        self.proxied = layer.proxy_protocol and not moved
-        self.address_owner: int | None = None
-        self.transport: asyncio.Transport | None = None
-        self.peer: Peer = ("", 0)
+    While uvicorn serves a request, every byte goes straight to it; when the response is complete,
+    the next bytes start a head to decide afresh. Being uvicorn's protocol itself (not a wrapper in
+    front of it), the layer adds no object and no call per byte to a connection served where it
+    landed, and uvicorn's own bookkeeping (connections, limits, shutdown) sees every connection.
+    """
+
+    layer: Layer  # on the mixed class
+    proxied: bool  # on the mixed class: a PROXY header comes first; per connection once read
+    # uvicorn's own attributes, used here: the connection, the scope's client, the request served.
+    transport: asyncio.Transport
+    client: Peer | None
+    cycle: Any
+    # Per connection; class-level defaults spare every accepted connection an __init__ in Python.
+    held = b""  # the bytes of a head not decided yet
+    busy = False  # a request is in uvicorn's hands: its bytes go straight through
+    moved = False  # served here whatever its key says: it was decided once already
+    proxy_client: Peer | None = None
+    address_owner: int | None = None
+
+    def adopt(self, client: Peer | None, data: bytes) -> None:
+        """A connection handed over by another slot, with what was read of it there."""
+        self.moved, self.proxied = True, False
+        self.proxy_client, self.held = client, data
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not its subclasses
-        # uvicorn's protocol exists from the start, as without the layer (it counts the connection
-        # for graceful shutdown and limits, and costs the same now as later); it sees no byte
-        # until the connection is known to be served here. Like uvicorn, no deadline for the
-        # first request.
-        assert self.layer.make_inner is not None
-        self.inner = self.layer.make_inner()
-        self.inner.connection_made(self.transport)
-        peer = getattr(self.inner, "client", None) or transport.get_extra_info("peername")
-        self.peer = (str(peer[0]), int(peer[1])) if isinstance(peer, tuple) else ("", 0)
-        if self.proxied and self.peer[0] not in self.layer.trusted:
+        # uvicorn's protocol sets the scope's client; like uvicorn, no deadline for the first request.
+        super().connection_made(transport)
+        layer = self.layer
+        peer = self.client[0] if self.client else ""
+        if self.proxied and peer not in layer.trusted:
             # A PROXY header is believed only from --forwarded-allow-ips: anyone else could claim
             # any address. The connection is refused, not served with the wrong address.
             self.transport.abort()
             return
-        self.layer.gates[self.peer] = self
         if self.moved:
+            if self.proxy_client is not None:
+                self.client = self.proxy_client
             self.serve_here()
         elif not self.proxied:
-            self.layer.note_source(self.peer[0])  # with PROXY headers, the client they name
+            layer.note_source(peer)  # with PROXY headers, the client they name
 
     def data_received(self, data: bytes) -> None:
         if self.busy:
-            assert self.inner is not None
-            self.inner.data_received(data)
+            super().data_received(data)
             return
-        self.buffer += data
+        self.held += data
         self.decide()
 
     def decide(self) -> None:
-        assert self.transport is not None
+        layer = self.layer
         try:
             if self.proxied:
-                header = parse_proxy_header(self.buffer)
+                header = parse_proxy_header(self.held)
                 if header is None:
                     return
                 self.proxied = False
-                self.buffer = self.buffer[header.length :]
+                self.held = self.held[header.length :]
                 if header.source is not None:
-                    self.client = header.source
-                    self.address_owner = self.layer.owner_of_address(header.source[0])
-                self.layer.note_source((self.client or self.peer)[0])
-                if not self.layer.specs:
+                    # The scope's client from now on: uvicorn's proxy-headers middleware judges
+                    # X-Forwarded-For by it, and its access log names it.
+                    self.client = self.proxy_client = header.source
+                    self.address_owner = layer.owner_of_address(header.source[0])
+                layer.note_source(self.client[0] if self.client else "")
+                if not layer.specs:
                     self.route(self.address_owner)
                     return
-            end = head_end(self.buffer)
-            if end < 0 and len(self.buffer) <= MAX_HEAD:
+            end = head_end(self.held)
+            if end < 0 and len(self.held) <= MAX_HEAD:
                 return
-            if end >= 0 and not self.layer.markers.may_carry_key(self.buffer[:end]):
+            if end >= 0 and not layer.markers.may_carry_key(self.held[:end]):
                 self.route(self.address_owner)  # no key in it: no parse
                 return
-            head = parse_request_head(self.buffer)
+            head = parse_request_head(self.held)
         except ProxyProtocolError:
             self.transport.abort()
             return
@@ -248,60 +257,46 @@ class Gate(asyncio.Protocol):
             self.serve_here()  # uvicorn answers a malformed request as it would alone
             return
         if head is not None:
-            host = (self.client or self.peer)[0]
-            self.route(self.layer.owner(head, host, self.address_owner))
+            self.route(layer.owner(head, self.client[0] if self.client else "", self.address_owner))
 
     def route(self, owner: int | None) -> None:
-        assert self.transport is not None
         layer = self.layer
         if (
             owner is None
             or owner == layer.slot
             or owner >= len(layer.senders)  # a slot added after this worker started
             or owner >= layer.table.slots  # a retired slot: nobody would read its queue
-            or len(self.buffer) > handoff.MAX_PREFIX
+            or len(self.held) > handoff.MAX_PREFIX
             or self.transport.get_write_buffer_size()  # our last response is still going out
         ):
             self.serve_here()
             return
         sock = self.transport.get_extra_info("socket")
         fd = os.dup(sock.fileno())
-        data, self.buffer = self.buffer, b""
+        data, self.held = self.held, b""
         self.transport.pause_reading()
-        layer.move(owner, fd, self.client, data)
+        layer.move(owner, fd, self.proxy_client, data)
         self.transport.close()  # closes our fd only: the connection lives on in the dup
 
     def serve_here(self) -> None:
-        assert self.inner is not None
         self.busy = True
-        data, self.buffer = self.buffer, b""
+        data, self.held = self.held, b""
         if data:
-            self.inner.data_received(data)
+            super().data_received(data)
 
-    def request_done(self) -> None:
-        """The response went out in full: the next bytes start a request to decide afresh."""
-        if self.busy and self.transport is not None and not self.transport.is_closing():
-            self.busy = False
-            self.moved = False
+    def on_response_complete(self) -> None:
+        """uvicorn's: the response went out in full. Unless uvicorn has already started the next
+        request (pipelined), the next bytes start a head to decide afresh."""
+        super().on_response_complete()  # type: ignore[misc]
+        cycle = self.cycle
+        if not self.transport.is_closing() and (cycle is None or cycle.response_complete):
+            self.busy = self.moved = False
 
-    # -- the rest is uvicorn's --------------------------------------------------------------------
 
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.inner is not None else None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.layer.gates.get(self.peer) is self:
-            del self.layer.gates[self.peer]
-        if self.inner is not None:
-            self.inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.resume_writing()
+def gated(base: type[asyncio.Protocol], layer: Layer) -> Callable[..., Gate]:
+    """uvicorn's HTTP protocol class (httptools' or h11's) with the gate in front of it."""
+    attributes = {"layer": layer, "proxied": layer.proxy_protocol}
+    return cast(Callable[..., Gate], type(f"Gated{base.__name__}", (Gate, base), attributes))
 
 
 def head_of(scope: Scope) -> RequestHead:
@@ -313,30 +308,19 @@ def head_of(scope: Scope) -> RequestHead:
     return RequestHead(scope.get("method", "GET"), target, headers, 0)
 
 
-def wrap_app(app: ASGIApp, layer: Layer) -> ASGIApp:
-    """Outermost ASGI layer: the PROXY client in ``scope["client"]`` (before uvicorn's proxy-headers
-    middleware judges X-Forwarded-For by it), ids learnt from responses, and each response's end."""
+def learning_app(app: ASGIApp, layer: Layer) -> ASGIApp:
+    """Outermost ASGI layer, only when responses may create keys: ids learnt from them."""
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
-        client = scope.get("client")
-        gate = layer.gates.get((str(client[0]), int(client[1]))) if client else None
-        if gate is None or scope["type"] not in ("http", "websocket"):
+        if scope["type"] not in ("http", "websocket"):
             await app(scope, receive, send)
             return
-        if gate.client is not None:
-            scope["client"] = gate.client
-        try:
-            await app(scope, receive, _watching(scope, send, layer, gate))
-        finally:
-            # After an upgrade the WebSocket protocol owns the transport: the gate hears no
-            # connection_lost, so it leaves the registry when the app is done with the socket.
-            if scope["type"] == "websocket" and layer.gates.get(gate.peer) is gate:
-                del layer.gates[gate.peer]
+        await app(scope, receive, _watching(scope, send, layer))
 
     return asgi
 
 
-def _watching(scope: Scope, send: Send, layer: Layer, gate: Gate) -> Send:
+def _watching(scope: Scope, send: Send, layer: Layer) -> Send:
     status, learning = 0, scope["type"] == "websocket" and layer.creators.engineio
     headers: tuple[tuple[str, str], ...] = ()
 
@@ -356,8 +340,6 @@ def _watching(scope: Scope, send: Send, layer: Layer, gate: Gate) -> Send:
             if value is not None and issued_slot(value, layer.table.table_key) is None:
                 layer.table.learn(value, layer.slot, int(time.monotonic()))
         await send(message)
-        if kind == "http.response.body" and not message.get("more_body", False):
-            gate.request_done()
 
     return watched
 

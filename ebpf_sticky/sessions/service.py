@@ -1,13 +1,12 @@
 """Wiring the session layer into a worker: its fds from the master, and uvicorn's hooks.
 
 The layer is installed on uvicorn's own server, not beside it: uvicorn still accepts on the slot's
-socket (its accept loop, its backlog, its graceful shutdown), but each accepted connection's
-protocol is a ``Gate`` that creates uvicorn's protocol once the connection is known to be ours.
+socket (its accept loop, its backlog, its graceful shutdown), and each accepted connection's
+protocol is uvicorn's own with a ``Gate`` in front of its ``data_received``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import mmap
 import socket
 from typing import Any
@@ -17,7 +16,7 @@ from ..hashing import HashSpec
 from .keys import KeyKind, parse_key_spec, parse_trusted
 from .ownership import SessionTable, table_size
 from .prefilter import creators, markers
-from .runtime import MIRRORS, Gate, Layer, issue_engineio_ids, wrap_app
+from .runtime import MIRRORS, Gate, Layer, gated, issue_engineio_ids, learning_app
 from .settings import SessionSettings
 
 
@@ -54,20 +53,16 @@ def open_layer(settings: SessionSettings, slot: int) -> Layer:
 
 
 def install(config: Any, server: Any, layer: Layer) -> None:
-    """Before ``server.serve``: every connection uvicorn accepts starts with a ``Gate``."""
+    """Before ``server.serve``: every connection uvicorn accepts is gated."""
     if not config.loaded:
         config.load()
-    config.loaded_app = wrap_app(config.loaded_app, layer)
-    real = config.http_protocol_class
+    if layer.creators.any:
+        config.loaded_app = learning_app(config.loaded_app, layer)
+    protocol = gated(config.http_protocol_class, layer)
 
-    def inner() -> asyncio.Protocol:
-        protocol: asyncio.Protocol = real(
-            config=config, server_state=server.server_state, app_state=server.lifespan.state
-        )
-        return protocol
+    def make_protocol() -> Gate:
+        # The arguments uvicorn's server gives the protocols it creates for accepted connections.
+        return protocol(config=config, server_state=server.server_state, app_state=server.lifespan.state)
 
-    def gate(**_: Any) -> asyncio.Protocol:
-        return Gate(layer)
-
-    layer.make_inner = inner
-    config.http_protocol_class = gate
+    layer.make_protocol = make_protocol
+    config.http_protocol_class = protocol

@@ -99,7 +99,11 @@ def _keepalive_round(conn: http.client.HTTPConnection, sid: str) -> tuple[int, i
     return posted.status, polled.status, polled.read()
 
 
-@pytest.mark.parametrize("keys", [["--session-key", "engineio"], []], ids=["engineio", "control"])
+@pytest.mark.parametrize(
+    "keys",
+    [["--session-key", "engineio"], ["--session-key", "engineio", "--http", "h11", "--loop", "asyncio"], []],
+    ids=["engineio", "engineio-h11-asyncio", "control"],
+)
 def test_a_keepalive_connection_moves_between_requests(keys: list[str]) -> None:
     with launched(chat_args("127.0.0.1:0", *keys)) as instance:
         sids = [_handshake(instance.port, source) for source in v4_sources(16, start=4000)]
@@ -121,6 +125,22 @@ def test_a_keepalive_connection_moves_between_requests(keys: list[str]) -> None:
             assert sum(moved) > 0
         else:
             assert len(kept) < len(sids), "control: every session kept without --session-key"
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_pipelined_requests_are_answered_in_order(http: str) -> None:
+    """Requests sent back to back before any answer are uvicorn's to serve, in order, even when
+    the layer takes the connection back between them."""
+    with launched(chat_args("127.0.0.1:0", "--session-key", "engineio", "--http", http)) as instance:
+        paths = [f"/socket.io/?EIO=4&transport=polling&t={i}" for i in range(3)]
+        heads = "".join(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n" for path in paths)
+        with socket.create_connection(("127.0.0.1", instance.port), timeout=10) as sock:
+            sock.sendall(heads.encode())
+            data = b""
+            while data.count(b'0{"sid":') < 3 and (chunk := sock.recv(65536)):  # recv: 10 s deadline
+                data += chunk
+    assert data.count(b"HTTP/1.1 200") == 3, data
+    assert data.count(b'0{"sid":') == 3, data
 
 
 # -- PROXY protocol, from raw sockets ---------------------------------------------------------------

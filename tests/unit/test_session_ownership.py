@@ -124,9 +124,11 @@ def test_a_connection_and_its_bytes_cross_a_socketpair() -> None:
         sender = socket.socket(fileno=os.dup(send_end))
         receiver = socket.socket(fileno=os.dup(receive_end))
         receiver.setblocking(False)
-        assert handoff.receive(receiver) is None
+        buffer = handoff.receive_buffer()
+        assert handoff.receive(receiver, buffer) is None
+        sender.send(b"no connection in this one: skipped")
         handoff.send(sender, left.fileno(), ("192.0.2.7", 4242), b"GET / HTTP/1.1\r\n\r\n")
-        moved = handoff.receive(receiver)
+        moved = handoff.receive(receiver, buffer)
         assert moved is not None and moved.client == ("192.0.2.7", 4242)
         assert moved.data == b"GET / HTTP/1.1\r\n\r\n"
         with socket.socket(fileno=moved.fd) as adopted:
