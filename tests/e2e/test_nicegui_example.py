@@ -1,5 +1,5 @@
-"""The NiceGUI example under ebpf-sticky: its page, its Engine.IO handshake, and a page whose
-long-polling socket changes address after its first request.
+"""The NiceGUI example under ebpf-sticky: its page, its Engine.IO handshake, and pages whose
+long-polling socket comes from other addresses than the page load.
 
 NiceGUI refuses a socket whose ``client_id`` the worker does not hold ("Implicit handshake
 failed"), so a socket accepted, and clicks counted from the page's pid, show that every request
@@ -31,14 +31,16 @@ APP = Path(__file__).parents[2] / "examples" / "nicegui_counter" / "app.py"
 SOCKET_PATH = "/_nicegui_ws/socket.io/"
 SESSION_KEY = ["--session-key", f"engineio:{SOCKET_PATH}"]
 WORKERS = 3
+PAGE_SOURCE = "127.0.41.1"
+COOKIE_KEY = ["--session-key", "cookie:session"]
 
 
-def get(port: int, source: str, target: str) -> tuple[int, bytes]:
+def get(port: int, source: str, target: str) -> tuple[int, bytes, http.client.HTTPMessage]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20, source_address=(source, 0))
     try:
         conn.request("GET", target)
         response = conn.getresponse()
-        return response.status, response.read()
+        return response.status, response.read(), response.headers
     finally:
         conn.close()
 
@@ -46,14 +48,14 @@ def get(port: int, source: str, target: str) -> tuple[int, bytes]:
 def test_page_and_engineio_handshake_under_two_workers() -> None:
     with launched([str(APP), "-w", "2", "--bind", "127.0.0.1:0"]) as instance:
         for source in ("127.0.40.1", "127.0.40.2", "127.0.40.3", "127.0.40.4"):
-            status, page = get(instance.port, source, "/")
+            status, page, _ = get(instance.port, source, "/")
             assert status == 200
             match = re.search(rb"worker pid (\d+): 0 clicks", page)
             assert match, page[:500]
             # A client's page always comes from its own worker: the state it shows lives there.
             assert match.group(0) in get(instance.port, source, "/")[1]
         target = f"{SOCKET_PATH}?client_id=x&EIO=4&transport=polling"
-        status, body = get(instance.port, "127.0.40.1", target)
+        status, body, _ = get(instance.port, "127.0.40.1", target)
     assert status == 200 and body.startswith(b'0{"sid":'), body
     head = parse_request_head(f"GET {target} HTTP/1.1\r\n\r\n".encode())
     assert head is not None
@@ -72,10 +74,11 @@ class Page:
     pid: str
     button: str  # the element id
     listener: str  # the click listener's id
+    cookie: str  # "session=..." when NiceGUI's storage set one, else ""
 
 
 def load_page(port: int, source: str) -> Page:
-    status, body = get(port, source, "/")
+    status, body, headers = get(port, source, "/")
     assert status == 200, body[:500]
     page = body.decode()
     # The page hands its socket's query to the browser as a Python dict literal, and its
@@ -89,14 +92,16 @@ def load_page(port: int, source: str) -> Page:
         for key, element in json.loads(elements[1]).items()
         if element["tag"] == "q-btn"
     )
-    return Page(client_id[1], pid[1], button, listener)
+    cookie = (headers["set-cookie"] or "").partition(";")[0]
+    return Page(client_id[1], pid[1], button, listener, cookie)
 
 
 async def click(port: int, page: Page, sources: list[str], clicks: int, timeout: float = 10) -> list[str]:
     """NiceGUI's socket for ``page`` over long-polling, each HTTP request from the next of
     ``sources``: the label each click's ``update`` brought back. Raises when NiceGUI refuses the
     socket (the reason in the message) or an answer does not come."""
-    async with aiohttp.ClientSession(connector=RoamingConnector(sources)) as http_session:
+    headers = {"Cookie": page.cookie} if page.cookie else {}
+    async with aiohttp.ClientSession(connector=RoamingConnector(sources), headers=headers) as http_session:
         client = socketio.AsyncClient(http_session=http_session, reconnection=False, request_timeout=timeout)
         updates: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         refused: list[str] = []
@@ -143,10 +148,9 @@ def launch_args(*extra: str) -> list[str]:
 
 @pytest.mark.parametrize("keys", [SESSION_KEY, []], ids=["engineio", "control"])
 def test_a_polling_socket_that_changes_address_keeps_its_page(keys: list[str]) -> None:
-    page_source = "127.0.41.1"
     with launched(launch_args(*keys)) as instance:
-        page = load_page(instance.port, page_source)
-        sources = sources_around(page_source, first_with_page=True)
+        page = load_page(instance.port, PAGE_SOURCE)
+        sources = sources_around(PAGE_SOURCE, first_with_page=True)
         outcome: list[str] | str
         try:
             outcome = asyncio.run(click(instance.port, page, sources, clicks=3))
@@ -161,11 +165,19 @@ def test_a_polling_socket_that_changes_address_keeps_its_page(keys: list[str]) -
             assert isinstance(outcome, str) and "socket not accepted" in outcome, outcome
 
 
-def test_a_socket_that_starts_from_another_address_is_refused() -> None:
-    # Not covered by any key: the socket's first request carries the page's client_id but no
-    # sid yet, so it is served where its own address lands, a worker that never saw the page.
-    with launched(launch_args(*SESSION_KEY)) as instance:
-        page = load_page(instance.port, "127.0.41.1")
-        sources = sources_around("127.0.41.1", first_with_page=False)
-        with pytest.raises(AssertionError, match="Implicit handshake failed"):
-            asyncio.run(click(instance.port, page, sources, clicks=1))
+@pytest.mark.parametrize("keys", [[*SESSION_KEY, *COOKIE_KEY], SESSION_KEY], ids=["cookie", "engineio-only"])
+def test_a_socket_that_starts_from_another_address(keys: list[str]) -> None:
+    # Its first request carries the page's client_id but no sid yet: with the engineio key alone
+    # it is served where its own address lands, a worker that never saw the page, and NiceGUI
+    # refuses it. The session cookie NiceGUI's storage set with the page names the page's worker.
+    env = {"STORAGE_SECRET": "not-a-secret-in-a-test"}
+    with launched(launch_args(*keys), extra_env=env) as instance:
+        page = load_page(instance.port, PAGE_SOURCE)
+        assert page.cookie.startswith("session="), page
+        sources = sources_around(PAGE_SOURCE, first_with_page=False)
+        if COOKIE_KEY[1] in keys:
+            labels = asyncio.run(click(instance.port, page, sources, clicks=2))
+            assert labels == [f"worker pid {page.pid}: {n} clicks" for n in (1, 2)]
+        else:
+            with pytest.raises(AssertionError, match="Implicit handshake failed"):
+                asyncio.run(click(instance.port, page, sources, clicks=1))
