@@ -12,6 +12,13 @@ refuse WebSockets) on that worker even when the client's address changes.
 
 The page shows the pid of its worker and a counter kept in that worker's memory: clicks that keep
 counting from the same pid show the page stayed put.
+
+With ``STORAGE_SECRET`` set, NiceGUI's storage gives each browser a ``session`` cookie with its
+first page; ``--session-key cookie:session`` then keeps the browser on the worker that rendered
+that page, even when its socket starts from another address:
+
+    STORAGE_SECRET=... ebpf-sticky launch examples/nicegui_counter/app.py -w 4 \
+        --session-key engineio:/_nicegui_ws/socket.io/ --session-key cookie:session
 """
 
 from __future__ import annotations
@@ -37,4 +44,9 @@ def counter() -> None:
     ui.button("Click", on_click=click)
 
 
-ui.run_with(app, title="ebpf-sticky counter", show_welcome_message=False)
+ui.run_with(
+    app,
+    title="ebpf-sticky counter",
+    show_welcome_message=False,
+    storage_secret=os.environ.get("STORAGE_SECRET"),  # unset: no storage, no cookie
+)
