@@ -57,6 +57,7 @@ class Layer:
     table: SessionTable
     senders: list[socket.socket]
     receiver: socket.socket
+    family: socket.AddressFamily  # the slot socket's: every connection handed over is of it
     spec: HashSpec | None  # the routing key's spec, when address keys are in use
     mirror: Callable[[Any, HashSpec, int], int]
     markers: Markers
@@ -158,8 +159,8 @@ class Layer:
             if moved is None:
                 return
             self.table.count(self.slot, "moved_in")
-            sock = socket.socket(fileno=moved.fd)
-            sock.setblocking(False)
+            # Family named, not detected (two getsockopt calls); the loop makes it non-blocking.
+            sock = socket.socket(self.family, socket.SOCK_STREAM, 0, moved.fd)
             protocol = self.make_protocol()
             protocol.adopt(moved.client, moved.data)
             loop.create_task(_adopt(loop, protocol, sock))

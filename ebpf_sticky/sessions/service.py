@@ -11,13 +11,21 @@ import mmap
 import socket
 from typing import Any
 
-from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, SESSION_TABLE_FD
+from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, LISTEN_FD, SESSION_TABLE_FD
 from ..hashing import HashSpec
 from .keys import KeyKind, parse_key_spec, parse_trusted
 from .ownership import SessionTable, table_size
 from .prefilter import creators, markers
 from .runtime import MIRRORS, Gate, Layer, gated, issue_engineio_ids, learning_app
 from .settings import SessionSettings
+
+
+def listener_family() -> socket.AddressFamily:
+    listener = socket.socket(fileno=LISTEN_FD)
+    try:
+        return listener.family
+    finally:
+        listener.detach()  # the worker's own socket object takes fd 3 later
 
 
 def open_layer(settings: SessionSettings, slot: int) -> Layer:
@@ -47,6 +55,7 @@ def open_layer(settings: SessionSettings, slot: int) -> Layer:
         table=SessionTable(memoryview(memory), table_key),
         senders=senders,
         receiver=receiver,
+        family=listener_family(),
         spec=spec,
         mirror=MIRRORS[settings.mirror],
     )
