@@ -19,6 +19,7 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -31,7 +32,7 @@ from . import handoff
 from .http_head import MAX_HEAD, HeadError, RequestHead, parse_request_head
 from .keys import MAX_LEARN_BODY, AddressKey, IdKey, KeyKind, KeySpec, TrustedProxies, extract_key, learn_key
 from .ownership import SessionTable, hashed_slot, issue_id, issued_slot
-from .prefilter import Creators, Markers, head_end
+from .prefilter import Creators, head_end
 from .proxy_protocol import ProxyProtocolError, parse_proxy_header
 
 log = logging.getLogger("ebpf_sticky.sessions")
@@ -60,7 +61,7 @@ class Layer:
     family: socket.AddressFamily  # the slot socket's: every connection handed over is of it
     spec: HashSpec | None  # the routing key's spec, when address keys are in use
     mirror: Callable[[Any, HashSpec, int], int]
-    markers: Markers
+    carries_key: Callable[[bytes, int, int], re.Match[bytes] | None]  # prefilter.key_markers
     creators: Creators
     make_protocol: Callable[[], Gate] | None = None  # uvicorn's gated protocol, once installed
     backlog: dict[int, collections.deque[tuple[int, Peer | None, bytes]]] = field(default_factory=dict)
@@ -223,7 +224,16 @@ class Gate(asyncio.Protocol):
         if self.busy:
             super().data_received(data)
             return
-        self.held += data
+        held = self.held + data
+        if not self.proxied and self.address_owner is None:
+            # The common case in one step: a whole head, routed by the connection's own address,
+            # that cannot carry a key goes to uvicorn at once (``decide`` does the same, slower).
+            end = held.find(b"\r\n\r\n")
+            if end >= 0 and self.layer.carries_key(held, 0, end) is None:
+                self.busy, self.held = True, b""
+                super().data_received(held)
+                return
+        self.held = held
         self.decide()
 
     def decide(self) -> None:
@@ -247,7 +257,7 @@ class Gate(asyncio.Protocol):
             end = head_end(self.held)
             if end < 0 and len(self.held) <= MAX_HEAD:
                 return
-            if end >= 0 and not layer.markers.may_carry_key(self.held[:end]):
+            if end >= 0 and layer.carries_key(self.held, 0, end) is None:
                 self.route(self.address_owner)  # no key in it: no parse
                 return
             head = parse_request_head(self.held)

@@ -15,7 +15,7 @@ from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, LISTEN_FD, SESSION_TAB
 from ..hashing import HashSpec
 from .keys import KeyKind, parse_key_spec, parse_trusted
 from .ownership import SessionTable, table_size
-from .prefilter import creators, markers
+from .prefilter import creators, key_markers
 from .runtime import MIRRORS, Gate, Layer, gated, issue_engineio_ids, learning_app
 from .settings import SessionSettings
 
@@ -48,7 +48,7 @@ def open_layer(settings: SessionSettings, slot: int) -> Layer:
     return Layer(
         slot=slot,
         specs=specs,
-        markers=markers(specs),
+        carries_key=key_markers(specs).search,
         creators=creators(specs, issued),
         proxy_protocol=settings.proxy_protocol,
         trusted=trusted,
