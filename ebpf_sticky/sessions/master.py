@@ -2,7 +2,9 @@
 
 The master creates both once and keeps them for the life of the group, like the slots' sockets:
 a worker's replacement inherits the table (learnt ids survive a crash) and the handoffs queued for
-its slot. The master itself never reads a request.
+its slot. An in-place upgrade carries both to the new image by inheritance (``adopt``), after the
+installed code checked that they fit it (``check_carried``). The master itself never reads a
+request.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import socket
+import stat
 from dataclasses import dataclass, replace
 
 from ..config import Launch
 from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, SESSION_TABLE_FD
+from ..errors import HandoverError
 from .handoff import Channels
-from .ownership import SessionTable, table_size
+from .ownership import HEADER, SessionTable, carried_mismatch, table_size
 from .settings import SessionSettings
 
 # The top-source warning: at least this many connections seen, the top sources of each worker's
@@ -85,11 +90,26 @@ class MasterSessions:
     def open(cls, settings: SessionSettings, slots: int) -> MasterSessions:
         memfd = os.memfd_create("ebpf-sticky-sessions", os.MFD_CLOEXEC)
         os.ftruncate(memfd, table_size())
-        memory = mmap.mmap(memfd, table_size(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        memory = _map(memfd)
         table = SessionTable.create(memoryview(memory), bytes.fromhex(settings.table_key), slots)
         sessions = cls(settings, memfd, memory, table, Channels())
         sessions.slots_changed(slots)
         return sessions
+
+    @classmethod
+    def adopt(
+        cls, settings: SessionSettings, memfd: int, channels: tuple[tuple[int, int], ...], slots: int
+    ) -> MasterSessions:
+        """The table and channels of the image before (the fds it left open across the exec): the
+        ids it learnt stay routable and the handoffs queued in its channels are served."""
+        check_carried(settings, memfd, channels, slots)
+        memory = _map(memfd)
+        table = SessionTable(memoryview(memory), bytes.fromhex(settings.table_key))
+        return cls(settings, memfd, memory, table, Channels.adopt(channels))
+
+    def carried(self) -> tuple[int, tuple[tuple[int, int], ...]]:
+        """(the table's memfd, every slot's channel) for the next image's ``adopt``."""
+        return self.memfd, self.channels.carried()
 
     def slots_changed(self, slots: int) -> None:
         """After a slot is added or retired: workers hash addresses over the live count."""
@@ -118,3 +138,39 @@ class MasterSessions:
         self.table.buf.release()
         self.memory.close()
         os.close(self.memfd)
+
+
+def _map(memfd: int) -> mmap.mmap:
+    return mmap.mmap(memfd, table_size(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def check_carried(
+    settings: SessionSettings, memfd: int, channels: tuple[tuple[int, int], ...], slots: int
+) -> None:
+    """Raise HandoverError unless the carried table is this version's, under this launch's table
+    key and routing over ``slots``, and every slot has a datagram channel."""
+    try:
+        why = carried_mismatch(
+            os.pread(memfd, HEADER.size, 0), os.fstat(memfd).st_size, bytes.fromhex(settings.table_key), slots
+        )
+        if not why and len(channels) < slots:
+            why = f"{len(channels)} handoff channels for {slots} slots"
+        if not why and not all(_is_datagram_socket(fd) for pair in channels for fd in pair):
+            why = "a handoff channel is not a datagram socket"
+    except OSError as exc:
+        why = f"its fds are not open ({exc.strerror or exc})"
+    if why:
+        raise HandoverError(
+            f"the session table cannot be carried over ({why}): restart the group to run this "
+            "version (the learnt session ids are then forgotten)"
+        )
+
+
+def _is_datagram_socket(fd: int) -> bool:
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return False
+    probe = socket.socket(fileno=fd)
+    try:
+        return probe.family == socket.AF_UNIX and probe.type == socket.SOCK_DGRAM
+    finally:
+        probe.detach()

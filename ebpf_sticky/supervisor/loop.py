@@ -40,11 +40,12 @@ from ..contract import (
 from ..errors import AppLoadError, LockdownError, StickyError
 from ..handover import Handover
 from ..handover import Routing as CarriedRouting
+from ..handover import Sessions as CarriedSessions
 from ..kernel.capabilities import prctl
 from ..kernel.router import DEFER_ACCEPT_S, Carried, Router
 from ..kernel.seccomp import Listener
 from ..notify import sd_notify
-from ..sessions.master import MasterSessions, session_settings
+from ..sessions.master import MasterSessions, check_carried, session_settings
 from . import core, fdstore, membership
 from .control_server import ControlServer
 from .metrics import MetricsServer, serve
@@ -259,6 +260,7 @@ class Supervisor:
             notify_name=self.notify_name,
             metrics=self.metrics.listener.fileno() if self.metrics is not None else None,
             workers=workers,
+            sessions=CarriedSessions(*self.sessions.carried()) if self.sessions is not None else None,
         )
 
     def routed_slots_changed(self) -> None:
@@ -476,6 +478,24 @@ def resume(handover: Handover, state_fd: int) -> int:
         )
 
 
+def open_sessions(settings: Launch, router: Router, carried: CarriedSessions | None) -> MasterSessions:
+    """The session table and handoff channels: the image before's if it carried them (its learnt
+    ids and queued handoffs go on), else new ones."""
+    wanted = session_settings(settings, router.loader)
+    if carried is None:
+        return MasterSessions.open(wanted, router.slots)
+    return MasterSessions.adopt(wanted, carried.table, carried.channels, router.slots)
+
+
+def check_handover(handover: Handover) -> None:
+    """What the pre-exec check proves beyond decoding: the carried session table fits this
+    version (HandoverError otherwise)."""
+    carried, launch = handover.sessions, handover.launch
+    if carried is not None:
+        wanted = session_settings(launch, handover.routing.loader)
+        check_carried(wanted, carried.table, carried.channels, len(handover.routing.sockets))
+
+
 def _run_group(
     settings: Launch,
     router: Router,
@@ -509,7 +529,7 @@ def _run_group(
         )
         sessions = None
         if settings.session_keys or settings.proxy_protocol:
-            sessions = MasterSessions.open(session_settings(settings, router.loader), router.slots)
+            sessions = open_sessions(settings, router, before.sessions if before is not None else None)
             stack.callback(sessions.close)
             control.sessions = sessions
             if metrics_server is not None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from ebpf_sticky.config import worker_user
 from ebpf_sticky.control import control_dir, request, socket_name
+from ebpf_sticky.errors import ControlError
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 from ebpf_sticky.settings import user_exists
 
@@ -148,6 +149,20 @@ class Instance:
     def slot_pids(self) -> dict[int, list[int]]:
         return {row["slot"]: row["pids"] for row in self.status()["slots"]}
 
+    def worker_pids(self) -> set[int]:
+        return {pid for pids in self.slot_pids().values() for pid in pids}
+
+    def renewed(self, generation: int, old: set[int]) -> bool:
+        """It runs ``generation`` (in-place upgrades), and every slot has exactly one worker, none
+        of ``old``."""
+        try:
+            status = self.status()
+        except ControlError:  # a request the old image had accepted when it exec'd: ask again
+            return False
+        pids = [row["pids"] for row in status["slots"]]
+        settled = status["generation"] == generation and status["phase"] == "running"
+        return settled and all(len(p) == 1 for p in pids) and old.isdisjoint(p[0] for p in pids)
+
     def ready_since(self, mark: int) -> list[str]:
         """The slots whose worker reported ready in the output after offset ``mark``."""
         return [slot for slot, _ in re.findall(r"slot (\d+): worker (\d+) ready", self.output()[mark:])]
@@ -222,6 +237,19 @@ def get(
         assert response.status == 200, response.status
         slot, pid, uid = response.read().split()
         return int(slot), int(pid), int(uid)
+    finally:
+        conn.close()
+
+
+def session_get(port: int, source: str, path: str, session: str | None) -> tuple[int, str, str]:
+    """(status, slot, pid) of one request on its own connection, optionally in a session;
+    the session id a /login answer carries comes back in place of the pid."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers={"x-session": session} if session else {})
+        response = conn.getresponse()
+        slot, pid = response.read().decode().split()
+        return response.status, slot, response.getheader("x-session") or pid
     finally:
         conn.close()
 
