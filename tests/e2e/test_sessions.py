@@ -306,7 +306,8 @@ def test_handoffs_queued_across_an_upgrade_are_served_by_the_new_worker() -> Non
                 thread.start()
 
             def queued() -> bool:
-                return sum(row["sessions"]["moved_out"] for row in instance.status()["slots"]) >= len(others)
+                moved: int = sum(row["sessions"]["moved_out"] for row in instance.status()["slots"])
+                return moved >= len(others)
 
             wait_for(queued, 30, "every request moved towards the stopped worker")
             _upgrade(instance)  # the stopped worker ignores TERM: killed after --graceful-timeout
