@@ -214,13 +214,18 @@ class SessionLoad:
         return sum(1 for answer in self.answers if answer[2] == pid)
 
 
+def owner_and_others(start: int, slot: int, count: int) -> tuple[str, list[str]]:
+    """Among 3 slots: a source the kernel sends to ``slot``, and ``count`` it sends elsewhere."""
+    sources = v4_sources(400, start=start)
+    owner = next(s for s in sources if predicted(s, 3) == slot)
+    return owner, [s for s in sources if predicted(s, 3) != slot][:count]
+
+
 @pytest.mark.parametrize("replace", ["KILL", "HUP"])
 def test_handoffs_queued_for_a_replaced_worker_are_all_served(replace: str) -> None:
     args = ["session_app.py", "-w", "3", "--bind", "127.0.0.1:0", "--hash-key", KEY,
             "--session-key", "header:x-session", "--graceful-timeout", "3"]  # fmt: skip
-    sources = v4_sources(400, start=6000)
-    owner = next(s for s in sources if predicted(s, 3) == 2)
-    others = [s for s in sources if predicted(s, 3) != 2][:16]
+    owner, others = owner_and_others(6000, 2, 16)
     with launched(args) as instance:
         _, slot, session = session_get(instance.port, owner, "/login", None)
         assert slot == "2"
@@ -268,9 +273,7 @@ def _upgrade(instance: Instance) -> None:
 def test_ids_learnt_before_an_upgrade_still_reach_their_slot() -> None:
     """The app's own random id, learnt into the table from its response before the upgrade, is
     asked for after it from addresses the kernel sends to the other slots."""
-    sources = v4_sources(200, start=11000)
-    owner = next(s for s in sources if predicted(s, 3) == 1)
-    others = [s for s in sources if predicted(s, 3) != 1][:12]
+    owner, others = owner_and_others(11000, 1, 12)
     with launched(UPGRADE_ARGS) as instance:
         _, slot, session = session_get(instance.port, owner, "/login", None)
         assert slot == "1"
@@ -285,9 +288,7 @@ def test_ids_learnt_before_an_upgrade_still_reach_their_slot() -> None:
 def test_handoffs_queued_across_an_upgrade_are_served_by_the_new_worker() -> None:
     """The owning worker is stopped (SIGSTOP), so moves to it wait in its slot's channel for
     certain; the upgrade then replaces it: the new image's worker must find them there."""
-    sources = v4_sources(200, start=12000)
-    owner = next(s for s in sources if predicted(s, 3) == 2)
-    others = [s for s in sources if predicted(s, 3) != 2][:8]
+    owner, others = owner_and_others(12000, 2, 8)
     with launched(UPGRADE_ARGS) as instance:
         _, _, session = session_get(instance.port, owner, "/login", None)
         (stopped,) = instance.slot_pids()[2]
