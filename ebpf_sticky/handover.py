@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .activation import SessionFds
 from .addresses import Bind
 from .config import Launch
 from .hashing import HashSpec
@@ -79,14 +80,6 @@ class Routing:
 
 
 @dataclass(frozen=True)
-class Sessions:
-    """The session layer's kernel objects (``--session-key``, ``--proxy-protocol``) by fd."""
-
-    table: int  # the memfd of learnt ids every worker maps
-    channels: tuple[tuple[int, int], ...]  # (receive end, send end) of each slot's handoffs
-
-
-@dataclass(frozen=True)
 class Handover:
     launch: Launch
     routing: Routing
@@ -98,7 +91,7 @@ class Handover:
     notify_name: str
     metrics: int | None = None  # the /metrics listener
     workers: tuple[Carried, ...] = ()  # the workers, as the core saw them
-    sessions: Sessions | None = None  # None: no session layer, or an image before it was carried
+    sessions: SessionFds | None = None  # None: no session layer, or an image before it was carried
 
     def fds(self) -> list[int]:
         """Every fd the new image needs inherited."""
@@ -129,5 +122,5 @@ class Handover:
             workers=tuple(Carried(**w) for w in workers),
             sessions=None
             if sessions is None
-            else Sessions(sessions["table"], tuple((r, s) for r, s in sessions["channels"])),
+            else SessionFds(sessions["table"], tuple((r, s) for r, s in sessions["channels"])),
         )

@@ -16,6 +16,7 @@ import socket
 import stat
 from dataclasses import dataclass, replace
 
+from ..activation import SessionFds
 from ..config import Launch
 from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, SESSION_TABLE_FD
 from ..errors import HandoverError
@@ -97,19 +98,17 @@ class MasterSessions:
         return sessions
 
     @classmethod
-    def adopt(
-        cls, settings: SessionSettings, memfd: int, channels: tuple[tuple[int, int], ...], slots: int
-    ) -> MasterSessions:
-        """The table and channels of the image before (the fds it left open across the exec): the
-        ids it learnt stay routable and the handoffs queued in its channels are served."""
-        check_carried(settings, memfd, channels, slots)
-        memory = _map(memfd)
+    def adopt(cls, settings: SessionSettings, carried: SessionFds) -> MasterSessions:
+        """The table and channels a master before left (open across an upgrade's exec, or in
+        systemd's store), once ``carried_problem`` found none: the ids it learnt stay routable and
+        the handoffs queued in its channels are served."""
+        memory = _map(carried.table)
         table = SessionTable(memoryview(memory), bytes.fromhex(settings.table_key))
-        return cls(settings, memfd, memory, table, Channels.adopt(channels))
+        return cls(settings, carried.table, memory, table, Channels.adopt(carried.channels))
 
-    def carried(self) -> tuple[int, tuple[tuple[int, int], ...]]:
-        """(the table's memfd, every slot's channel) for the next image's ``adopt``."""
-        return self.memfd, self.channels.carried()
+    def carried(self) -> SessionFds:
+        """The table's memfd and every slot's channel, for the next master's ``adopt``."""
+        return SessionFds(self.memfd, self.channels.carried())
 
     def slots_changed(self, slots: int) -> None:
         """After a slot is added or retired: workers hash addresses over the live count."""
@@ -144,21 +143,26 @@ def _map(memfd: int) -> mmap.mmap:
     return mmap.mmap(memfd, table_size(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-def check_carried(
-    settings: SessionSettings, memfd: int, channels: tuple[tuple[int, int], ...], slots: int
-) -> None:
-    """Raise HandoverError unless the carried table is this version's, under this launch's table
-    key and routing over ``slots``, and every slot has a datagram channel."""
+def carried_problem(settings: SessionSettings, carried: SessionFds, slots: int | None) -> str:
+    """Why a carried table and its channels cannot go on under these settings, or "": the table
+    must be this version's, under this launch's table key, and route over ``slots`` (None: any
+    count, as after a restart that tops the group up); every slot needs a datagram channel."""
     try:
-        why = carried_mismatch(
-            os.pread(memfd, HEADER.size, 0), os.fstat(memfd).st_size, bytes.fromhex(settings.table_key), slots
-        )
-        if not why and len(channels) < slots:
-            why = f"{len(channels)} handoff channels for {slots} slots"
-        if not why and not all(_is_datagram_socket(fd) for pair in channels for fd in pair):
+        key = bytes.fromhex(settings.table_key)
+        head, size = os.pread(carried.table, HEADER.size, 0), os.fstat(carried.table).st_size
+        why = carried_mismatch(head, size, key, slots)
+        if not why and slots is not None and len(carried.channels) < slots:
+            why = f"{len(carried.channels)} handoff channels for {slots} slots"
+        if not why and not all(_is_datagram_socket(fd) for pair in carried.channels for fd in pair):
             why = "a handoff channel is not a datagram socket"
     except OSError as exc:
         why = f"its fds are not open ({exc.strerror or exc})"
+    return why
+
+
+def check_carried(settings: SessionSettings, carried: SessionFds, slots: int) -> None:
+    """An upgrade's: raise HandoverError unless ``carried_problem`` finds none."""
+    why = carried_problem(settings, carried, slots)
     if why:
         raise HandoverError(
             f"the session table cannot be carried over ({why}): restart the group to run this "

@@ -58,9 +58,9 @@ def key_check(table_key: bytes) -> int:
     return int.from_bytes(digest, "little")
 
 
-def carried_mismatch(head: bytes, size: int, table_key: bytes, slots: int) -> str:
-    """Why a table made by the image before cannot go on under these settings, or "": ``head`` is
-    its first bytes and ``size`` its length."""
+def carried_mismatch(head: bytes, size: int, table_key: bytes, slots: int | None) -> str:
+    """Why a table made by a master before cannot go on under these settings, or "": ``head`` is
+    its first bytes and ``size`` its length; ``slots`` None takes any slot count."""
     if size != table_size() or len(head) < HEADER.size:
         return f"it has {size} bytes, this version's has {table_size()}"
     magic, live, capacity, check = HEADER.unpack_from(head)
@@ -68,7 +68,7 @@ def carried_mismatch(head: bytes, size: int, table_key: bytes, slots: int) -> st
         return "its layout is another version's"
     if check != key_check(table_key):
         return "its ids are hashed under another table key"
-    if live != slots:
+    if slots is not None and live != slots:
         return f"it routes over {live} slots, the group has {slots}"
     return ""
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..activation import SessionFds
 from ..config import Launch
 from ..contract import (
     APP_LOAD_ERROR,
@@ -40,7 +41,6 @@ from ..contract import (
 from ..errors import AppLoadError, LockdownError, StickyError
 from ..handover import Handover
 from ..handover import Routing as CarriedRouting
-from ..handover import Sessions as CarriedSessions
 from ..kernel.capabilities import prctl
 from ..kernel.router import DEFER_ACCEPT_S, Carried, Router
 from ..kernel.seccomp import Listener
@@ -214,6 +214,8 @@ class Supervisor:
                 slot = self.router.add_slot(self.settings.uvicorn.backlog)
                 fdstore.store_slot(slot, self.router.sockets[slot])
                 self.routed_slots_changed()
+                if self.sessions is not None:  # the new slot's channel (the rest are duplicates)
+                    fdstore.store_sessions(self.sessions)
                 return [core.SlotAdded(slot, now)]
             elif isinstance(action, core.RetireSlot):
                 self.router.retire_slot()
@@ -260,7 +262,7 @@ class Supervisor:
             notify_name=self.notify_name,
             metrics=self.metrics.listener.fileno() if self.metrics is not None else None,
             workers=workers,
-            sessions=CarriedSessions(*self.sessions.carried()) if self.sessions is not None else None,
+            sessions=self.sessions.carried() if self.sessions is not None else None,
         )
 
     def routed_slots_changed(self) -> None:
@@ -450,7 +452,9 @@ def launch(settings: Launch) -> int:
     settings = fdstore.adopt(settings, handed)
     with fdstore.open_router(settings, handed, defer_accept(settings)) as router:
         fdstore.store_group(settings.spec.key, router)
-        return _run_group(settings, router, open_notify_socket(), ControlServer.open(router))
+        return _run_group(
+            settings, router, open_notify_socket(), ControlServer.open(router), stored=handed.sessions
+        )
 
 
 def resume(handover: Handover, state_fd: int) -> int:
@@ -478,13 +482,18 @@ def resume(handover: Handover, state_fd: int) -> int:
         )
 
 
-def open_sessions(settings: Launch, router: Router, carried: CarriedSessions | None) -> MasterSessions:
-    """The session table and handoff channels: the image before's if it carried them (its learnt
-    ids and queued handoffs go on), else new ones."""
+def open_sessions(
+    settings: Launch, router: Router, carried: SessionFds | None, *, upgraded: bool
+) -> MasterSessions:
+    """The session table and handoff channels: the image before's if it carried them (checked
+    before its exec, so a mismatch now ends the master), or systemd's store's if they fit; else
+    new ones."""
     wanted = session_settings(settings, router.loader)
-    if carried is None:
-        return MasterSessions.open(wanted, router.slots)
-    return MasterSessions.adopt(wanted, carried.table, carried.channels, router.slots)
+    if carried is not None and upgraded:
+        check_carried(wanted, carried, router.slots)
+        return MasterSessions.adopt(wanted, carried)
+    stored = fdstore.adopt_sessions(wanted, carried, router.slots) if carried is not None else None
+    return stored or MasterSessions.open(wanted, router.slots)
 
 
 def check_handover(handover: Handover) -> None:
@@ -493,7 +502,7 @@ def check_handover(handover: Handover) -> None:
     carried, launch = handover.sessions, handover.launch
     if carried is not None:
         wanted = session_settings(launch, handover.routing.loader)
-        check_carried(wanted, carried.table, carried.channels, len(handover.routing.sockets))
+        check_carried(wanted, carried, len(handover.routing.sockets))
 
 
 def _run_group(
@@ -504,6 +513,7 @@ def _run_group(
     *,
     metrics: socket.socket | None = None,
     before: Handover | None = None,
+    stored: SessionFds | None = None,
 ) -> int:
     """Secure the group, start the master's threads, and supervise until the end."""
     with control_server as control, contextlib.ExitStack() as stack:
@@ -529,8 +539,12 @@ def _run_group(
         )
         sessions = None
         if settings.session_keys or settings.proxy_protocol:
-            sessions = open_sessions(settings, router, before.sessions if before is not None else None)
+            if before is not None:
+                sessions = open_sessions(settings, router, before.sessions, upgraded=True)
+            else:
+                sessions = open_sessions(settings, router, stored, upgraded=False)
             stack.callback(sessions.close)
+            fdstore.store_sessions(sessions)
             control.sessions = sessions
             if metrics_server is not None:
                 metrics_server.exporter.sessions = sessions

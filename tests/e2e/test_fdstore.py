@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.launcher import Waiting, get, run_bad, tagged_processes, wait_for
+from support.launcher import KEY, Waiting, get, predicted, run_bad, session_get, tagged_processes, wait_for
 from support.netlab import v4_sources
 from support.service_manager import ServiceManager
 
@@ -117,3 +117,37 @@ def test_a_socket_unit_without_reuseport_is_refused_with_the_fix(manager: Servic
             extra_env={"NOTIFY_SOCKET": manager.path},
             handed=list(manager.store),
         )
+
+
+def test_ids_learnt_before_a_kill_9_reach_their_slot_after_the_next_start(manager: ServiceManager) -> None:
+    """The session table and handoff sockets are stored too: an id the app set before the master
+    died is asked for after the next start from addresses the kernel sends to the other slots."""
+    args = ["session_app.py", "-w", "3", "--hash-key", KEY, "--session-key", "header:x-session"]
+    sources = v4_sources(200, start=31000)
+    owner = next(s for s in sources if predicted(s, 3) == 1)
+    others = [s for s in sources if predicted(s, 3) != 1][:12]
+    first = manager.start(["--bind", "127.0.0.1:0", *args])
+    try:
+        port = first.wait_serving()
+        stored = {
+            "ebpf-sticky-sessions",
+            *(f"ebpf-sticky-handoff-{i}-{e}" for i in range(3) for e in ("receive", "send")),
+        }
+        wait_for(lambda: set(manager.names()) >= stored, 30, "the session table in the store")
+        _, slot, session = session_get(port, owner, "/login", None)
+        assert slot == "1"
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait()
+        wait_for(lambda: tagged_processes(first.tag) == [], 30, "the workers to die with their master")
+    finally:
+        first.close()
+    second = manager.start(["--bind", f"127.0.0.1:{port}", *args])
+    try:
+        second.wait_serving()
+        (pid,) = second.slot_pids()[1]
+        answers = [session_get(port, source, "/", session) for source in others]
+        print(f"after kill -9 and a new start: {answers}")
+        assert answers == [(200, "1", str(pid))] * len(others)
+        assert "session table: the group's own" in second.output()
+    finally:
+        second.close()

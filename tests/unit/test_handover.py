@@ -11,10 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ebpf_sticky.activation import SessionFds
 from ebpf_sticky.addresses import Bind
 from ebpf_sticky.config import Launch
 from ebpf_sticky.errors import ConfigError
-from ebpf_sticky.handover import Handover, Routing, Sessions, launch_from_dict, launch_to_dict
+from ebpf_sticky.handover import Handover, Routing, launch_from_dict, launch_to_dict
 from ebpf_sticky.hashing import HashSpec
 from ebpf_sticky.options import WorkerOptions
 from ebpf_sticky.options.model import Reload
@@ -96,13 +97,16 @@ def test_launch_settings_survive_the_round_trip(launch: Launch) -> None:
     st.none() | st.tuples(*[st.integers(3, 1000)] * 4),
     st.none()
     | st.builds(
-        Sessions,
+        SessionFds,
         st.integers(3, 1000),
         st.lists(st.tuples(st.integers(3, 1000), st.integers(3, 1000))).map(tuple),
     ),
 )
 def test_handover_survives_the_round_trip(
-    launch: Launch, workers: list[Carried], maps: tuple[int, int, int, int] | None, sessions: Sessions | None
+    launch: Launch,
+    workers: list[Carried],
+    maps: tuple[int, int, int, int] | None,
+    sessions: SessionFds | None,
 ) -> None:
     routing = Routing("native" if maps else "cbpf", (3, 4, 5), 292, 9 if maps else None, maps, 1)
     handover = Handover(launch, routing, 2, 1234.5, 10, "/run/x.sock", 11, "@n", 12, tuple(workers), sessions)
@@ -127,7 +131,7 @@ def test_the_new_image_validates_the_settings_again() -> None:
 
 def test_every_carried_fd_is_listed_for_inheritance() -> None:
     launch = Launch(Bind("127.0.0.1", 0, socket.AF_INET), 2, HashSpec(b"k" * 16), target="a:b")
-    sessions = Sessions(13, ((14, 15), (16, 17)))
+    sessions = SessionFds(13, ((14, 15), (16, 17)))
     handover = Handover(
         launch,
         Routing("native", (3, 4), 292, 9, (5, 6, 7, 8), 0),

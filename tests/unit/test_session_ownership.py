@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ebpf_sticky.activation import SessionFds
 from ebpf_sticky.errors import HandoverError
 from ebpf_sticky.sessions import handoff
 from ebpf_sticky.sessions.master import MasterSessions, check_carried
@@ -177,10 +178,10 @@ def test_the_master_adopts_the_table_and_channels_it_carried() -> None:
     left, right = socket.socketpair()
     with socket.socket(fileno=os.dup(send_ends[2])) as sender:
         handoff.send(sender, left.fileno(), None, b"queued")
-    table, channels = before.carried()
-    after = MasterSessions.adopt(
-        settings, os.dup(table), tuple((os.dup(r), os.dup(s)) for r, s in channels), 3
-    )
+    carried = before.carried()
+    copies = SessionFds(os.dup(carried.table), tuple((os.dup(r), os.dup(s)) for r, s in carried.channels))
+    check_carried(settings, copies, 3)
+    after = MasterSessions.adopt(settings, copies)
     try:
         before.close()  # the exec closes nothing carried; the copies stand in for the same fds
         assert after.table.lookup("session-1", now=100) == 2
@@ -199,8 +200,7 @@ def test_the_master_adopts_the_table_and_channels_it_carried() -> None:
 def test_a_table_that_does_not_fit_the_settings_is_refused(key: bytes, slots: int) -> None:
     before = MasterSessions.open(SessionSettings(keys=("mcp",), table_key=KEY.hex()), 3)
     try:
-        table, channels = before.carried()
         with pytest.raises(HandoverError, match="restart the group"):
-            check_carried(SessionSettings(keys=("mcp",), table_key=key.hex()), table, channels, slots)
+            check_carried(SessionSettings(keys=("mcp",), table_key=key.hex()), before.carried(), slots)
     finally:
         before.close()
