@@ -12,11 +12,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.launcher import KEY, Waiting, get, predicted, run_bad, session_get, tagged_processes, wait_for
+from support.launcher import (
+    KEY,
+    Waiting,
+    get,
+    owner_and_others,
+    run_bad,
+    session_get,
+    tagged_processes,
+    wait_for,
+)
 from support.netlab import v4_sources
 from support.service_manager import ServiceManager
 
 from ebpf_sticky.control import request
+from ebpf_sticky.sessions.ownership import table_size
 
 SOURCES = v4_sources(150, start=30000)
 WORKERS = 3
@@ -123,9 +133,7 @@ def test_ids_learnt_before_a_kill_9_reach_their_slot_after_the_next_start(manage
     """The session table and handoff sockets are stored too: an id the app set before the master
     died is asked for after the next start from addresses the kernel sends to the other slots."""
     args = ["session_app.py", "-w", "3", "--hash-key", KEY, "--session-key", "header:x-session"]
-    sources = v4_sources(200, start=31000)
-    owner = next(s for s in sources if predicted(s, 3) == 1)
-    others = [s for s in sources if predicted(s, 3) != 1][:12]
+    owner, others = owner_and_others(31000, 1, 12)
     first = manager.start(["--bind", "127.0.0.1:0", *args])
     try:
         port = first.wait_serving()
@@ -151,3 +159,32 @@ def test_ids_learnt_before_a_kill_9_reach_their_slot_after_the_next_start(manage
         assert "session table: the group's own" in second.output()
     finally:
         second.close()
+
+
+def test_a_stored_session_table_this_version_cannot_read_is_replaced(manager: ServiceManager) -> None:
+    """A table of another layout in the store (as another version would have left it): the group
+    starts anyway, says so in one line, and the store then holds the new table alone."""
+    old_table = os.memfd_create("ebpf-sticky-sessions")
+    os.ftruncate(old_table, 4096)
+    manager.store.append(("ebpf-sticky-sessions", old_table))
+    for slot in range(3):
+        receive_end, send_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for end, sock in (("receive", receive_end), ("send", send_end)):
+            manager.store.append((f"ebpf-sticky-handoff-{slot}-{end}", sock.detach()))
+    args = ["session_app.py", "-w", "3", "--hash-key", KEY, "--session-key", "header:x-session"]
+    owner, others = owner_and_others(32000, 2, 6)
+    instance = manager.start(["--bind", "127.0.0.1:0", *args])
+    try:
+        port = instance.wait_serving()
+        assert "the stored session table is not used (it has 4096 bytes" in instance.output()
+        _, _, session = session_get(port, owner, "/login", None)
+        (pid,) = instance.slot_pids()[2]
+        assert [session_get(port, s, "/", session) for s in others] == [(200, "2", str(pid))] * len(others)
+
+        def one_new_table() -> bool:
+            tables = manager.fds("ebpf-sticky-sessions")
+            return len(tables) == 1 and os.fstat(tables[0]).st_size == table_size()
+
+        wait_for(one_new_table, 30, "the new table alone in the store")
+    finally:
+        instance.close()

@@ -23,7 +23,16 @@ from typing import Any
 import pytest
 import trustme
 from support.launcher import APPS as APPS_DIR
-from support.launcher import KEY, Instance, launched, predicted, run_bad, session_get, wait_for
+from support.launcher import (
+    KEY,
+    Instance,
+    launched,
+    owner_and_others,
+    predicted,
+    run_bad,
+    session_get,
+    wait_for,
+)
 from support.mcp_clients import official_session, raw_session
 from support.netlab import in_new_netns, local_ipv6_prefix, v4_sources
 from support.proxies import HAPROXY_SOURCE, haproxy_send_proxy, nginx_replicas
@@ -212,13 +221,6 @@ class SessionLoad:
 
     def served_by(self, pid: str) -> int:
         return sum(1 for answer in self.answers if answer[2] == pid)
-
-
-def owner_and_others(start: int, slot: int, count: int) -> tuple[str, list[str]]:
-    """Among 3 slots: a source the kernel sends to ``slot``, and ``count`` it sends elsewhere."""
-    sources = v4_sources(400, start=start)
-    owner = next(s for s in sources if predicted(s, 3) == slot)
-    return owner, [s for s in sources if predicted(s, 3) != slot][:count]
 
 
 @pytest.mark.parametrize("replace", ["KILL", "HUP"])

@@ -29,6 +29,8 @@ from ebpf_sticky.errors import ControlError
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 from ebpf_sticky.settings import user_exists
 
+from .netlab import v4_sources
+
 KEY = "00112233445566778899aabbccddeeff"
 SPEC = HashSpec(bytes.fromhex(KEY))
 APPS = Path(__file__).parents[1] / "e2e" / "apps"
@@ -71,6 +73,13 @@ async def watch_ready(instance: Instance, mark: int, ready_at: dict[str, float])
 def predicted(source: str, slots: int) -> int:
     """The slot the eBPF router sends ``source`` to, with the tests' key and default prefixes."""
     return slot_of(parse_address(source), SPEC, slots)
+
+
+def owner_and_others(start: int, slot: int, count: int) -> tuple[str, list[str]]:
+    """Among 3 slots: a source the kernel sends to ``slot``, and ``count`` it sends elsewhere."""
+    sources = v4_sources(400, start=start)
+    owner = next(s for s in sources if predicted(s, 3) == slot)
+    return owner, [s for s in sources if predicted(s, 3) != slot][:count]
 
 
 def children(pid: int) -> list[int]:
