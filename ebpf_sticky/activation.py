@@ -2,11 +2,12 @@
 its own under (``FDSTORE=1``). Pure: the environment in, a plan out.
 
 Under systemd the master pushes every slot's socket and a memfd holding the hash key to the
-service's file-descriptor store. When the service starts again (``systemctl restart``, a crash
-with ``Restart=``), systemd hands them back as fds 3, 4, ... with ``LISTEN_FDNAMES``: the new master
-goes on with the same sockets (their queues were never closed: connections made meanwhile wait)
-and the same key (every client keeps its slot). Fds without our names come from a ``.socket``
-unit: the master takes them as its first slots if they fit (see ``Router.open``).
+service's file-descriptor store (and the session layer's table and handoff sockets). When the
+service starts again (``systemctl restart``, a crash with ``Restart=``), systemd hands them back as
+fds 3, 4, ... with ``LISTEN_FDNAMES``: the new master goes on with the same sockets (their queues
+were never closed: connections made meanwhile wait) and the same key (every client keeps its slot).
+Fds without our names come from a ``.socket`` unit: the master takes them as its first slots if
+they fit (see ``Router.open``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ KEY_NAME = "ebpf-sticky-key"
 PROGRAM_PREFIX = "ebpf-sticky-prog-"
 MAP_PREFIX = "ebpf-sticky-map-"
 MAP_ROLES = ("socks", "table", "live", "counters")  # program.MapFds, in order
+SESSIONS_NAME = "ebpf-sticky-sessions"  # the session table's memfd
+# Each slot's handoff socketpair, one name per end: "ebpf-sticky-handoff-2-receive".
+HANDOFF_PREFIX = "ebpf-sticky-handoff-"
+HANDOFF_ENDS = ("receive", "send")
 
 
 def slot_name(slot: int) -> str:
@@ -35,6 +40,19 @@ def program_name(loader: str, insn_count: int) -> str:
 
 def map_name(role: str) -> str:
     return f"{MAP_PREFIX}{role}"
+
+
+def handoff_name(slot: int, end: str) -> str:
+    return f"{HANDOFF_PREFIX}{slot}-{end}"
+
+
+@dataclass(frozen=True)
+class SessionFds:
+    """The session layer's kernel objects, carried to the next master (an upgrade's exec, or
+    systemd's store): learnt ids and queued handoffs go on."""
+
+    table: int  # the memfd of learnt ids every worker maps
+    channels: tuple[tuple[int, int], ...]  # (receive end, send end) of each slot's handoffs
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,7 @@ class Handed:
     key: int | None = None  # the memfd holding the hash key
     foreign: list[int] = field(default_factory=list)  # a socket unit's sockets, in their order
     program: HandedProgram | None = None
+    sessions: SessionFds | None = None
 
 
 def listen_fds(environ: Mapping[str, str], pid: int) -> list[tuple[int, str]]:
@@ -80,9 +99,12 @@ def sort_handed(fds: list[tuple[int, str]]) -> Handed:
     key = None
     program: tuple[str, int, int] | None = None
     foreign = []
+    table: int | None = None
+    ends: dict[tuple[int, str], int] = {}
     for fd, name in fds:
         number = name.removeprefix(SLOT_PREFIX)
         loader, _, insns = name.removeprefix(PROGRAM_PREFIX).rpartition("-")
+        channel, _, end = name.removeprefix(HANDOFF_PREFIX).partition("-")
         if name.startswith(SLOT_PREFIX) and number.isdigit():
             slots[int(number)] = fd
         elif name == KEY_NAME:
@@ -91,6 +113,10 @@ def sort_handed(fds: list[tuple[int, str]]) -> Handed:
             program = (loader, int(insns), fd)
         elif name.startswith(MAP_PREFIX) and name.removeprefix(MAP_PREFIX) in MAP_ROLES:
             maps[name.removeprefix(MAP_PREFIX)] = fd
+        elif name == SESSIONS_NAME:
+            table = fd
+        elif name.startswith(HANDOFF_PREFIX) and channel.isdigit() and end in HANDOFF_ENDS:
+            ends[int(channel), end] = fd
         else:
             foreign.append(fd)
     if sorted(slots) != list(range(len(slots))):
@@ -113,4 +139,19 @@ def sort_handed(fds: list[tuple[int, str]]) -> Handed:
         loaded = HandedProgram(
             program[0], program[1], program[2], (maps["socks"], maps["table"], maps["live"], maps["counters"])
         )
-    return Handed([slots[i] for i in range(len(slots))], key, foreign, loaded)
+    return Handed([slots[i] for i in range(len(slots))], key, foreign, loaded, _sessions(table, ends))
+
+
+def _sessions(table: int | None, ends: dict[tuple[int, str], int]) -> SessionFds | None:
+    """The table with both ends of every slot's channel 0..n-1, or none of them."""
+    count = len(ends) // 2
+    complete = all((slot, end) in ends for slot in range(count) for end in HANDOFF_ENDS)
+    if table is None and not ends:
+        return None
+    if table is None or not ends or not complete or len(ends) % 2:
+        raise ConfigError(
+            "the service manager handed back the session table without every handoff socket (or "
+            "them without it): FileDescriptorStoreMax= too small? stop the service fully to start a "
+            "new group"
+        )
+    return SessionFds(table, tuple((ends[slot, "receive"], ends[slot, "send"]) for slot in range(count)))

@@ -76,3 +76,8 @@ class AppLoadError(StickyError):
 
 class UpgradeError(StickyError):
     """An in-place upgrade that did not happen; the running master goes on as it was."""
+
+
+class HandoverError(StickyError):
+    """What the running master would hand over does not fit the installed version (the session
+    table of another layout or key): the upgrade is refused before the exec."""

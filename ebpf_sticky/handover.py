@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .activation import SessionFds
 from .addresses import Bind
 from .config import Launch
 from .hashing import HashSpec
@@ -90,11 +91,14 @@ class Handover:
     notify_name: str
     metrics: int | None = None  # the /metrics listener
     workers: tuple[Carried, ...] = ()  # the workers, as the core saw them
+    sessions: SessionFds | None = None  # None: no session layer, or an image before it was carried
 
     def fds(self) -> list[int]:
         """Every fd the new image needs inherited."""
         r = self.routing
         fds = [*r.sockets, *(r.maps or ()), self.control, self.notify]
+        if self.sessions is not None:
+            fds += [self.sessions.table, *(fd for pair in self.sessions.channels for fd in pair)]
         return fds + [fd for fd in (r.program, self.metrics) if fd is not None]
 
     def to_json(self) -> str:
@@ -108,6 +112,7 @@ class Handover:
         routing = data.pop("routing")
         maps = routing.pop("maps")
         workers = data.pop("workers")
+        sessions = data.pop("sessions", None)  # absent from an image that did not carry them
         return cls(
             **{**data, "launch": launch_from_dict(data["launch"])},
             routing=Routing(
@@ -115,4 +120,7 @@ class Handover:
                 maps=None if maps is None else (maps[0], maps[1], maps[2], maps[3]),
             ),
             workers=tuple(Carried(**w) for w in workers),
+            sessions=None
+            if sessions is None
+            else SessionFds(sessions["table"], tuple((r, s) for r, s in sessions["channels"])),
         )

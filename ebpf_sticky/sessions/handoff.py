@@ -98,6 +98,17 @@ class Channels:
             receive_end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SEND_BUFFER)
             self.pairs[slot] = (receive_end, send_end)
 
+    @classmethod
+    def adopt(cls, pairs: tuple[tuple[int, int], ...]) -> Channels:
+        """The channels of the image before, by fd (receive end, send end) in slot order."""
+        return cls(
+            {slot: (socket.socket(fileno=r), socket.socket(fileno=s)) for slot, (r, s) in enumerate(pairs)}
+        )
+
+    def carried(self) -> tuple[tuple[int, int], ...]:
+        """(receive end, send end) of every slot in slot order, as ``adopt`` takes them."""
+        return tuple((r.fileno(), s.fileno()) for r, s in (self.pairs[slot] for slot in sorted(self.pairs)))
+
     def worker_fds(self, slot: int) -> tuple[int, list[int]]:
         """(this slot's receive end, every slot's send end in slot order) for a worker of ``slot``."""
         return self.pairs[slot][0].fileno(), [self.pairs[s][1].fileno() for s in sorted(self.pairs)]

@@ -2,7 +2,9 @@
 
 The master creates both once and keeps them for the life of the group, like the slots' sockets:
 a worker's replacement inherits the table (learnt ids survive a crash) and the handoffs queued for
-its slot. The master itself never reads a request.
+its slot. An in-place upgrade carries both to the new image by inheritance (``adopt``), after the
+installed code checked that they fit it (``check_carried``). The master itself never reads a
+request.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import socket
+import stat
 from dataclasses import dataclass, replace
 
+from ..activation import SessionFds
 from ..config import Launch
 from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, SESSION_TABLE_FD
+from ..errors import HandoverError
 from .handoff import Channels
-from .ownership import SessionTable, table_size
+from .ownership import HEADER, SessionTable, carried_mismatch, table_size
 from .settings import SessionSettings
 
 # The top-source warning: at least this many connections seen, the top sources of each worker's
@@ -85,11 +91,24 @@ class MasterSessions:
     def open(cls, settings: SessionSettings, slots: int) -> MasterSessions:
         memfd = os.memfd_create("ebpf-sticky-sessions", os.MFD_CLOEXEC)
         os.ftruncate(memfd, table_size())
-        memory = mmap.mmap(memfd, table_size(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        memory = _map(memfd)
         table = SessionTable.create(memoryview(memory), bytes.fromhex(settings.table_key), slots)
         sessions = cls(settings, memfd, memory, table, Channels())
         sessions.slots_changed(slots)
         return sessions
+
+    @classmethod
+    def adopt(cls, settings: SessionSettings, carried: SessionFds) -> MasterSessions:
+        """The table and channels a master before left (open across an upgrade's exec, or in
+        systemd's store), once ``carried_problem`` found none: the ids it learnt stay routable and
+        the handoffs queued in its channels are served."""
+        memory = _map(carried.table)
+        table = SessionTable(memoryview(memory), bytes.fromhex(settings.table_key))
+        return cls(settings, carried.table, memory, table, Channels.adopt(carried.channels))
+
+    def carried(self) -> SessionFds:
+        """The table's memfd and every slot's channel, for the next master's ``adopt``."""
+        return SessionFds(self.memfd, self.channels.carried())
 
     def slots_changed(self, slots: int) -> None:
         """After a slot is added or retired: workers hash addresses over the live count."""
@@ -118,3 +137,44 @@ class MasterSessions:
         self.table.buf.release()
         self.memory.close()
         os.close(self.memfd)
+
+
+def _map(memfd: int) -> mmap.mmap:
+    return mmap.mmap(memfd, table_size(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def carried_problem(settings: SessionSettings, carried: SessionFds, slots: int | None) -> str:
+    """Why a carried table and its channels cannot go on under these settings, or "": the table
+    must be this version's, under this launch's table key, and route over ``slots`` (None: any
+    count, as after a restart that tops the group up); every slot needs a datagram channel."""
+    try:
+        key = bytes.fromhex(settings.table_key)
+        head, size = os.pread(carried.table, HEADER.size, 0), os.fstat(carried.table).st_size
+        why = carried_mismatch(head, size, key, slots)
+        if not why and slots is not None and len(carried.channels) < slots:
+            why = f"{len(carried.channels)} handoff channels for {slots} slots"
+        if not why and not all(_is_datagram_socket(fd) for pair in carried.channels for fd in pair):
+            why = "a handoff channel is not a datagram socket"
+    except OSError as exc:
+        why = f"its fds are not open ({exc.strerror or exc})"
+    return why
+
+
+def check_carried(settings: SessionSettings, carried: SessionFds, slots: int) -> None:
+    """An upgrade's: raise HandoverError unless ``carried_problem`` finds none."""
+    why = carried_problem(settings, carried, slots)
+    if why:
+        raise HandoverError(
+            f"the session table cannot be carried over ({why}): restart the group to run this "
+            "version (the learnt session ids are then forgotten)"
+        )
+
+
+def _is_datagram_socket(fd: int) -> bool:
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return False
+    probe = socket.socket(fileno=fd)
+    try:
+        return probe.family == socket.AF_UNIX and probe.type == socket.SOCK_DGRAM
+    finally:
+        probe.detach()

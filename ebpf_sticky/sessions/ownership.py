@@ -17,7 +17,7 @@ Design rules:
 * Entries are written without locks by several processes: each carries a check over its fields,
   and a torn entry reads as absent (that request is then served where it landed).
 
-The table's layout (little-endian): a header ``MAGIC, live slots, capacity``, per-slot counters
+The table's layout (little-endian): a header ``MAGIC, live slots, capacity, key check``, per-slot counters
 (moved out, moved in, unknown keys, connections, connections from the top source), then
 ``capacity`` entries of ``(hash: u64, meta: u64)`` with meta = slot(16) | expiry(32) | check(16).
 Expiry is in whole seconds of CLOCK_MONOTONIC, which every process of the machine shares.
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from ..hashing import BUCKETS, MAX_SLOTS, bucket_table
 
 MAGIC = 0x5E55_1011
-HEADER = struct.Struct("<III4x")
+HEADER = struct.Struct("<IIII")
 COUNTERS = ("moved_out", "moved_in", "unknown", "connections", "top_source")
 COUNTER = struct.Struct("<" + "Q" * len(COUNTERS))
 ENTRY = struct.Struct("<QQ")
@@ -49,6 +49,28 @@ ENTRIES_AT = _COUNTERS_AT + COUNTER.size * MAX_SLOTS
 
 def table_size(capacity: int = CAPACITY) -> int:
     return ENTRIES_AT + ENTRY.size * capacity
+
+
+def key_check(table_key: bytes) -> int:
+    """Names the table key without telling it: a table carried to an image that would hash ids
+    under another key would find none of them."""
+    digest = hashlib.blake2b(b"", digest_size=4, key=table_key, person=b"table-key").digest()
+    return int.from_bytes(digest, "little")
+
+
+def carried_mismatch(head: bytes, size: int, table_key: bytes, slots: int | None) -> str:
+    """Why a table made by a master before cannot go on under these settings, or "": ``head`` is
+    its first bytes and ``size`` its length; ``slots`` None takes any slot count."""
+    if size != table_size() or len(head) < HEADER.size:
+        return f"it has {size} bytes, this version's has {table_size()}"
+    magic, live, capacity, check = HEADER.unpack_from(head)
+    if magic != MAGIC or capacity != CAPACITY:
+        return "its layout is another version's"
+    if check != key_check(table_key):
+        return "its ids are hashed under another table key"
+    if slots is not None and live != slots:
+        return f"it routes over {live} slots, the group has {slots}"
+    return ""
 
 
 # Keyed BLAKE2b (hashlib's C code, about a microsecond) rather than the pure-Python SipHash of the
@@ -110,7 +132,7 @@ class SessionTable:
     @classmethod
     def create(cls, buf: memoryview, table_key: bytes, slots: int) -> SessionTable:
         table = cls(buf, table_key)
-        HEADER.pack_into(buf, 0, MAGIC, slots, (len(buf) - ENTRIES_AT) // ENTRY.size)
+        HEADER.pack_into(buf, 0, MAGIC, slots, (len(buf) - ENTRIES_AT) // ENTRY.size, key_check(table_key))
         return table
 
     @property

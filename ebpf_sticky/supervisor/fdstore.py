@@ -11,6 +11,11 @@ master takes them as its slots, with the stored key, so the same clients reach t
 nothing queued is reset. The eBPF program and its maps are stored too and taken as they are (a
 socket sits in one sockarray at most, so the next master must go on with the one its sockets are
 in); the classic-BPF program is attached anew from the key, which gives the same table.
+
+With ``--session-key``/``--proxy-protocol``, the session table (a memfd of learnt ids) and every
+slot's handoff socketpair are stored too: the next master goes on with the ids learnt before and
+serves the handoffs queued in the channels meanwhile. A stored table this version cannot use
+(another layout) is dropped with a warning: the learnt ids start over, the group starts anyway.
 """
 
 from __future__ import annotations
@@ -21,9 +26,13 @@ import socket
 from dataclasses import astuple, replace
 
 from ..activation import (
+    HANDOFF_ENDS,
     KEY_NAME,
     MAP_ROLES,
+    SESSIONS_NAME,
     Handed,
+    SessionFds,
+    handoff_name,
     listen_fds,
     map_name,
     program_name,
@@ -35,6 +44,8 @@ from ..errors import ConfigError
 from ..hashing import KEY_BYTES
 from ..kernel.router import Carried, Router
 from ..notify import sd_notify_with_fds
+from ..sessions.master import MasterSessions, carried_problem
+from ..sessions.settings import SessionSettings
 
 log = logging.getLogger("ebpf_sticky")
 _ACTIVATION = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
@@ -116,6 +127,36 @@ def store_group(key: bytes, router: Router) -> None:
         _store(program_name(router.loader, router.insn_count), router.program_fd, poll=False)
         for role, fd in zip(MAP_ROLES, astuple(router.map_fds), strict=True):
             _store(map_name(role), fd, poll=False)
+
+
+def adopt_sessions(settings: SessionSettings, stored: SessionFds, slots: int) -> MasterSessions | None:
+    """The stored table and channels, over ``slots`` now; None (the fds closed and removed from the
+    store) when this version cannot use them."""
+    why = carried_problem(settings, stored, None)
+    if why:
+        log.warning("the stored session table is not used (%s): learnt session ids start over", why)
+        for fd in (stored.table, *(fd for pair in stored.channels for fd in pair)):
+            os.close(fd)
+        _send(f"FDSTOREREMOVE=1\nFDNAME={SESSIONS_NAME}", ())
+        for slot in range(len(stored.channels)):
+            for end in HANDOFF_ENDS:
+                _send(f"FDSTOREREMOVE=1\nFDNAME={handoff_name(slot, end)}", ())
+        return None
+    sessions = MasterSessions.adopt(settings, stored)
+    sessions.slots_changed(slots)
+    log.info("session table: the group's own, from systemd's file-descriptor store")
+    return sessions
+
+
+def store_sessions(sessions: MasterSessions) -> None:
+    """The table and every slot's handoff channel, under a service manager only."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    carried = sessions.carried()
+    _store(SESSIONS_NAME, carried.table)
+    for slot, pair in enumerate(carried.channels):
+        for end, fd in zip(HANDOFF_ENDS, pair, strict=True):
+            _store(handoff_name(slot, end), fd)
 
 
 def _store_key(key: bytes) -> None:

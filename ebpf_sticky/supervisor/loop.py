@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..activation import SessionFds
 from ..config import Launch
 from ..contract import (
     APP_LOAD_ERROR,
@@ -44,7 +45,7 @@ from ..kernel.capabilities import prctl
 from ..kernel.router import DEFER_ACCEPT_S, Carried, Router
 from ..kernel.seccomp import Listener
 from ..notify import sd_notify
-from ..sessions.master import MasterSessions, session_settings
+from ..sessions.master import MasterSessions, check_carried, session_settings
 from . import core, fdstore, membership
 from .control_server import ControlServer
 from .metrics import MetricsServer, serve
@@ -213,6 +214,8 @@ class Supervisor:
                 slot = self.router.add_slot(self.settings.uvicorn.backlog)
                 fdstore.store_slot(slot, self.router.sockets[slot])
                 self.routed_slots_changed()
+                if self.sessions is not None:  # the new slot's channel (the rest are duplicates)
+                    fdstore.store_sessions(self.sessions)
                 return [core.SlotAdded(slot, now)]
             elif isinstance(action, core.RetireSlot):
                 self.router.retire_slot()
@@ -259,6 +262,7 @@ class Supervisor:
             notify_name=self.notify_name,
             metrics=self.metrics.listener.fileno() if self.metrics is not None else None,
             workers=workers,
+            sessions=self.sessions.carried() if self.sessions is not None else None,
         )
 
     def routed_slots_changed(self) -> None:
@@ -448,7 +452,9 @@ def launch(settings: Launch) -> int:
     settings = fdstore.adopt(settings, handed)
     with fdstore.open_router(settings, handed, defer_accept(settings)) as router:
         fdstore.store_group(settings.spec.key, router)
-        return _run_group(settings, router, open_notify_socket(), ControlServer.open(router))
+        return _run_group(
+            settings, router, open_notify_socket(), ControlServer.open(router), stored=handed.sessions
+        )
 
 
 def resume(handover: Handover, state_fd: int) -> int:
@@ -476,6 +482,29 @@ def resume(handover: Handover, state_fd: int) -> int:
         )
 
 
+def open_sessions(
+    settings: Launch, router: Router, carried: SessionFds | None, *, upgraded: bool
+) -> MasterSessions:
+    """The session table and handoff channels: the image before's if it carried them (checked
+    before its exec, so a mismatch now ends the master), or systemd's store's if they fit; else
+    new ones."""
+    wanted = session_settings(settings, router.loader)
+    if carried is not None and upgraded:
+        check_carried(wanted, carried, router.slots)
+        return MasterSessions.adopt(wanted, carried)
+    stored = fdstore.adopt_sessions(wanted, carried, router.slots) if carried is not None else None
+    return stored or MasterSessions.open(wanted, router.slots)
+
+
+def check_handover(handover: Handover) -> None:
+    """What the pre-exec check proves beyond decoding: the carried session table fits this
+    version (HandoverError otherwise)."""
+    carried, launch = handover.sessions, handover.launch
+    if carried is not None:
+        wanted = session_settings(launch, handover.routing.loader)
+        check_carried(wanted, carried, len(handover.routing.sockets))
+
+
 def _run_group(
     settings: Launch,
     router: Router,
@@ -484,6 +513,7 @@ def _run_group(
     *,
     metrics: socket.socket | None = None,
     before: Handover | None = None,
+    stored: SessionFds | None = None,
 ) -> int:
     """Secure the group, start the master's threads, and supervise until the end."""
     with control_server as control, contextlib.ExitStack() as stack:
@@ -509,8 +539,12 @@ def _run_group(
         )
         sessions = None
         if settings.session_keys or settings.proxy_protocol:
-            sessions = MasterSessions.open(session_settings(settings, router.loader), router.slots)
+            if before is not None:
+                sessions = open_sessions(settings, router, before.sessions, upgraded=True)
+            else:
+                sessions = open_sessions(settings, router, stored, upgraded=False)
             stack.callback(sessions.close)
+            fdstore.store_sessions(sessions)
             control.sessions = sessions
             if metrics_server is not None:
                 metrics_server.exporter.sessions = sessions

@@ -6,12 +6,16 @@ reaps them, and their parent-death signal never fires: exec is not death). What 
 
 * by inheritance: the slot sockets (their queues never close), the eBPF program and maps, the
   control socket, the metrics listener and the workers' notify socket;
+* by inheritance too, with ``--session-key``/``--proxy-protocol``: the session table (a memfd of
+  learnt ids) and every slot's handoff channel (moves queued in it wait for the new workers);
 * in a memfd, as JSON (``handover.py``): the launch settings with the hash key, the routing's state
-  (loader, bucket table in use), the workers (pid, slot, readiness) and the generation.
+  (loader, bucket table in use), the workers (pid, slot, readiness), the generation and the
+  numbers of the fds above.
 
 The new image may not start at all (a broken install, settings it refuses). Exec is one way, so
 that is found out before it: a child runs the installed code on the very handover the new image
-would read (``resume.py --check``: imports the master, decodes and validates the settings). If
+would read (``resume.py --check``: imports the master, decodes and validates the settings, and
+checks the carried session table against them on the carried fds themselves). If
 it fails, nothing was given up: the master logs why in one line and serves on. A file changed
 between that check and the exec (milliseconds) is not covered: a new image that then fails to
 start ends the master, and with it the workers.
@@ -28,6 +32,7 @@ from typing import NoReturn
 
 from ..errors import UpgradeError
 from ..handover import Handover
+from .resume import REFUSED
 
 log = logging.getLogger("ebpf_sticky")
 
@@ -67,13 +72,13 @@ def read_state(fd: int) -> Handover:
     return Handover.from_json(os.pread(fd, size, 0).decode())
 
 
-def check_installed(state_fd: int) -> None:
-    """Run the installed code on the handover in a child; raise UpgradeError saying why it would
-    not start."""
+def check_installed(state_fd: int, carried: list[int]) -> None:
+    """Run the installed code on the handover, and the fds it names, in a child; raise
+    UpgradeError saying why it would not start."""
     try:
         result = subprocess.run(
             resume_argv(state_fd, check=True),
-            pass_fds=(state_fd,),
+            pass_fds=(state_fd, *carried),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=CHECK_TIMEOUT,
@@ -85,6 +90,8 @@ def check_installed(state_fd: int) -> None:
     if result.returncode != 0:
         lines = [line for line in result.stderr.decode(errors="replace").splitlines() if line.strip()]
         why = lines[-1].strip() if lines else f"exit status {result.returncode}"
+        if result.returncode == REFUSED:  # the line names the cause and the fix
+            raise UpgradeError(f"the installed ebpf-sticky cannot take this group over: {why}")
         raise UpgradeError(
             f"the installed ebpf-sticky cannot start ({why}): fix the install, then upgrade again"
         )
@@ -95,8 +102,8 @@ def exec_upgrade(handover: Handover) -> NoReturn:
     UpgradeError, with this process unchanged."""
     state_fd = write_state(handover)
     try:
-        check_installed(state_fd)
         carried = handover.fds()
+        check_installed(state_fd, carried)
         for fd in carried:
             os.set_inheritable(fd, True)
         try:

@@ -12,11 +12,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.launcher import Waiting, get, run_bad, tagged_processes, wait_for
+from support.launcher import (
+    KEY,
+    Waiting,
+    get,
+    owner_and_others,
+    run_bad,
+    session_get,
+    tagged_processes,
+    wait_for,
+)
 from support.netlab import v4_sources
 from support.service_manager import ServiceManager
 
 from ebpf_sticky.control import request
+from ebpf_sticky.sessions.ownership import table_size
 
 SOURCES = v4_sources(150, start=30000)
 WORKERS = 3
@@ -117,3 +127,64 @@ def test_a_socket_unit_without_reuseport_is_refused_with_the_fix(manager: Servic
             extra_env={"NOTIFY_SOCKET": manager.path},
             handed=list(manager.store),
         )
+
+
+def test_ids_learnt_before_a_kill_9_reach_their_slot_after_the_next_start(manager: ServiceManager) -> None:
+    """The session table and handoff sockets are stored too: an id the app set before the master
+    died is asked for after the next start from addresses the kernel sends to the other slots."""
+    args = ["session_app.py", "-w", "3", "--hash-key", KEY, "--session-key", "header:x-session"]
+    owner, others = owner_and_others(31000, 1, 12)
+    first = manager.start(["--bind", "127.0.0.1:0", *args])
+    try:
+        port = first.wait_serving()
+        stored = {
+            "ebpf-sticky-sessions",
+            *(f"ebpf-sticky-handoff-{i}-{e}" for i in range(3) for e in ("receive", "send")),
+        }
+        wait_for(lambda: set(manager.names()) >= stored, 30, "the session table in the store")
+        _, slot, session = session_get(port, owner, "/login", None)
+        assert slot == "1"
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait()
+        wait_for(lambda: tagged_processes(first.tag) == [], 30, "the workers to die with their master")
+    finally:
+        first.close()
+    second = manager.start(["--bind", f"127.0.0.1:{port}", *args])
+    try:
+        second.wait_serving()
+        (pid,) = second.slot_pids()[1]
+        answers = [session_get(port, source, "/", session) for source in others]
+        print(f"after kill -9 and a new start: {answers}")
+        assert answers == [(200, "1", str(pid))] * len(others)
+        assert "session table: the group's own" in second.output()
+    finally:
+        second.close()
+
+
+def test_a_stored_session_table_this_version_cannot_read_is_replaced(manager: ServiceManager) -> None:
+    """A table of another layout in the store (as another version would have left it): the group
+    starts anyway, says so in one line, and the store then holds the new table alone."""
+    old_table = os.memfd_create("ebpf-sticky-sessions")
+    os.ftruncate(old_table, 4096)
+    manager.store.append(("ebpf-sticky-sessions", old_table))
+    for slot in range(3):
+        receive_end, send_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for end, sock in (("receive", receive_end), ("send", send_end)):
+            manager.store.append((f"ebpf-sticky-handoff-{slot}-{end}", sock.detach()))
+    args = ["session_app.py", "-w", "3", "--hash-key", KEY, "--session-key", "header:x-session"]
+    owner, others = owner_and_others(32000, 2, 6)
+    instance = manager.start(["--bind", "127.0.0.1:0", *args])
+    try:
+        port = instance.wait_serving()
+        assert "the stored session table is not used (it has 4096 bytes" in instance.output()
+        _, _, session = session_get(port, owner, "/login", None)
+        (pid,) = instance.slot_pids()[2]
+        assert [session_get(port, s, "/", session) for s in others] == [(200, "2", str(pid))] * len(others)
+
+        def one_new_table() -> bool:
+            tables = manager.fds("ebpf-sticky-sessions")
+            return len(tables) == 1 and os.fstat(tables[0]).st_size == table_size()
+
+        wait_for(one_new_table, 30, "the new table alone in the store")
+    finally:
+        instance.close()

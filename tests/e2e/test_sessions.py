@@ -23,7 +23,16 @@ from typing import Any
 import pytest
 import trustme
 from support.launcher import APPS as APPS_DIR
-from support.launcher import KEY, Instance, launched, predicted, run_bad, wait_for
+from support.launcher import (
+    KEY,
+    Instance,
+    launched,
+    owner_and_others,
+    predicted,
+    run_bad,
+    session_get,
+    wait_for,
+)
 from support.mcp_clients import official_session, raw_session
 from support.netlab import in_new_netns, local_ipv6_prefix, v4_sources
 from support.proxies import HAPROXY_SOURCE, haproxy_send_proxy, nginx_replicas
@@ -187,19 +196,6 @@ def wait_slots_serving(instance: Instance) -> None:
 # -- handoffs queued while the owning slot's worker is replaced -------------------------------------
 
 
-def _session_get(port: int, source: str, path: str, session: str | None) -> tuple[int, str, str]:
-    """(status, slot, pid) of one request on its own connection, optionally in a session;
-    the session id a /login answer carries comes back in place of the pid."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
-    try:
-        conn.request("GET", path, headers={"x-session": session} if session else {})
-        response = conn.getresponse()
-        slot, pid = response.read().decode().split()
-        return response.status, slot, response.getheader("x-session") or pid
-    finally:
-        conn.close()
-
-
 @dataclass
 class SessionLoad:
     """Threads sending requests of one session from sources that land on other slots, until
@@ -219,7 +215,7 @@ class SessionLoad:
         while not self.stop.is_set():
             began = time.monotonic()
             try:
-                self.answers.append(_session_get(self.port, source, "/", self.session))
+                self.answers.append(session_get(self.port, source, "/", self.session))
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 self.failures.append((began, f"{source}: {exc!r}"))
 
@@ -231,11 +227,9 @@ class SessionLoad:
 def test_handoffs_queued_for_a_replaced_worker_are_all_served(replace: str) -> None:
     args = ["session_app.py", "-w", "3", "--bind", "127.0.0.1:0", "--hash-key", KEY,
             "--session-key", "header:x-session", "--graceful-timeout", "3"]  # fmt: skip
-    sources = v4_sources(400, start=6000)
-    owner = next(s for s in sources if predicted(s, 3) == 2)
-    others = [s for s in sources if predicted(s, 3) != 2][:16]
+    owner, others = owner_and_others(6000, 2, 16)
     with launched(args) as instance:
-        _, slot, session = _session_get(instance.port, owner, "/login", None)
+        _, slot, session = session_get(instance.port, owner, "/login", None)
         assert slot == "2"
         (old_pid,) = instance.slot_pids()[2]
         load = SessionLoad(instance.port, others, session)
@@ -264,6 +258,68 @@ def test_handoffs_queued_for_a_replaced_worker_are_all_served(replace: str) -> N
         assert [what for began, what in load.failures if began > replaced_at or replace == "HUP"] == []
         assert all(status == 200 and slot == "2" for status, slot, _ in load.answers)
         assert instance.status()["slots"][2]["sessions"]["moved_in"] >= 40
+
+
+# -- across an in-place upgrade of the master (SIGUSR2) ----------------------------------------------
+
+UPGRADE_ARGS = ["session_app.py", "-w", "3", "--bind", "127.0.0.1:0", "--hash-key", KEY,
+                "--session-key", "header:x-session", "--graceful-timeout", "2"]  # fmt: skip
+
+
+def _upgrade(instance: Instance) -> None:
+    old = instance.worker_pids()
+    instance.signal(signal.SIGUSR2)
+    wait_for(lambda: instance.renewed(1, old), 120, "generation 1, every worker new")
+
+
+def test_ids_learnt_before_an_upgrade_still_reach_their_slot() -> None:
+    """The app's own random id, learnt into the table from its response before the upgrade, is
+    asked for after it from addresses the kernel sends to the other slots."""
+    owner, others = owner_and_others(11000, 1, 12)
+    with launched(UPGRADE_ARGS) as instance:
+        _, slot, session = session_get(instance.port, owner, "/login", None)
+        assert slot == "1"
+        _upgrade(instance)
+        (pid,) = instance.slot_pids()[1]
+        answers = [session_get(instance.port, source, "/", session) for source in others]
+        print(f"after USR2: {answers}")
+        assert {predicted(s, 3) for s in others} == {0, 2}
+        assert answers == [(200, "1", str(pid))] * len(others)
+
+
+def test_handoffs_queued_across_an_upgrade_are_served_by_the_new_worker() -> None:
+    """The owning worker is stopped (SIGSTOP), so moves to it wait in its slot's channel for
+    certain; the upgrade then replaces it: the new image's worker must find them there."""
+    owner, others = owner_and_others(12000, 2, 8)
+    with launched(UPGRADE_ARGS) as instance:
+        _, _, session = session_get(instance.port, owner, "/login", None)
+        (stopped,) = instance.slot_pids()[2]
+        os.kill(stopped, signal.SIGSTOP)
+        answers: list[tuple[int, str, str] | BaseException] = []
+
+        def ask(source: str) -> None:
+            try:
+                answers.append(session_get(instance.port, source, "/", session))
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                answers.append(exc)
+
+        threads = [threading.Thread(target=ask, args=(source,)) for source in others]
+        try:
+            for thread in threads:
+                thread.start()
+
+            def queued() -> bool:
+                moved: int = sum(row["sessions"]["moved_out"] for row in instance.status()["slots"])
+                return moved >= len(others)
+
+            wait_for(queued, 30, "every request moved towards the stopped worker")
+            _upgrade(instance)  # the stopped worker ignores TERM: killed after --graceful-timeout
+        finally:
+            for thread in threads:
+                thread.join()
+        (pid,) = instance.slot_pids()[2]
+        print(f"queued across USR2: {answers}")
+        assert answers == [(200, "2", str(pid))] * len(others)
 
 
 # -- MCP: the official SDK's server and client --------------------------------------------------------

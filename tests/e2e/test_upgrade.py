@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.launcher import KEY, SPEC, Instance, Load, get, launched, wait_for
+from support.launcher import KEY, SPEC, Instance, Load, get, launched, predicted, session_get, wait_for
 from support.netlab import v4_sources
 
 import ebpf_sticky
-from ebpf_sticky.errors import ControlError
 from ebpf_sticky.hashing import parse_address
 from ebpf_sticky.kernel.loaders import LOADERS
 
@@ -26,35 +25,20 @@ BASE = ["--bind", "127.0.0.1:0", "--hash-key", KEY, "--graceful-timeout", "10"]
 WORKERS = 3
 
 
-def renewed(instance: Instance, generation: int, old: set[int]) -> bool:
-    """The instance runs ``generation``, and every slot has exactly one worker, none of ``old``."""
-    try:
-        status = instance.status()
-    except ControlError:  # a request the old image had accepted when it exec'd: ask again
-        return False
-    pids = [row["pids"] for row in status["slots"]]
-    settled = status["generation"] == generation and status["phase"] == "running"
-    return settled and all(len(p) == 1 for p in pids) and old.isdisjoint(p[0] for p in pids)
-
-
-def worker_pids(instance: Instance) -> set[int]:
-    return {pid for pids in instance.slot_pids().values() for pid in pids}
-
-
 def upgrade_twice_under_load(instance: Instance, loader: str = "native") -> None:
     master = instance.proc.pid
     seen: set[int] = set()
     with Load(instance.port, SOURCES, threads=8) as load:
         load.wait_requests(500, timeout=60)
         for generation in (1, 2):
-            old = worker_pids(instance)
+            old = instance.worker_pids()
             seen |= old
             began = time.monotonic()
             instance.signal(signal.SIGUSR2)
-            wait_for(lambda g=generation, o=old: renewed(instance, g, o), 120, f"generation {generation}")
+            wait_for(lambda g=generation, o=old: instance.renewed(g, o), 120, f"generation {generation}")
             print(f"generation {generation}: every worker renewed after {time.monotonic() - began:.2f} s")
             load.wait_requests(500, timeout=60)
-    final = worker_pids(instance)
+    final = instance.worker_pids()
     status = instance.status()
     print(f"USR2 x2: {load.requests} requests from {len(load.seen)} sources, {len(load.failures)} failed")
     assert load.failures == []
@@ -129,7 +113,7 @@ def test_upgrade_to_a_broken_install_is_refused_and_the_group_serves_on(own_inst
             assert instance.slot_pids() == before  # the same workers: nothing was replaced
             broken.write_text(good)
             repaired = cli("upgrade", "--port", str(instance.port))
-            wait_for(lambda: renewed(instance, 1, worker_pids_of(before)), 120, "the repaired upgrade")
+            wait_for(lambda: instance.renewed(1, worker_pids_of(before)), 120, "the repaired upgrade")
             load.wait_requests(100)
         print(refused.stderr.strip())
         assert refused.returncode == 2, refused
@@ -165,13 +149,39 @@ def test_an_upgraded_master_still_adds_and_retires_slots(loader: str) -> None:
     mirror = LOADERS[loader].slot_of
     sources = SOURCES[:120]
     with launched(["asgi_app.py", "-w", "2", *BASE, "--loader", loader]) as instance:
-        old = worker_pids(instance)
+        old = instance.worker_pids()
         instance.signal(signal.SIGUSR2)
-        wait_for(lambda: renewed(instance, 1, old), 120, "generation 1")
+        wait_for(lambda: instance.renewed(1, old), 120, "generation 1")
         for sig, slots in ((signal.SIGTTIN, 3), (signal.SIGTTIN, 4), (signal.SIGTTOU, 3)):
             instance.signal(sig)
-            wait_for(
-                lambda n=slots: len(instance.slot_pids()) == n and renewed(instance, 1, old), 60, "slots"
-            )
+            wait_for(lambda n=slots: len(instance.slot_pids()) == n and instance.renewed(1, old), 60, "slots")
             got = {source: get(source, instance.port)[0] for source in sources}
             assert got == {source: mirror(parse_address(source), SPEC, slots) for source in sources}
+
+
+def test_an_install_that_hashes_session_ids_otherwise_is_refused(own_install: Path) -> None:
+    """A version whose table key differs would find none of the learnt ids: the check refuses it
+    in one line before the exec, and the group serves on with its table."""
+    master = own_install / "ebpf_sticky" / "sessions" / "master.py"
+    good = master.read_text()
+    args = ["session_app.py", "-w", "2", *BASE, "--session-key", "header:x-session"]
+    with launched(args, extra_env={"PYTHONPATH": str(own_install)}) as instance:
+        owner = next(s for s in SOURCES if predicted(s, 2) == 0)
+        other = next(s for s in SOURCES if predicted(s, 2) == 1)
+        _, _, session = session_get(instance.port, owner, "/login", None)
+        before = instance.slot_pids()
+        master.write_text(good.replace('b"ebpf-sticky session table"', b'b"another session table"'.decode()))
+        refused = cli("upgrade", "--port", str(instance.port))
+        assert instance.slot_pids() == before
+        master.write_text(good)
+        repaired = cli("upgrade", "--port", str(instance.port))
+        wait_for(lambda: instance.renewed(1, worker_pids_of(before)), 120, "the repaired upgrade")
+        print(refused.stderr.strip())
+        assert refused.returncode == 2, refused
+        assert "the session table cannot be carried over (its ids are hashed under another table key)" in (
+            refused.stderr
+        )
+        log_lines = [line for line in instance.output().splitlines() if "upgrade refused" in line]
+        assert len(log_lines) == 1 and "restart the group" in log_lines[0], log_lines
+        assert repaired.returncode == 0, repaired
+        assert session_get(instance.port, other, "/", session)[:2] == (200, "0")

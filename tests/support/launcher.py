@@ -25,8 +25,11 @@ from typing import Any
 
 from ebpf_sticky.config import worker_user
 from ebpf_sticky.control import control_dir, request, socket_name
+from ebpf_sticky.errors import ControlError
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of
 from ebpf_sticky.settings import user_exists
+
+from .netlab import v4_sources
 
 KEY = "00112233445566778899aabbccddeeff"
 SPEC = HashSpec(bytes.fromhex(KEY))
@@ -70,6 +73,13 @@ async def watch_ready(instance: Instance, mark: int, ready_at: dict[str, float])
 def predicted(source: str, slots: int) -> int:
     """The slot the eBPF router sends ``source`` to, with the tests' key and default prefixes."""
     return slot_of(parse_address(source), SPEC, slots)
+
+
+def owner_and_others(start: int, slot: int, count: int) -> tuple[str, list[str]]:
+    """Among 3 slots: a source the kernel sends to ``slot``, and ``count`` it sends elsewhere."""
+    sources = v4_sources(400, start=start)
+    owner = next(s for s in sources if predicted(s, 3) == slot)
+    return owner, [s for s in sources if predicted(s, 3) != slot][:count]
 
 
 def children(pid: int) -> list[int]:
@@ -148,6 +158,20 @@ class Instance:
     def slot_pids(self) -> dict[int, list[int]]:
         return {row["slot"]: row["pids"] for row in self.status()["slots"]}
 
+    def worker_pids(self) -> set[int]:
+        return {pid for pids in self.slot_pids().values() for pid in pids}
+
+    def renewed(self, generation: int, old: set[int]) -> bool:
+        """It runs ``generation`` (in-place upgrades), and every slot has exactly one worker, none
+        of ``old``."""
+        try:
+            status = self.status()
+        except ControlError:  # a request the old image had accepted when it exec'd: ask again
+            return False
+        pids = [row["pids"] for row in status["slots"]]
+        settled = status["generation"] == generation and status["phase"] == "running"
+        return settled and all(len(p) == 1 for p in pids) and old.isdisjoint(p[0] for p in pids)
+
     def ready_since(self, mark: int) -> list[str]:
         """The slots whose worker reported ready in the output after offset ``mark``."""
         return [slot for slot, _ in re.findall(r"slot (\d+): worker (\d+) ready", self.output()[mark:])]
@@ -222,6 +246,19 @@ def get(
         assert response.status == 200, response.status
         slot, pid, uid = response.read().split()
         return int(slot), int(pid), int(uid)
+    finally:
+        conn.close()
+
+
+def session_get(port: int, source: str, path: str, session: str | None) -> tuple[int, str, str]:
+    """(status, slot, pid) of one request on its own connection, optionally in a session;
+    the session id a /login answer carries comes back in place of the pid."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers={"x-session": session} if session else {})
+        response = conn.getresponse()
+        slot, pid = response.read().decode().split()
+        return response.status, slot, response.getheader("x-session") or pid
     finally:
         conn.close()
 

@@ -75,6 +75,10 @@ class ServiceManager:
         with self._lock:
             return [name for name, _ in self.store]
 
+    def fds(self, name: str) -> list[int]:
+        with self._lock:
+            return [fd for stored, fd in self.store if stored == name]
+
     def start(self, args: list[str], **kwargs: Any) -> Instance:
         """Start the service with what the store holds, as the next invocation."""
         with self._lock:

@@ -9,7 +9,10 @@ from hypothesis import strategies as st
 from ebpf_sticky.activation import (
     KEY_NAME,
     MAP_ROLES,
+    SESSIONS_NAME,
     HandedProgram,
+    SessionFds,
+    handoff_name,
     listen_fds,
     map_name,
     program_name,
@@ -34,13 +37,15 @@ def test_a_malformed_count_says_so() -> None:
         listen_fds({"LISTEN_PID": "1", "LISTEN_FDS": "x"}, 1)
 
 
-@given(st.integers(0, 20), st.booleans(), st.booleans(), st.randoms())
+@given(st.integers(0, 20), st.booleans(), st.booleans(), st.integers(0, 20), st.randoms())
 def test_a_stored_group_is_sorted_back_in_any_order(
-    slots: int, key: bool, program: bool, rnd: object
+    slots: int, key: bool, program: bool, channels: int, rnd: object
 ) -> None:
     names = [slot_name(i) for i in range(slots)]
     names += [KEY_NAME] if key else []
     names += [program_name("native", 292), *map(map_name, MAP_ROLES)] if program else []
+    ends = [handoff_name(i, end) for i in range(channels) for end in ("receive", "send")]
+    names += [SESSIONS_NAME, *ends] if channels else []
     fds = list(zip(range(3, 3 + len(names)), names, strict=True))
     rnd.shuffle(fds)  # type: ignore[attr-defined]
     handed = sort_handed(fds)
@@ -55,6 +60,17 @@ def test_a_stored_group_is_sorted_back_in_any_order(
             "native", 292, by_name[program_name("native", 292)], (socks, table, live, counters)
         )
     assert handed.program == expected
+    assert handed.sessions == (
+        SessionFds(
+            by_name[SESSIONS_NAME],
+            tuple(
+                (by_name[handoff_name(i, "receive")], by_name[handoff_name(i, "send")])
+                for i in range(channels)
+            ),
+        )
+        if channels
+        else None
+    )
 
 
 def test_a_socket_units_fds_are_foreign_in_their_order() -> None:
@@ -67,6 +83,9 @@ def test_a_socket_units_fds_are_foreign_in_their_order() -> None:
         ([slot_name(0), slot_name(2)], "not 0..1"),
         ([slot_name(0), "web.socket"], "one or the other"),
         ([slot_name(0), program_name("native", 292), map_name("socks")], "without all its maps"),
+        ([slot_name(0), SESSIONS_NAME, handoff_name(0, "receive")], "without every handoff socket"),
+        ([slot_name(0), SESSIONS_NAME, handoff_name(1, "receive"), handoff_name(1, "send")], "handoff"),
+        ([slot_name(0), handoff_name(0, "receive"), handoff_name(0, "send")], "handoff"),
     ],
 )
 def test_an_incomplete_store_is_refused_with_the_fix(names: list[str], match: str) -> None:

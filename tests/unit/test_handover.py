@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import socket
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ebpf_sticky.activation import SessionFds
 from ebpf_sticky.addresses import Bind
 from ebpf_sticky.config import Launch
 from ebpf_sticky.errors import ConfigError
@@ -93,13 +95,31 @@ def test_launch_settings_survive_the_round_trip(launch: Launch) -> None:
     launches(),
     st.lists(st.builds(Carried, st.integers(1, 2**22), st.integers(0, 255), st.booleans(), st.booleans())),
     st.none() | st.tuples(*[st.integers(3, 1000)] * 4),
+    st.none()
+    | st.builds(
+        SessionFds,
+        st.integers(3, 1000),
+        st.lists(st.tuples(st.integers(3, 1000), st.integers(3, 1000))).map(tuple),
+    ),
 )
 def test_handover_survives_the_round_trip(
-    launch: Launch, workers: list[Carried], maps: tuple[int, int, int, int] | None
+    launch: Launch,
+    workers: list[Carried],
+    maps: tuple[int, int, int, int] | None,
+    sessions: SessionFds | None,
 ) -> None:
     routing = Routing("native" if maps else "cbpf", (3, 4, 5), 292, 9 if maps else None, maps, 1)
-    handover = Handover(launch, routing, 2, 1234.5, 10, "/run/x.sock", 11, "@n", 12, tuple(workers))
+    handover = Handover(launch, routing, 2, 1234.5, 10, "/run/x.sock", 11, "@n", 12, tuple(workers), sessions)
     assert Handover.from_json(handover.to_json()) == handover
+
+
+def test_a_handover_without_sessions_reads_as_none() -> None:
+    """An image from before the session layer was carried writes no "sessions": a new table then."""
+    launch = Launch(Bind("127.0.0.1", 0, socket.AF_INET), 2, HashSpec(b"k" * 16), target="a:b")
+    handover = Handover(launch, Routing("cbpf", (3, 4), 20), 1, 0.0, 10, "p", 11, "@n")
+    data = json.loads(handover.to_json())
+    del data["sessions"]
+    assert Handover.from_json(json.dumps(data)) == handover
 
 
 def test_the_new_image_validates_the_settings_again() -> None:
@@ -111,7 +131,18 @@ def test_the_new_image_validates_the_settings_again() -> None:
 
 def test_every_carried_fd_is_listed_for_inheritance() -> None:
     launch = Launch(Bind("127.0.0.1", 0, socket.AF_INET), 2, HashSpec(b"k" * 16), target="a:b")
+    sessions = SessionFds(13, ((14, 15), (16, 17)))
     handover = Handover(
-        launch, Routing("native", (3, 4), 292, 9, (5, 6, 7, 8), 0), 1, 0.0, 10, "p", 11, "@n", 12
+        launch,
+        Routing("native", (3, 4), 292, 9, (5, 6, 7, 8), 0),
+        1,
+        0.0,
+        10,
+        "p",
+        11,
+        "@n",
+        12,
+        (),
+        sessions,
     )
-    assert sorted(handover.fds()) == list(range(3, 13))
+    assert sorted(handover.fds()) == list(range(3, 18))

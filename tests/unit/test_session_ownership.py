@@ -1,5 +1,5 @@
-"""Which slot owns a session id: issued ids, the shared table, the handoff frame. Pure apart from
-one real socketpair."""
+"""Which slot owns a session id: issued ids, the shared table, the handoff frame, and the table and
+channels an upgrade carries. Pure apart from real socketpairs and memfds."""
 
 from __future__ import annotations
 
@@ -7,19 +7,25 @@ import ipaddress
 import os
 import socket
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ebpf_sticky.activation import SessionFds
+from ebpf_sticky.errors import HandoverError
 from ebpf_sticky.sessions import handoff
+from ebpf_sticky.sessions.master import MasterSessions, check_carried
 from ebpf_sticky.sessions.ownership import (
     ENTRIES_AT,
     ENTRY,
     TTL,
     SessionTable,
+    carried_mismatch,
     issue_id,
     issued_slot,
     table_size,
 )
+from ebpf_sticky.sessions.settings import SessionSettings
 
 KEY = bytes(range(16))
 OTHER_KEY = bytes(range(1, 17))
@@ -140,3 +146,61 @@ def test_a_connection_and_its_bytes_cross_a_socketpair() -> None:
         left.close()
         right.close()
         channels.close()
+
+
+def full_table(key: bytes, slots: int) -> SessionTable:
+    return SessionTable.create(memoryview(bytearray(table_size())), key, slots)
+
+
+@given(st.integers(1, 64), st.integers(1, 64), st.booleans())
+def test_a_carried_table_fits_only_the_same_key_and_slot_count(
+    made: int, wanted: int, same_key: bool
+) -> None:
+    table = full_table(KEY, made)
+    why = carried_mismatch(bytes(table.buf[:64]), len(table.buf), KEY if same_key else OTHER_KEY, wanted)
+    assert (why == "") == (same_key and made == wanted), why
+
+
+def test_a_table_of_another_layout_is_refused() -> None:
+    table = full_table(KEY, 2)
+    assert "bytes" in carried_mismatch(bytes(table.buf[:64]), len(table.buf) - 16, KEY, 2)
+    other_magic = bytearray(table.buf[:64])
+    other_magic[0] ^= 1
+    assert "another version" in carried_mismatch(bytes(other_magic), len(table.buf), KEY, 2)
+
+
+def test_the_master_adopts_the_table_and_channels_it_carried() -> None:
+    """Learnt ids and queued handoffs reach the image after: by fd, as across the exec."""
+    settings = SessionSettings(keys=("mcp",), table_key=KEY.hex())
+    before = MasterSessions.open(settings, 3)
+    before.table.learn("session-1", 2, now=100)
+    receive_end, send_ends = before.channels.worker_fds(2)
+    left, right = socket.socketpair()
+    with socket.socket(fileno=os.dup(send_ends[2])) as sender:
+        handoff.send(sender, left.fileno(), None, b"queued")
+    carried = before.carried()
+    copies = SessionFds(os.dup(carried.table), tuple((os.dup(r), os.dup(s)) for r, s in carried.channels))
+    check_carried(settings, copies, 3)
+    after = MasterSessions.adopt(settings, copies)
+    try:
+        before.close()  # the exec closes nothing carried; the copies stand in for the same fds
+        assert after.table.lookup("session-1", now=100) == 2
+        with socket.socket(fileno=os.dup(after.channels.worker_fds(2)[0])) as receiver:
+            receiver.setblocking(False)
+            moved = handoff.receive(receiver, handoff.receive_buffer())
+        assert moved is not None and moved.data == b"queued"
+        os.close(moved.fd)
+    finally:
+        after.close()
+        left.close()
+        right.close()
+
+
+@pytest.mark.parametrize(("key", "slots"), [(OTHER_KEY, 3), (KEY, 4)])
+def test_a_table_that_does_not_fit_the_settings_is_refused(key: bytes, slots: int) -> None:
+    before = MasterSessions.open(SessionSettings(keys=("mcp",), table_key=KEY.hex()), 3)
+    try:
+        with pytest.raises(HandoverError, match="restart the group"):
+            check_carried(SessionSettings(keys=("mcp",), table_key=key.hex()), before.carried(), slots)
+    finally:
+        before.close()
