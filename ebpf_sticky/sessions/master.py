@@ -20,6 +20,7 @@ from ..activation import SessionFds
 from ..config import Launch
 from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, SESSION_TABLE_FD
 from ..errors import HandoverError
+from ..hashing import MAX_SLOTS
 from .handoff import Channels
 from .ownership import HEADER, SessionTable, carried_mismatch, table_size
 from .settings import SessionSettings
@@ -79,6 +80,13 @@ def session_settings(launch: Launch, loader: str) -> SessionSettings:
     return settings
 
 
+def channels_for(slots: int) -> int:
+    """Handoff channels to keep for ``slots`` live slots. A worker gets every channel's send end
+    once, at exec: channels made ahead let the workers already running hand connections to slots
+    added later (TTIN), up to twice the group (at least four more) without a renewal."""
+    return min(MAX_SLOTS, slots + max(slots, 4))
+
+
 @dataclass
 class MasterSessions:
     settings: SessionSettings
@@ -112,7 +120,7 @@ class MasterSessions:
 
     def slots_changed(self, slots: int) -> None:
         """After a slot is added or retired: workers hash addresses over the live count."""
-        for slot in range(slots):
+        for slot in range(channels_for(slots)):
             self.channels.ensure(slot)
         self.table.set_slots(slots)
 

@@ -491,7 +491,9 @@ def open_sessions(
     wanted = session_settings(settings, router.loader)
     if carried is not None and upgraded:
         check_carried(wanted, carried, router.slots)
-        return MasterSessions.adopt(wanted, carried)
+        sessions = MasterSessions.adopt(wanted, carried)
+        sessions.slots_changed(router.slots)  # channels made ahead, if the image before made none
+        return sessions
     stored = fdstore.adopt_sessions(wanted, carried, router.slots) if carried is not None else None
     return stored or MasterSessions.open(wanted, router.slots)
 

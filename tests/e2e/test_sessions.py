@@ -260,6 +260,25 @@ def test_handoffs_queued_for_a_replaced_worker_are_all_served(replace: str) -> N
         assert instance.status()["slots"][2]["sessions"]["moved_in"] >= 40
 
 
+def test_workers_started_before_a_slot_was_added_hand_connections_to_it() -> None:
+    """Slots 0 and 1 exist before TTIN adds slot 2; a session slot 2 creates is asked for from
+    addresses of slots 0 and 1, whose workers got their channels before slot 2 existed."""
+    args = ["session_app.py", "-w", "2", "--bind", "127.0.0.1:0", "--hash-key", KEY,
+            "--session-key", "header:x-session"]  # fmt: skip
+    owner, others = owner_and_others(14000, 2, 12)
+    with launched(args) as instance:
+        before = instance.worker_pids()
+        instance.signal(signal.SIGTTIN)
+        wait_for(lambda: "2" in instance.ready_since(0), 60, "slot 2 ready")
+        _, slot, session = session_get(instance.port, owner, "/login", None)
+        assert slot == "2"
+        (pid,) = instance.slot_pids()[2]
+        answers = [session_get(instance.port, source, "/", session) for source in others]
+        assert {predicted(s, 3) for s in others} == {0, 1}
+        assert set(instance.slot_pids()[0] + instance.slot_pids()[1]) <= before  # still the old workers
+        assert answers == [(200, "2", str(pid))] * len(others), answers
+
+
 # -- across an in-place upgrade of the master (SIGUSR2) ----------------------------------------------
 
 UPGRADE_ARGS = ["session_app.py", "-w", "3", "--bind", "127.0.0.1:0", "--hash-key", KEY,
