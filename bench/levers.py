@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -290,6 +291,8 @@ def main() -> int:
                 result["levers"][name] = measure_lever(settings, worker, name, run)
     finally:
         settings.loadgen_group.remove()
+        if run.ref_tree is not None:
+            shutil.rmtree(run.ref_tree)
     text = markdown(result)
     print(text)
     if args.json:
