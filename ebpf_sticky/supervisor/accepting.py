@@ -42,6 +42,43 @@ def _address(info: object) -> tuple[str, int] | None:
     return None
 
 
+class _HeadWithBody:
+    """The transport a response cycle writes to: the response head, which uvicorn writes on its
+    own at ``http.response.start``, waits for the body's first write so that both leave in one
+    writev (one syscall, one TCP segment); or for the end of the loop's turn, so that a streamed
+    response still starts at once."""
+
+    __slots__ = ("_head", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.writelines((head, data))
+        elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100 "):
+            self._head = data  # "100 Continue" goes at once: the client waits for it
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            if not self._transport.is_closing():
+                self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+
 def _mirrored() -> tuple[type, ...]:
     """uvicorn's protocols whose ``connection_made`` ``accepting`` repeats line for line."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -89,7 +126,26 @@ def accepting(protocol_class: Any) -> Any:
                 self.logger.log(TRACE_LOG_LEVEL, "%sHTTP connection made", prefix)
 
     Accepting.__name__ = Accepting.__qualname__ = f"Accepting{protocol_class.__name__}"
-    return Accepting
+    return _joined_writes(Accepting) if hasattr(protocol_class, "on_headers_complete") else Accepting
+
+
+def _joined_writes(protocol_class: Any) -> Any:
+    """httptools' protocol, whose response cycles (made in ``on_headers_complete``) write the head
+    and the body together (``_HeadWithBody``)."""
+
+    class Joined(protocol_class):  # type: ignore[misc]
+        transport: Any  # set in connection_made (an annotation only, for mypy)
+
+        def on_headers_complete(self) -> None:
+            transport = self.transport
+            self.transport = _HeadWithBody(transport, self.loop)  # what the new cycle is given
+            try:
+                super().on_headers_complete()
+            finally:
+                self.transport = transport
+
+    Joined.__name__ = Joined.__qualname__ = protocol_class.__name__
+    return Joined
 
 
 def install(config: Any) -> None:

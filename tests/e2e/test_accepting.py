@@ -25,7 +25,7 @@ STACKS = {
     "uvloop+httptools": ["--loop", "uvloop", "--http", "httptools"],
     "asyncio+h11": ["--loop", "asyncio", "--http", "h11"],
 }
-BASE = ["scope_app.py", "-w", "1", "--hash-key", KEY, "--no-access-log"]
+BASE = ["scope_app.py", "-w", "1", "--hash-key", KEY, "--no-access-log", "--graceful-timeout", "2"]
 # (bind, address the client connects to, the client's source address)
 BINDS = {
     "specific": ("127.0.0.1:0", "127.0.0.1", "127.0.0.5"),
@@ -83,6 +83,38 @@ def test_forwarded_client_as_uvicorn_makes_it(stack: str) -> None:
         # From a peer not trusted, the headers are not believed: the socket's client stays.
         got, expected = scope_of("127.0.0.1", instance.port, "127.0.0.6", forwarded)
         assert got == expected
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_responses_on_one_connection(stack: str) -> None:
+    """HEAD (a head and no body), then GETs on the same keep-alive connection, in order."""
+    with launched([*BASE, "--bind", "127.0.0.1:0", *STACKS[stack]]) as instance:
+        conn = http.client.HTTPConnection("127.0.0.1", instance.port, timeout=10)
+        try:
+            conn.request("HEAD", "/")
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, b"")
+            for _ in range(3):
+                conn.request("GET", "/")
+                response = conn.getresponse()
+                assert response.status == 200
+                assert json.loads(response.read())["client"][0] == "127.0.0.1"
+        finally:
+            conn.close()
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_streamed_head_is_sent_before_the_body(stack: str) -> None:
+    """A response whose body is a minute away has its head at the client long before."""
+    with launched([*BASE, "--bind", "127.0.0.1:0", *STACKS[stack]]) as instance:
+        with socket.create_connection(("127.0.0.1", instance.port), timeout=20) as sock:
+            sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(65536)  # socket.timeout fails the test: the head was held
+                assert chunk, head
+                head += chunk
+        assert head.startswith(b"HTTP/1.1 200 "), head
 
 
 def _protocol_classes() -> list[Any]:
