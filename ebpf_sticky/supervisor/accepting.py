@@ -1,5 +1,6 @@
-"""A cheaper start for each connection a worker accepts: uvicorn's own HTTP protocol, with the
-connection's addresses read from what the event loop already knows.
+"""A cheaper path for each connection a worker accepts: uvicorn's own HTTP protocol, with the
+connection's addresses read from what the event loop already knows, and (httptools) a response's
+head sent with its body.
 
 uvicorn's ``connection_made`` asks the transport's socket for the local and the peer address
 (``get_local_addr``/``get_remote_addr`` in ``uvicorn/protocols/utils.py``). Both event loops have
@@ -12,7 +13,8 @@ wildcard or dual-stack bind still gives the address each client reached.
 
 The protocol's ``__init__`` asks asyncio for the running loop too, which on Python 3.11 costs a
 getpid(2) per connection (it checks for a fork); the worker runs one loop for its life. Under
-asyncio, each read also maps and unmaps its buffer (see ``READ_SIZE``).
+asyncio, each read also maps and unmaps its buffer (see ``READ_SIZE``). And uvicorn writes a
+response's head on its own, then its body: two syscalls and two TCP segments (``_HeadWithBody``).
 """
 
 from __future__ import annotations
