@@ -43,6 +43,12 @@ def tree(repo: Path = REPO) -> Tree:
     return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(changed), "changed": changed}
 
 
+def commit_of(ref: str, repo: Path = REPO) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", ref], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def parse_loadavg(text: str) -> float:
     """The 1-minute figure of /proc/loadavg ("3.50 1.28 0.50 12/162 21300")."""
     return float(text.split()[0])

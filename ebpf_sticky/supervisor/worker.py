@@ -120,6 +120,9 @@ def _server(config: Any, max_requests: int | None, layer: Layer | None) -> Any:
             await run_stop_hooks(STOP_GRACE, releasers(app, first=False))
             await super().shutdown(sockets)
 
+    from .accepting import install as cheaper_accepts
+
+    cheaper_accepts(config)  # before the session layer's install, which wraps the class it finds
     server = Server(config)
     if layer is not None:
         from ..sessions.service import install
