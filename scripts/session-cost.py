@@ -4,9 +4,9 @@
 * **Rate**: the same launch (bench/apps/app.py, Python workers, one request per connection
   from many sources, driven by bench/native/loadgen.c) with and without ``--session-key``,
   in interleaved rounds in one run; with the key on, every request is served where it landed (it
-  carries no key), so the figure is the gate's own cost: one more protocol object and a head
-  parse per connection. The machine is shared: compare the ratios of one run, not absolutes;
-  the CPU ratio (requests per worker CPU second, on / off) is the one other tenants disturb least.
+  carries no key), so the figure is the gate's own cost: a search of each request head and the
+  watch of each response. Compare the ratios of one run, not absolutes; on a shared machine the
+  CPU ratio (requests per worker CPU second, on / off) is the one other tenants disturb least.
 * **A move**: one launch with ``--session-key header:x-session``; the same client (on slot 0)
   sends requests of a session owned by slot 0 and of one owned by slot 1, alternating, one
   connection each; the difference of the two medians is what a move adds.
