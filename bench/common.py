@@ -34,7 +34,7 @@ class CpuGroup:
     """A cpu cgroup of its own for one contender (or the load generator).
 
     The scheduler shares CPU fairly between tasks, or between groups of tasks: on a machine
-    other engineers load, a router of 6 processes (nginx, 4 uvicorns) would otherwise get more
+    other jobs load, a router of 6 processes (nginx, 4 uvicorns) would otherwise get more
     CPU than one of 4 (ebpf-sticky's workers) at the same moment, whatever the interleaving. In a
     group each, every contender weighs the same against the rest of the machine. Without the
     controller (no cgroup v1 cpu), processes stay where they are and the report says so.
@@ -224,7 +224,7 @@ def server_cpu_seconds(contender: Contender) -> Callable[[], float]:
 
 def run_load(argv: Sequence[str], timeout: float, contender: Contender, group: CpuGroup) -> tuple[bytes, Cpu]:
     """Run one load generator to its end: its stdout and who spent how much CPU meanwhile. The
-    server's share is its own cgroup's (or processes'), so other engineers' jobs on this machine
+    server's share is its own cgroup's (or processes'), so other jobs on the machine
     do not count against a contender; CPU per connection is therefore steadier than any rate."""
     server_now = server_cpu_seconds(contender)
     busy, before = busy_seconds(), children_cpu_seconds()

@@ -231,8 +231,8 @@ def run(settings: Settings, chosen: list[Workload], tree: machine.Tree) -> dict[
             f"{settings.workers} workers, {grouped}, "
             f"Python workers on uvicorn: "
             + "; ".join(f"{c.name} = {c.loop} loop, {c.http}, {c.ws}" for c in configs)
-            + f"; interleaved rounds{' (--quick)' if settings.quick else ''}; other engineers' jobs share "
-            "the machine, so compare ratios (each taken within a round), not absolute rates"
+            + f"; interleaved rounds{' (--quick)' if settings.quick else ''}; ratios are taken within a "
+            "round; absolute rates hold only on a quiet machine (see the load averages)"
         ),
         "uvicorn": {
             c.name: {"loop": c.loop, "http": c.http, "ws": c.ws, "venv": str(c.venv_bin)} for c in configs
