@@ -1,4 +1,5 @@
-"""An HTTP/1.x request head: the request line and the header fields, up to the blank line. Pure.
+"""An HTTP/1.x request head: the request line and the header fields, up to the blank line; and
+the fields of a response head the worker writes. Pure.
 
 The worker reads a connection's first request head (and each later one on a keep-alive connection)
 to find its session key before deciding which worker serves it. ``parse_request_head`` is called
@@ -127,6 +128,17 @@ def _request_line(line: bytes) -> tuple[str, str]:
     if not _VERSION.fullmatch(parts[2]):
         raise HeadError(f"request line {line[:80]!r} is not HTTP/1.x")
     return parts[0].decode("ascii"), parts[1].decode("latin-1")
+
+
+def parse_response_head(data: bytes) -> tuple[int, tuple[tuple[str, str], ...]]:
+    """The status and the fields of a response head as this worker's server wrote it (uvicorn:
+    CRLF lines, ``name: value``), names lowercased; ``HeadError`` if it is not one."""
+    lines = data.decode("latin-1").split("\r\n")
+    status = lines[0].split(" ", 2)[1:2]
+    if not lines[0].startswith("HTTP/1.") or not status or not status[0].isdigit():
+        raise HeadError(f"not an HTTP/1.x response: {data[:32]!r}")
+    fields = (line.partition(":") for line in lines[1:] if line)
+    return int(status[0]), tuple((name.lower(), value.strip(" \t")) for name, _, value in fields)
 
 
 def header(head: RequestHead, name: str) -> str | None:

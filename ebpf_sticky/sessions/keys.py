@@ -296,7 +296,7 @@ def _parsed(host: str) -> Address | None:
 
 def learn_key(
     specs: Sequence[KeySpec],
-    head: RequestHead,
+    head: RequestHead | None,
     status: int,
     headers: Sequence[tuple[str, str]],
     body_prefix: bytes,
@@ -305,8 +305,10 @@ def learn_key(
 
     ``headers`` are the response's fields (any case); ``body_prefix`` the start of its decoded
     body (the ASGI body bytes, not chunked wire bytes; for a WebSocket, status 101 and the first
-    message sent): only Engine.IO's handshake needs it. An error response (4xx, 5xx) creates
-    nothing, whatever it carries: "404 Session not found" must not claim the id it refuses.
+    message sent): only Engine.IO's handshake needs it, and the request's ``head`` (without it,
+    no handshake is recognised: a response seen on the wire creates header and cookie keys only).
+    An error response (4xx, 5xx) creates nothing, whatever it carries: "404 Session not found"
+    must not claim the id it refuses.
     """
     if status >= 400:
         return None
@@ -318,10 +320,10 @@ def learn_key(
 
 
 def _learn_one(
-    spec: KeySpec, head: RequestHead, status: int, headers: Sequence[tuple[str, str]], body: bytes
+    spec: KeySpec, head: RequestHead | None, status: int, headers: Sequence[tuple[str, str]], body: bytes
 ) -> str | None:
     if spec.kind is KeyKind.ENGINEIO:
-        return _engineio_open(spec.name, head, status, body)
+        return _engineio_open(spec.name, head, status, body) if head is not None else None
     if spec.kind is KeyKind.MCP:
         return _response_header(headers, MCP_HEADER)
     if spec.kind is KeyKind.HEADER:

@@ -12,7 +12,7 @@ encoded, means the same when a query key is in use. Pure.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .keys import MCP_HEADER, KeyKind, KeySpec
@@ -50,6 +50,8 @@ class Creators:
 
     headers: frozenset[bytes]  # lowercased response header names that carry a new key
     engineio: bool  # Engine.IO handshakes (requests without a sid) when our ids are not issued
+    # Over a response head's bytes: finds nothing in a head that carries none of ``headers``.
+    in_head: Callable[[bytes], re.Match[bytes] | None]
 
     @property
     def any(self) -> bool:
@@ -71,7 +73,9 @@ def creators(specs: Sequence[KeySpec], issued_engineio: bool) -> Creators:
     if any(spec.kind is KeyKind.MCP for spec in specs):
         names.add(MCP_HEADER.encode())
     engineio = not issued_engineio and any(spec.kind is KeyKind.ENGINEIO for spec in specs)
-    return Creators(frozenset(names), engineio)
+    needles = [b"\n" + re.escape(name) + b":" for name in sorted(names)]
+    in_head = re.compile(b"|".join(needles) or rb"(?!)", re.IGNORECASE).search
+    return Creators(frozenset(names), engineio, in_head)
 
 
 def head_end(data: bytes) -> int:

@@ -20,6 +20,7 @@ response's head on its own, then its body: two syscalls and two TCP segments (``
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.logging import TRACE_LOG_LEVEL
@@ -48,13 +49,19 @@ class _HeadWithBody:
     """The transport a response cycle writes to: the response head, which uvicorn writes on its
     own at ``http.response.start``, waits for the body's first write so that both leave in one
     writev (one syscall, one TCP segment); or for the end of the loop's turn, so that a streamed
-    response still starts at once."""
+    response still starts at once. ``seen``, if any, is shown each response head as it passes."""
 
-    __slots__ = ("_head", "_loop", "_transport")
+    __slots__ = ("_head", "_loop", "_seen", "_transport")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        seen: Callable[[bytes], object] | None,
+    ) -> None:
         self._transport = transport
         self._loop = loop
+        self._seen = seen
         self._head: bytes | None = None
 
     def write(self, data: bytes) -> None:
@@ -64,6 +71,8 @@ class _HeadWithBody:
         elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100 "):
             self._head = data  # "100 Continue" goes at once: the client waits for it
             self._loop.call_soon(self.flush)
+            if self._seen is not None:
+                self._seen(data)
         else:
             self._transport.write(data)
 
@@ -133,14 +142,18 @@ def accepting(protocol_class: Any) -> Any:
 
 def _joined_writes(protocol_class: Any) -> Any:
     """httptools' protocol, whose response cycles (made in ``on_headers_complete``) write the head
-    and the body together (``_HeadWithBody``)."""
+    and the body together (``_HeadWithBody``), and show each response head to ``response_head``
+    when a subclass sets it (the session layer learns ids from them: one call per response, no
+    ASGI layer)."""
 
     class Joined(protocol_class):  # type: ignore[misc]
         transport: Any  # set in connection_made (an annotation only, for mypy)
+        response_head: Callable[[bytes], object] | None = None
 
         def on_headers_complete(self) -> None:
             transport = self.transport
-            self.transport = _HeadWithBody(transport, self.loop)  # what the new cycle is given
+            # What the new cycle is given as its transport.
+            self.transport = _HeadWithBody(transport, self.loop, self.response_head)
             try:
                 super().on_headers_complete()
             finally:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ebpf_sticky.sessions.http_head import parse_request_head
-from ebpf_sticky.sessions.keys import extract_key, parse_key_spec, parse_trusted
+from ebpf_sticky.sessions.http_head import HeadError, parse_request_head, parse_response_head
+from ebpf_sticky.sessions.keys import extract_key, learn_key, parse_key_spec, parse_trusted
 from ebpf_sticky.sessions.prefilter import creators, head_end, key_markers
 
 SPECS = tuple(
@@ -53,3 +54,30 @@ def test_only_responses_that_can_create_a_key_are_learnt_from() -> None:
     assert not learn.may_create([(b"content-type", b"text/plain")], b"")
     assert creators(SPECS, issued_engineio=False).may_create([], b"EIO=4&transport=polling")
     assert not creators(SPECS, issued_engineio=False).may_create([], b"EIO=4&sid=abc")
+
+
+response_names = st.sampled_from(
+    ["Mcp-Session-Id", "X-Session", "x-session", "Set-Cookie", "set-cookie", "Content-Type", "X-Other"]
+)
+
+
+@given(st.integers(100, 599), st.lists(st.tuples(response_names, values), max_size=6), st.booleans())
+def test_a_response_head_without_markers_creates_no_key(
+    status: int, headers: list[tuple[str, str]], issued: bool
+) -> None:
+    """What a worker's server writes (uvicorn's ``name: value`` lines), read back exactly; the
+    byte search finds something in every head from which a key is learnt."""
+    raw = f"HTTP/1.1 {status} X\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers) + "\r\n"
+    parsed_status, fields = parse_response_head(raw.encode())
+    assert (parsed_status, fields) == (status, tuple((n.lower(), v) for n, v in headers))
+    learnt = learn_key(SPECS, None, parsed_status, fields, b"")
+    if learnt is not None:
+        assert creators(SPECS, issued_engineio=issued).in_head(raw.encode()) is not None
+
+
+def test_a_response_head_is_read_only_from_a_status_line() -> None:
+    for bad in (b"", b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1\r\n\r\n", b"HTTP/1.1 OK fine\r\n\r\n"):
+        with pytest.raises(HeadError):
+            parse_response_head(bad)
+    plain = b"HTTP/1.1 200 OK\r\ncontent-type: x\r\n\r\n"
+    assert creators(SPECS, issued_engineio=True).in_head(plain) is None
