@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import logging
 import os
 import re
@@ -29,7 +30,7 @@ from typing import Any, cast
 
 from ..hashing import HashSpec, cbpf, native, parse_address
 from . import handoff
-from .http_head import MAX_HEAD, HeadError, RequestHead, parse_request_head
+from .http_head import MAX_HEAD, HeadError, RequestHead, parse_request_head, parse_response_head
 from .keys import MAX_LEARN_BODY, AddressKey, IdKey, KeyKind, KeySpec, TrustedProxies, extract_key, learn_key
 from .ownership import SessionTable, hashed_slot, issue_id, issued_slot
 from .prefilter import Creators, head_end
@@ -63,9 +64,9 @@ class Layer:
     mirror: Callable[[Any, HashSpec, int], int]
     carries_key: Callable[[bytes, int, int], re.Match[bytes] | None]  # prefilter.key_markers
     creators: Creators
-    make_protocol: Callable[[], Gate] | None = None  # uvicorn's gated protocol, once installed
+    make_protocol: Callable[[], AdoptedGate] | None = None  # for handed-over connections, once installed
     backlog: dict[int, collections.deque[tuple[int, Peer | None, bytes]]] = field(default_factory=dict)
-    sources: collections.Counter[str] = field(default_factory=collections.Counter)
+    sources: dict[str, int] = field(default_factory=dict)
     window: int = 0  # connections counted in ``sources``
     received: bytearray = field(default_factory=handoff.receive_buffer)
 
@@ -107,11 +108,27 @@ class Layer:
             return address_owner
         return slot
 
+    def learn_from_head(self, head: bytes) -> None:
+        """Each response head the worker's server writes (httptools): an id it creates."""
+        if self.creators.in_head(head) is None:
+            return
+        try:
+            status, fields = parse_response_head(head)
+        except HeadError:
+            return
+        self.remember(learn_key(self.specs, None, status, fields, b""))
+
+    def remember(self, value: str | None) -> None:
+        """An id a response of this worker created is this slot's (ids we issue name it already)."""
+        if value is not None and issued_slot(value, self.table.table_key) is None:
+            self.table.learn(value, self.slot, int(time.monotonic()))
+
     def note_source(self, host: str) -> None:
-        self.sources[host] += 1
+        # A plain dict: a Counter's miss (most hosts, in a window of many clients) calls Python.
+        self.sources[host] = self.sources.get(host, 0) + 1
         self.window += 1
         if self.window >= SOURCE_WINDOW:
-            top = sum(count for _, count in self.sources.most_common(3))
+            top = sum(heapq.nlargest(3, self.sources.values()))
             self.table.set_counter(self.slot, "connections", self.window)
             self.table.set_counter(self.slot, "top_source", top)
             self.sources.clear()
@@ -167,7 +184,7 @@ class Layer:
             loop.create_task(_adopt(loop, protocol, sock))
 
 
-async def _adopt(loop: asyncio.AbstractEventLoop, protocol: Gate, sock: socket.socket) -> None:
+async def _adopt(loop: asyncio.AbstractEventLoop, protocol: AdoptedGate, sock: socket.socket) -> None:
     try:
         await loop.connect_accepted_socket(lambda: protocol, sock)
     except OSError as exc:  # the client went away while the connection was queued
@@ -179,10 +196,13 @@ class Gate(asyncio.Protocol):
     """Mixed in before uvicorn's HTTP protocol class (``gated``): each request head on the
     connection is seen here first, and reaches uvicorn only once it is known to be served here.
 
-    While uvicorn serves a request, every byte goes straight to it; when the response is complete,
+    While uvicorn serves a request (its ``cycle``, made as soon as it has the head), every byte goes
+    straight to it; once the response is complete (and uvicorn has not started a pipelined one),
     the next bytes start a head to decide afresh. Being uvicorn's protocol itself (not a wrapper in
-    front of it), the layer adds no object and no call per byte to a connection served where it
-    landed, and uvicorn's own bookkeeping (connections, limits, shutdown) sees every connection.
+    front of it), the layer adds no object to a connection and, on one served where it landed, one
+    call per read that stores nothing: a connection's state lives in uvicorn's attributes and in
+    class-level defaults, written only off the common path (attributes added to each uvicorn
+    protocol instance made every connection measurably slower).
     """
 
     layer: Layer  # on the mixed class
@@ -191,48 +211,35 @@ class Gate(asyncio.Protocol):
     transport: asyncio.Transport
     client: Peer | None
     cycle: Any
-    # Per connection; class-level defaults spare every accepted connection an __init__ in Python.
+    # Per connection, written only off the common path.
     held = b""  # the bytes of a head not decided yet
-    busy = False  # a request is in uvicorn's hands: its bytes go straight through
-    moved = False  # served here whatever its key says: it was decided once already
+    # uvicorn's cycle when it was handed bytes it may not make a cycle of at once (a head decided
+    # the slow way, a malformed one, a moved connection's): until it starts another, bytes go
+    # straight through. By default no cycle at all: nothing handed.
+    handed: Any = NotImplemented
     proxy_client: Peer | None = None
     address_owner: int | None = None
 
-    def adopt(self, client: Peer | None, data: bytes) -> None:
-        """A connection handed over by another slot, with what was read of it there."""
-        self.moved, self.proxied = True, False
-        self.proxy_client, self.held = client, data
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvicorn's protocol sets the scope's client; like uvicorn, no deadline for the first request.
-        super().connection_made(transport)
-        layer = self.layer
-        peer = self.client[0] if self.client else ""
-        if self.proxied and peer not in layer.trusted:
-            # A PROXY header is believed only from --forwarded-allow-ips: anyone else could claim
-            # any address. The connection is refused, not served with the wrong address.
-            self.transport.abort()
-            return
-        if self.moved:
-            if self.proxy_client is not None:
-                self.client = self.proxy_client
-            self.serve_here()
-        elif not self.proxied:
-            layer.note_source(peer)  # with PROXY headers, the client they name
-
     def data_received(self, data: bytes) -> None:
-        if self.busy:
-            super().data_received(data)
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or cycle is self.handed:
+            super().data_received(data)  # a request in uvicorn's hands
             return
         held = self.held + data
-        if not self.proxied and self.address_owner is None:
-            # The common case in one step: a whole head, routed by the connection's own address,
-            # that cannot carry a key goes to uvicorn at once (``decide`` does the same, slower).
-            end = held.find(b"\r\n\r\n")
-            if end >= 0 and self.layer.carries_key(held, 0, end) is None:
-                self.busy, self.held = True, b""
-                super().data_received(held)
-                return
+        if not self.proxied:
+            layer = self.layer
+            if cycle is None and not self.held and not layer.proxy_protocol:
+                layer.note_source(self.client[0] if self.client else "")  # its first bytes
+            if self.address_owner is None:
+                # The common case in one step: a whole head, routed by the connection's own
+                # address, that cannot carry a key goes to uvicorn at once, which makes its cycle
+                # of it (``decide`` does the same, slower).
+                end = held.find(b"\r\n\r\n")
+                if end >= 0 and layer.carries_key(held, 0, end) is None:
+                    if self.held:
+                        self.held = b""
+                    super().data_received(held)
+                    return
         self.held = held
         self.decide()
 
@@ -250,7 +257,7 @@ class Gate(asyncio.Protocol):
                     # X-Forwarded-For by it, and its access log names it.
                     self.client = self.proxy_client = header.source
                     self.address_owner = layer.owner_of_address(header.source[0])
-                layer.note_source(self.client[0] if self.client else "")
+                layer.note_source(self.client[0] if self.client else "")  # the client it names
                 if not layer.specs:
                     self.route(self.address_owner)
                     return
@@ -290,24 +297,56 @@ class Gate(asyncio.Protocol):
         self.transport.close()  # closes our fd only: the connection lives on in the dup
 
     def serve_here(self) -> None:
-        self.busy = True
+        self.handed = self.cycle
         data, self.held = self.held, b""
         if data:
             super().data_received(data)
 
-    def on_response_complete(self) -> None:
-        """uvicorn's: the response went out in full. Unless uvicorn has already started the next
-        request (pipelined), the next bytes start a head to decide afresh."""
-        super().on_response_complete()  # type: ignore[misc]
-        cycle = self.cycle
-        if not self.transport.is_closing() and (cycle is None or cycle.response_complete):
-            self.busy = self.moved = False
+
+class ProxiedGate(Gate):
+    """The gate when every connection starts with a PROXY header."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # uvicorn's: sets the scope's client (the peer)
+        if not self.client or self.client[0] not in self.layer.trusted:
+            # A PROXY header is believed only from --forwarded-allow-ips: anyone else could claim
+            # any address. The connection is refused, not served with the wrong address.
+            self.transport.abort()
 
 
-def gated(base: type[asyncio.Protocol], layer: Layer) -> Callable[..., Gate]:
-    """uvicorn's HTTP protocol class (httptools' or h11's) with the gate in front of it."""
-    attributes = {"layer": layer, "proxied": layer.proxy_protocol}
-    return cast(Callable[..., Gate], type(f"Gated{base.__name__}", (Gate, base), attributes))
+class AdoptedGate(Gate):
+    """The gate of a connection handed over by another slot: its first request was decided there
+    and is served here, whatever its key says; later ones on it are decided afresh."""
+
+    proxied = False
+
+    def adopt(self, client: Peer | None, data: bytes) -> None:
+        """The client a PROXY header named there (if any), and the bytes read of it there."""
+        self.proxy_client, self.held = client, data
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvicorn's protocol sets the scope's client; like uvicorn, no deadline for the first request.
+        super().connection_made(transport)
+        if self.proxy_client is not None:
+            self.client = self.proxy_client
+        self.serve_here()
+
+
+def gated(
+    base: type[asyncio.Protocol], layer: Layer
+) -> tuple[Callable[..., Gate], Callable[..., AdoptedGate]]:
+    """uvicorn's HTTP protocol class (httptools' or h11's) with the gate in front of it: for the
+    connections this worker accepts, and for those other slots hand it."""
+    attributes: dict[str, Any] = {"layer": layer}
+    if layer.creators.any and not layer.creators.engineio and hasattr(base, "response_head"):
+        attributes["response_head"] = layer.learn_from_head  # else ``learning_app`` learns
+    accepted = type(
+        f"Gated{base.__name__}",
+        (ProxiedGate if layer.proxy_protocol else Gate, base),
+        {**attributes, "proxied": layer.proxy_protocol},
+    )
+    adopted = type(f"Adopted{base.__name__}", (AdoptedGate, base), attributes)
+    return cast(Callable[..., Gate], accepted), cast(Callable[..., AdoptedGate], adopted)
 
 
 def head_of(scope: Scope) -> RequestHead:
@@ -347,9 +386,8 @@ def _watching(scope: Scope, send: Send, layer: Layer) -> Send:
         elif learning and kind in ("http.response.body", "websocket.send"):
             learning = False
             body = message.get("body") or (message.get("text") or "").encode()
-            value = learn_key(layer.specs, head_of(scope), status or 101, headers, body[:MAX_LEARN_BODY])
-            if value is not None and issued_slot(value, layer.table.table_key) is None:
-                layer.table.learn(value, layer.slot, int(time.monotonic()))
+            body = body[:MAX_LEARN_BODY]
+            layer.remember(learn_key(layer.specs, head_of(scope), status or 101, headers, body))
         await send(message)
 
     return watched

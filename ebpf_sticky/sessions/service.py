@@ -16,7 +16,7 @@ from ..hashing import HashSpec
 from .keys import KeyKind, parse_key_spec, parse_trusted
 from .ownership import SessionTable, table_size
 from .prefilter import creators, key_markers
-from .runtime import MIRRORS, Gate, Layer, gated, issue_engineio_ids, learning_app
+from .runtime import MIRRORS, AdoptedGate, Layer, gated, issue_engineio_ids, learning_app
 from .settings import SessionSettings
 
 
@@ -65,13 +65,13 @@ def install(config: Any, server: Any, layer: Layer) -> None:
     """Before ``server.serve``: every connection uvicorn accepts is gated."""
     if not config.loaded:
         config.load()
-    if layer.creators.any:
-        config.loaded_app = learning_app(config.loaded_app, layer)
-    protocol = gated(config.http_protocol_class, layer)
+    protocol, adopted = gated(config.http_protocol_class, layer)
+    if layer.creators.any and getattr(protocol, "response_head", None) is None:
+        config.loaded_app = learning_app(config.loaded_app, layer)  # the protocol shows no heads
 
-    def make_protocol() -> Gate:
+    def make_protocol() -> AdoptedGate:
         # The arguments uvicorn's server gives the protocols it creates for accepted connections.
-        return protocol(config=config, server_state=server.server_state, app_state=server.lifespan.state)
+        return adopted(config=config, server_state=server.server_state, app_state=server.lifespan.state)
 
     layer.make_protocol = make_protocol
     config.http_protocol_class = protocol
