@@ -34,14 +34,15 @@ class Handoff:
     data: bytes  # bytes already read from the connection, in order
 
 
-def encode(client: tuple[str, int] | None, data: bytes) -> bytes:
+def encode(client: tuple[str, int] | None, data: bytes) -> list[bytes]:
+    """The datagram as the buffers ``sendmsg`` gathers (the bytes read are not copied into it)."""
     if client is None:
-        return _FRAME.pack(_VERSION, 0, 0, bytes(16)) + data
+        return [_FRAME.pack(_VERSION, 0, 0, bytes(16)), data]
     address = ipaddress.ip_address(client[0])
-    return _FRAME.pack(_VERSION, address.version, client[1], address.packed.rjust(16, b"\0")) + data
+    return [_FRAME.pack(_VERSION, address.version, client[1], address.packed.rjust(16, b"\0")), data]
 
 
-def decode(fd: int, message: bytes) -> Handoff:
+def decode(fd: int, message: bytes | memoryview) -> Handoff:
     version, family, port, packed = _FRAME.unpack_from(message)
     if version != _VERSION:
         raise ValueError(f"handoff frame version {version}")
@@ -50,13 +51,13 @@ def decode(fd: int, message: bytes) -> Handoff:
         client = (str(ipaddress.IPv4Address(packed[12:])), port)
     elif family == 6:
         client = (str(ipaddress.IPv6Address(packed)), port)
-    return Handoff(fd, client, message[_FRAME.size :])
+    return Handoff(fd, client, bytes(message[_FRAME.size :]))
 
 
 def send(channel: socket.socket, fd: int, client: tuple[str, int] | None, data: bytes) -> None:
     """Queue the connection for the slot behind ``channel``; raises BlockingIOError when full."""
     fds = array.array("i", [fd])
-    channel.sendmsg([encode(client, data)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    channel.sendmsg(encode(client, data), [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
 
 def receive_buffer() -> bytearray:
@@ -82,7 +83,7 @@ def receive(channel: socket.socket, buffer: bytearray) -> Handoff | None:
         if fds:  # else a datagram without a connection: nothing to serve
             for extra in fds[1:]:
                 os.close(extra)
-            return decode(fds[0], bytes(buffer[:size]))
+            return decode(fds[0], memoryview(buffer)[:size])  # one copy: the data's
 
 
 @dataclass

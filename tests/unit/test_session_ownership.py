@@ -112,7 +112,7 @@ clients = st.one_of(
 
 @given(clients, st.binary(max_size=2000))
 def test_the_handoff_frame_round_trips(client: tuple[str, int] | None, data: bytes) -> None:
-    moved = handoff.decode(9, handoff.encode(client, data))
+    moved = handoff.decode(9, b"".join(handoff.encode(client, data)))
     assert moved.data == data and moved.fd == 9
     if client is None:
         assert moved.client is None
