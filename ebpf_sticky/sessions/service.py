@@ -11,7 +11,7 @@ import mmap
 import socket
 from typing import Any
 
-from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, LISTEN_FD, SESSION_TABLE_FD
+from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, SESSION_TABLE_FD
 from ..hashing import HashSpec
 from .keys import KeyKind, parse_key_spec, parse_trusted
 from .ownership import SessionTable, table_size
@@ -20,16 +20,9 @@ from .runtime import MIRRORS, AdoptedGate, Layer, gated, issue_engineio_ids, lea
 from .settings import SessionSettings
 
 
-def listener_family() -> socket.AddressFamily:
-    listener = socket.socket(fileno=LISTEN_FD)
-    try:
-        return listener.family
-    finally:
-        listener.detach()  # the worker's own socket object takes fd 3 later
-
-
-def open_layer(settings: SessionSettings, slot: int) -> Layer:
-    """The worker's layer over the fds the master passed (see ``contract``)."""
+def open_layer(settings: SessionSettings, slot: int, family: socket.AddressFamily) -> Layer:
+    """The worker's layer over the fds the master passed (see ``contract``); ``family`` is the
+    slot socket's."""
     table_key = bytes.fromhex(settings.table_key)
     memory = mmap.mmap(SESSION_TABLE_FD, table_size(), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     receiver = socket.socket(fileno=HANDOFF_RECV_FD)
@@ -55,7 +48,7 @@ def open_layer(settings: SessionSettings, slot: int) -> Layer:
         table=SessionTable(memoryview(memory), table_key),
         senders=senders,
         receiver=receiver,
-        family=listener_family(),
+        family=family,
         spec=spec,
         mirror=MIRRORS[settings.mirror],
     )

@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     slot = os.environ.get(WORKER_ENV, "?")
     options, sessions_text = read_options()
+    sock = socket.socket(fileno=LISTEN_FD)
     layer = None
     try:
         check_readable(options)
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             from ..sessions.service import open_layer
 
             # Before the import: python-engineio's ids are issued from the start.
-            layer = open_layer(SessionSettings.from_json(sessions_text), int(slot))
+            layer = open_layer(SessionSettings.from_json(sessions_text), int(slot), sock.family)
         if options.env_file is not None:
             # Before the import, as uvicorn does: the app may read its settings at import time.
             from dotenv import load_dotenv
@@ -249,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
         return report_load_error(
             f"slot {slot}: importing {args.target} raised {type(exc).__name__}: {exc}", traceback.format_exc()
         )
-    sock = socket.socket(fileno=LISTEN_FD)
     started = serve(app, sock, options, args.graceful_timeout, args.log_level, layer)
     return 0 if started else APP_LOAD_ERROR
 
