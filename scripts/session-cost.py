@@ -2,16 +2,17 @@
 """What the session layer costs: new-connection rate with and without it, and a move's latency.
 
 * **Rate**: the same launch (bench/apps/app.py, Python workers, one request per connection
-  from many sources, driven by bench/native/loadgen.c) with and without ``--session-key``,
-  in interleaved rounds in one run; with the key on, every request is served where it landed (it
-  carries no key), so the figure is the gate's own cost: a search of each request head and the
-  watch of each response. Compare the ratios of one run, not absolutes; on a shared machine the
-  CPU ratio (requests per worker CPU second, on / off) is the one other tenants disturb least.
+  from many sources, driven by bench/native/loadgen.c) with and without ``--session-key``, both
+  running for the whole run and loaded in turn, a short window each; with the key on, every
+  request is served where it landed (it carries no key), so the figure is the gate's own cost: a
+  search of each request head and of each response head. Compare the ratios of one run, not
+  absolutes; the CPU ratio (requests per worker CPU second, on / off) is the one other tenants
+  disturb least.
 * **A move**: one launch with ``--session-key header:x-session``; the same client (on slot 0)
   sends requests of a session owned by slot 0 and of one owned by slot 1, alternating, one
   connection each; the difference of the two medians is what a move adds.
 
-    scripts/session-cost.py [--rounds N] [--seconds S] [--requests N]   (needs root: BPF)
+    scripts/session-cost.py [--windows N] [--seconds S] [--requests N]   (needs root: BPF)
 """
 
 from __future__ import annotations
@@ -91,18 +92,25 @@ def rate(loadgen: Path, launch: Launch, seconds: float) -> tuple[float, float]:
     return completed / seconds, (workers_cpu(launch.proc.pid) - before) / completed * 1e6
 
 
-def rates(loadgen: Path, rounds: int, seconds: float) -> dict[str, list[tuple[float, float]]]:
-    """Off and on in alternating order, each round on fresh launches."""
-    figures: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
-    for r in range(rounds):
-        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
-            launch = Launch(BENCH_APP, 2, *(["--session-key", "header:x-session"] if mode == "on" else []))
-            try:
-                rate(loadgen, launch, 2.0)  # warm up
-                figures[mode].append(rate(loadgen, launch, seconds))
-            finally:
-                launch.close()
-    return figures
+def rates(loadgen: Path, windows: int, seconds: float) -> dict[str, list[tuple[float, float]]]:
+    """Off and on, each one launch for the whole run, loaded in turn for ``seconds`` at a time
+    (ABBA order): the machine's drift over minutes (another tenant, the host's clock) falls on
+    both alike, which separate launches a round apart did not give."""
+    launches = {
+        "off": Launch(BENCH_APP, 2),
+        "on": Launch(BENCH_APP, 2, "--session-key", "header:x-session"),
+    }
+    try:
+        for launch in launches.values():
+            rate(loadgen, launch, 2.0)  # warm up
+        figures: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+        for w in range(windows):
+            for mode in ("off", "on") if w % 2 == 0 else ("on", "off"):
+                figures[mode].append(rate(loadgen, launches[mode], seconds))
+        return figures
+    finally:
+        for launch in launches.values():
+            launch.close()
 
 
 def request(port: int, source: str, session: str | None, path: str = "/") -> tuple[float, str, str]:
@@ -143,25 +151,36 @@ def move_cost(requests: int) -> dict[str, float]:
     }
 
 
+def _total(figures: list[tuple[float, float]]) -> float:
+    """CPU microseconds per request over all windows of one mode (windows are equally long)."""
+    return sum(f[0] * f[1] for f in figures) / sum(f[0] for f in figures)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--windows", type=int, default=60)
+    parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args()
     os.chdir(ROOT)
-    figures = rates(build_loadgen(), args.rounds, args.seconds)
+    figures = rates(build_loadgen(), args.windows, args.seconds)
     pairs = list(zip(figures["on"], figures["off"], strict=True))
+    # Requests per worker CPU second, on / off: the rate ratio with other tenants' load removed.
+    cpu_ratios = [off[1] / on[1] for on, off in pairs]
     result = {
-        "rate_off": [round(f[0]) for f in figures["off"]],
-        "rate_on": [round(f[0]) for f in figures["on"]],
+        "windows": args.windows,
+        "seconds": args.seconds,
+        "rate_off_median": round(statistics.median(f[0] for f in figures["off"])),
+        "rate_on_median": round(statistics.median(f[0] for f in figures["on"])),
         "rate_ratio_median": statistics.median(on[0] / off[0] for on, off in pairs),
-        "cpu_us_per_request_off": [round(f[1], 1) for f in figures["off"]],
-        "cpu_us_per_request_on": [round(f[1], 1) for f in figures["on"]],
-        # Requests per worker CPU second, on / off: the rate ratio with other tenants' load removed.
-        "cpu_ratio_median": statistics.median(off[1] / on[1] for on, off in pairs),
+        "cpu_us_per_request_off_median": round(statistics.median(f[1] for f in figures["off"]), 1),
+        "cpu_us_per_request_on_median": round(statistics.median(f[1] for f in figures["on"]), 1),
+        "cpu_ratio_median": statistics.median(cpu_ratios),
+        "cpu_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(cpu_ratios, n=4)],
+        # All windows together: each window weighed by its requests.
+        "cpu_ratio_total": _total(figures["off"]) / _total(figures["on"]),
         **move_cost(args.requests),
     }
     print(json.dumps(result, indent=2))
