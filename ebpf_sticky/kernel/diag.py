@@ -1,4 +1,5 @@
-"""What the kernel's sock_diag netlink lists about one TCP port: its listeners and its handshakes.
+"""What the kernel's sock_diag netlink lists about one TCP port: its listeners, its handshakes and
+the addresses of its connections.
 
 No privilege is needed: sock_diag dumps every socket of this network namespace to anyone.
 
@@ -29,7 +30,7 @@ NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-TCP_SYN_RECV, TCP_LISTEN, TCP_NEW_SYN_RECV = 3, 10, 12  # request sockets list as TCP_NEW_SYN_RECV
+TCP_ESTABLISHED, TCP_SYN_RECV, TCP_LISTEN, TCP_NEW_SYN_RECV = 1, 3, 10, 12  # requests: NEW_SYN_RECV
 _NLMSGHDR = struct.Struct("=IHHII")
 # inet_diag_req_v2: family, protocol, ext, pad, states; then an inet_diag_sockid left zero (a dump
 # ignores it: filtering by port happens here).
@@ -67,6 +68,17 @@ def handshakes(port: int) -> set[Handshake]:
         for _, sport, dport, src, dst, _, _ in _dump(family, states)
         if sport == port
     }
+
+
+def peers(port: int) -> list[bytes]:
+    """The remote address (16 bytes; IPv4 in the first 4) of each established TCP connection to
+    local ``port``, accepted or still in a listener's queue."""
+    return [
+        dst
+        for family in (socket.AF_INET, socket.AF_INET6)
+        for _, sport, _, _, dst, _, _ in _dump(family, 1 << TCP_ESTABLISHED)
+        if sport == port
+    ]
 
 
 def _dump(family: int, states: int) -> Iterator[tuple[int, int, bytes, bytes, bytes, int, int]]:

@@ -10,10 +10,13 @@ request.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import mmap
 import os
 import socket
 import stat
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ..activation import SessionFds
@@ -21,14 +24,16 @@ from ..config import Launch
 from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, SESSION_TABLE_FD
 from ..errors import HandoverError
 from ..hashing import MAX_SLOTS
+from ..kernel import diag
 from .handoff import Channels
 from .ownership import HEADER, SessionTable, carried_mismatch, table_size
 from .settings import SessionSettings
 
-# The top-source warning: at least this many connections seen, the top sources of each worker's
-# window carrying more than this share of them.
-CONCENTRATION_MIN = 200
+# The top-source warning: at least this many connections open, the top few sources carrying more
+# than this share of them.
+CONCENTRATION_MIN = 32
 CONCENTRATION_SHARE = 0.5
+CONCENTRATION_TOP = 3
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,7 @@ class SessionFigures:
     """What `status` and /metrics show of the session layer."""
 
     per_slot: tuple[dict[str, int], ...]  # ownership.COUNTERS of each slot
-    concentration: float | None  # share of recent connections from the top few sources
+    concentration: float | None  # share of the open connections from the top few sources
     forwarded: bool = False  # addresses already come from PROXY headers or X-Forwarded-For
 
     @property
@@ -50,6 +55,14 @@ CONCENTRATION_WARNING = (
     "a few source addresses carry most connections: a proxy in front? --proxy-protocol or "
     "--session-key forwarded would route by the client"
 )
+
+
+def concentration(peers: Sequence[bytes]) -> float | None:
+    """The share of ``peers`` (one per connection) from the top few addresses; None for fewer
+    than ``CONCENTRATION_MIN`` connections, too few to say. Pure."""
+    if len(peers) < CONCENTRATION_MIN:
+        return None
+    return sum(heapq.nlargest(CONCENTRATION_TOP, Counter(peers).values())) / len(peers)
 
 
 def forwarded_allow_ips(launch: Launch) -> str:
@@ -134,10 +147,14 @@ class MasterSessions:
     def worker_settings(self) -> str:
         return replace(self.settings, send_slots=len(self.channels.pairs)).to_json()
 
-    def figures(self, slots: int) -> SessionFigures:
+    def figures(self, slots: int, port: int) -> SessionFigures:
+        """The slots' counters, and where the port's open connections come from: the kernel's
+        list, read when asked, so that no worker counts anything per connection."""
         rows = tuple(self.table.counters(slot) for slot in range(slots))
-        total = sum(row["connections"] for row in rows)
-        share = sum(row["top_source"] for row in rows) / total if total >= CONCENTRATION_MIN else None
+        try:
+            share = concentration(diag.peers(port))
+        except OSError:  # sock_diag refused (a sandbox): no figure rather than a wrong one
+            share = None
         return SessionFigures(rows, share, self.settings.needs_routing_key)
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from ..hashing import BUCKETS, MAX_SLOTS, bucket_table
 
 MAGIC = 0x5E55_1011
 HEADER = struct.Struct("<IIII")
-COUNTERS = ("moved_out", "moved_in", "unknown", "connections", "top_source")
+COUNTERS = ("moved_out", "moved_in", "unknown")
 COUNTER = struct.Struct("<" + "Q" * len(COUNTERS))
 ENTRY = struct.Struct("<QQ")
 CAPACITY = 1 << 16  # 1 MiB of entries
@@ -187,9 +187,6 @@ class SessionTable:
         at = _COUNTERS_AT + COUNTER.size * slot + 8 * COUNTERS.index(name)
         (value,) = struct.unpack_from("<Q", self.buf, at)
         struct.pack_into("<Q", self.buf, at, value + by)
-
-    def set_counter(self, slot: int, name: str, value: int) -> None:
-        struct.pack_into("<Q", self.buf, _COUNTERS_AT + COUNTER.size * slot + 8 * COUNTERS.index(name), value)
 
     def counters(self, slot: int) -> dict[str, int]:
         values = COUNTER.unpack_from(self.buf, _COUNTERS_AT + COUNTER.size * slot)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import heapq
 import logging
 import os
 import re
@@ -43,8 +42,6 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Any]]
 Send = Callable[[Any], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-# The source addresses of this many accepted connections make one window of the top-source figure.
-SOURCE_WINDOW = 256
 MIRRORS = {"native": native.slot_of, "cbpf": cbpf.slot_of}
 
 
@@ -66,8 +63,6 @@ class Layer:
     creators: Creators
     make_protocol: Callable[[], AdoptedGate] | None = None  # for handed-over connections, once installed
     backlog: dict[int, collections.deque[tuple[int, Peer | None, bytes]]] = field(default_factory=dict)
-    sources: dict[str, int] = field(default_factory=dict)
-    window: int = 0  # connections counted in ``sources``
     received: bytearray = field(default_factory=handoff.receive_buffer)
 
     # -- deciding ----------------------------------------------------------------------------
@@ -122,17 +117,6 @@ class Layer:
         """An id a response of this worker created is this slot's (ids we issue name it already)."""
         if value is not None and issued_slot(value, self.table.table_key) is None:
             self.table.learn(value, self.slot, int(time.monotonic()))
-
-    def note_source(self, host: str) -> None:
-        # A plain dict: a Counter's miss (most hosts, in a window of many clients) calls Python.
-        self.sources[host] = self.sources.get(host, 0) + 1
-        self.window += 1
-        if self.window >= SOURCE_WINDOW:
-            top = sum(heapq.nlargest(3, self.sources.values()))
-            self.table.set_counter(self.slot, "connections", self.window)
-            self.table.set_counter(self.slot, "top_source", top)
-            self.sources.clear()
-            self.window = 0
 
     # -- moving ------------------------------------------------------------------------------
 
@@ -226,20 +210,16 @@ class Gate(asyncio.Protocol):
             super().data_received(data)  # a request in uvicorn's hands
             return
         held = self.held + data
-        if not self.proxied:
-            layer = self.layer
-            if cycle is None and not self.held and not layer.proxy_protocol:
-                layer.note_source(self.client[0] if self.client else "")  # its first bytes
-            if self.address_owner is None:
-                # The common case in one step: a whole head, routed by the connection's own
-                # address, that cannot carry a key goes to uvicorn at once, which makes its cycle
-                # of it (``decide`` does the same, slower).
-                end = held.find(b"\r\n\r\n")
-                if end >= 0 and layer.carries_key(held, 0, end) is None:
-                    if self.held:
-                        self.held = b""
-                    super().data_received(held)
-                    return
+        if not self.proxied and self.address_owner is None:
+            # The common case in one step: a whole head, routed by the connection's own address,
+            # that cannot carry a key goes to uvicorn at once, which makes its cycle of it
+            # (``decide`` does the same, slower).
+            end = held.find(b"\r\n\r\n")
+            if end >= 0 and self.layer.carries_key(held, 0, end) is None:
+                if self.held:
+                    self.held = b""
+                super().data_received(held)
+                return
         self.held = held
         self.decide()
 
@@ -257,7 +237,6 @@ class Gate(asyncio.Protocol):
                     # X-Forwarded-For by it, and its access log names it.
                     self.client = self.proxy_client = header.source
                     self.address_owner = layer.owner_of_address(header.source[0])
-                layer.note_source(self.client[0] if self.client else "")  # the client it names
                 if not layer.specs:
                     self.route(self.address_owner)
                     return

@@ -80,7 +80,9 @@ def reply_to(
     try:
         request = parse_request(line)
         figures = (
-            sessions.figures(router.slots) if sessions is not None and isinstance(request, Status) else None
+            sessions.figures(router.slots, router.port)
+            if sessions is not None and isinstance(request, Status)
+            else None
         )
         return answer(request, router, snapshot, uptime, figures)
     except BadRequest as exc:

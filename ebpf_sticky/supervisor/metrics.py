@@ -109,7 +109,7 @@ def session_families(sessions: SessionFigures) -> list[Metric]:
         metrics.append(
             GaugeMetricFamily(
                 "ebpf_sticky_top_sources_share",
-                "Share of recent connections from each worker's top 3 source addresses "
+                "Share of the open connections from the top 3 source addresses "
                 "(near 1: a proxy in front hides the clients)",
                 value=sessions.concentration,
             )
@@ -129,7 +129,9 @@ class Exporter(Collector):
         self.state = state_of(core)  # one reference swap: a scrape sees the old state or the new
 
     def collect(self) -> Iterable[Metric]:
-        figures = self.sessions.figures(self.router.slots) if self.sessions is not None else None
+        figures = (
+            self.sessions.figures(self.router.slots, self.router.port) if self.sessions is not None else None
+        )
         return families(self.router.loader, self.router.counters(), self.state, figures)
 
 

@@ -439,16 +439,23 @@ def test_behind_nginx_replicas_with_pooled_connections(keys: list[str], transpor
 
 @pytest.mark.parametrize("spread", [False, True], ids=["two-sources", "control-many-sources"])
 def test_status_warns_when_a_few_sources_carry_most_connections(spread: bool) -> None:
+    """What a pooling proxy in front looks like: many open connections from two addresses."""
     args = ["client_app.py", "-w", "2", "--bind", "127.0.0.1:0", "--hash-key", KEY, "--session-key", "mcp"]
-    sources = v4_sources(600, start=9000) if spread else ["127.0.90.1", "127.0.90.2"] * 300
+    sources = v4_sources(40, start=9000) if spread else ["127.0.90.1", "127.0.90.2"] * 20
     with launched(args) as instance:
-        for source in sources:
-            _proxied_get(instance.port, source, b"")
-        status = instance.status()
-        text = subprocess.run(
-            [sys.executable, "-m", "ebpf_sticky", "status", "--port", str(instance.port)],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+        held = [socket.create_connection(("127.0.0.1", instance.port), 10, (s, 0)) for s in sources]
+        try:
+            for sock in held:  # each one served: open and in a worker's hands, as a pool's are
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+            status = instance.status()
+            text = subprocess.run(
+                [sys.executable, "-m", "ebpf_sticky", "status", "--port", str(instance.port)],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+        finally:
+            for sock in held:
+                sock.close()
         warned = "a few source addresses carry most connections" in text
         assert warned == (not spread), (status, text)
         assert "moved-out" in text

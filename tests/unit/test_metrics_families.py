@@ -54,7 +54,7 @@ def test_state_counts_ready_workers_only() -> None:
 
 
 def test_session_figures_have_their_samples() -> None:
-    row = {"moved_out": 4, "moved_in": 3, "unknown": 2, "connections": 256, "top_source": 250}
+    row = {"moved_out": 4, "moved_in": 3, "unknown": 2}
     sessions = SessionFigures((row, {**row, "moved_out": 0}), concentration=0.98)
     samples = exposition(families("native", Counters((1, 1), 0), State(slots=2), sessions))
     assert samples[("ebpf_sticky_session_moves_total", (("direction", "out"), ("slot", "0")))] == 4

@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 from ebpf_sticky.activation import SessionFds
 from ebpf_sticky.errors import HandoverError
 from ebpf_sticky.sessions import handoff
-from ebpf_sticky.sessions.master import MasterSessions, check_carried
+from ebpf_sticky.sessions.master import (
+    CONCENTRATION_MIN,
+    CONCENTRATION_TOP,
+    MasterSessions,
+    check_carried,
+    concentration,
+)
 from ebpf_sticky.sessions.ownership import (
     ENTRIES_AT,
     ENTRY,
@@ -204,3 +210,15 @@ def test_a_table_that_does_not_fit_the_settings_is_refused(key: bytes, slots: in
             check_carried(SessionSettings(keys=("mcp",), table_key=key.hex()), before.carried(), slots)
     finally:
         before.close()
+
+
+@given(st.lists(st.sampled_from([bytes([i]) * 16 for i in range(40)]), max_size=3 * CONCENTRATION_MIN))
+def test_the_top_sources_share_of_open_connections(peers: list[bytes]) -> None:
+    share = concentration(peers)
+    if len(peers) < CONCENTRATION_MIN:
+        assert share is None
+        return
+    assert share is not None and 0 < share <= 1
+    distinct = len(set(peers))
+    # As many sources as the top counts: all of them; otherwise at least their fair part.
+    assert share == 1 if distinct <= CONCENTRATION_TOP else share >= CONCENTRATION_TOP / distinct
