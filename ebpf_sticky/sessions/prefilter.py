@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .keys import MCP_HEADER, KeyKind, KeySpec
 
@@ -62,6 +63,15 @@ class Creators:
         if self.engineio and b"sid=" not in query:
             return True
         return bool(self.headers) and any(name.lower() in self.headers for name, _ in response_headers)
+
+
+class HeadWatch(NamedTuple):
+    """Response heads for the worker's protocol to look at as it writes them: each one in which
+    ``marks`` (a compiled pattern's ``search``, called there: no Python frame for a head it finds
+    nothing in) finds something is shown to ``seen``."""
+
+    marks: Callable[[bytes], object]
+    seen: Callable[[bytes], None]
 
 
 def creators(specs: Sequence[KeySpec], issued_engineio: bool) -> Creators:

@@ -32,7 +32,7 @@ from . import handoff
 from .http_head import MAX_HEAD, HeadError, RequestHead, parse_request_head, parse_response_head
 from .keys import MAX_LEARN_BODY, AddressKey, IdKey, KeyKind, KeySpec, TrustedProxies, extract_key, learn_key
 from .ownership import SessionTable, hashed_slot, issue_id, issued_slot
-from .prefilter import Creators, head_end
+from .prefilter import Creators, HeadWatch, head_end
 from .proxy_protocol import ProxyProtocolError, parse_proxy_header
 
 log = logging.getLogger("ebpf_sticky.sessions")
@@ -104,9 +104,8 @@ class Layer:
         return slot
 
     def learn_from_head(self, head: bytes) -> None:
-        """Each response head the worker's server writes (httptools): an id it creates."""
-        if self.creators.in_head(head) is None:
-            return
+        """A response head the worker's server writes (httptools) with a creator's marks in it
+        (``creators.in_head``): the id it creates, if any."""
         try:
             status, fields = parse_response_head(head)
         except HeadError:
@@ -318,7 +317,8 @@ def gated(
     connections this worker accepts, and for those other slots hand it."""
     attributes: dict[str, Any] = {"layer": layer}
     if layer.creators.any and not layer.creators.engineio and hasattr(base, "response_head"):
-        attributes["response_head"] = layer.learn_from_head  # else ``learning_app`` learns
+        # Else ``learning_app`` learns.
+        attributes["response_head"] = HeadWatch(layer.creators.in_head, layer.learn_from_head)
     accepted = type(
         f"Gated{base.__name__}",
         (ProxiedGate if layer.proxy_protocol else Gate, base),

@@ -20,12 +20,14 @@ response's head on its own, then its body: two syscalls and two TCP segments (``
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
+
+if TYPE_CHECKING:
+    from ..sessions.prefilter import HeadWatch
 
 __all__ = ["accepting", "install"]
 
@@ -49,19 +51,16 @@ class _HeadWithBody:
     """The transport a response cycle writes to: the response head, which uvicorn writes on its
     own at ``http.response.start``, waits for the body's first write so that both leave in one
     writev (one syscall, one TCP segment); or for the end of the loop's turn, so that a streamed
-    response still starts at once. ``seen``, if any, is shown each response head as it passes."""
+    response still starts at once. A ``watch``, if any, looks at each response head as it passes."""
 
-    __slots__ = ("_head", "_loop", "_seen", "_transport")
+    __slots__ = ("_head", "_loop", "_transport", "_watch")
 
     def __init__(
-        self,
-        transport: asyncio.Transport,
-        loop: asyncio.AbstractEventLoop,
-        seen: Callable[[bytes], object] | None,
+        self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, watch: HeadWatch | None
     ) -> None:
         self._transport = transport
         self._loop = loop
-        self._seen = seen
+        self._watch = watch
         self._head: bytes | None = None
 
     def write(self, data: bytes) -> None:
@@ -71,8 +70,9 @@ class _HeadWithBody:
         elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100 "):
             self._head = data  # "100 Continue" goes at once: the client waits for it
             self._loop.call_soon(self.flush)
-            if self._seen is not None:
-                self._seen(data)
+            watch = self._watch
+            if watch is not None and watch.marks(data) is not None:
+                watch.seen(data)
         else:
             self._transport.write(data)
 
@@ -142,13 +142,13 @@ def accepting(protocol_class: Any) -> Any:
 
 def _joined_writes(protocol_class: Any) -> Any:
     """httptools' protocol, whose response cycles (made in ``on_headers_complete``) write the head
-    and the body together (``_HeadWithBody``), and show each response head to ``response_head``
-    when a subclass sets it (the session layer learns ids from them: one call per response, no
-    ASGI layer)."""
+    and the body together (``_HeadWithBody``), and show their heads to ``response_head`` when a
+    subclass sets it (the session layer learns ids from them: no ASGI layer, and no Python call
+    for a head without the marks)."""
 
     class Joined(protocol_class):  # type: ignore[misc]
         transport: Any  # set in connection_made (an annotation only, for mypy)
-        response_head: Callable[[bytes], object] | None = None
+        response_head: HeadWatch | None = None
 
         def on_headers_complete(self) -> None:
             transport = self.transport
