@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -43,6 +44,8 @@ Receive = Callable[[], Awaitable[Any]]
 Send = Callable[[Any], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MIRRORS = {"native": native.slot_of, "cbpf": cbpf.slot_of}
+# Seconds before a handoff refused for too many fds in flight (ETOOMANYREFS) is tried again.
+RETRY_IN_FLIGHT = 0.01
 
 
 @dataclass
@@ -120,29 +123,44 @@ class Layer:
     # -- moving ------------------------------------------------------------------------------
 
     def move(self, slot: int, fd: int, client: Peer | None, data: bytes) -> None:
-        """Queue the connection (our own dup of its fd, closed here once sent) for ``slot``."""
+        """Hand the connection on ``fd`` (the caller's, which it closes next) to ``slot``: at once,
+        the datagram holding its own reference to the connection; or, while that slot cannot take
+        it, a dup of it waits here, in order, until it can."""
         queue = self.backlog.setdefault(slot, collections.deque())
-        queue.append((fd, client, data))
+        if queue or not self._send(slot, fd, client, data):
+            queue.append((os.dup(fd), client, data))
         self.table.count(self.slot, "moved_out")
-        if len(queue) == 1:
-            self._flush(slot)
+
+    def _send(self, slot: int, fd: int, client: Peer | None, data: bytes) -> bool:
+        """False when the slot cannot take the connection yet (a retry of the queue is set up);
+        True when it was sent, or failed for good (the client goes, as if its worker had died)."""
+        loop = asyncio.get_running_loop()
+        try:
+            handoff.send(self.senders[slot], fd, client, data)
+        except BlockingIOError:
+            # The slot's queue is full (its worker is being replaced, or slow): wait for room.
+            loop.add_writer(self.senders[slot].fileno(), self._flush, slot)
+            return False
+        except OSError as exc:
+            if exc.errno != errno.ETOOMANYREFS:
+                log.warning("slot %d: handing a connection to slot %d failed: %s", self.slot, slot, exc)
+                return True
+            # More connections in flight to slots that are not taking them than our RLIMIT_NOFILE
+            # allows (the kernel's limit on fds in unix sockets' queues): the socket stays
+            # writable, so try again in a moment instead.
+            loop.call_later(RETRY_IN_FLIGHT, self._flush, slot)
+            return False
+        return True
 
     def _flush(self, slot: int) -> None:
-        queue, channel = self.backlog[slot], self.senders[slot]
-        loop = asyncio.get_running_loop()
+        asyncio.get_running_loop().remove_writer(self.senders[slot].fileno())
+        queue = self.backlog[slot]
         while queue:
             fd, client, data = queue[0]
-            try:
-                handoff.send(channel, fd, client, data)
-            except BlockingIOError:
-                # The slot's queue is full (its worker is being replaced, or slow): wait for room.
-                loop.add_writer(channel.fileno(), self._flush, slot)
+            if not self._send(slot, fd, client, data):
                 return
-            except OSError as exc:
-                log.warning("slot %d: handing a connection to slot %d failed: %s", self.slot, slot, exc)
             queue.popleft()
             os.close(fd)
-        loop.remove_writer(channel.fileno())
 
     def start_receiving(self) -> None:
         asyncio.get_running_loop().add_reader(self.receiver.fileno(), self._receive)
@@ -267,12 +285,11 @@ class Gate(asyncio.Protocol):
         ):
             self.serve_here()
             return
-        sock = self.transport.get_extra_info("socket")
-        fd = os.dup(sock.fileno())
         data, self.held = self.held, b""
-        self.transport.pause_reading()
-        layer.move(owner, fd, self.proxy_client, data)
-        self.transport.close()  # closes our fd only: the connection lives on in the dup
+        layer.move(owner, self.transport.get_extra_info("socket").fileno(), self.proxy_client, data)
+        # Closes our fd only, and stops reading it in the same turn of the loop: the connection
+        # lives on in the datagram (or the queued dup).
+        self.transport.close()
 
     def serve_here(self) -> None:
         self.handed = self.cycle

@@ -260,6 +260,46 @@ def test_handoffs_queued_for_a_replaced_worker_are_all_served(replace: str) -> N
         assert instance.status()["slots"][2]["sessions"]["moved_in"] >= 40
 
 
+@pytest.mark.parametrize("nofile", [400, None], ids=["in-flight-limit", "default-limit"])
+def test_moves_the_owner_cannot_take_yet_wait_in_the_mover_and_are_served(nofile: int | None) -> None:
+    """The owner stopped (SIGSTOP) while 700 connections are moved to it. The kernel keeps at most
+    RLIMIT_NOFILE of the workers' fds in unix sockets' queues (ETOOMANYREFS): beyond that, they
+    wait in the workers that moved them, in order, until the owner takes its queue again."""
+    args = ["session_app.py", "-w", "3", "--bind", "127.0.0.1:0", "--hash-key", KEY,
+            "--session-key", "header:x-session"]  # fmt: skip
+    owner, others = owner_and_others(6200, 2, 16)
+    queued = 700
+    prefix = ["prlimit", f"--nofile={nofile}:{nofile}", "--"] if nofile else []
+    with launched(args, prefix=prefix) as instance:
+        _, slot, session = session_get(instance.port, owner, "/login", None)
+        assert slot == "2"
+        (pid,) = instance.slot_pids()[2]
+        request = f"GET / HTTP/1.1\r\nHost: x\r\nx-session: {session}\r\nConnection: close\r\n\r\n"
+        clients: list[socket.socket] = []
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for i in range(queued):
+                sock = socket.create_connection(("127.0.0.1", instance.port), 30, (others[i % 16], 0))
+                sock.sendall(request.encode())
+                clients.append(sock)
+            # Every connection read and handed on by slots 0 and 1: none left in their hands.
+            wait_for(
+                lambda: sum(instance.status()["slots"][s]["sessions"]["moved_out"] for s in (0, 1)) >= queued,
+                60,
+                "every connection moved out",
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        answers = []
+        for sock in clients:
+            with sock:
+                response = http.client.HTTPResponse(sock)
+                response.begin()
+                answers.append((response.status, response.read().decode().split()))
+        assert answers == [(200, ["2", str(pid)])] * queued
+        assert instance.status()["slots"][2]["sessions"]["moved_in"] >= queued
+
+
 def test_workers_started_before_a_slot_was_added_hand_connections_to_it() -> None:
     """Slots 0 and 1 exist before TTIN adds slot 2; a session slot 2 creates is asked for from
     addresses of slots 0 and 1, whose workers got their channels before slot 2 existed."""
