@@ -46,6 +46,7 @@ _VERSION = re.compile(rb"HTTP/1\.[0-9]")
 _FIELD = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*"
 _FIELDS = re.compile(_FIELD + rb"(?:\n" + _FIELD + rb")*")
 _LEADING_BLANK_LINES = re.compile(rb"(?:\r?\n)*")
+_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})[ \r]")
 
 
 class HeadError(ValueError):
@@ -133,12 +134,11 @@ def _request_line(line: bytes) -> tuple[str, str]:
 def parse_response_head(data: bytes) -> tuple[int, tuple[tuple[str, str], ...]]:
     """The status and the fields of a response head as this worker's server wrote it (uvicorn:
     CRLF lines, ``name: value``), names lowercased; ``HeadError`` if it is not one."""
-    lines = data.decode("latin-1").split("\r\n")
-    status = lines[0].split(" ", 2)[1:2]
-    if not lines[0].startswith("HTTP/1.") or not status or not status[0].isdigit():
+    status = _STATUS_LINE.match(data)
+    if status is None:
         raise HeadError(f"not an HTTP/1.x response: {data[:32]!r}")
-    fields = (line.partition(":") for line in lines[1:] if line)
-    return int(status[0]), tuple((name.lower(), value.strip(" \t")) for name, _, value in fields)
+    fields = (line.partition(":") for line in data.decode("latin-1").split("\r\n")[1:] if line)
+    return int(status[1]), tuple((name.lower(), value.strip(" \t")) for name, _, value in fields)
 
 
 def header(head: RequestHead, name: str) -> str | None:

@@ -51,9 +51,10 @@ class _HeadWithBody:
     """The transport a response cycle writes to: the response head, which uvicorn writes on its
     own at ``http.response.start``, waits for the body's first write so that both leave in one
     writev (one syscall, one TCP segment); or for the end of the loop's turn, so that a streamed
-    response still starts at once. A ``watch``, if any, looks at each response head as it passes."""
+    response still starts at once. A ``watch``, if any, looks at the response head as it passes.
+    One per request: after its head, every write is body, whatever its bytes."""
 
-    __slots__ = ("_head", "_loop", "_transport", "_watch")
+    __slots__ = ("_head", "_loop", "_started", "_transport", "_watch")
 
     def __init__(
         self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, watch: HeadWatch | None
@@ -62,13 +63,14 @@ class _HeadWithBody:
         self._loop = loop
         self._watch = watch
         self._head: bytes | None = None
+        self._started = False
 
     def write(self, data: bytes) -> None:
         if self._head is not None:
             head, self._head = self._head, None
             self._transport.writelines((head, data))
-        elif data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100 "):
-            self._head = data  # "100 Continue" goes at once: the client waits for it
+        elif not self._started and data.startswith(b"HTTP/1.1 ") and not data.startswith(b"HTTP/1.1 100 "):
+            self._head, self._started = data, True  # "100 Continue" goes at once: the client waits
             self._loop.call_soon(self.flush)
             watch = self._watch
             if watch is not None and watch.marks(data) is not None:

@@ -12,5 +12,14 @@ async def app(scope, receive, send):  # type: ignore[no-untyped-def]
         session = secrets.token_hex(16).encode()
         headers += [(b"x-session", session), (b"set-cookie", b"sid=" + session + b"; Path=/; HttpOnly")]
     body = f"{os.environ['EBPF_STICKY_WORKER']} {os.getpid()}\n".encode()
+    if scope["path"] == "/download":
+        # A body whose second write looks like a response head creating a session (a file a user
+        # uploaded, say): it must not be learnt as one.
+        forged = b"HTTP/1.1 200 OK\r\nx-session: " + scope["query_string"] + b"\r\n\r\n"
+        headers.append((b"content-length", str(len(body) + len(forged)).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        await send({"type": "http.response.body", "body": forged})
+        return
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})
