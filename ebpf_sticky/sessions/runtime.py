@@ -30,7 +30,7 @@ from typing import Any, cast
 
 from ..hashing import HashSpec, cbpf, native, parse_address
 from . import handoff
-from .http_head import MAX_HEAD, HeadError, RequestHead, parse_request_head, parse_response_head
+from .http_head import HeadError, RequestHead, parse_request_head, parse_response_head
 from .keys import MAX_LEARN_BODY, AddressKey, IdKey, KeyKind, KeySpec, TrustedProxies, extract_key, learn_key
 from .ownership import SessionTable, hashed_slot, issue_id, issued_slot
 from .prefilter import Creators, HeadWatch, head_end
@@ -258,7 +258,10 @@ class Gate(asyncio.Protocol):
                     self.route(self.address_owner)
                     return
             end = head_end(self.held)
-            if end < 0 and len(self.held) <= MAX_HEAD:
+            if end < 0:
+                # Bytes that cannot start a request (TLS, noise) are uvicorn's to refuse now (the
+                # parse raises HeadError for them), not held until MAX_HEAD arrives.
+                parse_request_head(self.held)
                 return
             if end >= 0 and layer.carries_key(self.held, 0, end) is None:
                 self.route(self.address_owner)  # no key in it: no parse

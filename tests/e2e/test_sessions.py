@@ -169,6 +169,19 @@ def _proxied_get(port: int, source: str, header: bytes) -> bytes:
         return data
 
 
+def test_bytes_that_cannot_start_a_request_are_refused_at_once() -> None:
+    """A TLS ClientHello to the plain port (no line end in it): uvicorn answers 400 and closes, as
+    it does without the layer, instead of the gate holding it for a head that never comes."""
+    args = ["session_app.py", "-w", "2", "--bind", "127.0.0.1:0", "--hash-key", KEY, "--session-key", "mcp"]
+    with launched(args) as instance:
+        with socket.create_connection(("127.0.0.1", instance.port), timeout=5) as sock:
+            sock.sendall(bytes.fromhex("160301020001000001fc0303") + os.urandom(32))
+            answer = b""
+            while chunk := sock.recv(65536):  # recv: 5 s deadline
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+
+
 def test_proxy_protocol_from_an_allowed_peer_names_the_client() -> None:
     args = [
         "client_app.py", "-w", "4", "--bind", "127.0.0.1:0", "--hash-key", KEY, "--proxy-protocol",
@@ -554,6 +567,23 @@ def test_cookie_sessions_stay_with_the_worker_that_set_the_cookie(keys: list[str
             }
             kept += answers == {slot}
         assert (kept == 12) if keys else (kept < 12)
+
+
+def test_a_body_that_looks_like_a_response_head_creates_no_session() -> None:
+    args = ["session_app.py", "-w", "3", "--bind", "127.0.0.1:0", "--hash-key", KEY,
+            "--session-key", "header:x-session"]  # fmt: skip
+    owner, others = owner_and_others(6400, 2, 12)
+    forged = "f" * 32
+    with launched(args) as instance:
+        conn = http.client.HTTPConnection("127.0.0.1", instance.port, timeout=10, source_address=(owner, 0))
+        try:
+            conn.request("GET", f"/download?{forged}")
+            assert conn.getresponse().read().endswith(f"x-session: {forged}\r\n\r\n".encode())
+        finally:
+            conn.close()
+        answers = {session_get(instance.port, source, "/", forged)[1] for source in others}
+        # Served where they landed (slots 0 and 1): the id was never learnt for slot 2.
+        assert answers == {"0", "1"}, answers
 
 
 def test_query_ids_chosen_by_clients_hash_to_one_slot_each() -> None:
