@@ -122,18 +122,24 @@ class Layer:
 
     # -- moving ------------------------------------------------------------------------------
 
-    def move(self, slot: int, fd: int, client: Peer | None, data: bytes) -> None:
-        """Hand the connection on ``fd`` (the caller's, which it closes next) to ``slot``: at once,
-        the datagram holding its own reference to the connection; or, while that slot cannot take
-        it, a dup of it waits here, in order, until it can."""
+    def move(self, slot: int, fd: int, client: Peer | None, data: bytes) -> bool:
+        """Hand the connection on ``fd`` (the caller's, which it closes if this is True) to
+        ``slot``: at once, the datagram holding its own reference to the connection; or, while that
+        slot cannot take it, a dup of it waits here, in order, until it can. False: not taken (the
+        send failed, or this worker has no fd to spare to make it wait), the caller serves it."""
         queue = self.backlog.setdefault(slot, collections.deque())
-        if queue or not self._send(slot, fd, client, data):
-            queue.append((os.dup(fd), client, data))
+        try:
+            if queue or not self._send(slot, fd, client, data):
+                queue.append((os.dup(fd), client, data))
+        except OSError as exc:  # EMFILE from dup, or the send failed for good
+            log.warning("slot %d: handing a connection to slot %d failed: %s", self.slot, slot, exc)
+            return False
         self.table.count(self.slot, "moved_out")
+        return True
 
     def _send(self, slot: int, fd: int, client: Peer | None, data: bytes) -> bool:
-        """False when the slot cannot take the connection yet (a retry of the queue is set up);
-        True when it was sent, or failed for good (the client goes, as if its worker had died)."""
+        """True when sent; False when the slot cannot take the connection yet (a retry of the
+        queue is set up); OSError when it failed for good."""
         loop = asyncio.get_running_loop()
         try:
             handoff.send(self.senders[slot], fd, client, data)
@@ -143,11 +149,10 @@ class Layer:
             return False
         except OSError as exc:
             if exc.errno != errno.ETOOMANYREFS:
-                log.warning("slot %d: handing a connection to slot %d failed: %s", self.slot, slot, exc)
-                return True
-            # More connections in flight to slots that are not taking them than our RLIMIT_NOFILE
-            # allows (the kernel's limit on fds in unix sockets' queues): the socket stays
-            # writable, so try again in a moment instead.
+                raise
+            # More fds of this user in flight in unix sockets' queues than our RLIMIT_NOFILE
+            # (the kernel's limit; a stopped or replaced worker's queue holds them): the socket
+            # stays writable, so try again in a moment instead.
             loop.call_later(RETRY_IN_FLIGHT, self._flush, slot)
             return False
         return True
@@ -157,8 +162,11 @@ class Layer:
         queue = self.backlog[slot]
         while queue:
             fd, client, data = queue[0]
-            if not self._send(slot, fd, client, data):
-                return
+            try:
+                if not self._send(slot, fd, client, data):
+                    return
+            except OSError as exc:  # the client goes, as if its worker had died
+                log.warning("slot %d: handing a connection to slot %d failed: %s", self.slot, slot, exc)
             queue.popleft()
             os.close(fd)
 
@@ -288,8 +296,11 @@ class Gate(asyncio.Protocol):
         ):
             self.serve_here()
             return
-        data, self.held = self.held, b""
-        layer.move(owner, self.transport.get_extra_info("socket").fileno(), self.proxy_client, data)
+        fd = self.transport.get_extra_info("socket").fileno()
+        if not layer.move(owner, fd, self.proxy_client, self.held):
+            self.serve_here()
+            return
+        self.held = b""
         # Closes our fd only, and stops reading it in the same turn of the loop: the connection
         # lives on in the datagram (or the queued dup).
         self.transport.close()
