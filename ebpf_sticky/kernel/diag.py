@@ -32,9 +32,9 @@ NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 TCP_ESTABLISHED, TCP_SYN_RECV, TCP_LISTEN, TCP_NEW_SYN_RECV = 1, 3, 10, 12  # requests: NEW_SYN_RECV
 _NLMSGHDR = struct.Struct("=IHHII")
-# inet_diag_req_v2: family, protocol, ext, pad, states; then an inet_diag_sockid left zero (a dump
-# ignores it: filtering by port happens here).
-_REQUEST = struct.Struct("=BBBxI48x")
+# inet_diag_req_v2: family, protocol, ext, pad, states; then an inet_diag_sockid with only its
+# local port set (big-endian; 0: any), by which a dump filters, the rest zero.
+_REQUEST = struct.Struct("=BBBxI2s46x")
 # inet_diag_msg: family, state, timer, retrans, sockid (sport, dport big-endian, src[16], dst[16],
 # if, cookie[2]), expires, rqueue, wqueue, uid, inode.
 _MSG = struct.Struct("=BBBB2s2s16s16s12xIIIII")
@@ -72,20 +72,22 @@ def handshakes(port: int) -> set[Handshake]:
 
 def peers(port: int) -> list[bytes]:
     """The remote address (16 bytes; IPv4 in the first 4) of each established TCP connection to
-    local ``port``, accepted or still in a listener's queue."""
+    local ``port``, accepted or still in a listener's queue. The kernel filters by the port."""
     return [
         dst
         for family in (socket.AF_INET, socket.AF_INET6)
-        for _, sport, _, _, dst, _, _ in _dump(family, 1 << TCP_ESTABLISHED)
+        for _, sport, _, _, dst, _, _ in _dump(family, 1 << TCP_ESTABLISHED, port)
         if sport == port
     ]
 
 
-def _dump(family: int, states: int) -> Iterator[tuple[int, int, bytes, bytes, bytes, int, int]]:
+def _dump(
+    family: int, states: int, port: int = 0
+) -> Iterator[tuple[int, int, bytes, bytes, bytes, int, int]]:
     """(state, local port, remote port bytes, local address, remote address, uid, inode) of each
-    TCP socket of ``family`` in one of ``states``."""
+    TCP socket of ``family`` in one of ``states`` (and on local ``port``, if not 0)."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_SOCK_DIAG) as nl:
-        body = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, states)
+        body = _REQUEST.pack(family, socket.IPPROTO_TCP, 0, states, port.to_bytes(2, "big"))
         header = _NLMSGHDR.pack(
             _NLMSGHDR.size + len(body), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
         )

@@ -9,6 +9,7 @@ request.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import mmap
@@ -151,11 +152,13 @@ class MasterSessions:
         """The slots' counters, and where the port's open connections come from: the kernel's
         list, read when asked, so that no worker counts anything per connection."""
         rows = tuple(self.table.counters(slot) for slot in range(slots))
-        try:
-            share = concentration(diag.peers(port))
-        except OSError:  # sock_diag refused (a sandbox): no figure rather than a wrong one
-            share = None
-        return SessionFigures(rows, share, self.settings.needs_routing_key)
+        forwarded = self.settings.needs_routing_key
+        share = None
+        if not forwarded:  # else the peers are the proxies by design, and clients routed past them
+            # sock_diag refused (a sandbox): no figure rather than a wrong one.
+            with contextlib.suppress(OSError):
+                share = concentration(diag.peers(port))
+        return SessionFigures(rows, share, forwarded)
 
     def close(self) -> None:
         self.channels.close()
