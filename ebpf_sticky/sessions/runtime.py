@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import h11
+
 from ..hashing import HashSpec, cbpf, native, parse_address
 from . import handoff
 from .http_head import HeadError, RequestHead, parse_request_head, parse_response_head
@@ -206,7 +208,8 @@ class Gate(asyncio.Protocol):
     connection is seen here first, and reaches uvicorn only once it is known to be served here.
 
     While uvicorn serves a request (its ``cycle``, made as soon as it has the head), every byte goes
-    straight to it; once the response is complete (and uvicorn has not started a pipelined one),
+    straight to it; once the response is complete, and uvicorn holds nothing of another request
+    (``between_requests``: a client that pipelines has its requests served where they are read),
     the next bytes start a head to decide afresh. Being uvicorn's protocol itself (not a wrapper in
     front of it), the layer adds no object to a connection and, on one served where it landed, one
     call per read that stores nothing: a connection's state lives in uvicorn's attributes and in
@@ -231,7 +234,9 @@ class Gate(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         cycle = self.cycle
-        if (cycle is not None and not cycle.response_complete) or cycle is self.handed:
+        if (cycle is not None and (not cycle.response_complete or not self.between_requests())) or (
+            cycle is self.handed
+        ):
             super().data_received(data)  # a request in uvicorn's hands
             return
         held = self.held + data
@@ -286,6 +291,12 @@ class Gate(asyncio.Protocol):
 
     def route(self, owner: int | None) -> None:
         layer = self.layer
+        cycle = self.cycle
+        if cycle is not None and cycle.transport is not self.transport:
+            # httptools' joined writes (``accepting._HeadWithBody``) hold a response head for its
+            # body until the loop's turn ends; a HEAD response has none: its head goes now, so that
+            # the write buffer below tells whether the last response is out.
+            cycle.transport.flush()
         if (
             owner is None
             or owner == layer.slot
@@ -310,6 +321,27 @@ class Gate(asyncio.Protocol):
         data, self.held = self.held, b""
         if data:
             super().data_received(data)
+
+    def between_requests(self) -> bool:
+        """Once a response is complete: whether the server has nothing of the connection's next
+        request yet, so that its next bytes start a head. Which server protocol is mixed in decides
+        (``gated``); a protocol of one's own: assumed."""
+        return True
+
+
+def _httptools_between_requests(self: Any) -> bool:
+    # A pipelined head that httptools has begun to parse has a scope of its own (uvicorn makes one
+    # in on_message_begin); a body still arriving after an early response leaves ``more_body`` set
+    # (uvicorn clears it only while the response is incomplete): the request after such a body is
+    # served here, whatever its key.
+    cycle = self.cycle
+    return self.scope is cycle.scope and not cycle.more_body
+
+
+def _h11_between_requests(self: Any) -> bool:
+    # h11 starts the next cycle once both sides are done; bytes it holds are a head begun.
+    conn = self.conn
+    return conn.their_state is h11.IDLE and not conn.trailing_data[0]
 
 
 class ProxiedGate(Gate):
@@ -347,6 +379,10 @@ def gated(
     """uvicorn's HTTP protocol class (httptools' or h11's) with the gate in front of it: for the
     connections this worker accepts, and for those other slots hand it."""
     attributes: dict[str, Any] = {"layer": layer}
+    if hasattr(base, "on_headers_complete"):
+        attributes["between_requests"] = _httptools_between_requests
+    elif hasattr(base, "handle_events"):
+        attributes["between_requests"] = _h11_between_requests
     if layer.creators.any and not layer.creators.engineio and hasattr(base, "response_head"):
         # Else ``learning_app`` learns.
         attributes["response_head"] = HeadWatch(layer.creators.in_head, layer.learn_from_head)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import io
 import json
 import os
 import signal
@@ -150,6 +151,87 @@ def test_pipelined_requests_are_answered_in_order(http: str) -> None:
                 data += chunk
     assert data.count(b"HTTP/1.1 200") == 3, data
     assert data.count(b'0{"sid":') == 3, data
+
+
+class _Kept(io.BufferedReader):
+    def close(self) -> None:
+        """Kept open when http.client has read a response: the next one is read from it."""
+
+
+class _Answers:
+    """The responses on one raw keep-alive connection, read one at a time (http.client's parser
+    over a single buffered reader, so that no read-ahead is lost between them)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.fp = _Kept(socket.SocketIO(sock, "rb"))
+
+    def makefile(self, mode: str) -> Any:
+        return self.fp
+
+    def next(self, method: str = "GET") -> tuple[int, str, str]:
+        """(status, x-path, slot) of the next response."""
+        response = http.client.HTTPResponse(self, method=method)  # type: ignore[arg-type]
+        response.begin()
+        body = response.read().split()
+        return response.status, response.getheader("x-path") or "", body[0].decode() if body else ""
+
+
+@pytest.fixture(params=["httptools", "h11"])
+def keyed(request: pytest.FixtureRequest) -> Any:
+    """session_app on 3 slots with header:x-session keys; a session owned by slot 2, and a source
+    the kernel sends elsewhere: (instance, session, source, the source's slot)."""
+    args = ["session_app.py", "-w", "3", "--bind", "127.0.0.1:0", "--hash-key", KEY,
+            "--session-key", "header:x-session", "--http", request.param]  # fmt: skip
+    owner, others = owner_and_others(6600, 2, 1)
+    with launched(args) as instance:
+        status, slot, session = session_get(instance.port, owner, "/login", None)
+        assert (status, slot) == (200, "2")
+        yield instance, session, others[0], str(predicted(others[0], 3))
+
+
+def test_a_head_begun_before_the_last_response_ended_is_served_whole(keyed: Any) -> None:
+    """A pipelined head split across reads: its rest, read once the response before it is complete,
+    is not a head of its own (it reads like one here: the header value before it is cut there)."""
+    instance, session, source, here = keyed
+    with socket.create_connection(
+        ("127.0.0.1", instance.port), timeout=10, source_address=(source, 0)
+    ) as sock:
+        answers = _Answers(sock)
+        sock.sendall(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\nGET /two HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        assert answers.next() == (200, "/one", here)
+        sock.sendall(f"GET /three HTTP/1.1\r\nx-session: {session}\r\n\r\n".encode())
+        assert answers.next() == (200, "/two", here)
+
+
+def test_the_rest_of_a_body_after_an_early_response_is_body(keyed: Any) -> None:
+    """The app answers before reading the body (session_app reads none): the body's rest, read
+    after the response, is the server's to discard, even when it reads like a request head."""
+    instance, session, source, here = keyed
+    tail = f"GET /three HTTP/1.1\r\nx-session: {session}\r\n\r\n".encode()
+    with socket.create_connection(
+        ("127.0.0.1", instance.port), timeout=10, source_address=(source, 0)
+    ) as sock:
+        answers = _Answers(sock)
+        sock.sendall(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n0123" % (4 + len(tail)))
+        assert answers.next() == (200, "/early", here)
+        sock.sendall(tail)
+        sock.sendall(b"GET /four HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answers.next() == (200, "/four", here)
+
+
+def test_a_head_only_response_goes_out_before_its_connection_moves(keyed: Any) -> None:
+    """A HEAD response (a head with no body), and in the same turn of the loop the next request,
+    of another slot's session: the head is sent before the connection is handed over."""
+    instance, session, source, here = keyed
+    with socket.create_connection(
+        ("127.0.0.1", instance.port), timeout=10, source_address=(source, 0)
+    ) as sock:
+        answers = _Answers(sock)
+        sock.sendall(f"HEAD /block?{instance.tag} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        wait_for(lambda: f"blocking {instance.tag}" in instance.output(), 10, "the handler to block")
+        sock.sendall(f"GET /three HTTP/1.1\r\nHost: x\r\nx-session: {session}\r\n\r\n".encode())
+        assert answers.next("HEAD") == (200, "/block", "")
+        assert answers.next() == (200, "/three", "2")
 
 
 # -- PROXY protocol, from raw sockets ---------------------------------------------------------------
