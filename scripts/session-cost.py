@@ -2,11 +2,13 @@
 """What the session layer costs: new-connection rate with and without it, and a move's latency.
 
 * **Rate**: the same launch (bench/apps/app.py, Python workers, one request per connection
-  from many sources, driven by bench/native/loadgen.c) with and without ``--session-key``, both
-  running for the whole run and loaded in turn, a short window each; with the key on, every
-  request is served where it landed (it carries no key), so the figure is the gate's own cost: a
-  search of each request head and of each response head. Compare the ratios of one run, not
-  absolutes; the CPU ratio (requests per worker CPU second, on / off) is the one other tenants
+  from many sources, driven by bench/native/loadgen.c) with and without ``--session-key``, and a
+  second launch without it (the control), all three running for the whole run and loaded in
+  turn, a short window each; with the key on, every request is served where it landed (it
+  carries no key), so the figure is the gate's own cost: a search of each request head and of
+  each response head. The control's ratio to the first launch is what the method reads when
+  nothing differs: the noise floor beside the figure. Compare the ratios of one run, not
+  absolutes; the CPU ratio (requests per worker CPU second, X / off) is the one other tenants
   disturb least.
 * **A move**: one launch with ``--session-key header:x-session``; the same client (on slot 0)
   sends requests of a session owned by slot 0 and of one owned by slot 1, alternating, one
@@ -72,12 +74,14 @@ def build_loadgen() -> Path:
 
 
 def workers_cpu(master: int) -> float:
-    """CPU seconds the master's workers have used (utime + stime)."""
-    total = 0.0
+    """CPU seconds the master's workers have run, from the scheduler's own count in nanoseconds
+    (``/proc/PID/task/TID/schedstat``); utime and stime are sampled at the tick, which over a
+    one-second window is off by several per cent."""
+    total = 0
     for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
-        fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        for task in Path(f"/proc/{child}/task").iterdir():
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 def rate(loadgen: Path, launch: Launch, seconds: float) -> tuple[float, float]:
@@ -93,19 +97,21 @@ def rate(loadgen: Path, launch: Launch, seconds: float) -> tuple[float, float]:
 
 
 def rates(loadgen: Path, windows: int, seconds: float) -> dict[str, list[tuple[float, float]]]:
-    """Off and on, each one launch for the whole run, loaded in turn for ``seconds`` at a time
-    (ABBA order): the machine's drift over minutes (another tenant, the host's clock) falls on
-    both alike, which separate launches a round apart did not give."""
+    """Each launch for the whole run, loaded in turn for ``seconds`` at a time (the order reversed
+    every other window): the machine's drift over minutes (another tenant, the host's clock) falls
+    on all alike, which separate launches a round apart did not give."""
     launches = {
         "off": Launch(BENCH_APP, 2),
         "on": Launch(BENCH_APP, 2, "--session-key", "header:x-session"),
+        "control": Launch(BENCH_APP, 2),
     }
     try:
         for launch in launches.values():
             rate(loadgen, launch, 2.0)  # warm up
-        figures: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+        figures: dict[str, list[tuple[float, float]]] = {mode: [] for mode in launches}
+        order = list(launches)
         for w in range(windows):
-            for mode in ("off", "on") if w % 2 == 0 else ("on", "off"):
+            for mode in order if w % 2 == 0 else order[::-1]:
                 figures[mode].append(rate(loadgen, launches[mode], seconds))
         return figures
     finally:
@@ -166,23 +172,26 @@ def main() -> int:
     args = parser.parse_args()
     os.chdir(ROOT)
     figures = rates(build_loadgen(), args.windows, args.seconds)
-    pairs = list(zip(figures["on"], figures["off"], strict=True))
-    # Requests per worker CPU second, on / off: the rate ratio with other tenants' load removed.
-    cpu_ratios = [off[1] / on[1] for on, off in pairs]
-    result = {
+    result: dict[str, object] = {
         "windows": args.windows,
         "seconds": args.seconds,
         "rate_off_median": round(statistics.median(f[0] for f in figures["off"])),
-        "rate_on_median": round(statistics.median(f[0] for f in figures["on"])),
-        "rate_ratio_median": statistics.median(on[0] / off[0] for on, off in pairs),
         "cpu_us_per_request_off_median": round(statistics.median(f[1] for f in figures["off"]), 1),
-        "cpu_us_per_request_on_median": round(statistics.median(f[1] for f in figures["on"]), 1),
-        "cpu_ratio_median": statistics.median(cpu_ratios),
-        "cpu_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(cpu_ratios, n=4)],
-        # All windows together: each window weighed by its requests.
-        "cpu_ratio_total": _total(figures["off"]) / _total(figures["on"]),
-        **move_cost(args.requests),
     }
+    for mode in ("on", "control"):
+        pairs = list(zip(figures[mode], figures["off"], strict=True))
+        # Requests per worker CPU second, X / off: the rate ratio with other tenants' load removed.
+        cpu_ratios = [off[1] / x[1] for x, off in pairs]
+        result[mode] = {
+            "rate_median": round(statistics.median(f[0] for f in figures[mode])),
+            "rate_ratio_median": round(statistics.median(x[0] / off[0] for x, off in pairs), 3),
+            "cpu_us_per_request_median": round(statistics.median(f[1] for f in figures[mode]), 1),
+            "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
+            "cpu_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(cpu_ratios, n=4)],
+            # All windows together: each window weighed by its requests.
+            "cpu_ratio_total": round(_total(figures["off"]) / _total(figures[mode]), 3),
+        }
+    result.update(move_cost(args.requests))
     print(json.dumps(result, indent=2))
     return 0
 
