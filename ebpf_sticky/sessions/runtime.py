@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..hashing import HashSpec, cbpf, native, parse_address
 from . import handoff
@@ -325,7 +326,7 @@ class Gate(asyncio.Protocol):
     def between_requests(self) -> bool:
         """Once a response is complete: whether the server has nothing of the connection's next
         request yet, so that its next bytes start a head. Which server protocol is mixed in decides
-        (``gated``); a protocol of one's own: assumed."""
+        (``gated``); any other (zttp, a class of one's own): assumed."""
         return True
 
 
@@ -379,9 +380,9 @@ def gated(
     """uvicorn's HTTP protocol class (httptools' or h11's) with the gate in front of it: for the
     connections this worker accepts, and for those other slots hand it."""
     attributes: dict[str, Any] = {"layer": layer}
-    if hasattr(base, "on_headers_complete"):
+    if hasattr(base, "on_headers_complete"):  # httptools' parser callbacks (as in ``accepting``)
         attributes["between_requests"] = _httptools_between_requests
-    elif hasattr(base, "handle_events"):
+    elif issubclass(base, H11Protocol):
         attributes["between_requests"] = _h11_between_requests
     if layer.creators.any and not layer.creators.engineio and hasattr(base, "response_head"):
         # Else ``learning_app`` learns.

@@ -181,7 +181,7 @@ def keyed(request: pytest.FixtureRequest) -> Any:
     """session_app on 3 slots with header:x-session keys; a session owned by slot 2, and a source
     the kernel sends elsewhere: (instance, session, source, the source's slot)."""
     args = ["session_app.py", "-w", "3", "--bind", "127.0.0.1:0", "--hash-key", KEY,
-            "--session-key", "header:x-session", "--http", request.param]  # fmt: skip
+            "--session-key", "header:x-session", "--http", request.param, "--loop", "uvloop"]  # fmt: skip
     owner, others = owner_and_others(6600, 2, 1)
     with launched(args) as instance:
         status, slot, session = session_get(instance.port, owner, "/login", None)
@@ -219,9 +219,11 @@ def test_the_rest_of_a_body_after_an_early_response_is_body(keyed: Any) -> None:
         assert answers.next() == (200, "/four", here)
 
 
+@pytest.mark.parametrize("keyed", ["httptools"], indirect=True)
 def test_a_head_only_response_goes_out_before_its_connection_moves(keyed: Any) -> None:
-    """A HEAD response (a head with no body), and in the same turn of the loop the next request,
-    of another slot's session: the head is sent before the connection is handed over."""
+    """A HEAD response (a head with no body), and in the same turn of uvloop's loop (its tasks run
+    before it polls) the next request, of another slot's session: the head is sent before the
+    connection is handed over. (httptools' joined writes hold a head for its body; h11's do not.)"""
     instance, session, source, here = keyed
     with socket.create_connection(
         ("127.0.0.1", instance.port), timeout=10, source_address=(source, 0)

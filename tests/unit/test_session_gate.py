@@ -1,0 +1,90 @@
+"""Whether the gate reads a connection's next bytes as a new head: each server protocol's answer.
+
+The gate decides a request only once the server protocol holds nothing of it; what "holds" means
+is the protocol's own (uvicorn's httptools scope and body flag, h11's state and buffer), and any
+other protocol keeps the plain answer. The states are the parsers' own, reached by feeding them
+bytes; the behaviour over real connections is in tests/e2e/test_sessions.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import socket
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import h11
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from ebpf_sticky.sessions.keys import parse_key_spec, parse_trusted
+from ebpf_sticky.sessions.ownership import SessionTable, table_size
+from ebpf_sticky.sessions.prefilter import creators, key_markers
+from ebpf_sticky.sessions.runtime import MIRRORS, Layer, gated
+from ebpf_sticky.supervisor.accepting import accepting
+
+REQUEST = b"POST /x HTTP/1.1\r\nHost: x\r\nx-session: abc\r\nContent-Length: 3\r\n\r\nabc"
+
+
+@pytest.fixture(scope="module")
+def layer() -> Iterator[Layer]:
+    specs = (parse_key_spec("header:x-session"),)
+    ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    yield Layer(
+        slot=0,
+        specs=specs,
+        proxy_protocol=False,
+        trusted=parse_trusted("127.0.0.1"),
+        table=SessionTable.create(memoryview(mmap.mmap(-1, table_size())), b"k" * 16, 2),
+        senders=list(ends),
+        receiver=ends[0],
+        family=socket.AF_INET,
+        spec=None,
+        mirror=MIRRORS["native"],
+        carries_key=key_markers(specs).search,
+        creators=creators(specs, False),
+    )
+    for end in ends:
+        end.close()
+
+
+def bare(cls: Any, **state: Any) -> Any:
+    """An instance of a gated class holding only the attributes its predicate reads."""
+    protocol = object.__new__(cls)
+    protocol.__dict__.update(state)
+    return protocol
+
+
+def test_httptools_a_scope_begun_or_a_body_still_arriving_is_not_between(layer: Layer) -> None:
+    gate = gated(accepting(HttpToolsProtocol), layer)[0]
+    scope: dict[str, Any] = {}
+    done = SimpleNamespace(scope=scope, more_body=False)
+    assert bare(gate, scope=scope, cycle=done).between_requests()
+    # on_message_begin of a pipelined request made a scope of its own
+    assert not bare(gate, scope={}, cycle=done).between_requests()
+    # the response came first: uvicorn leaves more_body set
+    early = SimpleNamespace(scope=scope, more_body=True)
+    assert not bare(gate, scope=scope, cycle=early).between_requests()
+
+
+@given(cut=st.integers(min_value=0, max_value=len(REQUEST)))
+def test_h11_any_part_of_a_request_read_is_not_between(layer: Layer, cut: int) -> None:
+    gate = gated(accepting(H11Protocol), layer)[0]
+    conn = h11.Connection(h11.SERVER)
+    if cut:  # (no bytes at all would tell h11 the peer closed)
+        conn.receive_data(REQUEST[:cut])
+    for _ in range(4):  # Request, Data, EndOfMessage at most, before it needs more
+        if conn.next_event() in (h11.NEED_DATA, h11.PAUSED):
+            break
+    assert bare(gate, conn=conn).between_requests() is (cut == 0)
+
+
+def test_any_other_protocol_keeps_the_plain_answer(layer: Layer) -> None:
+    """uvicorn's zttp protocol has h11's handle_events but no h11 connection: not h11's test."""
+    other = type("ZttpLike", (asyncio.Protocol,), {"handle_events": lambda self, event: None})
+    assert bare(gated(other, layer)[0]).between_requests()
