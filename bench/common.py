@@ -190,9 +190,12 @@ class Cpu:
 
 
 def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds ``pid``'s threads have run, from the scheduler's own count in nanoseconds
+    (``/proc/PID/task/TID/schedstat``); utime and stime are sampled at the tick, which over a
+    one-second window is off by several per cent. 0 for a process that is gone."""
     with contextlib.suppress(OSError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        return sum(int((task / "schedstat").read_text().split()[0]) for task in tasks) / 1e9
     return 0.0
 
 
@@ -214,7 +217,7 @@ def tree_pids(roots: Sequence[int]) -> list[int]:
 def server_cpu_seconds(contender: Contender) -> Callable[[], float]:
     """A reader of the contender's CPU time so far: its cgroup's cpuacct.usage (nanoseconds; every
     process of the router and its workers, whatever their number or lifetime), else the sum of
-    /proc utime+stime of the processes it has now (ticks of 10 ms)."""
+    the CPU time of the processes it has now."""
     group = contender.group
     if group and group.accounting:
         return group.usage_seconds  # type: ignore[return-value]

@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import process_cpu_seconds  # noqa: E402
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of  # noqa: E402
 
 KEY = "00112233445566778899aabbccddeeff"
@@ -74,14 +75,9 @@ def build_loadgen() -> Path:
 
 
 def workers_cpu(master: int) -> float:
-    """CPU seconds the master's workers have run, from the scheduler's own count in nanoseconds
-    (``/proc/PID/task/TID/schedstat``); utime and stime are sampled at the tick, which over a
-    one-second window is off by several per cent."""
-    total = 0
-    for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
-        for task in Path(f"/proc/{child}/task").iterdir():
-            total += int((task / "schedstat").read_text().split()[0])
-    return total / 1e9
+    """CPU seconds the master's workers have run."""
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    return sum(process_cpu_seconds(int(child)) for child in children)
 
 
 def rate(loadgen: Path, launch: Launch, seconds: float) -> tuple[float, float]:
