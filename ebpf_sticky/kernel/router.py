@@ -378,18 +378,27 @@ class Router:
         return GroupView(listening, in_map, order, strangers)
 
     def repair(self, relisten: Sequence[int], reinsert: Sequence[int], rejoin_all: bool) -> None:
-        """Put slots back: listen again, refill sockarray entries, or (positions moved) take every
-        socket out and rejoin them in slot order, which resets their queued connections. Raises
-        StickyError or OSError."""
+        """Put slots back: listen again, refill sockarray entries, or (classic BPF, positions
+        moved) rejoin every slot but slot 0 in slot order, which resets their queued connections.
+        Raises StickyError or OSError."""
         if rejoin_all:
-            for sock in self.sockets:
-                sock.shutdown(socket.SHUT_RD)
-            relisten = range(self.slots)
+            # Slot 0 never leaves: once every other member is out, it is alone at position 0
+            # wherever it stood, so its queue and a worker blocked in its accept() are untouched.
+            # The others leave and join again in slot order, each out for a few system calls. A
+            # worker blocked in accept() on one of them is woken by its leaving and, if it runs
+            # before the listen(), gets EINVAL (often: the wake-up can preempt the master).
+            # uvicorn's workers carry on; a blocking server may exit, and is replaced on its slot.
+            if 0 in relisten:
+                self.sockets[0].listen(self.backlog)
+            for slot in range(1, self.slots):
+                if slot not in relisten:
+                    self.sockets[slot].shutdown(socket.SHUT_RD)
+            relisten = range(1, self.slots)
         for slot in relisten:
             self.sockets[slot].listen(self.backlog)
         for slot in reinsert:
             self._routing.join(self.sockets[slot], slot)
-        if relisten:
+        if relisten or rejoin_all:
             # A group that was emptied lost its program; attaching again is atomic and harmless.
             self._routing.reattach(self.sockets, self.slots - (self.retiring is not None))
 

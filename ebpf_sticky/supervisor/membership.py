@@ -12,8 +12,9 @@ can. So every tick the master compares the kernel's view (``Router.view``) with 
 * classic BPF: the program returns *positions* in the group, so a socket that left (and maybe
   came back at the end) sent other slots' clients to the wrong worker. The kernel's listening hash
   keeps the join order (``kernel/diag.py``): when it differs from the order the master last saw
-  after its own changes, or a slot left, every socket is rejoined in slot order. That resets the
-  queued connections of every slot: the price of putting every client back on its worker.
+  after its own changes, or a slot left, every socket but slot 0's is rejoined in slot order
+  (``Router.repair``). That resets the queued connections of those slots: the price of putting
+  every client back on its worker.
 * listeners of the master's uid on the group's address that are not the master's joined the group:
   they cannot be removed from here; the log says so (workers of another uid cannot join).
 """
@@ -100,7 +101,7 @@ class Watch:
         except (OSError, StickyError) as exc:
             log.error("membership: could not repair the group (%s): clients may reach the wrong worker", exc)
             return
-        what = "rejoined every slot in order" if repair.rejoin_all else "restored"
+        what = "rejoined every slot after slot 0 in order" if repair.rejoin_all else "restored"
         log.warning(
             "membership: repaired: %s (relisten %s, sockarray %s)",
             what,

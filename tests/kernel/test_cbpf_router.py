@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from support import netlab
+from support.launcher import wait_for
 from support.netlab import (
     accept_all,
     connect_all,
@@ -30,6 +31,7 @@ from ebpf_sticky.hashing import HashSpec, parse_address
 from ebpf_sticky.hashing import cbpf as hashing_cbpf
 from ebpf_sticky.kernel import casm
 from ebpf_sticky.kernel.router import Router
+from ebpf_sticky.supervisor import membership
 
 KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
 SPEC = HashSpec(KEY)
@@ -183,6 +185,40 @@ def test_negative_control_any_holder_of_a_member_can_replace_the_program() -> No
             return sorted(set(routed(router, SOURCES[:60]).values()))
 
     assert as_nobody(check) == [0]
+
+
+@pytest.mark.parametrize("comes_back", [True, False], ids=["left-and-came-back", "left"])
+def test_the_watch_puts_every_client_back_and_leaves_slot_0_alone(comes_back: bool) -> None:
+    """A holder of slot 1's socket takes it out of the group, and maybe back in at the end: the
+    master's watch rejoins slots 1..3 in order and never touches slot 0, so a connection queued on
+    slot 0 meanwhile is still there to accept, and every client is on its slot again."""
+
+    def check() -> dict[str, Any]:
+        with Router.open(parse_bind("127.0.0.1:0"), SPEC, 4, loader="cbpf") as router:
+            watch = membership.Watch()
+            watch.look(router)  # the order the master built
+            source = next(s for s, slot in predicted(SOURCES, 4).items() if slot == 0)
+            queued = socket.create_connection(("127.0.0.1", router.port), source_address=(source, 0))
+            queued.sendall(b"queued")
+            wait_for(lambda: router.pending(0) == 1, 5, "the connection queued on slot 0")
+            holder = socket.socket(fileno=os.dup(router.sockets[1].fileno()))
+            holder.shutdown(socket.SHUT_RD)
+            if comes_back:
+                holder.listen(16)
+            watch.look(router)
+            out: dict[str, Any] = {"pending": router.pending(0)}
+            if out["pending"]:
+                conn, _ = router.sockets[0].accept()
+                out["queued"] = conn.recv(16).decode()
+                conn.close()
+            queued.close()
+            holder.close()
+            out["routed"] = routed(router, SOURCES[:200])
+            return out
+
+    got = as_nobody(check)
+    assert got["pending"] == 1 and got["queued"] == "queued"
+    assert got["routed"] == predicted(SOURCES[:200], 4)
 
 
 def test_auto_picks_cbpf_when_a_seccomp_filter_denies_bpf_and_native_as_root() -> None:
