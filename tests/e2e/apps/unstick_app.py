@@ -6,7 +6,8 @@ attacks fd 3 and answers with the errno of each step ("0" when it worked):
 * ``connect``: connect(3, AF_UNSPEC) then listen(3, 128);
 * ``dup``: dup(3), then shutdown and listen on the duplicate;
 * ``passed``: fd 3 sent to itself over a Unix socket (SCM_RIGHTS), which no seccomp filter sees,
-  then shutdown and listen on the received duplicate.
+  then shutdown and listen on the received duplicate;
+* ``left``: as ``passed``, but only the shutdown: the slot stays out of the group.
 
 ``GET /reach`` tries what a worker at the master's uid could: join the group with a listener of
 its own on the same address and port, and signal the master (signal 0). It answers both errnos.
@@ -52,6 +53,8 @@ def attack(how: str) -> list[int]:
     if err:
         return [err]
     try:
+        if how == "left":
+            return [0, call(libc.shutdown(fd, socket.SHUT_RD))]
         return [0, *unhash_and_rejoin(fd, "shutdown")]
     finally:
         os.close(fd)
