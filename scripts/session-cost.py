@@ -1,20 +1,20 @@
 #!/usr/bin/env python3
 """What the session layer costs: new-connection rate with and without it, and a move's latency.
 
-* **Rate**: the same launch (bench/apps/app.py, Python workers, one request per connection
-  from many sources, driven by bench/native/loadgen.c) with and without ``--session-key``, and a
-  second launch without it (the control), all three running for the whole run and loaded in
-  turn, a short window each; with the key on, every request is served where it landed (it
-  carries no key), so the figure is the gate's own cost: a search of each request head and of
-  each response head. The control's ratio to the first launch is what the method reads when
-  nothing differs: the noise floor beside the figure. Compare the ratios of one run, not
-  absolutes; the CPU ratio (requests per worker CPU second, X / off) is the one other tenants
-  disturb least.
+* **Rate**: the same launch (bench/apps/app.py, Python workers, one request per connection from
+  many sources, driven by bench/native/loadgen.c) with and without ``--session-key``, and a second
+  launch without it (the control), loaded in turn, a short window each, and started afresh for
+  each of several rounds (identical launches differ by a few per cent for as long as they live);
+  with the key on, every request is served where it landed (it carries no key), so the figure is
+  the gate's own cost: a search of each request head and of each response head. The control's
+  ratio to the first launch is what the method reads when nothing differs: the noise floor beside
+  the figure. Compare the ratios of one run, not absolutes; the CPU ratio (requests per worker CPU
+  second, X / off) is the one other tenants disturb least.
 * **A move**: one launch with ``--session-key header:x-session``; the same client (on slot 0)
   sends requests of a session owned by slot 0 and of one owned by slot 1, alternating, one
   connection each; the difference of the two medians is what a move adds.
 
-    scripts/session-cost.py [--windows N] [--seconds S] [--requests N]   (needs root: BPF)
+    scripts/session-cost.py [--rounds N] [--windows N] [--seconds S] [--requests N]   (needs root: BPF)
 """
 
 from __future__ import annotations
@@ -92,27 +92,33 @@ def rate(loadgen: Path, launch: Launch, seconds: float) -> tuple[float, float]:
     return completed / seconds, (workers_cpu(launch.proc.pid) - before) / completed * 1e6
 
 
-def rates(loadgen: Path, windows: int, seconds: float) -> dict[str, list[tuple[float, float]]]:
-    """Each launch for the whole run, loaded in turn for ``seconds`` at a time (the order reversed
-    every other window): the machine's drift over minutes (another tenant, the host's clock) falls
-    on all alike, which separate launches a round apart did not give."""
-    launches = {
-        "off": Launch(BENCH_APP, 2),
-        "on": Launch(BENCH_APP, 2, "--session-key", "header:x-session"),
-        "control": Launch(BENCH_APP, 2),
-    }
-    try:
-        for launch in launches.values():
-            rate(loadgen, launch, 2.0)  # warm up
-        figures: dict[str, list[tuple[float, float]]] = {mode: [] for mode in launches}
-        order = list(launches)
-        for w in range(windows):
-            for mode in order if w % 2 == 0 else order[::-1]:
-                figures[mode].append(rate(loadgen, launches[mode], seconds))
-        return figures
-    finally:
-        for launch in launches.values():
-            launch.close()
+MODES = {"off": (), "on": ("--session-key", "header:x-session"), "control": ()}
+Figures = dict[str, list[tuple[float, float]]]  # per mode, per window: (requests/s, CPU µs/request)
+
+
+def rates(loadgen: Path, rounds: int, windows: int, seconds: float) -> list[Figures]:
+    """Per round, each mode's figures. A round starts the three launches afresh, keeps them for
+    all its windows and loads them in turn for ``seconds`` at a time (the order reversed every
+    other window): the machine's drift over minutes (another tenant, the host's clock) falls on all
+    alike. Rounds, because two identical launches differ by a few per cent for as long as they
+    live (where their workers' memory and CPUs fall): more windows of one launch do not average
+    that out, fresh launches do."""
+    out = []
+    for _ in range(rounds):
+        launches = {mode: Launch(BENCH_APP, 2, *extra) for mode, extra in MODES.items()}
+        try:
+            for launch in launches.values():
+                rate(loadgen, launch, 2.0)  # warm up
+            figures: Figures = {mode: [] for mode in launches}
+            order = list(launches)
+            for w in range(windows):
+                for mode in order if w % 2 == 0 else order[::-1]:
+                    figures[mode].append(rate(loadgen, launches[mode], seconds))
+            out.append(figures)
+        finally:
+            for launch in launches.values():
+                launch.close()
+    return out
 
 
 def request(port: int, source: str, session: str | None, path: str = "/") -> tuple[float, str, str]:
@@ -158,17 +164,25 @@ def _total(figures: list[tuple[float, float]]) -> float:
     return sum(f[0] * f[1] for f in figures) / sum(f[0] for f in figures)
 
 
+def _median_ratio(a: list[tuple[float, float]], b: list[tuple[float, float]], field: int) -> float:
+    """The median of a / b over the windows of one round, for one field (0: rate, 1: CPU)."""
+    return round(statistics.median(x[field] / y[field] for x, y in zip(a, b, strict=True)), 3)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--windows", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--windows", type=int, default=20, help="per round")
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args()
     os.chdir(ROOT)
-    figures = rates(build_loadgen(), args.windows, args.seconds)
+    rounds = rates(build_loadgen(), args.rounds, args.windows, args.seconds)
+    figures = {mode: [f for one in rounds for f in one[mode]] for mode in MODES}
     result: dict[str, object] = {
+        "rounds": args.rounds,
         "windows": args.windows,
         "seconds": args.seconds,
         "rate_off_median": round(statistics.median(f[0] for f in figures["off"])),
@@ -186,6 +200,9 @@ def main() -> int:
             "cpu_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(cpu_ratios, n=4)],
             # All windows together: each window weighed by its requests.
             "cpu_ratio_total": round(_total(figures["off"]) / _total(figures[mode]), 3),
+            # Each round's median: how far launches alone move the figure.
+            "rate_ratio_by_round": [_median_ratio(one[mode], one["off"], 0) for one in rounds],
+            "cpu_ratio_by_round": [_median_ratio(one["off"], one[mode], 1) for one in rounds],
         }
     result.update(move_cost(args.requests))
     print(json.dumps(result, indent=2))
