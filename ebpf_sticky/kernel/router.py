@@ -391,8 +391,13 @@ class Router:
             if 0 in relisten:
                 self.sockets[0].listen(self.backlog)
             for slot in range(1, self.slots):
-                if slot not in relisten:
+                # Every one, not only those the view saw listening: a worker may have put its slot
+                # back since, at the end. One that is out already answers ENOTCONN.
+                try:
                     self.sockets[slot].shutdown(socket.SHUT_RD)
+                except OSError as exc:
+                    if exc.errno != errno_mod.ENOTCONN:
+                        raise
             relisten = range(1, self.slots)
         for slot in relisten:
             self.sockets[slot].listen(self.backlog)

@@ -221,6 +221,24 @@ def test_the_watch_puts_every_client_back_and_leaves_slot_0_alone(comes_back: bo
     assert got["routed"] == predicted(SOURCES[:200], 4)
 
 
+def test_a_repair_decided_on_a_stale_view_still_puts_every_client_back() -> None:
+    """Slot 2's holder takes it out; the master looks (slot 2 not listening); the holder puts it
+    back, at the end, before the master repairs: the repair must take it out again anyway, or slot
+    1 would rejoin behind it."""
+
+    def check() -> dict[str, int]:
+        with Router.open(parse_bind("127.0.0.1:0"), SPEC, 3, loader="cbpf") as router:
+            holder = socket.socket(fileno=os.dup(router.sockets[2].fileno()))
+            holder.shutdown(socket.SHUT_RD)
+            repair = membership.decide(router.view(), None, 0)
+            holder.listen(16)
+            router.repair(repair.relisten, repair.reinsert, repair.rejoin_all)
+            holder.close()
+            return routed(router, SOURCES[:200])
+
+    assert as_nobody(check) == predicted(SOURCES[:200], 3)
+
+
 def test_auto_picks_cbpf_when_a_seccomp_filter_denies_bpf_and_native_as_root() -> None:
     def open_auto(deny: bool) -> dict[str, Any]:
         if deny:
