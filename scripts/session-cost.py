@@ -105,17 +105,18 @@ def rates(loadgen: Path, rounds: int, windows: int, seconds: float) -> list[Figu
     that out, fresh launches do."""
     out = []
     for r in range(rounds):
-        # Each mode is started first in turn, so that none keeps one place in the start order
-        # (with "off" always first, the control read 3 % faster than it over five rounds).
+        # Each mode is started first in turn: the start order alone can move a launch's figures
+        # by a few per cent.
         modes = list(MODES)[r % len(MODES) :] + list(MODES)[: r % len(MODES)]
-        launches = {mode: Launch(BENCH_APP, 2, *MODES[mode]) for mode in modes}
+        launches: dict[str, Launch] = {}
         try:
+            for mode in modes:
+                launches[mode] = Launch(BENCH_APP, 2, *MODES[mode])
             for launch in launches.values():
                 rate(loadgen, launch, 2.0)  # warm up
-            figures: Figures = {mode: [] for mode in launches}
-            order = list(launches)
+            figures: Figures = {mode: [] for mode in modes}
             for w in range(windows):
-                for mode in order if w % 2 == 0 else order[::-1]:
+                for mode in modes if w % 2 == 0 else modes[::-1]:
                     figures[mode].append(rate(loadgen, launches[mode], seconds))
             out.append(figures)
         finally:
