@@ -120,6 +120,8 @@ class Router:
         self.bind = bind
         self.sockets: list[socket.socket] = []
         self.retiring: int | None = None  # the slot between retire_slot and release_slot
+        # Slots whose socket a holder made something other than a listener: no repair brings them back.
+        self.lost: set[int] = set()
         # Without migration: the handshakes in flight when the retiring slot got its last client.
         self._handshakes: set[diag.Handshake] = set()
         self.backlog = DEFAULT_BACKLOG
@@ -380,7 +382,16 @@ class Router:
     def repair(self, relisten: Sequence[int], reinsert: Sequence[int], rejoin_all: bool) -> None:
         """Put slots back: listen again, refill sockarray entries, or (classic BPF, positions
         moved) rejoin every slot but slot 0 in slot order, which resets their queued connections.
-        Raises StickyError or OSError."""
+        A slot whose socket cannot listen again does not keep the others out: they are put back,
+        then KernelError names it. Raises StickyError or OSError."""
+        lost: dict[int, OSError] = {}
+
+        def listen(slot: int) -> None:
+            try:
+                self.sockets[slot].listen(self.backlog)
+            except OSError as exc:  # a holder connected it elsewhere: it is no listener any more
+                lost[slot] = exc
+
         if rejoin_all:
             # Slot 0 never leaves: once every other member is out, it is alone at position 0
             # wherever it stood, so its queue and a worker blocked in its accept() are untouched.
@@ -389,7 +400,7 @@ class Router:
             # before the listen(), gets EINVAL (often: the wake-up can preempt the master).
             # uvicorn's workers carry on; a blocking server may exit, and is replaced on its slot.
             if 0 in relisten:
-                self.sockets[0].listen(self.backlog)
+                listen(0)
             for slot in range(1, self.slots):
                 # Every one, not only those the view saw listening: a worker may have put its slot
                 # back since, at the end. One that is out already answers ENOTCONN.
@@ -400,12 +411,24 @@ class Router:
                         raise
             relisten = range(1, self.slots)
         for slot in relisten:
-            self.sockets[slot].listen(self.backlog)
+            listen(slot)
         for slot in reinsert:
-            self._routing.join(self.sockets[slot], slot)
+            if slot not in lost:
+                self._routing.join(self.sockets[slot], slot)
         if relisten or rejoin_all:
             # A group that was emptied lost its program; attaching again is atomic and harmless.
-            self._routing.reattach(self.sockets, self.slots - (self.retiring is not None))
+            # Through a member: a lost socket is in no group.
+            members = [sock for slot, sock in enumerate(self.sockets) if slot not in lost]
+            if members:
+                self._routing.reattach(members, self.slots - (self.retiring is not None))
+        if lost:
+            self.lost |= lost.keys()
+            slot, error = next(iter(lost.items()))
+            raise KernelError(
+                f"slot {slot}'s socket cannot listen again ({error.strerror}): a holder made it "
+                "something else; its clients go to the other slots until the group is restarted",
+                error.errno or 0,
+            )
 
     def close(self) -> None:
         for sock in self.sockets:

@@ -42,15 +42,28 @@ class Repair:
         return bool(self.relisten or self.reinsert or self.rejoin_all)
 
 
-def decide(view: GroupView, baseline: tuple[int, ...] | None, strangers_known: int) -> Repair:
-    """What to do about ``view``, given the listening-hash order seen after the master's last change
-    and the number of strangers already reported (each change is reported once)."""
-    relisten = tuple(slot for slot, listening in enumerate(view.listening) if not listening)
+def decide(
+    view: GroupView,
+    baseline: tuple[int, ...] | None,
+    strangers_known: int,
+    lost: frozenset[int] = frozenset(),
+) -> Repair:
+    """What to do about ``view``, given the listening-hash order seen after the master's last change,
+    the number of strangers already reported (each change is reported once), and the slots whose
+    socket can never listen again (``Router.lost``: reported once, when found; repairing them on
+    every tick would only reset the others' queues)."""
+    relisten = tuple(
+        slot for slot, listening in enumerate(view.listening) if not listening and slot not in lost
+    )
     messages = [f"slot {slot}'s socket left the group (no longer listening)" for slot in relisten]
     reinsert: tuple[int, ...] = ()
     rejoin_all = False
     if view.in_map is not None:
-        reinsert = tuple(slot for slot, held in enumerate(view.in_map) if not held or slot in relisten)
+        reinsert = tuple(
+            slot
+            for slot, held in enumerate(view.in_map)
+            if (not held or slot in relisten) and slot not in lost
+        )
         messages += [f"slot {slot}'s sockarray entry no longer holds its socket" for slot in reinsert]
     else:
         moved = baseline is not None and view.order is not None and view.order != baseline
@@ -88,8 +101,9 @@ class Watch:
         except OSError as exc:
             log.error("membership: cannot read the group's state (%s): the group is not watched", exc)
             return
-        self.baseline = rebaseline(view, self.baseline, router.slots)
-        repair = decide(view, self.baseline, self.strangers)
+        # A lost slot is in no order: the next look after one was found starts a new baseline.
+        self.baseline = rebaseline(view, self.baseline, router.slots - len(router.lost))
+        repair = decide(view, self.baseline, self.strangers, frozenset(router.lost))
         self.strangers = view.strangers
         for message in repair.messages:
             log.warning("membership: %s", message)

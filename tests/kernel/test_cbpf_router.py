@@ -239,6 +239,37 @@ def test_a_repair_decided_on_a_stale_view_still_puts_every_client_back() -> None
     assert as_nobody(check) == predicted(SOURCES[:200], 3)
 
 
+def test_a_slot_connected_elsewhere_does_not_keep_the_others_out() -> None:
+    """A holder of slot 1's socket takes it out and connects it to another server: it can never
+    listen again. The watch still puts slot 2 back, and then leaves the group alone: repairing
+    it again on every look would reset slot 2's queue each time."""
+
+    def check() -> dict[str, Any]:
+        with socket.socket() as elsewhere:
+            elsewhere.bind(("127.0.0.1", 0))
+            elsewhere.listen()
+            with Router.open(parse_bind("127.0.0.1:0"), SPEC, 3, loader="cbpf") as router:
+                watch = membership.Watch()
+                watch.look(router)
+                holder = socket.socket(fileno=os.dup(router.sockets[1].fileno()))
+                holder.shutdown(socket.SHUT_RD)
+                holder.connect(elsewhere.getsockname())
+                watch.look(router)
+                out: dict[str, Any] = {"listening": router.view().listening, "lost": sorted(router.lost)}
+                # Slot 1's clients now reach position 1: slot 2's socket.
+                source = next(s for s, slot in predicted(SOURCES, 3).items() if slot == 1)
+                queued = socket.create_connection(("127.0.0.1", router.port), source_address=(source, 0))
+                wait_for(lambda: router.pending(2) == 1, 5, "a connection queued on slot 2")
+                watch.look(router)
+                watch.look(router)
+                out["pending"] = router.pending(2)
+                queued.close()
+                holder.close()
+                return out
+
+    assert as_nobody(check) == {"listening": [True, False, True], "lost": [1], "pending": 1}
+
+
 def test_auto_picks_cbpf_when_a_seccomp_filter_denies_bpf_and_native_as_root() -> None:
     def open_auto(deny: bool) -> dict[str, Any]:
         if deny:

@@ -39,6 +39,14 @@ def test_cbpf_rejoins_everything_when_a_slot_left() -> None:
     assert repair.relisten == (1,) and repair.rejoin_all
 
 
+def test_a_lost_slot_is_never_repaired_again() -> None:
+    # Slot 1's socket can never listen again (Router.lost): the others stay as they are.
+    cbpf = decide(view(listening=(True, False, True), order=(2, 0)), (2, 0), 0, frozenset({1}))
+    assert not cbpf.needed and cbpf.messages == ()
+    native = decide(view(listening=(True, False, True), in_map=(True, False, True)), None, 0, frozenset({1}))
+    assert not native.needed and native.messages == ()
+
+
 def test_strangers_are_reported_once_and_never_repaired() -> None:
     first = decide(view(strangers=1), (2, 1, 0), 0)
     assert not first.needed and "joined the group" in first.messages[0]
