@@ -71,6 +71,19 @@ def test_the_master_repairs_what_the_filter_cannot_see(loader: str, how: str) ->
         assert misrouted(instance, loader) == [], instance.output()
 
 
+@pytest.mark.parametrize("loader", ["native", "cbpf"])
+def test_a_slot_whose_socket_is_connected_elsewhere_does_not_stop_the_others(loader: str) -> None:
+    """Slot 0's worker takes its socket out of the group through a passed duplicate and connects it
+    to a server of its own: it can never listen again. The master says so once, puts back what it
+    can, and every client is still served, by the other slots."""
+    with launched([*BASE, "--loader", loader]) as instance:
+        assert attack(instance, loader, "hijack") == [0, 0, 0]
+        wait_for(lambda: "cannot listen again" in instance.output(), 10, "the master's report")
+        served = {get(source, instance.port)[0] for source in SOURCES}
+        assert served == {1, 2}, instance.output()
+        assert instance.output().count("cannot listen again") == 1, instance.output()
+
+
 HOLD_FD_3 = (
     "import os, socket, time; s = socket.socket(); os.dup2(s.fileno(), 3); print('ready'); time.sleep(60)"
 )

@@ -7,7 +7,9 @@ attacks fd 3 and answers with the errno of each step ("0" when it worked):
 * ``dup``: dup(3), then shutdown and listen on the duplicate;
 * ``passed``: fd 3 sent to itself over a Unix socket (SCM_RIGHTS), which no seccomp filter sees,
   then shutdown and listen on the received duplicate;
-* ``left``: as ``passed``, but only the shutdown: the slot stays out of the group.
+* ``left``: as ``passed``, but only the shutdown: the slot stays out of the group;
+* ``hijack``: as ``left``, then the duplicate connects to a listener of the app's own, so that the
+  socket can never listen again.
 
 ``GET /reach`` tries what a worker at the master's uid could: join the group with a listener of
 its own on the same address and port, and signal the master (signal 0). It answers both errnos.
@@ -15,10 +17,12 @@ With ``?how=keep`` the listener stays, in the group, for the rest of the worker'
 """
 
 import ctypes
+import errno
 import os
 import socket
 
 LISTEN_FD = 3
+KEPT: list[socket.socket] = []  # sockets an attack keeps for the rest of the worker's life
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -55,12 +59,20 @@ def attack(how: str) -> list[int]:
     try:
         if how == "left":
             return [0, call(libc.shutdown(fd, socket.SHUT_RD))]
+        if how == "hijack":
+            elsewhere = socket.socket()
+            elsewhere.bind(("127.0.0.1", 0))
+            elsewhere.listen()
+            KEPT.append(elsewhere)
+            shut = call(libc.shutdown(fd, socket.SHUT_RD))
+            hijacked = socket.socket(fileno=os.dup(fd))
+            KEPT.append(hijacked)
+            # The listener is non-blocking: the connection is under way (EINPROGRESS) when this returns.
+            err = hijacked.connect_ex(elsewhere.getsockname())
+            return [0, shut, 0 if err == errno.EINPROGRESS else err]
         return [0, *unhash_and_rejoin(fd, "shutdown")]
     finally:
         os.close(fd)
-
-
-KEPT: list[socket.socket] = []
 
 
 def reach(keep: bool) -> list[int]:
