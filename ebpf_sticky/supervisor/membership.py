@@ -15,6 +15,8 @@ can. So every tick the master compares the kernel's view (``Router.view``) with 
   after its own changes, or a slot left, every socket but slot 0's is rejoined in slot order
   (``Router.repair``). That resets the queued connections of those slots: the price of putting
   every client back on its worker.
+* a slot whose socket can never listen again (a holder connected it somewhere) is lost: the others
+  are put back without it, it is named once, and no later look repairs it (``Router.lost``);
 * listeners of the master's uid on the group's address that are not the master's joined the group:
   they cannot be removed from here; the log says so (workers of another uid cannot join).
 """
