@@ -384,13 +384,14 @@ class Router:
         moved) rejoin every slot but slot 0 in slot order, which resets their queued connections.
         A slot whose socket cannot listen again does not keep the others out: they are put back,
         then KernelError names it. Raises StickyError or OSError."""
-        lost: dict[int, OSError] = {}
+        found: dict[int, OSError] = {}  # slots lost in this repair
 
         def listen(slot: int) -> None:
             try:
                 self.sockets[slot].listen(self.backlog)
             except OSError as exc:  # a holder connected it elsewhere: it is no listener any more
-                lost[slot] = exc
+                self.lost.add(slot)
+                found[slot] = exc
 
         if rejoin_all:
             # Slot 0 never leaves: once every other member is out, it is alone at position 0
@@ -399,9 +400,11 @@ class Router:
             # worker blocked in accept() on one of them is woken by its leaving and, if it runs
             # before the listen(), gets EINVAL (often: the wake-up can preempt the master).
             # uvicorn's workers carry on; a blocking server may exit, and is replaced on its slot.
+            # Lost slots are in no group: they are left as they are.
             if 0 in relisten:
                 listen(0)
-            for slot in range(1, self.slots):
+            rejoin = [slot for slot in range(1, self.slots) if slot not in self.lost]
+            for slot in rejoin:
                 # Every one, not only those the view saw listening: a worker may have put its slot
                 # back since, at the end. One that is out already answers ENOTCONN.
                 try:
@@ -409,21 +412,20 @@ class Router:
                 except OSError as exc:
                     if exc.errno != errno_mod.ENOTCONN:
                         raise
-            relisten = range(1, self.slots)
+            relisten = rejoin
         for slot in relisten:
             listen(slot)
         for slot in reinsert:
-            if slot not in lost:
+            if slot not in self.lost:
                 self._routing.join(self.sockets[slot], slot)
         if relisten or rejoin_all:
             # A group that was emptied lost its program; attaching again is atomic and harmless.
             # Through a member: a lost socket is in no group.
-            members = [sock for slot, sock in enumerate(self.sockets) if slot not in lost]
+            members = [sock for slot, sock in enumerate(self.sockets) if slot not in self.lost]
             if members:
                 self._routing.reattach(members, self.slots - (self.retiring is not None))
-        if lost:
-            self.lost |= lost.keys()
-            slot, error = next(iter(lost.items()))
+        if found:
+            slot, error = next(iter(found.items()))
             raise KernelError(
                 f"slot {slot}'s socket cannot listen again ({error.strerror}): a holder made it "
                 "something else; its clients go to the other slots until the group is restarted",

@@ -264,10 +264,27 @@ def test_a_slot_connected_elsewhere_does_not_keep_the_others_out() -> None:
                 watch.look(router)
                 out["pending"] = router.pending(2)
                 queued.close()
+                # A later attack on slot 2 is repaired without slot 1 coming up again.
+                other = socket.socket(fileno=os.dup(router.sockets[2].fileno()))
+                other.shutdown(socket.SHUT_RD)
+                repair = membership.decide(router.view(), None, 0, frozenset(router.lost))
+                try:
+                    router.repair(repair.relisten, repair.reinsert, repair.rejoin_all)
+                    out["later"] = "repaired"
+                except StickyError as exc:
+                    out["later"] = str(exc)
+                out["after"] = router.view().listening
+                other.close()
                 holder.close()
                 return out
 
-    assert as_nobody(check) == {"listening": [True, False, True], "lost": [1], "pending": 1}
+    assert as_nobody(check) == {
+        "listening": [True, False, True],
+        "lost": [1],
+        "pending": 1,
+        "later": "repaired",
+        "after": [True, False, True],
+    }
 
 
 def test_auto_picks_cbpf_when_a_seccomp_filter_denies_bpf_and_native_as_root() -> None:
