@@ -169,7 +169,7 @@ def _total(figures: list[tuple[float, float]]) -> float:
 
 
 def _median_ratio(a: list[tuple[float, float]], b: list[tuple[float, float]], field: int) -> float:
-    """The median of a / b over the windows of one round, for one field (0: rate, 1: CPU)."""
+    """The median of a / b over paired windows, for one field (0: rate, 1: CPU)."""
     return round(statistics.median(x[field] / y[field] for x, y in zip(a, b, strict=True)), 3)
 
 
@@ -193,14 +193,13 @@ def main() -> int:
         "cpu_us_per_request_off_median": round(statistics.median(f[1] for f in figures["off"]), 1),
     }
     for mode in ("on", "control"):
-        pairs = list(zip(figures[mode], figures["off"], strict=True))
         # Requests per worker CPU second, X / off: the rate ratio with other tenants' load removed.
-        cpu_ratios = [off[1] / x[1] for x, off in pairs]
+        cpu_ratios = [off[1] / x[1] for x, off in zip(figures[mode], figures["off"], strict=True)]
         result[mode] = {
             "rate_median": round(statistics.median(f[0] for f in figures[mode])),
-            "rate_ratio_median": round(statistics.median(x[0] / off[0] for x, off in pairs), 3),
+            "rate_ratio_median": _median_ratio(figures[mode], figures["off"], 0),
             "cpu_us_per_request_median": round(statistics.median(f[1] for f in figures[mode]), 1),
-            "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
+            "cpu_ratio_median": _median_ratio(figures["off"], figures[mode], 1),
             "cpu_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(cpu_ratios, n=4)],
             # All windows together: each window weighed by its requests.
             "cpu_ratio_total": round(_total(figures["off"]) / _total(figures[mode]), 3),
