@@ -220,6 +220,10 @@ class Gate(asyncio.Protocol):
 
     layer: Layer  # on the mixed class
     proxied: bool  # on the mixed class: a PROXY header comes first; per connection once read
+    # On the mixed class, looked up without a frame of their own: the server protocol's
+    # ``data_received`` (what the gate hands bytes to), and ``layer.carries_key``.
+    feed: Callable[[bytes], None]
+    carries_key: Callable[[bytes, int, int], re.Match[bytes] | None]
     # uvicorn's own attributes, used here: the connection, the scope's client, the request served.
     transport: asyncio.Transport
     client: Peer | None
@@ -235,23 +239,22 @@ class Gate(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         cycle = self.cycle
-        if (cycle is not None and (not cycle.response_complete or not self.between_requests())) or (
-            cycle is self.handed
-        ):
-            super().data_received(data)  # a request in uvicorn's hands
-            return
-        held = self.held + data
-        if not self.proxied and self.address_owner is None:
-            # The common case in one step: a whole head, routed by the connection's own address,
-            # that cannot carry a key goes to uvicorn at once, which makes its cycle of it
-            # (``decide`` does the same, slower).
-            end = held.find(b"\r\n\r\n")
-            if end >= 0 and self.layer.carries_key(held, 0, end) is None:
-                if self.held:
-                    self.held = b""
-                super().data_received(held)
+        if cycle is not None:
+            if cycle is self.handed or not cycle.response_complete or not self.between_requests():
+                self.feed(data)  # a request in uvicorn's hands
                 return
-        self.held = held
+        elif self.handed is None:
+            self.feed(data)  # handed to uvicorn before it had a cycle of it
+            return
+        if not self.held and not self.proxied and self.address_owner is None:
+            # The common case in one step: a whole head in one read, routed by the connection's
+            # own address, that cannot carry a key goes to uvicorn at once, which makes its cycle
+            # of it (``decide`` does the same, slower). This runs for every request.
+            end = data.find(b"\r\n\r\n")
+            if end >= 0 and self.carries_key(data, 0, end) is None:
+                self.feed(data)
+                return
+        self.held += data
         self.decide()
 
     def decide(self) -> None:
@@ -321,7 +324,7 @@ class Gate(asyncio.Protocol):
         self.handed = self.cycle
         data, self.held = self.held, b""
         if data:
-            super().data_received(data)
+            self.feed(data)
 
     def between_requests(self) -> bool:
         """Once a response is complete: whether the server has nothing of the connection's next
@@ -379,7 +382,11 @@ def gated(
 ) -> tuple[Callable[..., Gate], Callable[..., AdoptedGate]]:
     """uvicorn's HTTP protocol class (httptools' or h11's) with the gate in front of it: for the
     connections this worker accepts, and for those other slots hand it."""
-    attributes: dict[str, Any] = {"layer": layer}
+    attributes: dict[str, Any] = {
+        "layer": layer,
+        "feed": base.data_received,
+        "carries_key": layer.carries_key,
+    }
     if hasattr(base, "on_headers_complete"):  # httptools' parser callbacks (as in ``accepting``)
         attributes["between_requests"] = _httptools_between_requests
     elif issubclass(base, H11Protocol):
