@@ -51,8 +51,9 @@ class Creators:
 
     headers: frozenset[bytes]  # lowercased response header names that carry a new key
     engineio: bool  # Engine.IO handshakes (requests without a sid) when our ids are not issued
-    # Over a response head's bytes: finds nothing in a head that carries none of ``headers``.
-    in_head: Callable[[bytes], re.Match[bytes] | None]
+    # ``\nname:`` for each of ``headers``: a response head that holds none of them creates no
+    # key. Searched for as they are (``in``), since the server writes names lowercased (uvicorn).
+    in_head: tuple[bytes, ...]
 
     @property
     def any(self) -> bool:
@@ -66,11 +67,11 @@ class Creators:
 
 
 class HeadWatch(NamedTuple):
-    """Response heads for the worker's protocol to look at as it writes them: each one in which
-    ``marks`` (a compiled pattern's ``search``, called there: no Python frame for a head it finds
-    nothing in) finds something is shown to ``seen``."""
+    """Response heads for the worker's protocol to look at as it writes them: each one that holds
+    one of ``marks`` (``Creators.in_head``, searched for there with ``in``: no Python frame for a
+    head that holds none) is shown to ``seen``."""
 
-    marks: Callable[[bytes], object]
+    marks: tuple[bytes, ...]
     seen: Callable[[bytes], None]
 
 
@@ -83,9 +84,7 @@ def creators(specs: Sequence[KeySpec], issued_engineio: bool) -> Creators:
     if any(spec.kind is KeyKind.MCP for spec in specs):
         names.add(MCP_HEADER.encode())
     engineio = not issued_engineio and any(spec.kind is KeyKind.ENGINEIO for spec in specs)
-    needles = [b"\n" + re.escape(name) + b":" for name in sorted(names)]
-    in_head = re.compile(b"|".join(needles) or rb"(?!)", re.IGNORECASE).search
-    return Creators(frozenset(names), engineio, in_head)
+    return Creators(frozenset(names), engineio, tuple(b"\n" + name + b":" for name in sorted(names)))
 
 
 def head_end(data: bytes) -> int:

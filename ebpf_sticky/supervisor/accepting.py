@@ -73,8 +73,11 @@ class _HeadWithBody:
             self._head, self._started = data, True  # "100 Continue" goes at once: the client waits
             self._loop.call_soon(self.flush)
             watch = self._watch
-            if watch is not None and watch.marks(data) is not None:
-                watch.seen(data)
+            if watch is not None:
+                for mark in watch.marks:
+                    if mark in data:
+                        watch.seen(data)
+                        break
         else:
             self._transport.write(data)
 

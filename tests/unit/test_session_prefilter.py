@@ -65,14 +65,15 @@ response_names = st.sampled_from(
 def test_a_response_head_without_markers_creates_no_key(
     status: int, headers: list[tuple[str, str]], issued: bool
 ) -> None:
-    """What a worker's server writes (uvicorn's ``name: value`` lines), read back exactly; the
-    byte search finds something in every head from which a key is learnt."""
-    raw = f"HTTP/1.1 {status} X\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers) + "\r\n"
+    """What a worker's server writes (uvicorn's ``name: value`` lines, names lowercased whatever
+    case the app gave), read back exactly; the byte search finds something in every head from
+    which a key is learnt."""
+    raw = f"HTTP/1.1 {status} X\r\n" + "".join(f"{n.lower()}: {v}\r\n" for n, v in headers) + "\r\n"
     parsed_status, fields = parse_response_head(raw.encode())
     assert (parsed_status, fields) == (status, tuple((n.lower(), v) for n, v in headers))
     learnt = learn_key(SPECS, None, parsed_status, fields, b"")
     if learnt is not None:
-        assert creators(SPECS, issued_engineio=issued).in_head(raw.encode()) is not None
+        assert any(mark in raw.encode() for mark in creators(SPECS, issued_engineio=issued).in_head)
 
 
 def test_a_response_head_is_read_only_from_a_status_line() -> None:
@@ -80,4 +81,4 @@ def test_a_response_head_is_read_only_from_a_status_line() -> None:
         with pytest.raises(HeadError):
             parse_response_head(bad)
     plain = b"HTTP/1.1 200 OK\r\ncontent-type: x\r\n\r\n"
-    assert creators(SPECS, issued_engineio=True).in_head(plain) is None
+    assert not any(mark in plain for mark in creators(SPECS, issued_engineio=True).in_head)
