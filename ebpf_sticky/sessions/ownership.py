@@ -29,7 +29,7 @@ import base64
 import binascii
 import hashlib
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..hashing import BUCKETS, MAX_SLOTS, bucket_table
 
@@ -128,16 +128,16 @@ class SessionTable:
 
     buf: memoryview
     table_key: bytes
+    # Entries, read once from the header: fixed for the table's life, and needed at every probe.
+    capacity: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.capacity = int(HEADER.unpack_from(self.buf, 0)[2])
 
     @classmethod
     def create(cls, buf: memoryview, table_key: bytes, slots: int) -> SessionTable:
-        table = cls(buf, table_key)
         HEADER.pack_into(buf, 0, MAGIC, slots, (len(buf) - ENTRIES_AT) // ENTRY.size, key_check(table_key))
-        return table
-
-    @property
-    def capacity(self) -> int:
-        return int(HEADER.unpack_from(self.buf, 0)[2])
+        return cls(buf, table_key)
 
     @property
     def slots(self) -> int:
