@@ -44,7 +44,7 @@ class GroupView:
 
     listening: tuple[bool, ...]  # per slot: still a listener (SO_ACCEPTCONN; always True for UDP)
     in_map: tuple[bool, ...] | None  # per slot: the sockarray holds its socket; None under cbpf
-    order: tuple[int, ...] | None  # slots in the kernel's listening-hash order (TCP; see diag.py)
+    order: tuple[int, ...] | None  # the listening slots in the order they joined (TCP; see diag.py)
     strangers: int  # other listeners of our uid on our address and port: they joined the group
 
 
@@ -376,6 +376,8 @@ class Router:
             == ours
         ]
         order = tuple(inodes[found.inode] for found in here if found.inode in inodes)
+        if self.bind.family == socket.AF_INET:
+            order = order[::-1]  # the hash lists IPv4 listeners newest first
         strangers = sum(1 for found in here if found.inode not in inodes and found.uid == os.geteuid())
         return GroupView(listening, in_map, order, strangers)
 

@@ -355,9 +355,8 @@ class Supervisor:
                 else core.Resumed(self.carried, time.monotonic())
             )
             self.adopted = {worker.pid for worker in self.carried or ()}
-            # The watch's first look, before any worker of this image starts: the group's order as
-            # the master built it is the baseline, so a worker that moves its socket at once (before
-            # the first tick) is seen too.
+            # The watch's first look, before any worker of this image starts: a group carried
+            # across an upgrade, whose workers ran meanwhile, is checked before it serves more.
             self.watch.look(self.router)
             done = self.execute(sup_core, sup_core.handle(first))
             while done is None:

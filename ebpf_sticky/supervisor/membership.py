@@ -1,5 +1,5 @@
-"""The master's watch over the group's membership: the kernel's view → what to repair (``decide``,
-``rebaseline``: pure), and the loop's thin side (``Watch``: look once a tick, repair, log).
+"""The master's watch over the group's membership: the kernel's view → what to repair (``decide``:
+pure), and the loop's thin side (``Watch``: look once a tick, repair, log).
 
 A worker holds its slot's socket, and a holder can take a listener out of the reuseport group
 (``shutdown``, ``connect(AF_UNSPEC)``) and put it back (``listen``) at the end. The seccomp filter
@@ -11,10 +11,12 @@ can. So every tick the master compares the kernel's view (``Router.view``) with 
   group does not matter to the eBPF program, so this repairs everything);
 * classic BPF: the program returns *positions* in the group, so a socket that left (and maybe
   came back at the end) sent other slots' clients to the wrong worker. The kernel's listening hash
-  keeps the join order (``kernel/diag.py``): when it differs from the order the master last saw
-  after its own changes, or a slot left, every socket but slot 0's is rejoined in slot order
-  (``Router.repair``). That resets the queued connections of those slots: the price of putting
-  every client back on its worker.
+  keeps the join order (``kernel/diag.py``), and the group is right only when its sockets joined in
+  slot order, the only order the master makes them join in: when the order is any other, or a
+  slot left, every socket but slot 0's is rejoined in slot order (``Router.repair``). That resets
+  the queued connections of those slots: the price of putting every client back on its worker.
+  The order is compared with slot order, never with one read back from the kernel: a holder that
+  moved its socket just before such a read would have its order taken as right.
 * a slot whose socket can never listen again (a holder connected it somewhere) is lost: the others
   are put back without it, it is named once, and no later look repairs it (``Router.lost``);
 * listeners of the master's uid on the group's address that are not the master's joined the group:
@@ -44,16 +46,10 @@ class Repair:
         return bool(self.relisten or self.reinsert or self.rejoin_all)
 
 
-def decide(
-    view: GroupView,
-    baseline: tuple[int, ...] | None,
-    strangers_known: int,
-    lost: frozenset[int] = frozenset(),
-) -> Repair:
-    """What to do about ``view``, given the listening-hash order seen after the master's last change,
-    the number of strangers already reported (each change is reported once), and the slots whose
-    socket can never listen again (``Router.lost``: reported once, when found; repairing them on
-    every tick would only reset the others' queues)."""
+def decide(view: GroupView, strangers_known: int, lost: frozenset[int] = frozenset()) -> Repair:
+    """What to do about ``view``, given the number of strangers already reported (each change is
+    reported once), and the slots whose socket can never listen again (``Router.lost``: reported
+    once, when found; repairing them on every tick would only reset the others' queues)."""
     relisten = tuple(
         slot for slot, listening in enumerate(view.listening) if not listening and slot not in lost
     )
@@ -68,11 +64,10 @@ def decide(
         )
         messages += [f"slot {slot}'s sockarray entry no longer holds its socket" for slot in reinsert]
     else:
-        moved = baseline is not None and view.order is not None and view.order != baseline
+        in_slot_order = tuple(slot for slot, listening in enumerate(view.listening) if listening)
+        moved = view.order is not None and view.order != in_slot_order
         if moved:
-            messages.append(
-                f"the group's join order changed ({list(baseline or ())} → {list(view.order or ())})"
-            )
+            messages.append(f"the group's join order changed (now {list(view.order or ())})")
         rejoin_all = moved or bool(relisten)
     if view.strangers > strangers_known:
         messages.append(
@@ -82,19 +77,10 @@ def decide(
     return Repair(relisten, reinsert, rejoin_all, tuple(messages))
 
 
-def rebaseline(view: GroupView, baseline: tuple[int, ...] | None, slots: int) -> tuple[int, ...] | None:
-    """The order to compare with from now on: the master's own changes (a slot added or released)
-    change it legitimately, so a view with another number of slots starts a new baseline."""
-    if baseline is None or view.order is None or len(baseline) != slots or len(view.order) != slots:
-        return view.order
-    return baseline
-
-
 @dataclass
 class Watch:
     """The loop's side: look once a tick, repair, and log what was repaired or could not be."""
 
-    baseline: tuple[int, ...] | None = None
     strangers: int = 0
 
     def look(self, router: Router) -> None:
@@ -103,9 +89,7 @@ class Watch:
         except OSError as exc:
             log.error("membership: cannot read the group's state (%s): the group is not watched", exc)
             return
-        # A lost slot is in no order: the next look after one was found starts a new baseline.
-        self.baseline = rebaseline(view, self.baseline, router.slots - len(router.lost))
-        repair = decide(view, self.baseline, self.strangers, frozenset(router.lost))
+        repair = decide(view, self.strangers, frozenset(router.lost))
         self.strangers = view.strangers
         for message in repair.messages:
             log.warning("membership: %s", message)
@@ -113,7 +97,6 @@ class Watch:
             return
         try:
             router.repair(repair.relisten, repair.reinsert, repair.rejoin_all)
-            self.baseline = router.view().order
         except (OSError, StickyError) as exc:
             log.error("membership: could not repair the group (%s): clients may reach the wrong worker", exc)
             return
