@@ -168,9 +168,13 @@ def _total(figures: list[tuple[float, float]]) -> float:
     return sum(f[0] * f[1] for f in figures) / sum(f[0] for f in figures)
 
 
+def _ratios(a: list[tuple[float, float]], b: list[tuple[float, float]], field: int) -> list[float]:
+    """a / b over paired windows, for one field (0: rate, 1: CPU)."""
+    return [x[field] / y[field] for x, y in zip(a, b, strict=True)]
+
+
 def _median_ratio(a: list[tuple[float, float]], b: list[tuple[float, float]], field: int) -> float:
-    """The median of a / b over paired windows, for one field (0: rate, 1: CPU)."""
-    return round(statistics.median(x[field] / y[field] for x, y in zip(a, b, strict=True)), 3)
+    return round(statistics.median(_ratios(a, b, field)), 3)
 
 
 def main() -> int:
@@ -194,12 +198,12 @@ def main() -> int:
     }
     for mode in ("on", "control"):
         # Requests per worker CPU second, X / off: the rate ratio with other tenants' load removed.
-        cpu_ratios = [off[1] / x[1] for x, off in zip(figures[mode], figures["off"], strict=True)]
+        cpu_ratios = _ratios(figures["off"], figures[mode], 1)
         result[mode] = {
             "rate_median": round(statistics.median(f[0] for f in figures[mode])),
             "rate_ratio_median": _median_ratio(figures[mode], figures["off"], 0),
             "cpu_us_per_request_median": round(statistics.median(f[1] for f in figures[mode]), 1),
-            "cpu_ratio_median": _median_ratio(figures["off"], figures[mode], 1),
+            "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
             "cpu_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(cpu_ratios, n=4)],
             # All windows together: each window weighed by its requests.
             "cpu_ratio_total": round(_total(figures["off"]) / _total(figures[mode]), 3),
