@@ -280,7 +280,7 @@ class Gate(asyncio.Protocol):
                 # parse raises HeadError for them), not held until MAX_HEAD arrives.
                 parse_request_head(self.held)
                 return
-            if layer.carries_key(self.held, 0, end) is None:
+            if self.carries_key(self.held, 0, end) is None:
                 self.route(self.address_owner)  # no key in it: no parse
                 return
             head = parse_request_head(self.held)
