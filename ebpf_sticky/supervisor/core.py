@@ -385,7 +385,7 @@ class Core:
     def handle(self, event: Event) -> list[Action]:
         match event:
             case Start():
-                return [Spawn(slot) for slot in range(self.slots)]
+                return [self._spawn(slot) for slot in range(self.slots)]
             case Resumed():
                 return self._resumed(event)
             case Spawned():
@@ -400,7 +400,7 @@ class Core:
                 return self._signal(event)
             case SlotAdded():
                 self.slots = max(self.slots, event.slot + 1)
-                return [Log(f"slot {event.slot} added; {self.slots} slots"), Spawn(event.slot)]
+                return [Log(f"slot {event.slot} added; {self.slots} slots"), self._spawn(event.slot)]
             case ActionFailed():
                 return self._action_failed(event)
             case Recycle():
@@ -410,10 +410,17 @@ class Core:
             case _:
                 assert_never(event)
 
+    def _spawn(self, slot: int) -> Spawn:
+        """Every worker is started here. A respawn the slot waits for is this worker, whatever asked
+        for it (a reload, a crash): one batch of actions may hold both a reload's next slot and that
+        slot's due respawn, and the loop carries out the whole batch before the core sees a worker."""
+        health = self.health.get(slot)
+        if health is not None:
+            health.respawn_at = None
+        return Spawn(slot)
+
     def _spawned(self, event: Spawned) -> list[Action]:
         self.workers[event.pid] = Worker(event.pid, event.slot, event.now)
-        if event.slot in self.health:  # started another way meanwhile (a reload): no second one
-            self.health[event.slot].respawn_at = None
         if event.slot == self.reloading and self.successor is None:
             self.successor = event.pid
         return [Log(f"slot {event.slot}: worker {event.pid} started")]
@@ -435,7 +442,8 @@ class Core:
         actions: list[Action] = [
             Log(f"upgraded in place (generation {self.generation}): {len(live)} slots adopted, renewing them")
         ]
-        return actions + [Spawn(slot) for slot in range(self.slots) if slot not in live] + self._next_reload()
+        spawns = [self._spawn(slot) for slot in range(self.slots) if slot not in live]
+        return actions + spawns + self._next_reload()
 
     def _upgrade_blocked(self) -> str:
         """Why the group is not settled enough to upgrade, or ""."""
@@ -523,7 +531,7 @@ class Core:
             slot = self.reload_queue.pop(0)
             if slot < self.slots and (self.retiring is None or self.retiring.slot != slot):
                 self.reloading = slot
-                return [Spawn(slot)]
+                return [self._spawn(slot)]
         return [Log("reload complete")]
 
     def _exited(self, event: Exited) -> list[Action]:
@@ -553,7 +561,7 @@ class Core:
         ]
         # Only live workers count: a predecessor in its graceful stop is leaving too.
         if not self.live_workers(worker.slot):
-            actions.append(Spawn(worker.slot))
+            actions.append(self._spawn(worker.slot))
         return actions
 
     def _boot_failed(self, worker: Worker, event: Exited, how: str) -> list[Action]:
@@ -763,8 +771,7 @@ class Core:
         for slot, health in self.health.items():
             due = health.respawn_at is not None and now >= health.respawn_at
             if due and slot < self.slots and not self.live_workers(slot):
-                health.respawn_at = None
-                actions.append(Spawn(slot))
+                actions.append(self._spawn(slot))
         return actions
 
     def _drain(self, event: Tick) -> list[Action]:

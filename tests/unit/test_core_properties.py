@@ -196,3 +196,20 @@ class Restarts(RuleBasedStateMachine):
 
 TestRestarts = Restarts.TestCase
 TestRestarts.settings = settings(max_examples=400, stateful_step_count=40, deadline=None)
+
+
+def test_a_reload_and_a_due_respawn_in_one_tick_start_one_worker() -> None:
+    """Found by the machine above: one tick ends a retirement, whose reload moves on to a slot
+    that also has a respawn due. Both asked for a worker in the same batch of actions."""
+    machine = Restarts()
+    machine.begin(slots=2, serving=True)
+    machine.worker_exits(index=0, code=0, report=False)  # slot 0's worker; its successor starts
+    machine.signal(SignalName.HUP)  # reload slot 0 (beside that successor), then slot 1
+    machine.worker_exits(index=1, code=0, report=False)  # slot 0's older one, before it was ready
+    machine.ready(index=0)  # the reload's worker on slot 0: on to slot 1
+    machine.recycle(index=1)  # slot 0 queues for another renewal
+    machine.signal(SignalName.TTOU)  # slot 1 retires, with its reload under way
+    machine.worker_exits(index=1, code=0, report=False)  # slot 0's worker: replaced at once
+    machine.worker_exits(index=8, code=0, report=False)  # that one fails to boot: respawn in 0.1 s
+    machine.time_passes(dt=0.3, pending=0)  # slot 1 drained: the reload moves to slot 0
+    machine.teardown()
