@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import errno
+import functools
 import ipaddress
 import json
 import os
@@ -96,6 +98,24 @@ def _canonical(peer: str) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return str(address)
+
+
+@functools.cache
+def former_listener_connects() -> bool:
+    """Whether this kernel lets a socket that listened, and was shut down, connect() somewhere.
+    Where it does, a holder of a slot's socket can make it something that never listens again;
+    some kernels (seen on a 6.18 build) refuse with EINVAL, and the slot can only leave."""
+    with socket.socket() as server, socket.socket() as former:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        former.bind(("127.0.0.1", 0))
+        former.listen()
+        former.shutdown(socket.SHUT_RD)
+        former.setblocking(False)
+        refused = former.connect_ex(server.getsockname())
+        if refused not in (0, errno.EINPROGRESS, errno.EINVAL):
+            raise OSError(refused, os.strerror(refused))
+        return refused != errno.EINVAL
 
 
 def in_new_netns(fn: Callable[[], Any]) -> Any:
