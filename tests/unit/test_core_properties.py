@@ -89,10 +89,17 @@ class Restarts(RuleBasedStateMachine):
         return pids[index % len(pids)] if pids else None
 
     # Rules ----------------------------------------------------------------------------------------
-    @initialize(slots=st.integers(1, 3), serving=st.booleans())
-    def begin(self, slots: int, serving: bool) -> None:
-        """1-3 slots, half the time already serving: most overlaps need a running group."""
-        self.core = Core(slots=slots, graceful_timeout=5.0, max_slots=4)
+    @initialize(slots=st.integers(1, 3), serving=st.booleans(), command=st.booleans())
+    def begin(self, slots: int, serving: bool, command: bool = False) -> None:
+        """1-3 slots, half the time already serving: most overlaps need a running group. Half the
+        time a ``-- COMMAND`` group: workers are taken as ready after a while, exit codes are theirs."""
+        self.core = Core(
+            slots=slots,
+            graceful_timeout=5.0,
+            max_slots=4,
+            assume_ready_after=1.0 if command else None,
+            load_error_status=None if command else APP_LOAD_ERROR,
+        )
         self.run(self.core.handle(Start(self.now)))
         if serving:
             for pid in sorted(self.core.workers):
