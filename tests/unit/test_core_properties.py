@@ -90,7 +90,7 @@ class Restarts(RuleBasedStateMachine):
 
     # Rules ----------------------------------------------------------------------------------------
     @initialize(slots=st.integers(1, 3), serving=st.booleans(), command=st.booleans())
-    def begin(self, slots: int, serving: bool, command: bool = False) -> None:
+    def begin(self, slots: int, serving: bool, command: bool) -> None:
         """1-3 slots, half the time already serving: most overlaps need a running group. Half the
         time a ``-- COMMAND`` group: workers are taken as ready after a while, exit codes are theirs."""
         self.core = Core(
@@ -209,9 +209,9 @@ def test_a_reload_and_a_due_respawn_in_one_tick_start_one_worker() -> None:
     """Found by the machine above: one tick ends a retirement, whose reload moves on to a slot
     that also has a respawn due. Both asked for a worker in the same batch of actions."""
     machine = Restarts()
-    machine.begin(slots=2, serving=True)
-    machine.worker_exits(index=0, code=0, report=False)  # slot 0's worker; its successor starts
-    machine.signal(SignalName.HUP)  # reload slot 0 (beside that successor), then slot 1
+    machine.begin(slots=2, serving=True, command=False)
+    machine.worker_exits(index=0, code=0, report=False)  # slot 0's worker: a replacement starts
+    machine.signal(SignalName.HUP)  # reload slot 0 (beside that replacement), then slot 1
     machine.worker_exits(index=1, code=0, report=False)  # slot 0's older one, before it was ready
     machine.ready(index=0)  # the reload's worker on slot 0: on to slot 1
     machine.recycle(index=1)  # slot 0 queues for another renewal
