@@ -20,7 +20,6 @@ import contextlib
 import errno
 import logging
 import os
-import re
 import secrets
 import socket
 import time
@@ -65,7 +64,7 @@ class Layer:
     family: socket.AddressFamily  # the slot socket's: every connection handed over is of it
     spec: HashSpec | None  # the routing key's spec, when address keys are in use
     mirror: Callable[[Any, HashSpec, int], int]
-    carries_key: Callable[[bytes, int, int], re.Match[bytes] | None]  # prefilter.key_markers
+    carries_key: Callable[[bytes, int, int], object]  # prefilter.key_markers
     creators: Creators
     make_protocol: Callable[[], AdoptedGate] | None = None  # for handed-over connections, once installed
     backlog: dict[int, collections.deque[tuple[int, Peer | None, bytes]]] = field(default_factory=dict)
@@ -223,7 +222,7 @@ class Gate(asyncio.Protocol):
     # On the mixed class, looked up without a frame of their own: the server protocol's
     # ``data_received`` (what the gate hands bytes to), and ``layer.carries_key``.
     feed: Callable[[bytes], None]
-    carries_key: Callable[[bytes, int, int], re.Match[bytes] | None]
+    carries_key: Callable[[bytes, int, int], object]
     # uvicorn's own attributes, used here: the connection, the scope's client, the request served.
     transport: asyncio.Transport
     client: Peer | None
@@ -251,7 +250,7 @@ class Gate(asyncio.Protocol):
             # own address, that cannot carry a key goes to uvicorn at once, which makes its cycle
             # of it (``decide`` does the same, slower). This runs for every request.
             end = data.find(b"\r\n\r\n")
-            if end >= 0 and self.carries_key(data, 0, end) is None:
+            if end >= 0 and not self.carries_key(data, 0, end):
                 self.feed(data)
                 return
         self.held += data
@@ -280,7 +279,7 @@ class Gate(asyncio.Protocol):
                 # parse raises HeadError for them), not held until MAX_HEAD arrives.
                 parse_request_head(self.held)
                 return
-            if self.carries_key(self.held, 0, end) is None:
+            if not self.carries_key(self.held, 0, end):
                 self.route(self.address_owner)  # no key in it: no parse
                 return
             head = parse_request_head(self.held)
@@ -385,7 +384,7 @@ def gated(
     attributes: dict[str, Any] = {
         "layer": layer,
         "feed": base.data_received,
-        "carries_key": layer.carries_key,
+        "carries_key": staticmethod(layer.carries_key),
     }
     if hasattr(base, "on_headers_complete"):  # httptools' parser callbacks (as in ``accepting``)
         attributes["between_requests"] = _httptools_between_requests

@@ -41,7 +41,7 @@ def open_layer(settings: SessionSettings, slot: int, family: socket.AddressFamil
     return Layer(
         slot=slot,
         specs=specs,
-        carries_key=key_markers(specs).search,
+        carries_key=key_markers(specs),
         creators=creators(specs, issued),
         proxy_protocol=settings.proxy_protocol,
         trusted=trusted,

@@ -46,7 +46,7 @@ def layer() -> Iterator[Layer]:
         family=socket.AF_INET,
         spec=None,
         mirror=MIRRORS["native"],
-        carries_key=key_markers(specs).search,
+        carries_key=key_markers(specs),
         creators=creators(specs, False),
     )
     for end in ends:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ebpf_sticky.sessions.http_head import HeadError, parse_request_head, parse_response_head
-from ebpf_sticky.sessions.keys import extract_key, learn_key, parse_key_spec, parse_trusted
+from ebpf_sticky.sessions.keys import KeySpec, extract_key, learn_key, parse_key_spec, parse_trusted
 from ebpf_sticky.sessions.prefilter import creators, head_end, key_markers
 
 SPECS = tuple(
@@ -35,15 +35,33 @@ targets = st.sampled_from(
 )  # fmt: skip
 
 
-@given(targets, st.lists(st.tuples(names, values), max_size=6), st.sampled_from(SPECS))
-def test_a_head_without_markers_has_no_key(target: str, headers: list[tuple[str, str]], spec: object) -> None:
-    raw = f"GET {target} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers) + "\r\n"
+@given(
+    st.sampled_from(["", "\r\n", "\n"]),
+    targets,
+    st.lists(st.tuples(names, values), max_size=6),
+    st.lists(st.sampled_from(SPECS), min_size=1, max_size=3),
+)
+def test_a_head_without_markers_has_no_key(
+    blank: str, target: str, headers: list[tuple[str, str]], specs: list[KeySpec]
+) -> None:
+    raw = f"{blank}GET {target} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers) + "\r\n"
     data = raw.encode()
     head = parse_request_head(data)
     assert head is not None and head_end(data) == len(data)
-    found = extract_key(head, (spec,), "127.0.0.1", TRUSTED)  # type: ignore[arg-type]
+    found = extract_key(head, specs, "127.0.0.1", TRUSTED)
     if found is not None:
-        assert key_markers((spec,)).search(data, 0, len(data)) is not None  # type: ignore[arg-type]
+        assert key_markers(specs)(data, 0, len(data))
+
+
+def test_markers_are_looked_for_only_where_a_key_can_be() -> None:
+    """A query parameter's name in a header value (a cookie, a referer), or in another case than
+    the parse reads, is not a marker; a header name is, in any case."""
+    engineio, header = parse_key_spec("engineio"), parse_key_spec("header:X-Session")
+    cookie_sid = b"GET /socket.io/?EIO=4 HTTP/1.1\r\nCookie: sid=1\r\nReferer: /?sid=2\r\n\r\n"
+    assert not key_markers((engineio,))(cookie_sid, 0, len(cookie_sid))
+    assert not key_markers((engineio,))(b"GET /?SID=1 HTTP/1.1\r\n\r\n", 0, 27)
+    assert key_markers((engineio, header))(b"GET / HTTP/1.1\r\nx-SESSION: 1\r\n\r\n", 0, 31)
+    assert not key_markers((header,))(b"GET / HTTP/1.1\r\nx-sessions: 1\r\n\r\n", 0, 32)
 
 
 def test_only_responses_that_can_create_a_key_are_learnt_from() -> None:
