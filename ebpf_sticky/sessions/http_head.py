@@ -63,8 +63,14 @@ class RequestHead:
     length: int
 
 
-def parse_request_head(data: bytes) -> RequestHead | None:
-    """The request head at the start of ``data``; ``None`` until its blank line has arrived."""
+def parse_request_head(data: bytes, with_fields: bool = True) -> RequestHead | None:
+    """The request head at the start of ``data``; ``None`` until its blank line has arrived.
+
+    ``with_fields=False``: the request line only, ``headers`` left empty, for a caller that reads
+    nothing else (keys in the query). The fields are then neither split nor checked: a field two
+    parsers could read differently cannot change what such a caller reads, and the server that
+    answers the request checks them. Most of a parse is the fields'.
+    """
     begin = 0
     if data[:1] in (b"\r", b"\n"):
         blank = _LEADING_BLANK_LINES.match(data, 0, MAX_HEAD)
@@ -76,6 +82,9 @@ def parse_request_head(data: bytes) -> RequestHead | None:
         _check_request_line_so_far(data[begin:])
         return None
     lines_end, length = end
+    if not with_fields:
+        request_line = data[begin:lines_end].partition(b"\n")[0].removesuffix(b"\r")
+        return RequestHead(*_request_line(request_line), (), length)
     # One line ending from here on: CRLF becomes LF, and the CR of the last line's CRLF (its LF
     # is the blank line's first byte) goes. A CR left anywhere else fails the checks below.
     text = data[begin:lines_end].replace(b"\r\n", b"\n")

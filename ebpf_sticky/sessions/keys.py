@@ -181,6 +181,11 @@ def extract_key(
     return None
 
 
+def reads_fields(specs: Sequence[KeySpec]) -> bool:
+    """Whether finding any of these keys reads a request's header fields (else only its line)."""
+    return any(spec.kind not in (KeyKind.ENGINEIO, KeyKind.QUERY) for spec in specs)
+
+
 def _engineio_sid(head: RequestHead, path: str) -> str | None:
     if not _on_path(head, path):
         return None

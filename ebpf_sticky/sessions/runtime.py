@@ -65,6 +65,7 @@ class Layer:
     spec: HashSpec | None  # the routing key's spec, when address keys are in use
     mirror: Callable[[Any, HashSpec, int], int]
     carries_key: Callable[[bytes, int, int], object]  # prefilter.key_markers
+    reads_fields: bool  # keys.reads_fields: else a head's request line is all that is parsed
     creators: Creators
     make_protocol: Callable[[], AdoptedGate] | None = None  # for handed-over connections, once installed
     backlog: dict[int, collections.deque[tuple[int, Peer | None, bytes]]] = field(default_factory=dict)
@@ -282,7 +283,7 @@ class Gate(asyncio.Protocol):
             if not self.carries_key(self.held, 0, end):
                 self.route(self.address_owner)  # no key in it: no parse
                 return
-            head = parse_request_head(self.held)
+            head = parse_request_head(self.held, layer.reads_fields)
         except ProxyProtocolError:
             self.transport.abort()
             return

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, SESSION_TABLE_FD
 from ..hashing import HashSpec
-from .keys import KeyKind, parse_key_spec, parse_trusted
+from .keys import KeyKind, parse_key_spec, parse_trusted, reads_fields
 from .ownership import SessionTable, table_size
 from .prefilter import creators, key_markers
 from .runtime import MIRRORS, AdoptedGate, Layer, gated, issue_engineio_ids, learning_app
@@ -42,6 +42,7 @@ def open_layer(settings: SessionSettings, slot: int, family: socket.AddressFamil
         slot=slot,
         specs=specs,
         carries_key=key_markers(specs),
+        reads_fields=reads_fields(specs),
         creators=creators(specs, issued),
         proxy_protocol=settings.proxy_protocol,
         trusted=trusted,

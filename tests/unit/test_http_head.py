@@ -48,9 +48,9 @@ BROWSER_UPGRADE = (
 )
 
 
-def parse_or_error(data: bytes) -> RequestHead | None | HeadError:
+def parse_or_error(data: bytes, with_fields: bool = True) -> RequestHead | None | HeadError:
     try:
-        return parse_request_head(data)
+        return parse_request_head(data, with_fields)
     except HeadError as error:
         return error
 
@@ -152,6 +152,30 @@ lines = st.one_of(
     st.tuples(tokens, values).map(lambda f: f"{f[0]}: {f[1]}".encode("latin-1")),
     odd_lines,
 )
+
+
+@PROPERTY
+@given(
+    st.sampled_from([b"", b"\r\n", b"\n\n"]),
+    st.one_of(tokens, st.text(max_size=8)),
+    st.one_of(targets, st.text(max_size=20)),
+    st.lists(lines, max_size=6),
+    st.sampled_from([b"\r\n", b"\n", b"\r"]),
+    st.binary(max_size=20),
+)
+def test_the_request_line_alone_is_read_as_the_whole_head_reads_it(
+    blank: bytes, method: str, target: str, fields: list[bytes], newline: bytes, rest: bytes
+) -> None:
+    request_line = f"{method} {target} HTTP/1.1".encode("utf-8", "replace")
+    data = blank + newline.join([request_line, *fields]) + newline + newline + rest
+    for cut in (len(data), len(data) // 2):
+        whole, line = parse_or_error(data[:cut]), parse_or_error(data[:cut], with_fields=False)
+        if isinstance(whole, RequestHead):
+            assert line == RequestHead(whole.method, whole.target, (), whole.length)
+        elif whole is None:
+            assert line is None
+        else:  # refused: for its request line (then alike), or for a field only the whole reads
+            assert isinstance(line, HeadError) or (isinstance(line, RequestHead) and fields)
 
 
 @PROPERTY

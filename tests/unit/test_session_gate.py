@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ebpf_sticky.sessions.keys import parse_key_spec, parse_trusted
+from ebpf_sticky.sessions.keys import parse_key_spec, parse_trusted, reads_fields
 from ebpf_sticky.sessions.ownership import SessionTable, table_size
 from ebpf_sticky.sessions.prefilter import creators, key_markers
 from ebpf_sticky.sessions.runtime import MIRRORS, Layer, gated
@@ -47,6 +47,7 @@ def layer() -> Iterator[Layer]:
         spec=None,
         mirror=MIRRORS["native"],
         carries_key=key_markers(specs),
+        reads_fields=reads_fields(specs),
         creators=creators(specs, False),
     )
     for end in ends:
