@@ -2,14 +2,20 @@
 """What the session layer costs: new-connection rate with and without it, and a move's latency.
 
 * **Rate**: the same launch (bench/apps/app.py, Python workers, one request per connection from
-  many sources, driven by bench/native/loadgen.c) with and without ``--session-key``, and a second
-  launch without it (the control), loaded in turn, a short window each, and started afresh for
-  each of several rounds (identical launches differ by a few per cent for as long as they live);
-  with the key on, every request is served where it landed (it carries no key), so the figure is
-  the gate's own cost: a search of each request head and of each response head. The control's
-  ratio to the first launch is what the method reads when nothing differs: the noise floor beside
-  the figure. Compare the ratios of one run, not absolutes; the CPU ratio (requests per worker CPU
-  second, X / off) is the one other tenants disturb least.
+  many sources, driven by bench/native/loadgen.c) without ``--session-key`` ("off") and with
+  ``--session-key engineio`` ("on"), and a second launch without it (the control), loaded in turn,
+  a short window each, and started afresh for each of several rounds (identical launches differ by
+  a few per cent for as long as they live). With the key on, every request is served where it
+  landed (``GET /`` carries no key: a Socket.IO app's pages, assets and handshakes), so the figure
+  is the gate's own cost, a search of each request head. The control's ratio to "off" is what the
+  method reads when nothing differs: the noise floor beside the figure. Compare the ratios of one
+  run, not absolutes; the CPU ratio (requests per worker CPU second, X / off) is the one other
+  tenants disturb least.
+* **Requests that carry their key** ("keyed"): a fourth launch like "on", loaded with Engine.IO
+  polling requests, each source's carrying an id the workers would have issued for its session
+  on the slot it lands on: the request line parsed, the id's slot read, the request served where
+  it landed. Its CPU per request beyond "off" is what each polling request of a Socket.IO
+  session pays (its longer request line, which uvicorn parses too, included).
 * **A move**: one launch with ``--session-key header:x-session``; the same client (on slot 0)
   sends requests of a session owned by slot 0 and of one owned by slot 1, alternating, one
   connection each; the difference of the two medians is what a move adds.
@@ -21,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.util
 import json
 import os
 import re
+import secrets
 import signal
 import statistics
 import subprocess
@@ -36,7 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import process_cpu_seconds  # noqa: E402
+from bench.sioload import source_address  # noqa: E402
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of  # noqa: E402
+from ebpf_sticky.sessions.ownership import issue_id, table_key_of  # noqa: E402
 
 KEY = "00112233445566778899aabbccddeeff"
 SPEC = HashSpec(bytes.fromhex(KEY))
@@ -80,11 +90,11 @@ def workers_cpu(master: int) -> float:
     return sum(process_cpu_seconds(int(child)) for child in children)
 
 
-def rate(loadgen: Path, launch: Launch, seconds: float) -> tuple[float, float]:
+def rate(loadgen: Path, launch: Launch, seconds: float, path: str = "/") -> tuple[float, float]:
     """(requests per second, worker CPU microseconds per request) of one loadgen run."""
     before = workers_cpu(launch.proc.pid)
     out = subprocess.run(
-        [str(loadgen), "127.0.0.1", str(launch.port), "256", "32", str(seconds)],
+        [str(loadgen), "127.0.0.1", str(launch.port), str(SOURCES), "32", str(seconds), "1", path],
         capture_output=True,
         check=True,
     ).stdout
@@ -92,12 +102,35 @@ def rate(loadgen: Path, launch: Launch, seconds: float) -> tuple[float, float]:
     return completed / seconds, (workers_cpu(launch.proc.pid) - before) / completed * 1e6
 
 
-MODES = {"off": (), "on": ("--session-key", "header:x-session"), "control": ()}
+ENGINEIO = ("--session-key", "engineio")
+# Per load-generator source, an Engine.IO polling request of its own session, whose id (issued as
+# the workers issue them, under the launch's key) names the slot that source lands on.
+KEYED_PATHS = Path(tempfile.gettempdir()) / "ebpf-sticky-session-cost-paths"
+# Each mode's launch arguments and the path its load asks for.
+MODES = {
+    "off": ((), "/"),
+    "on": (ENGINEIO, "/"),
+    "keyed": (ENGINEIO, f"@{KEYED_PATHS}"),
+    "control": ((), "/"),
+}
+SOURCES = 256
+
+
+def write_keyed_paths() -> None:
+    table_key = table_key_of(SPEC.key)
+    lines = []
+    for i in range(SOURCES):
+        slot = slot_of(parse_address(source_address(i)), SPEC, 2)
+        sid = issue_id(slot, table_key, secrets.token_bytes(11))
+        lines.append(f"/socket.io/?EIO=4&transport=polling&t=PabcdEf&sid={sid}\n")
+    KEYED_PATHS.write_text("".join(lines))
+
+
 Figures = dict[str, list[tuple[float, float]]]  # per mode, per window: (requests/s, CPU µs/request)
 
 
 def rates(loadgen: Path, rounds: int, windows: int, seconds: float) -> list[Figures]:
-    """Per round, each mode's figures. A round starts the three launches afresh, keeps them for
+    """Per round, each mode's figures. A round starts the launches afresh, keeps them for
     all its windows and loads them in turn for ``seconds`` at a time (the order reversed every
     other window): the machine's drift over minutes (another tenant, the host's clock) falls on all
     alike. Rounds, because two identical launches differ by a few per cent for as long as they
@@ -111,13 +144,13 @@ def rates(loadgen: Path, rounds: int, windows: int, seconds: float) -> list[Figu
         launches: dict[str, Launch] = {}
         try:
             for mode in modes:
-                launches[mode] = Launch(BENCH_APP, 2, *MODES[mode])
-            for launch in launches.values():
-                rate(loadgen, launch, 2.0)  # warm up
+                launches[mode] = Launch(BENCH_APP, 2, *MODES[mode][0])
+            for mode, launch in launches.items():
+                rate(loadgen, launch, 2.0, MODES[mode][1])  # warm up
             figures: Figures = {mode: [] for mode in modes}
             for w in range(windows):
                 for mode in modes if w % 2 == 0 else modes[::-1]:
-                    figures[mode].append(rate(loadgen, launches[mode], seconds))
+                    figures[mode].append(rate(loadgen, launches[mode], seconds, MODES[mode][1]))
             out.append(figures)
         finally:
             for launch in launches.values():
@@ -181,12 +214,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--windows", type=int, default=20, help="per round")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--windows", type=int, default=15, help="per round")
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args()
+    if importlib.util.find_spec("engineio") is None:
+        # Without it a worker learns Engine.IO ids through an ASGI layer around the app, which
+        # is not what a Socket.IO app's workers run.
+        raise SystemExit("session-cost.py: needs python-engineio (pip install python-engineio)")
     os.chdir(ROOT)
+    write_keyed_paths()
     rounds = rates(build_loadgen(), args.rounds, args.windows, args.seconds)
     figures = {mode: [f for one in rounds for f in one[mode]] for mode in MODES}
     result: dict[str, object] = {
@@ -196,13 +234,17 @@ def main() -> int:
         "rate_off_median": round(statistics.median(f[0] for f in figures["off"])),
         "cpu_us_per_request_off_median": round(statistics.median(f[1] for f in figures["off"]), 1),
     }
-    for mode in ("on", "control"):
+    for mode in ("on", "keyed", "control"):
         # Requests per worker CPU second, X / off: the rate ratio with other tenants' load removed.
         cpu_ratios = _ratios(figures["off"], figures[mode], 1)
         result[mode] = {
             "rate_median": round(statistics.median(f[0] for f in figures[mode])),
             "rate_ratio_median": _median_ratio(figures[mode], figures["off"], 0),
             "cpu_us_per_request_median": round(statistics.median(f[1] for f in figures[mode]), 1),
+            # What a request of this mode costs the workers beyond one of "off" (paired windows).
+            "cpu_us_added_median": round(
+                statistics.median(x[1] - y[1] for x, y in zip(figures[mode], figures["off"], strict=True)), 2
+            ),
             "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
             "cpu_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(cpu_ratios, n=4)],
             # All windows together: each window weighed by its requests.

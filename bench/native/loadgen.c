@@ -1,12 +1,13 @@
 // loadgen: new-connection HTTP load from many source addresses, for scripts/bench.
 //
-//   loadgen HOST PORT SOURCES CONCURRENCY SECONDS [REQUESTS_PER_CONNECTION]
+//   loadgen HOST PORT SOURCES CONCURRENCY SECONDS [REQUESTS_PER_CONNECTION [PATH | @FILE]]
 //
 // Keeps CONCURRENCY connections in flight; each binds the next source address (127.77.y.z, by
 // index, cycling through SOURCES of them), connects, sends REQUESTS_PER_CONNECTION (default 1)
-// GETs one after another (keep-alive; the last says "Connection: close"), and records each
-// response's latency and worker id (the body's first integer). Responses need Content-Length.
-// A source is sticky when every connection it made was answered by the same worker.
+// GETs of PATH (default /; with @FILE, source i asks for line i of FILE) one after another
+// (keep-alive; the last says "Connection: close"), and records each response's latency and worker
+// id (the body's first integer). Responses need Content-Length. A source is sticky when every
+// connection it made was answered by the same worker.
 // Prints one JSON object: completed, errors, latencies, per-worker counts, stickiness per source.
 // Connections still open DRAIN_SECONDS after the end (a SYN dropped by a full backlog is retried
 // for over a minute) are closed and counted as errors, so a run always ends.
@@ -29,6 +30,8 @@
 #define MAX_WORKERS 64
 #define DRAIN_SECONDS 10
 #define BUF 1024
+#define MAX_PATHS 1024
+#define MAX_PATH 160
 
 struct conn {
     int fd;
@@ -75,7 +78,9 @@ static int cmp_u32(const void *a, const void *b) {
 
 int main(int argc, char **argv) {
     if (argc < 6) {
-        fprintf(stderr, "usage: loadgen HOST PORT SOURCES CONCURRENCY SECONDS [REQUESTS_PER_CONNECTION]\n");
+        fprintf(stderr,
+                "usage: loadgen HOST PORT SOURCES CONCURRENCY SECONDS "
+                "[REQUESTS_PER_CONNECTION [PATH | @FILE]]\n");
         return 2;
     }
     struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(argv[2]))};
@@ -83,6 +88,34 @@ int main(int argc, char **argv) {
     int nsources = atoi(argv[3]), concurrency = atoi(argv[4]);
     double seconds = atof(argv[5]);
     int per_conn = argc > 6 ? atoi(argv[6]) : 1;
+    // PATH, or "@FILE": one path per line, source i asking for line i (cycling), so that each
+    // source can carry a session key of its own.
+    const char *path_arg = argc > 7 ? argv[7] : "/";
+    char paths[MAX_PATHS][MAX_PATH + 1];
+    int npaths = 0;
+    if (path_arg[0] == '@') {
+        FILE *file = fopen(path_arg + 1, "r");
+        if (!file) {
+            perror(path_arg + 1);
+            return 2;
+        }
+        while (npaths < MAX_PATHS && fgets(paths[npaths], sizeof paths[npaths], file)) {
+            size_t len = strcspn(paths[npaths], "\n");
+            if (paths[npaths][len] != '\n' && !feof(file)) {
+                fprintf(stderr, "loadgen: a path in %s is longer than %d bytes\n", path_arg + 1, MAX_PATH);
+                return 2;
+            }
+            paths[npaths][len] = 0;
+            if (len) npaths++;
+        }
+        fclose(file);
+    } else if (strlen(path_arg) <= MAX_PATH) {
+        strcpy(paths[npaths++], path_arg);
+    }
+    if (npaths == 0) {
+        fprintf(stderr, "loadgen: no PATH of at most %d bytes in %s\n", MAX_PATH, path_arg);
+        return 2;
+    }
 
     uint32_t *addrs = calloc((size_t)nsources, sizeof *addrs);
     int *first_worker = malloc((size_t)nsources * sizeof(int));
@@ -96,10 +129,16 @@ int main(int argc, char **argv) {
     uint32_t *lat_us = malloc(lat_cap * sizeof *lat_us);
     long per_worker[MAX_WORKERS] = {0};
     long completed = 0, errors = 0;
-    char request[256], last_request[256];
-    int request_len = snprintf(request, sizeof request, "GET / HTTP/1.1\r\nHost: %s\r\n\r\n", argv[1]);
-    int last_len = snprintf(last_request, sizeof last_request,
-                            "GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n", argv[1]);
+    // Each path's request, and the last one of a connection (which says "Connection: close").
+    char (*request)[2][MAX_PATH + 128] = calloc((size_t)npaths, sizeof *request);
+    int (*request_len)[2] = calloc((size_t)npaths, sizeof *request_len);
+    for (int i = 0; i < npaths; i++) {
+        request_len[i][0] = snprintf(request[i][0], sizeof request[i][0],
+                                     "GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", paths[i], argv[1]);
+        request_len[i][1] = snprintf(request[i][1], sizeof request[i][1],
+                                     "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n",
+                                     paths[i], argv[1]);
+    }
 
     int ep = epoll_create1(0);
     struct conn *conns = calloc((size_t)concurrency, sizeof *conns);
@@ -149,9 +188,9 @@ int main(int argc, char **argv) {
             if (events[e].events & (EPOLLERR | EPOLLHUP) && !(events[e].events & EPOLLIN)) {
                 failed = 1;
             } else if (events[e].events & EPOLLOUT) {
-                int last = k->sent + 1 >= per_conn;
-                ssize_t len = last ? last_len : request_len;
-                if (write(k->fd, last ? last_request : request, (size_t)len) != len) {
+                int last = k->sent + 1 >= per_conn, path = k->source % npaths;
+                ssize_t len = request_len[path][last];
+                if (write(k->fd, request[path][last], (size_t)len) != len) {
                     failed = 1;
                 } else {
                     k->sent++;

@@ -10,7 +10,6 @@ request.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import heapq
 import mmap
 import os
@@ -27,7 +26,7 @@ from ..errors import HandoverError
 from ..hashing import MAX_SLOTS
 from ..kernel import diag
 from .handoff import Channels
-from .ownership import HEADER, SessionTable, carried_mismatch, table_size
+from .ownership import HEADER, SessionTable, carried_mismatch, table_key_of, table_size
 from .settings import SessionSettings
 
 # The top-source warning: at least this many connections open, the top few sources carrying more
@@ -72,19 +71,14 @@ def forwarded_allow_ips(launch: Launch) -> str:
     return str(given) if given is not None else os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
 
 
-TABLE_KEY_LABEL = b"ebpf-sticky session table"
-
-
 def session_settings(launch: Launch, loader: str) -> SessionSettings:
-    """What the workers get: the table key, and the routing key only if an address decides.
-
-    The table key is a PRF of the launch's hash key (it tells nothing of it), so ids issued before
-    an in-place upgrade or a restart from the fd store stay valid under the same key."""
+    """What the workers get: the table key (``table_key_of``), and the routing key only if an
+    address decides."""
     settings = SessionSettings(
         keys=launch.session_keys,
         proxy_protocol=launch.proxy_protocol,
         trusted=forwarded_allow_ips(launch),
-        table_key=hashlib.blake2b(TABLE_KEY_LABEL, key=launch.spec.key, digest_size=16).hexdigest(),
+        table_key=table_key_of(launch.spec.key).hex(),
         prefix4=launch.spec.prefix4,
         prefix6=launch.spec.prefix6,
         mirror="cbpf" if loader == "cbpf" else "native",

@@ -47,6 +47,15 @@ _COUNTERS_AT = HEADER.size
 ENTRIES_AT = _COUNTERS_AT + COUNTER.size * MAX_SLOTS
 
 
+TABLE_KEY_LABEL = b"ebpf-sticky session table"
+
+
+def table_key_of(hash_key: bytes) -> bytes:
+    """The table key: a PRF of the launch's hash key (it tells nothing of it), so that ids issued
+    before an in-place upgrade or a restart from the fd store stay valid under the same key."""
+    return hashlib.blake2b(TABLE_KEY_LABEL, key=hash_key, digest_size=16).digest()
+
+
 def table_size(capacity: int = CAPACITY) -> int:
     return ENTRIES_AT + ENTRY.size * capacity
 

@@ -162,18 +162,18 @@ def test_an_upgraded_master_still_adds_and_retires_slots(loader: str) -> None:
 def test_an_install_that_hashes_session_ids_otherwise_is_refused(own_install: Path) -> None:
     """A version whose table key differs would find none of the learnt ids: the check refuses it
     in one line before the exec, and the group serves on with its table."""
-    master = own_install / "ebpf_sticky" / "sessions" / "master.py"
-    good = master.read_text()
+    ownership = own_install / "ebpf_sticky" / "sessions" / "ownership.py"
+    good = ownership.read_text()
     args = ["session_app.py", "-w", "2", *BASE, "--session-key", "header:x-session"]
     with launched(args, extra_env={"PYTHONPATH": str(own_install)}) as instance:
         owner = next(s for s in SOURCES if predicted(s, 2) == 0)
         other = next(s for s in SOURCES if predicted(s, 2) == 1)
         _, _, session = session_get(instance.port, owner, "/login", None)
         before = instance.slot_pids()
-        master.write_text(good.replace('b"ebpf-sticky session table"', b'b"another session table"'.decode()))
+        ownership.write_text(good.replace('b"ebpf-sticky session table"', 'b"another session table"'))
         refused = cli("upgrade", "--port", str(instance.port))
         assert instance.slot_pids() == before
-        master.write_text(good)
+        ownership.write_text(good)
         repaired = cli("upgrade", "--port", str(instance.port))
         wait_for(lambda: instance.renewed(1, worker_pids_of(before)), 120, "the repaired upgrade")
         print(refused.stderr.strip())
