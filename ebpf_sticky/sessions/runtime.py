@@ -70,6 +70,9 @@ class Layer:
     make_protocol: Callable[[], AdoptedGate] | None = None  # for handed-over connections, once installed
     backlog: dict[int, collections.deque[tuple[int, Peer | None, bytes]]] = field(default_factory=dict)
     received: bytearray = field(default_factory=handoff.receive_buffer)
+    # Moved connections from their datagram to their ``connection_made``: the client a PROXY
+    # header named (if any) and the bytes read of them, kept here, not on the protocol instance.
+    arriving: dict[AdoptedGate, tuple[Peer | None, bytes]] = field(default_factory=dict)
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -192,16 +195,18 @@ class Layer:
             # Family named, not detected (two getsockopt calls); the loop makes it non-blocking.
             sock = socket.socket(self.family, socket.SOCK_STREAM, 0, moved.fd)
             protocol = self.make_protocol()
-            protocol.adopt(moved.client, moved.data)
-            loop.create_task(_adopt(loop, protocol, sock))
+            self.arriving[protocol] = (moved.client, moved.data)
+            loop.create_task(self._adopt(loop, protocol, sock))
 
-
-async def _adopt(loop: asyncio.AbstractEventLoop, protocol: AdoptedGate, sock: socket.socket) -> None:
-    try:
-        await loop.connect_accepted_socket(lambda: protocol, sock)
-    except OSError as exc:  # the client went away while the connection was queued
-        log.debug("a moved connection was gone: %s", exc)
-        sock.close()
+    async def _adopt(
+        self, loop: asyncio.AbstractEventLoop, protocol: AdoptedGate, sock: socket.socket
+    ) -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: protocol, sock)
+        except OSError as exc:  # the client went away while the connection was queued
+            log.debug("a moved connection was gone: %s", exc)
+            self.arriving.pop(protocol, None)
+            sock.close()
 
 
 class Gate(asyncio.Protocol):
@@ -387,16 +392,13 @@ class AdoptedGate(Gate):
 
     proxied = False
 
-    def adopt(self, client: Peer | None, data: bytes) -> None:
-        """The client a PROXY header named there (if any), and the bytes read of it there."""
-        self.proxy_client, self.held = client, data
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvicorn's protocol sets the scope's client; like uvicorn, no deadline for the first request.
         super().connection_made(transport)
-        if self.proxy_client is not None:
-            self.client = self.proxy_client
-        self.serve_here(self.release())
+        client, data = self.layer.arriving.pop(self)
+        if client is not None:
+            self.client = self.proxy_client = client
+        self.serve_here(data)
 
 
 def gated(
