@@ -90,7 +90,7 @@ def workers_cpu(master: int) -> float:
     return sum(process_cpu_seconds(int(child)) for child in children)
 
 
-def rate(loadgen: Path, launch: Launch, seconds: float, path: str = "/") -> tuple[float, float]:
+def rate(loadgen: Path, launch: Launch, seconds: float, path: str) -> tuple[float, float]:
     """(requests per second, worker CPU microseconds per request) of one loadgen run."""
     before = workers_cpu(launch.proc.pid)
     out = subprocess.run(

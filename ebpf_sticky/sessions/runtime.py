@@ -33,9 +33,19 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..hashing import HashSpec, cbpf, native, parse_address
 from . import handoff
 from .http_head import HeadError, RequestHead, parse_request_head, parse_response_head
-from .keys import MAX_LEARN_BODY, AddressKey, IdKey, KeyKind, KeySpec, TrustedProxies, extract_key, learn_key
+from .keys import (
+    MAX_LEARN_BODY,
+    AddressKey,
+    IdKey,
+    KeyKind,
+    KeySpec,
+    TrustedProxies,
+    extract_key,
+    learn_key,
+    reads_fields,
+)
 from .ownership import SessionTable, hashed_slot, issue_id, issued_slot
-from .prefilter import Creators, HeadWatch, head_end
+from .prefilter import Creators, HeadWatch, head_end, key_markers
 from .proxy_protocol import ProxyProtocolError, parse_proxy_header
 
 log = logging.getLogger("ebpf_sticky.sessions")
@@ -64,8 +74,6 @@ class Layer:
     family: socket.AddressFamily  # the slot socket's: every connection handed over is of it
     spec: HashSpec | None  # the routing key's spec, when address keys are in use
     mirror: Callable[[Any, HashSpec, int], int]
-    carries_key: Callable[[bytes, int, int], object]  # prefilter.key_markers
-    reads_fields: bool  # keys.reads_fields: else a head's request line is all that is parsed
     creators: Creators
     make_protocol: Callable[[], AdoptedGate] | None = None  # for handed-over connections, once installed
     backlog: dict[int, collections.deque[tuple[int, Peer | None, bytes]]] = field(default_factory=dict)
@@ -73,6 +81,14 @@ class Layer:
     # Moved connections from their datagram to their ``connection_made``: the client a PROXY
     # header named (if any) and the bytes read of them, kept here, not on the protocol instance.
     arriving: dict[AdoptedGate, tuple[Peer | None, bytes]] = field(default_factory=dict)
+    # Derived from the specs once, for every request head: whether it may carry a key at all, and
+    # whether finding one reads its fields (else its request line is all that is parsed).
+    carries_key: Callable[[bytes, int, int], object] = field(init=False)
+    reads_fields: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.carries_key = key_markers(self.specs)
+        self.reads_fields = reads_fields(self.specs)
 
     # -- deciding ----------------------------------------------------------------------------
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from ..contract import HANDOFF_RECV_FD, HANDOFF_SEND_FD0, SESSION_TABLE_FD
 from ..hashing import HashSpec
-from .keys import KeyKind, parse_key_spec, parse_trusted, reads_fields
+from .keys import KeyKind, parse_key_spec, parse_trusted
 from .ownership import SessionTable, table_size
-from .prefilter import creators, key_markers
+from .prefilter import creators
 from .runtime import MIRRORS, AdoptedGate, Layer, gated, issue_engineio_ids, learning_app
 from .settings import SessionSettings
 
@@ -41,8 +41,6 @@ def open_layer(settings: SessionSettings, slot: int, family: socket.AddressFamil
     return Layer(
         slot=slot,
         specs=specs,
-        carries_key=key_markers(specs),
-        reads_fields=reads_fields(specs),
         creators=creators(specs, issued),
         proxy_protocol=settings.proxy_protocol,
         trusted=trusted,

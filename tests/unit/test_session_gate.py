@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ebpf_sticky.sessions.keys import parse_key_spec, parse_trusted, reads_fields
+from ebpf_sticky.sessions.keys import parse_key_spec, parse_trusted
 from ebpf_sticky.sessions.ownership import SessionTable, table_size
-from ebpf_sticky.sessions.prefilter import creators, key_markers
+from ebpf_sticky.sessions.prefilter import creators
 from ebpf_sticky.sessions.runtime import MIRRORS, Layer, gated
 from ebpf_sticky.supervisor.accepting import accepting
 
@@ -46,8 +46,6 @@ def layer() -> Iterator[Layer]:
         family=socket.AF_INET,
         spec=None,
         mirror=MIRRORS["native"],
-        carries_key=key_markers(specs),
-        reads_fields=reads_fields(specs),
         creators=creators(specs, False),
     )
     for end in ends:
