@@ -57,23 +57,26 @@ def test_swarm_keeps_every_session(chat: str, swarm: Any, transport: str) -> Non
         assert int(worker) == slot_of(parse_address(source), SPEC, 4)
 
 
-def test_negative_control_unsticky_workers_break_sessions() -> None:
+def test_negative_control_unsticky_workers_break_sessions(tmp_path: Path) -> None:
     # The same app and the same clients under `uvicorn --workers 4` (one shared socket, no
     # stickiness): long-polling sessions must fail, or the test above could not tell.
     port = free_port()
     uvicorn = [sys.executable, "-m", "uvicorn", "app:app", "--workers", "4", "--port", str(port),
-               "--log-level", "error"]  # fmt: skip
-    proc = subprocess.Popen(
-        uvicorn, cwd=CHAT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+               "--no-access-log"]  # fmt: skip
+    log = tmp_path / "uvicorn.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            uvicorn, cwd=CHAT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         url = f"http://127.0.0.1:{port}"
 
+        # uvicorn's master listens before its workers start: a swarm sent then can find one
+        # worker serving, keep every session on it, and break none. All four must be up.
         def up() -> bool:
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", port)) == 0
+            return log.read_text().count("Application startup complete.") == 4
 
-        wait_for(up, 30, "uvicorn")
+        wait_for(up, 60, "uvicorn's four workers")
         sources = SOURCES[:60]
         py = python_swarm(url, sources, ["polling"], timeout=3)
         node = node_swarm(url, sources, ["polling"], timeout=3)
