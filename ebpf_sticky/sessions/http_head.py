@@ -37,13 +37,22 @@ from urllib.parse import unquote_plus
 MAX_HEAD = 64 * 1024
 
 # RFC 9110 token characters: what a method and a field name may hold.
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
-# A request target: visible ASCII and (as servers tolerate) bytes >= 0x80, never space or control.
-_TARGET = re.compile(rb"[\x21-\x7e\x80-\xff]+")
+TOKEN_CLASS = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]"
+_TOKEN = re.compile(TOKEN_CLASS + rb"+")
+
+
+def target_class(excluded: bytes = b"") -> bytes:
+    """A regex class of the bytes a request target may hold, less ``excluded``: visible ASCII and
+    (as servers tolerate) bytes >= 0x80, never space or control."""
+    allowed = (byte for byte in range(0x21, 0x100) if byte != 0x7F and byte not in excluded)
+    return b"[" + b"".join(re.escape(bytes([byte])) for byte in allowed) + b"]"
+
+
+_TARGET = re.compile(target_class() + rb"+")
 _VERSION = re.compile(rb"HTTP/1\.[0-9]")
 # A field line: a token, a colon, then visible characters, spaces and tabs, never another control
 # byte (NUL, CR, ...). All the fields are checked by one match: a head is parsed per request.
-_FIELD = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*"
+_FIELD = TOKEN_CLASS + rb"+:[\t\x20-\x7e\x80-\xff]*"
 _FIELDS = re.compile(_FIELD + rb"(?:\n" + _FIELD + rb")*")
 _LEADING_BLANK_LINES = re.compile(rb"(?:\r?\n)*")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})[ \r]")

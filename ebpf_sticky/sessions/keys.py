@@ -39,7 +39,16 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..hashing import Address, parse_address
-from .http_head import RequestHead, cookie, header, is_upgrade, query_param
+from .http_head import (
+    MAX_HEAD,
+    TOKEN_CLASS,
+    RequestHead,
+    cookie,
+    header,
+    is_upgrade,
+    query_param,
+    target_class,
+)
 
 # A browser keeps cookies of up to 4096 bytes (RFC 6265's floor), and signed session cookies come
 # close; the table keeps a keyed hash of each id, so a long id costs nothing there.
@@ -184,6 +193,57 @@ def extract_key(
 def reads_fields(specs: Sequence[KeySpec]) -> bool:
     """Whether finding any of these keys reads a request's header fields (else only its line)."""
     return any(spec.kind not in (KeyKind.ENGINEIO, KeyKind.QUERY) for spec in specs)
+
+
+def line_reader(specs: Sequence[KeySpec]) -> Callable[[bytes], str | None] | None:
+    """A reader of the first spec's key straight from a head's bytes, one regex match over the
+    request line instead of a parse, for specs that all read the request line alone (else
+    ``None``). ``read(data)``, on bytes that start with a whole head: the id that
+    ``extract_key(parse_request_head(data, False), specs, ...)`` finds, or ``None``: not sure, ask
+    the parse (a ``%``, a name that occurs twice, a value outside base64url, a head of more than
+    ``MAX_HEAD``).
+
+    For an Engine.IO deployment this is every polling request's work. Being sure without a parse
+    takes three things: the line is a valid request line (as the parse checks it); no ``%`` in it
+    (an encoded name could be ``sid``, and only the parse decodes); and the parameter's name occurs
+    once in the line, so no earlier pair (``sid``, ``sid=``, which the parse would read first)
+    can take its place.
+    """
+    if reads_fields(specs) or not specs:
+        return None
+    spec = specs[0]
+    name = "sid" if spec.kind is KeyKind.ENGINEIO else spec.name
+    if not _UNRESERVED.fullmatch(name):
+        return None  # a name the query's own syntax could split or decode ("&", "+", "%")
+    if spec.kind is KeyKind.ENGINEIO:
+        path = re.escape(spec.name.encode())
+        on_path = path + target_class(b"?%") + b"*|" + re.escape(spec.name.rstrip("/").encode())
+    else:
+        on_path = target_class(b"?%") + b"*"
+    value = rb"=([-0-9A-Z_a-z]{1,%d})" % MAX_KEY  # the id ends at "&", "#" or the target's end
+    pattern = re.compile(
+        b"".join(
+            (
+                TOKEN_CLASS + rb"+ (?:" + on_path + rb")\?",
+                rb"(?:" + target_class(b"#%") + rb"*&)?" + re.escape(name.encode()) + value,
+                rb"(?:[&#]" + target_class(b"%") + rb"*)? HTTP/1\.[0-9]\r?\n",
+            )
+        )
+    )
+    match, needle = pattern.match, name.encode()
+
+    def read(data: bytes) -> str | None:
+        if len(data) > MAX_HEAD:
+            return None
+        found = match(data)
+        if found is None or data.count(needle, 0, found.end()) != 1:
+            return None
+        return found[1].decode("ascii")
+
+    return read
+
+
+_UNRESERVED = re.compile(r"[-.0-9A-Z_a-z~]+")
 
 
 def _engineio_sid(head: RequestHead, path: str) -> str | None:

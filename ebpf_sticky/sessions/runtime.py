@@ -42,6 +42,7 @@ from .keys import (
     TrustedProxies,
     extract_key,
     learn_key,
+    line_reader,
     reads_fields,
 )
 from .ownership import SessionTable, hashed_slot, issue_id, issued_slot
@@ -81,14 +82,17 @@ class Layer:
     # Moved connections from their datagram to their ``connection_made``: the client a PROXY
     # header named (if any) and the bytes read of them, kept here, not on the protocol instance.
     arriving: dict[AdoptedGate, tuple[Peer | None, bytes]] = field(default_factory=dict)
-    # Derived from the specs once, for every request head: whether it may carry a key at all, and
-    # whether finding one reads its fields (else its request line is all that is parsed).
+    # Derived from the specs once, for every request head: whether it may carry a key at all,
+    # whether finding one reads its fields (else its request line is all that is parsed), and
+    # the first spec's key read from the request line by one match, when no spec reads fields.
     carries_key: Callable[[bytes, int, int], object] = field(init=False)
     reads_fields: bool = field(init=False)
+    line_key: Callable[[bytes], str | None] | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.carries_key = key_markers(self.specs)
         self.reads_fields = reads_fields(self.specs)
+        self.line_key = line_reader(self.specs)
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -322,6 +326,11 @@ class Gate(asyncio.Protocol):
     def decide_head(self, data: bytes) -> None:
         """``data`` starts with a whole head that may carry a key: parsed, served by its owner."""
         layer = self.layer
+        if layer.line_key is not None:
+            value = layer.line_key(data)
+            if value is not None:  # the parse would find it: the first spec's, which decides
+                self.route(layer.owner_of_id(layer.specs[0], value, self.address_owner), data)
+                return
         try:
             head = parse_request_head(data, layer.reads_fields)
         except HeadError:

@@ -7,12 +7,12 @@ import json
 from urllib.parse import quote
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from ebpf_sticky.errors import ConfigError
 from ebpf_sticky.hashing import parse_address
-from ebpf_sticky.sessions.http_head import RequestHead, parse_request_head
+from ebpf_sticky.sessions.http_head import MAX_HEAD, RequestHead, parse_request_head
 from ebpf_sticky.sessions.keys import (
     MAX_KEY,
     AddressKey,
@@ -23,6 +23,7 @@ from ebpf_sticky.sessions.keys import (
     client_hop,
     extract_key,
     learn_key,
+    line_reader,
     parse_key_spec,
     parse_trusted,
 )
@@ -319,6 +320,105 @@ def test_empty_and_oversized_ids_are_not_keys() -> None:
     assert extract_key(head("/", ("mcp-session-id", "x" * MAX_KEY)), [MCP], "", NOBODY) == IdKey(
         "x" * MAX_KEY
     )
+
+
+# Request lines near the ones the line reader must be sure of, and the ones it must not be:
+# encoded or repeated names, empty and odd values, fragments, other paths, bad lines.
+line_specs = st.lists(
+    st.sampled_from(
+        [
+            ENGINEIO,
+            KeySpec(KeyKind.ENGINEIO, "/"),
+            KeySpec(KeyKind.ENGINEIO, "/x.io/"),
+            KeySpec(KeyKind.QUERY, "sid"),
+            KeySpec(KeyKind.QUERY, "t"),
+        ]
+    ),
+    min_size=1,
+    max_size=3,
+)
+pair_names = st.one_of(
+    st.sampled_from(["sid", "s%69d", "%73id", "si+d", "SID", "t", "EIO", "", "sid#", "xsid", "sidx"]),
+    st.text("sidt=&%+#?", max_size=6),
+)
+pair_values = st.one_of(
+    st.sampled_from(["AS23EB1lZsN8pRYvAAAA", "", "a+b", "%41", "A-_z", "x" * (MAX_KEY + 1), "a=b"]),
+    st.text("sidAZaz09-_+%=&#?/. ", max_size=8),
+)
+pairs = st.tuples(pair_names, st.sampled_from(["=", "", "=="]), pair_values).map("".join)
+line_paths = st.sampled_from(
+    ["/socket.io/", "/socket.io", "/socket.iox/", "/x.io/", "/", "", "/a#b", "/sid/", "/s%6fcket.io/"]
+)
+
+
+def mostly(common: str, *odd: str) -> st.SearchStrategy[str]:
+    """``common`` four times in five: a key is read only from a line right in every part."""
+    return st.sampled_from([common] * 4 * len(odd) + list(odd))
+
+
+# A query: some pairs, most often one that is a key of these specs, then some more, each
+# followed by a separator of the query's syntax, or of another one.
+keyed_pairs = mostly("sid=AS23EB1lZsN8pRYvAAAA", "t=Ow2Dx4k", "sid=A+B", "sid=A", "sid=", "sid")
+separators = mostly("&", ";", "#", "&&", "=")
+other_pairs = st.one_of(st.sampled_from(["EIO=4", "transport=polling", "t=Ow2Dx4k"]), pairs)
+query_parts = st.lists(st.tuples(other_pairs, separators).map("".join), max_size=2).map("".join)
+queries = st.tuples(query_parts, st.one_of(keyed_pairs, pairs), separators, query_parts).map("".join)
+
+
+@settings(deadline=None, max_examples=1000)
+@given(
+    line_specs,
+    mostly("GET", "POST", "G T", "", "GE\x00T"),
+    st.one_of(st.just("/socket.io/"), line_paths),
+    mostly("?", "", "??", "#?"),
+    queries,
+    mostly("", "#frag", "#sid=B"),
+    mostly(" HTTP/1.1", " HTTP/1.0", " HTTP/2.0", " http/1.1", "  HTTP/1.1", " HTTP/1.1\r"),
+    mostly("\r\n", "\n", "\r"),
+    mostly("", "\r\n", "\n"),
+)
+def test_a_key_read_from_the_line_is_the_one_the_parse_finds(
+    specs: list[KeySpec],
+    method: str,
+    path: str,
+    question: str,
+    query: str,
+    fragment: str,
+    version: str,
+    newline: str,
+    blank: str,
+) -> None:
+    line = f"{method} {path}{question}{query}{fragment}{version}"
+    data = (blank + line + newline + "Host: x" + newline + newline).encode("latin-1")
+    read = line_reader(specs)
+    assert read is not None
+    value = read(data)
+    event("sure" if value is not None else "unsure")
+    if value is not None:
+        parsed = parse_request_head(data, with_fields=False)
+        assert parsed is not None
+        assert extract_key(parsed, specs, "", NOBODY) == IdKey(value)
+
+
+def test_the_line_reader_reads_socketio_polls_and_upgrades() -> None:
+    read = line_reader([ENGINEIO])
+    assert read is not None
+    poll = b"GET /socket.io/?EIO=4&transport=polling&t=Ow2Dx4k&sid=AS23EB1lZsN8pRYvAAAA HTTP/1.1\r\n"
+    upgrade = b"GET /socket.io/?EIO=4&transport=websocket&sid=AS23EB1lZsN8pRYvAAAA HTTP/1.1\r\n"
+    post = b"POST /socket.io/?EIO=4&transport=polling&sid=AS23EB1lZsN8pRYvAAAA&t=Ow2 HTTP/1.1\r\n"
+    for line in (poll, upgrade, post):
+        assert read(line + b"Host: x\r\n\r\n") == "AS23EB1lZsN8pRYvAAAA"
+    # Unsure, so parsed: an encoded byte, a repeated name, a head too large to be one.
+    assert read(poll.replace(b"t=Ow2", b"t=%4F") + b"\r\n") is None
+    assert read(poll.replace(b"t=Ow2", b"sid=&t=Ow2") + b"\r\n") is None
+    assert read(poll + b"X: " + b"x" * MAX_HEAD + b"\r\n\r\n") is None
+
+
+def test_no_line_reader_when_a_key_is_read_from_fields() -> None:
+    assert line_reader([ENGINEIO, MCP]) is None
+    assert line_reader([FORWARDED]) is None
+    assert line_reader([]) is None
+    assert line_reader([KeySpec(KeyKind.QUERY, "a+b")]) is None
 
 
 # --------------------------------------------------------------------------------------- learning
