@@ -20,7 +20,13 @@
   sends requests of a session owned by slot 0 and of one owned by slot 1, alternating, one
   connection each; the difference of the two medians is what a move adds.
 
-    scripts/session-cost.py [--rounds N] [--windows N] [--seconds S] [--requests N]   (needs root: BPF)
+With ``--pin`` the load generator and the masters run on CPU 0 and each launch has a worker on
+each other CPU, pinned there (one worker on a 2-core machine): as where the clients are other
+machines and a worker has its core to itself. Without it, two workers and the load generator
+share all CPUs, and each worker's Python runs with caches the others have just used.
+
+    scripts/session-cost.py [--pin] [--rounds N] [--windows N] [--seconds S] [--requests N]
+    (needs root: BPF)
 """
 
 from __future__ import annotations
@@ -90,8 +96,17 @@ def workers_cpu(master: int) -> float:
     return sum(process_cpu_seconds(int(child)) for child in children)
 
 
+def pin_workers(launch: Launch, cpus: list[int]) -> None:
+    """Each of the launch's workers (every thread of it) onto one of ``cpus``."""
+    children = Path(f"/proc/{launch.proc.pid}/task/{launch.proc.pid}/children").read_text().split()
+    for child, cpu in zip(sorted(children, key=int), cpus, strict=True):
+        for task in Path(f"/proc/{child}/task").iterdir():
+            os.sched_setaffinity(int(task.name), {cpu})
+
+
 def rate(loadgen: Path, launch: Launch, seconds: float, path: str) -> tuple[float, float]:
-    """(requests per second, worker CPU microseconds per request) of one loadgen run."""
+    """(requests per second, worker CPU microseconds per request) of one loadgen run (on the
+    CPUs this process may use: CPU 0 alone with ``--pin``)."""
     before = workers_cpu(launch.proc.pid)
     out = subprocess.run(
         [str(loadgen), "127.0.0.1", str(launch.port), str(SOURCES), "32", str(seconds), "1", path],
@@ -116,11 +131,11 @@ MODES = {
 SOURCES = 256
 
 
-def write_keyed_paths() -> None:
+def write_keyed_paths(slots: int) -> None:
     table_key = table_key_of(SPEC.key)
     lines = []
     for i in range(SOURCES):
-        slot = slot_of(parse_address(source_address(i)), SPEC, 2)
+        slot = slot_of(parse_address(source_address(i)), SPEC, slots)
         sid = issue_id(slot, table_key, secrets.token_bytes(11))
         lines.append(f"/socket.io/?EIO=4&transport=polling&t=PabcdEf&sid={sid}\n")
     KEYED_PATHS.write_text("".join(lines))
@@ -129,13 +144,14 @@ def write_keyed_paths() -> None:
 Figures = dict[str, list[tuple[float, float]]]  # per mode, per window: (requests/s, CPU µs/request)
 
 
-def rates(loadgen: Path, rounds: int, windows: int, seconds: float) -> list[Figures]:
+def rates(loadgen: Path, rounds: int, windows: int, seconds: float, pinned: list[int]) -> list[Figures]:
     """Per round, each mode's figures. A round starts the launches afresh, keeps them for
     all its windows and loads them in turn for ``seconds`` at a time (the order reversed every
     other window): the machine's drift over minutes (another tenant, the host's clock) falls on all
     alike. Rounds, because two identical launches differ by a few per cent for as long as they
     live (where their workers' memory and CPUs fall): more windows of one launch do not average
-    that out, fresh launches do."""
+    that out, fresh launches do. ``pinned``: the CPUs to pin one worker each on (else two
+    workers, unpinned)."""
     out = []
     for r in range(rounds):
         # Each mode is started first in turn: the start order alone can move a launch's figures
@@ -144,7 +160,9 @@ def rates(loadgen: Path, rounds: int, windows: int, seconds: float) -> list[Figu
         launches: dict[str, Launch] = {}
         try:
             for mode in modes:
-                launches[mode] = Launch(BENCH_APP, 2, *MODES[mode][0])
+                launches[mode] = Launch(BENCH_APP, len(pinned) or 2, *MODES[mode][0])
+                if pinned:
+                    pin_workers(launches[mode], pinned)
             for mode, launch in launches.items():
                 rate(loadgen, launch, 2.0, MODES[mode][1])  # warm up
             figures: Figures = {mode: [] for mode in modes}
@@ -214,6 +232,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--pin", action="store_true", help="load on CPU 0, a worker on each other CPU")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--windows", type=int, default=15, help="per round")
     parser.add_argument("--seconds", type=float, default=1.0)
@@ -224,10 +243,19 @@ def main() -> int:
         # is not what a Socket.IO app's workers run.
         raise SystemExit("session-cost.py: needs python-engineio (pip install python-engineio)")
     os.chdir(ROOT)
-    write_keyed_paths()
-    rounds = rates(build_loadgen(), args.rounds, args.windows, args.seconds)
+    cpus = sorted(os.sched_getaffinity(0))
+    pinned = cpus[1:] if args.pin else []
+    if args.pin and not pinned:
+        raise SystemExit("session-cost.py: --pin needs two CPUs")
+    write_keyed_paths(len(pinned) or 2)
+    loadgen = build_loadgen()
+    if pinned:
+        os.sched_setaffinity(0, cpus[:1])  # the launches' masters and the load generator inherit it
+    rounds = rates(loadgen, args.rounds, args.windows, args.seconds, pinned)
+    os.sched_setaffinity(0, cpus)
     figures = {mode: [f for one in rounds for f in one[mode]] for mode in MODES}
     result: dict[str, object] = {
+        "pinned": bool(pinned),
         "rounds": args.rounds,
         "windows": args.windows,
         "seconds": args.seconds,
