@@ -62,6 +62,18 @@ def test_anything_else_is_not_an_issued_id(value: str) -> None:
     assert issued_slot(value, KEY) is None
 
 
+@given(st.lists(st.tuples(slots, randoms, st.booleans(), st.booleans()), max_size=50))
+def test_a_remembered_check_answers_as_a_fresh_one(calls: list[tuple[int, bytes, bool, bool]]) -> None:
+    # Each id asked under both keys, in either order, genuine or with its tag broken: what the
+    # remembered check answers is what the check itself answers.
+    for slot, random, broken, other_first in calls:
+        value = issue_id(slot, KEY, random)
+        if broken:
+            value = value[:-1] + ("A" if value[-1] != "A" else "B")
+        for key in (OTHER_KEY, KEY) if other_first else (KEY, OTHER_KEY):
+            assert issued_slot(value, key) == issued_slot.__wrapped__(value, key)
+
+
 @given(st.lists(st.tuples(ids, slots), min_size=1, max_size=200))
 def test_a_learnt_id_is_found_at_once_and_the_table_never_grows(learnt: list[tuple[str, int]]) -> None:
     table = small_table()
