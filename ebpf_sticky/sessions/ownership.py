@@ -96,15 +96,20 @@ def issue_id(slot: int, table_key: bytes, random: bytes) -> str:
     return base64.urlsafe_b64encode(body + _tag(table_key, body)).decode()
 
 
-# Remembered per process: each poll of an Engine.IO session carries the same id, and checking it
-# (a base64 decode and a keyed BLAKE2b) costs a serving worker several microseconds, against well
-# under one to look it up. Exact (a pure function of its arguments) and bounded: ids a client
-# makes up can only push others out, which are then checked again.
-@functools.lru_cache(maxsize=REMEMBERED_IDS)
 def issued_slot(value: str, table_key: bytes) -> int | None:
     """The slot an id we issued names; None for anything else."""
     if len(value) != 4 * ID_BYTES // 3:
-        return None
+        return None  # answered without the memo, which then holds ids of this length only
+    return _checked_slot(value, table_key)
+
+
+# Remembered per process: each poll of an Engine.IO session carries the same id, and checking it
+# (a base64 decode and a keyed BLAKE2b) costs a serving worker several microseconds, against well
+# under one to look it up. Exact (a pure function of its arguments) and bounded, in entries and,
+# since every id in it has an issued id's length, in bytes: ids a client makes up can only push
+# others out, which are then checked again.
+@functools.lru_cache(maxsize=REMEMBERED_IDS)
+def _checked_slot(value: str, table_key: bytes) -> int | None:
     try:
         raw = base64.urlsafe_b64decode(value)
     except (binascii.Error, ValueError):

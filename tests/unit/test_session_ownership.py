@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from ebpf_sticky.activation import SessionFds
 from ebpf_sticky.errors import HandoverError
 from ebpf_sticky.sessions import handoff
+from ebpf_sticky.sessions.keys import MAX_KEY
 from ebpf_sticky.sessions.master import (
     CONCENTRATION_MIN,
     CONCENTRATION_TOP,
@@ -26,6 +27,7 @@ from ebpf_sticky.sessions.ownership import (
     ENTRY,
     TTL,
     SessionTable,
+    _checked_slot,
     carried_mismatch,
     issue_id,
     issued_slot,
@@ -71,7 +73,16 @@ def test_a_remembered_check_answers_as_a_fresh_one(calls: list[tuple[int, bytes,
         if broken:
             value = value[:-1] + ("A" if value[-1] != "A" else "B")
         for key in (OTHER_KEY, KEY) if other_first else (KEY, OTHER_KEY):
-            assert issued_slot(value, key) == issued_slot.__wrapped__(value, key)
+            assert issued_slot(value, key) == _checked_slot.__wrapped__(value, key)
+
+
+@given(st.text(max_size=MAX_KEY).filter(lambda value: len(value) != 20))
+def test_only_ids_of_an_issued_length_are_remembered(value: str) -> None:
+    # A key can be MAX_KEY characters long: remembered, a client's made-up keys would hold
+    # thousands of times an issued id's bytes in every worker.
+    before = _checked_slot.cache_info().currsize
+    assert issued_slot(value, KEY) is None
+    assert _checked_slot.cache_info().currsize == before
 
 
 @given(st.lists(st.tuples(ids, slots), min_size=1, max_size=200))
