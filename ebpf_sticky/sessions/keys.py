@@ -36,11 +36,11 @@ import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import ConfigError
 from ..hashing import Address, parse_address
 from .http_head import (
-    MAX_HEAD,
     TOKEN_CLASS,
     RequestHead,
     cookie,
@@ -195,13 +195,20 @@ def reads_fields(specs: Sequence[KeySpec]) -> bool:
     return any(spec.kind not in (KeyKind.ENGINEIO, KeyKind.QUERY) for spec in specs)
 
 
-def line_reader(specs: Sequence[KeySpec]) -> Callable[[bytes], str | None] | None:
-    """A reader of the first spec's key straight from a head's bytes, one regex match over the
+class LinePattern(NamedTuple):
+    """The first spec's key in a request line, read without a parse (``line_pattern``)."""
+
+    match: Callable[[bytes, int], re.Match[bytes] | None]  # (data, start); group 1: the key's value
+    name: bytes  # the parameter's name: the key is the parse's when it occurs once up to the match's end
+
+
+def line_pattern(specs: Sequence[KeySpec]) -> LinePattern | None:
+    """How to read the first spec's key straight from a head's bytes, one regex match over the
     request line instead of a parse, for specs that all read the request line alone (else
-    ``None``). ``read(data)``, on bytes that start with a whole head: the id that
-    ``extract_key(parse_request_head(data, False), specs, ...)`` finds, or ``None``: not sure, ask
-    the parse (a ``%``, a name that occurs twice, a value outside base64url, a head of more than
-    ``MAX_HEAD``).
+    ``None``). On bytes that start with a whole head of at most ``MAX_HEAD`` bytes, a match in
+    which ``name`` occurs once up to the match's end holds the id that
+    ``extract_key(parse_request_head(data, False), specs, ...)`` finds; anything else (no match, a
+    ``%``, a name that occurs twice, a value outside base64url) is not sure: ask the parse.
 
     For an Engine.IO deployment this is every polling request's work. Being sure without a parse
     takes three things: the line is a valid request line (as the parse checks it); no ``%`` in it
@@ -230,17 +237,7 @@ def line_reader(specs: Sequence[KeySpec]) -> Callable[[bytes], str | None] | Non
             )
         )
     )
-    match, needle = pattern.match, name.encode()
-
-    def read(data: bytes) -> str | None:
-        if len(data) > MAX_HEAD:
-            return None
-        found = match(data)
-        if found is None or data.count(needle, 0, found.end()) != 1:
-            return None
-        return found[1].decode("ascii")
-
-    return read
+    return LinePattern(pattern.match, name.encode())
 
 
 _UNRESERVED = re.compile(r"[-.0-9A-Z_a-z~]+")

@@ -43,7 +43,8 @@ CAPACITY = 1 << 16  # 1 MiB of entries
 PROBES = 8
 TTL = 3600  # seconds a learned id stays routable after its last use
 ID_BYTES = 15
-REMEMBERED_IDS = 4096  # ids whose check (``issued_slot``) a process remembers
+ID_CHARS = 4 * ID_BYTES // 3  # an issued id's length, in base64url characters
+REMEMBERED_IDS = 4096  # ids whose check (``checked_slot``) a process remembers
 _TAG_BYTES = 3
 _COUNTERS_AT = HEADER.size
 ENTRIES_AT = _COUNTERS_AT + COUNTER.size * MAX_SLOTS
@@ -98,18 +99,19 @@ def issue_id(slot: int, table_key: bytes, random: bytes) -> str:
 
 def issued_slot(value: str, table_key: bytes) -> int | None:
     """The slot an id we issued names; None for anything else."""
-    if len(value) != 4 * ID_BYTES // 3:
+    if len(value) != ID_CHARS:
         return None  # answered without the memo, which then holds ids of this length only
-    return _checked_slot(value, table_key)
+    return checked_slot(value, table_key)
 
 
 # Remembered per process: each poll of an Engine.IO session carries the same id, and checking it
 # (a base64 decode and a keyed BLAKE2b) costs a serving worker several microseconds, against well
 # under one to look it up. Exact (a pure function of its arguments) and bounded, in entries and,
 # since every id in it has an issued id's length, in bytes: ids a client makes up can only push
-# others out, which are then checked again.
+# others out, which are then checked again. Called directly (a C call, no Python frame, when it
+# remembers) only with a value of ``ID_CHARS`` characters, as ``issued_slot`` calls it.
 @functools.lru_cache(maxsize=REMEMBERED_IDS)
-def _checked_slot(value: str, table_key: bytes) -> int | None:
+def checked_slot(value: str, table_key: bytes) -> int | None:
     try:
         raw = base64.urlsafe_b64decode(value)
     except (binascii.Error, ValueError):

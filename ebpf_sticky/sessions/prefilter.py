@@ -6,7 +6,9 @@ head in which none of the keys' markers occurs (a header name followed by a colo
 parameter name followed by ``=``) cannot carry a key and is served where it landed without a
 parse. The search is conservative: a marker that occurs anywhere (another header's value, another
 case) only means "parse it"; a percent sign in the request line, where a parameter name could be
-encoded, means the same when a query key is in use. Pure.
+encoded, means the same when a query key is in use. When every key lives in the request line, the
+same call reads the first one from it where it is sure to read what the parse would (an Engine.IO
+poll's ``sid``). Pure.
 """
 
 from __future__ import annotations
@@ -16,21 +18,27 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .keys import MCP_HEADER, KeyKind, KeySpec
+from .http_head import MAX_HEAD
+from .keys import MCP_HEADER, KeyKind, KeySpec, line_pattern
 
 _FORWARDED_HEADERS = (b"x-forwarded-for:", b"forwarded:")
 _LINE_BREAKS = (b"\r", b"\n")
 
 
-def key_markers(specs: Sequence[KeySpec]) -> Callable[[bytes, int, int], object]:
-    """What every head that can carry one of the keys contains: ``carries(data, 0, end)`` over a
-    head's bytes is false only for a head where the parse would find no key.
+def key_reader(specs: Sequence[KeySpec]) -> Callable[[bytes, int, int], object]:
+    """What a head says of its key before any parse: ``read(data, start, end)``, over the bytes
+    from ``start`` that begin with a whole head (``end``: where its blank line is, or beyond), is
+    false only for a head where the parse would find no key; a ``str`` (when the first spec's key
+    is read from the request line, ``line_pattern``) is the key the parse would find; anything
+    else: parse it. For header keys alone, the reader is a regex's ``search`` (no Python frame).
 
     Header names are matched in any case, after a line's start, by one regex whose every
     alternative begins with that LF: the regex engine then skips to each LF in C. A query
     parameter lives in the request line only, and its name is matched as the parse matches it
     (exactly), with ``bytes.find``. An alternation of both kinds, or a case-blind ``sid=``, would
-    defeat the engine's skipping and cost ten times as much on a browser's head.
+    defeat the engine's skipping and cost ten times as much on a browser's head. Reading the key
+    here too, in the same call, spares an Engine.IO poll the calls of a parse (each Python frame
+    costs a serving worker about a microsecond).
     """
     names: list[bytes] = []
     params: list[bytes] = []
@@ -54,8 +62,9 @@ def key_markers(specs: Sequence[KeySpec]) -> Callable[[bytes, int, int], object]
         return fields or _never
     # A percent sign in the request line: a parameter name could be encoded there.
     needles = (*params, b"%")
+    line_key = line_pattern(specs)  # None: the key cannot be read from the line alone
 
-    def carries(data: bytes, start: int, end: int) -> object:
+    def read(data: bytes, start: int, end: int) -> object:
         if data.startswith(_LINE_BREAKS, start):
             return True  # blank lines before the request line (the parse skips them): parse
         line = data.find(b"\n", start, end)
@@ -63,10 +72,17 @@ def key_markers(specs: Sequence[KeySpec]) -> Callable[[bytes, int, int], object]
             line = end
         for needle in needles:
             if data.find(needle, start, line) >= 0:
-                return True
-        return fields is not None and fields(data, line, end) is not None
+                break
+        else:
+            return fields is not None and fields(data, line, end) is not None
+        if line_key is None or len(data) - start > MAX_HEAD:
+            return True
+        found = line_key.match(data, start)
+        if found is None or data.count(line_key.name, start, found.end()) != 1:
+            return True
+        return found[1].decode("ascii")
 
-    return carries
+    return read
 
 
 def _never(data: bytes, start: int, end: int) -> None:

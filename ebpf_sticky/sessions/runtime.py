@@ -42,11 +42,10 @@ from .keys import (
     TrustedProxies,
     extract_key,
     learn_key,
-    line_reader,
     reads_fields,
 )
-from .ownership import SessionTable, hashed_slot, issue_id, issued_slot
-from .prefilter import Creators, HeadWatch, head_end, key_markers
+from .ownership import ID_CHARS, SessionTable, checked_slot, hashed_slot, issue_id, issued_slot
+from .prefilter import Creators, HeadWatch, head_end, key_reader
 from .proxy_protocol import ProxyProtocolError, parse_proxy_header
 
 log = logging.getLogger("ebpf_sticky.sessions")
@@ -82,17 +81,21 @@ class Layer:
     # Moved connections from their datagram to their ``connection_made``: the client a PROXY
     # header named (if any) and the bytes read of them, kept here, not on the protocol instance.
     arriving: dict[AdoptedGate, tuple[Peer | None, bytes]] = field(default_factory=dict)
-    # Derived from the specs once, for every request head: whether it may carry a key at all,
-    # whether finding one reads its fields (else its request line is all that is parsed), and
-    # the first spec's key read from the request line by one match, when no spec reads fields.
-    carries_key: Callable[[bytes, int, int], object] = field(init=False)
+    # Derived from the specs once, for every request head: what it says of its key before any
+    # parse (``key_reader``), and whether finding one reads its fields (else its request line is
+    # all that is parsed).
+    read_key: Callable[[bytes, int, int], object] = field(init=False)
     reads_fields: bool = field(init=False)
-    line_key: Callable[[bytes], str | None] | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.carries_key = key_markers(self.specs)
+        self.read_key = key_reader(self.specs)
         self.reads_fields = reads_fields(self.specs)
-        self.line_key = line_reader(self.specs)
+
+    @property
+    def issuing_slot(self) -> int:
+        """This slot when a key read from a request line is one of our ids (Engine.IO's sid), else
+        -1: a slot no id names, so that the gate's check of such keys never holds."""
+        return self.slot if self.specs and self.specs[0].kind is KeyKind.ENGINEIO else -1
 
     # -- deciding ----------------------------------------------------------------------------
 
@@ -246,9 +249,12 @@ class Gate(asyncio.Protocol):
     layer: Layer  # on the mixed class
     proxied: bool  # on the mixed class: a PROXY header comes first; per connection once read
     # On the mixed class, looked up without a frame of their own: the server protocol's
-    # ``data_received`` (what the gate hands bytes to), and ``layer.carries_key``.
+    # ``data_received`` (what the gate hands bytes to), ``layer.read_key``, the table key our ids
+    # are checked under, and ``layer.issuing_slot``.
     feed: Callable[[bytes], None]
-    carries_key: Callable[[bytes, int, int], object]
+    read_key: Callable[[bytes, int, int], object]
+    table_key: bytes
+    issuing_slot: int
     # uvicorn's own attributes, used here: the connection, the scope's client, the request served.
     transport: asyncio.Transport
     client: Peer | None
@@ -273,17 +279,24 @@ class Gate(asyncio.Protocol):
             return
         if not self.held and not self.proxied and self.address_owner is None:
             # The common case in one step: a whole head in one read, routed by the connection's
-            # own address, that cannot carry a key goes to uvicorn at once, which makes its cycle
-            # of it (``decide`` does the same, slower). This runs for every request. One that
-            # can carry a key is decided from this read alone: nothing is written on the
-            # connection (an attribute added to uvicorn's protocol instance costs each request
-            # that has it several microseconds in a serving worker).
+            # own address, that carries no key, or an id this slot issued (every poll of a
+            # session that began here), goes to uvicorn at once, which makes its cycle of it:
+            # what ``decide_head`` and ``route`` would decide, without their frames (each one
+            # costs a serving worker about a microsecond). This runs for every request. Any
+            # other is decided from this read alone: nothing is written on the connection (an
+            # attribute added to uvicorn's protocol instance costs each request that has it
+            # several microseconds in a serving worker).
             end = data.find(b"\r\n\r\n")
             if end >= 0:
-                if self.carries_key(data, 0, end):
-                    self.decide_head(data)
-                else:
+                key = self.read_key(data, 0, end)
+                if not key or (
+                    isinstance(key, str)
+                    and len(key) == ID_CHARS
+                    and checked_slot(key, self.table_key) == self.issuing_slot
+                ):
                     self.feed(data)
+                else:
+                    self.decide_head(data, key)
                 return
         self.held += data
         self.decide()
@@ -318,19 +331,19 @@ class Gate(asyncio.Protocol):
         except HeadError:
             self.serve_here(self.release())  # uvicorn answers a malformed request as it would alone
             return
-        if self.carries_key(self.held, 0, end):
-            self.decide_head(self.release())
+        key = self.read_key(self.held, 0, end)
+        if key:
+            self.decide_head(self.release(), key)
         else:
             self.route(self.address_owner, self.release())  # no key in it: no parse
 
-    def decide_head(self, data: bytes) -> None:
-        """``data`` starts with a whole head that may carry a key: parsed, served by its owner."""
+    def decide_head(self, data: bytes, key: object) -> None:
+        """``data`` starts with a whole head that may carry a key (``read_key`` said ``key`` of
+        it): served by its owner."""
         layer = self.layer
-        if layer.line_key is not None:
-            value = layer.line_key(data)
-            if value is not None:  # the parse would find it: the first spec's, which decides
-                self.route(layer.owner_of_id(layer.specs[0], value, self.address_owner), data)
-                return
+        if isinstance(key, str):  # the parse would find it: the first spec's, which decides
+            self.route(layer.owner_of_id(layer.specs[0], key, self.address_owner), data)
+            return
         try:
             head = parse_request_head(data, layer.reads_fields)
         except HeadError:
@@ -434,7 +447,9 @@ def gated(
     attributes: dict[str, Any] = {
         "layer": layer,
         "feed": base.data_received,
-        "carries_key": staticmethod(layer.carries_key),
+        "read_key": staticmethod(layer.read_key),
+        "table_key": layer.table.table_key,
+        "issuing_slot": layer.issuing_slot,
     }
     if hasattr(base, "on_headers_complete"):  # httptools' parser callbacks (as in ``accepting``)
         attributes["between_requests"] = _httptools_between_requests

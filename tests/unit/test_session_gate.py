@@ -1,9 +1,11 @@
-"""Whether the gate reads a connection's next bytes as a new head: each server protocol's answer.
+"""The gate's own decisions, on protocol instances fed bytes without a connection.
 
-The gate decides a request only once the server protocol holds nothing of it; what "holds" means
-is the protocol's own (uvicorn's httptools scope and body flag, h11's state and buffer), and any
-other protocol keeps the plain answer. The states are the parsers' own, reached by feeding them
-bytes; the behaviour over real connections is in tests/e2e/test_sessions.py.
+Whether it reads a connection's next bytes as a new head: the gate decides a request only once
+the server protocol holds nothing of it; what "holds" means is the protocol's own (uvicorn's
+httptools scope and body flag, h11's state and buffer), and any other protocol keeps the plain
+answer. The states are the parsers' own, reached by feeding them bytes. And its one step for the
+common heads agrees with the whole decision. The behaviour over real connections is in
+tests/e2e/test_sessions.py.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from hypothesis import strategies as st
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ebpf_sticky.sessions.keys import parse_key_spec, parse_trusted
-from ebpf_sticky.sessions.ownership import SessionTable, table_size
+from ebpf_sticky.sessions.http_head import parse_request_head
+from ebpf_sticky.sessions.keys import KeySpec, parse_key_spec, parse_trusted
+from ebpf_sticky.sessions.ownership import SessionTable, issue_id, table_size
 from ebpf_sticky.sessions.prefilter import creators
 from ebpf_sticky.sessions.runtime import MIRRORS, Layer, gated
 from ebpf_sticky.supervisor.accepting import accepting
@@ -31,16 +34,17 @@ from ebpf_sticky.supervisor.accepting import accepting
 REQUEST = b"POST /x HTTP/1.1\r\nHost: x\r\nx-session: abc\r\nContent-Length: 3\r\n\r\nabc"
 
 
-@pytest.fixture(scope="module")
-def layer() -> Iterator[Layer]:
-    specs = (parse_key_spec("header:x-session"),)
-    ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    yield Layer(
+TABLE_KEY = b"k" * 16
+
+
+def layer_of(specs: tuple[KeySpec, ...], ends: tuple[socket.socket, socket.socket]) -> Layer:
+    """Slot 0's layer of two slots."""
+    return Layer(
         slot=0,
         specs=specs,
         proxy_protocol=False,
         trusted=parse_trusted("127.0.0.1"),
-        table=SessionTable.create(memoryview(mmap.mmap(-1, table_size())), b"k" * 16, 2),
+        table=SessionTable.create(memoryview(mmap.mmap(-1, table_size())), TABLE_KEY, 2),
         senders=list(ends),
         receiver=ends[0],
         family=socket.AF_INET,
@@ -48,8 +52,19 @@ def layer() -> Iterator[Layer]:
         mirror=MIRRORS["native"],
         creators=creators(specs, False),
     )
-    for end in ends:
+
+
+@pytest.fixture(scope="module")
+def ends() -> Iterator[tuple[socket.socket, socket.socket]]:
+    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    yield pair
+    for end in pair:
         end.close()
+
+
+@pytest.fixture(scope="module")
+def layer(ends: tuple[socket.socket, socket.socket]) -> Layer:
+    return layer_of((parse_key_spec("header:x-session"),), ends)
 
 
 def bare(cls: Any, **state: Any) -> Any:
@@ -87,3 +102,52 @@ def test_any_other_protocol_keeps_the_plain_answer(layer: Layer) -> None:
     """uvicorn's zttp protocol has h11's handle_events but no h11 connection: not h11's test."""
     other = type("ZttpLike", (asyncio.Protocol,), {"handle_events": lambda self, event: None})
     assert bare(gated(other, layer)[0]).between_requests()
+
+
+class Fed(asyncio.Protocol):
+    """A server protocol that keeps what it is fed."""
+
+    cycle = None  # uvicorn's: no request begun
+
+    def data_received(self, data: bytes) -> None:
+        self.fed = data
+
+
+LINE_SPECS = {
+    "engineio": (parse_key_spec("engineio"),),
+    "query first": (parse_key_spec("query:sid"), parse_key_spec("engineio")),
+}
+ids = st.one_of(
+    st.builds(issue_id, st.sampled_from([0, 1]), st.just(TABLE_KEY), st.binary(min_size=11, max_size=11)),
+    st.builds(issue_id, st.just(0), st.just(b"another key....."), st.binary(min_size=11, max_size=11)),
+    st.text("AZaz09-_", min_size=1, max_size=24),
+)
+
+
+@given(
+    specs=st.sampled_from(sorted(LINE_SPECS)),
+    value=ids,
+    target=st.sampled_from(
+        ["/socket.io/?EIO=4&transport=polling&sid={}", "/socket.io/?sid={}&t=1", "/?x={}"]
+    ),
+)
+def test_a_head_served_at_once_is_one_the_whole_decision_serves_here(
+    ends: tuple[socket.socket, socket.socket], specs: str, value: str, target: str
+) -> None:
+    """For every head in one read, the gate either hands it to the server at once or decides it
+    fully (``route``); at once only when the whole decision (``Layer.owner``) would serve it here."""
+    layer = layer_of(LINE_SPECS[specs], ends)
+    routed: list[int | None] = []
+    accepted: Any = gated(Fed, layer)[0]
+    gate = type("Watched", (accepted,), {"route": lambda self, owner, data: routed.append(owner)})
+    head = f"GET {target.format(value)} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    protocol = bare(gate)
+    protocol.data_received(head)
+    parsed = parse_request_head(head)
+    assert parsed is not None
+    owner = layer.owner(parsed, "127.0.0.1", None)
+    if routed:
+        assert routed == [owner]
+    else:
+        assert protocol.fed == head
+        assert owner in (None, layer.slot)

@@ -27,8 +27,8 @@ from ebpf_sticky.sessions.ownership import (
     ENTRY,
     TTL,
     SessionTable,
-    _checked_slot,
     carried_mismatch,
+    checked_slot,
     issue_id,
     issued_slot,
     table_size,
@@ -73,16 +73,16 @@ def test_a_remembered_check_answers_as_a_fresh_one(calls: list[tuple[int, bytes,
         if broken:
             value = value[:-1] + ("A" if value[-1] != "A" else "B")
         for key in (OTHER_KEY, KEY) if other_first else (KEY, OTHER_KEY):
-            assert issued_slot(value, key) == _checked_slot.__wrapped__(value, key)
+            assert issued_slot(value, key) == checked_slot.__wrapped__(value, key)
 
 
 @given(st.text(max_size=MAX_KEY).filter(lambda value: len(value) != 20))
 def test_only_ids_of_an_issued_length_are_remembered(value: str) -> None:
     # A key can be MAX_KEY characters long: remembered, a client's made-up keys would hold
     # thousands of times an issued id's bytes in every worker.
-    before = _checked_slot.cache_info().currsize
+    before = checked_slot.cache_info().currsize
     assert issued_slot(value, KEY) is None
-    assert _checked_slot.cache_info().currsize == before
+    assert checked_slot.cache_info().currsize == before
 
 
 @given(st.lists(st.tuples(ids, slots), min_size=1, max_size=200))

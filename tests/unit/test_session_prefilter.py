@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from ebpf_sticky.sessions.http_head import HeadError, parse_request_head, parse_response_head
 from ebpf_sticky.sessions.keys import KeySpec, extract_key, learn_key, parse_key_spec, parse_trusted
-from ebpf_sticky.sessions.prefilter import creators, head_end, key_markers
+from ebpf_sticky.sessions.prefilter import creators, head_end, key_reader
 
 SPECS = tuple(
     parse_key_spec(text)
@@ -50,7 +50,7 @@ def test_a_head_without_markers_has_no_key(
     assert head is not None and head_end(data) == len(data)
     found = extract_key(head, specs, "127.0.0.1", TRUSTED)
     if found is not None:
-        assert key_markers(specs)(data, 0, len(data))
+        assert key_reader(specs)(data, 0, len(data))
 
 
 def test_markers_are_looked_for_only_where_a_key_can_be() -> None:
@@ -58,10 +58,10 @@ def test_markers_are_looked_for_only_where_a_key_can_be() -> None:
     the parse reads, is not a marker; a header name is, in any case."""
     engineio, header = parse_key_spec("engineio"), parse_key_spec("header:X-Session")
     cookie_sid = b"GET /socket.io/?EIO=4 HTTP/1.1\r\nCookie: sid=1\r\nReferer: /?sid=2\r\n\r\n"
-    assert not key_markers((engineio,))(cookie_sid, 0, len(cookie_sid))
-    assert not key_markers((engineio,))(b"GET /?SID=1 HTTP/1.1\r\n\r\n", 0, 27)
-    assert key_markers((engineio, header))(b"GET / HTTP/1.1\r\nx-SESSION: 1\r\n\r\n", 0, 31)
-    assert not key_markers((header,))(b"GET / HTTP/1.1\r\nx-sessions: 1\r\n\r\n", 0, 32)
+    assert not key_reader((engineio,))(cookie_sid, 0, len(cookie_sid))
+    assert not key_reader((engineio,))(b"GET /?SID=1 HTTP/1.1\r\n\r\n", 0, 27)
+    assert key_reader((engineio, header))(b"GET / HTTP/1.1\r\nx-SESSION: 1\r\n\r\n", 0, 31)
+    assert not key_reader((header,))(b"GET / HTTP/1.1\r\nx-sessions: 1\r\n\r\n", 0, 32)
 
 
 def test_only_responses_that_can_create_a_key_are_learnt_from() -> None:
