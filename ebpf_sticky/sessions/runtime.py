@@ -18,6 +18,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import logging
 import os
 import secrets
@@ -58,6 +59,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MIRRORS = {"native": native.slot_of, "cbpf": cbpf.slot_of}
 # Seconds before a handoff refused for too many fds in flight (ETOOMANYREFS) is tried again.
 RETRY_IN_FLIGHT = 0.01
+# Addresses a worker remembers the answer for, per question: which slot a client's address hashes
+# to, and whether a peer may send a PROXY header (each asked once per connection). A client opens
+# many connections, a balancer has a few addresses, and each answer costs microseconds in Python.
+ADDRESS_MEMO = 4096
 
 
 @dataclass
@@ -86,10 +91,15 @@ class Layer:
     # all that is parsed).
     read_key: Callable[[bytes, int, int], object] = field(init=False)
     reads_fields: bool = field(init=False)
+    _address_slot: Callable[[str, int], int | None] = field(init=False, repr=False)
+    # Whether ``trusted`` holds a peer, remembered (``ADDRESS_MEMO``).
+    trusts: Callable[[str], bool] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.read_key = key_reader(self.specs)
         self.reads_fields = reads_fields(self.specs)
+        self._address_slot = functools.lru_cache(maxsize=ADDRESS_MEMO)(self._hashed_address_slot)
+        self.trusts = functools.lru_cache(maxsize=ADDRESS_MEMO)(self.trusted.__contains__)
 
     @property
     def issuing_slot(self) -> int:
@@ -100,13 +110,19 @@ class Layer:
     # -- deciding ----------------------------------------------------------------------------
 
     def owner_of_address(self, host: str) -> int | None:
+        """The slot the kernel's program picks for a client at ``host`` (None: no routing key, or
+        not an address)."""
         if self.spec is None:
             return None
+        return self._address_slot(host, self.table.slots)
+
+    def _hashed_address_slot(self, host: str, slots: int) -> int | None:
+        assert self.spec is not None
         try:
             address = parse_address(host)
         except ValueError:
             return None
-        return self.mirror(address, self.spec, self.table.slots)
+        return self.mirror(address, self.spec, slots)
 
     def owner(self, head: RequestHead, peer_host: str, address_owner: int | None) -> int | None:
         """The slot a request belongs to; None: where it landed (no key, or a key no one issued).
@@ -303,31 +319,38 @@ class Gate(asyncio.Protocol):
 
     def decide(self) -> None:
         """What ``held`` says once it holds a whole head (after a PROXY header, if one comes)."""
-        layer = self.layer
-        try:
-            if self.proxied:
+        if self.proxied:
+            try:
                 header = parse_proxy_header(self.held)
-                if header is None:
-                    return
-                self.proxied = False
-                self.held = self.held[header.length :]
-                if header.source is not None:
-                    # The scope's client from now on: uvicorn's proxy-headers middleware judges
-                    # X-Forwarded-For by it, and its access log names it.
-                    self.client = self.proxy_client = header.source
-                    self.address_owner = layer.owner_of_address(header.source[0])
-                if not layer.specs:
-                    self.route(self.address_owner, self.release())
-                    return
+            except ProxyProtocolError:
+                self.transport.abort()
+                return
+            if header is None:
+                return
+            self.proxied = False
+            rest = self.release()[header.length :]
+            layer = self.layer
+            if header.source is not None:
+                # The scope's client from now on: uvicorn's proxy-headers middleware judges
+                # X-Forwarded-For by it, and its access log names it.
+                self.client = self.proxy_client = header.source
+                owner = layer.owner_of_address(header.source[0])
+                if owner != layer.slot:
+                    # Only a connection that belongs elsewhere keeps its owner: one on its
+                    # client's own slot takes the common path, like a direct client's.
+                    self.address_owner = owner
+            if not layer.specs:
+                self.route(self.address_owner, rest)
+            elif rest:
+                self.data_received(rest)  # the client's own first bytes, as if just read
+            return
+        try:
             end = head_end(self.held)
             if end < 0:
                 # Bytes that cannot start a request (TLS, noise) are uvicorn's to refuse now (the
                 # parse raises HeadError for them), not held until MAX_HEAD arrives.
                 parse_request_head(self.held)
                 return
-        except ProxyProtocolError:
-            self.transport.abort()
-            return
         except HeadError:
             self.serve_here(self.release())  # uvicorn answers a malformed request as it would alone
             return
@@ -418,7 +441,7 @@ class ProxiedGate(Gate):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # uvicorn's: sets the scope's client (the peer)
-        if not self.client or self.client[0] not in self.layer.trusted:
+        if not self.client or not self.layer.trusts(self.client[0]):
             # A PROXY header is believed only from --forwarded-allow-ips: anyone else could claim
             # any address. The connection is refused, not served with the wrong address.
             self.transport.abort()

@@ -112,6 +112,17 @@ def test_v1_tcp4_round_trip(source: IPv4, destination: IPv4, sport: int, dport: 
 
 
 @PROPERTY
+@given(st.lists(st.integers(0, 999), min_size=4, max_size=4))
+def test_v1_ipv4_is_four_octets_up_to_255(octets: list[int]) -> None:
+    text = ".".join(map(str, octets))
+    data = f"PROXY TCP4 {text} 5.6.7.8 1 2\r\n".encode()
+    if max(octets) > 255:
+        with pytest.raises(ProxyProtocolError):
+            parse_proxy_header(data)
+    else:
+        assert parse_proxy_header(data) == ProxyHeader((text, 1), ("5.6.7.8", 2), len(data))
+
+
 @given(v6, v6, ports, ports)
 def test_v1_tcp6_round_trip(source: IPv6, destination: IPv6, sport: int, dport: int) -> None:
     line = v1_line("TCP6", source, destination, sport, dport)

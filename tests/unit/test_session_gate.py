@@ -11,6 +11,7 @@ tests/e2e/test_sessions.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import mmap
 import socket
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from ebpf_sticky.hashing import HashSpec, parse_address
 from ebpf_sticky.sessions.http_head import parse_request_head
 from ebpf_sticky.sessions.keys import KeySpec, parse_key_spec, parse_trusted
 from ebpf_sticky.sessions.ownership import SessionTable, issue_id, table_size
@@ -65,6 +67,27 @@ def ends() -> Iterator[tuple[socket.socket, socket.socket]]:
 @pytest.fixture(scope="module")
 def layer(ends: tuple[socket.socket, socket.socket]) -> Layer:
     return layer_of((parse_key_spec("header:x-session"),), ends)
+
+
+@given(
+    hosts=st.lists(
+        st.one_of(st.ip_addresses().map(str), st.sampled_from(["", "x", "::ffff:1.2.3.4"])), max_size=8
+    ),
+    counts=st.lists(st.integers(1, 8), min_size=1, max_size=4),
+)
+def test_the_slot_remembered_for_an_address_is_the_mirrors_for_the_live_slots(
+    ends: tuple[socket.socket, socket.socket], hosts: list[str], counts: list[int]
+) -> None:
+    spec = HashSpec(b"s" * 16)
+    routed = dataclasses.replace(layer_of((), ends), spec=spec)
+    for count in counts:
+        routed.table.set_slots(count)
+        for host in hosts:
+            try:
+                expected: int | None = MIRRORS["native"](parse_address(host), spec, count)
+            except ValueError:
+                expected = None
+            assert routed.owner_of_address(host) == expected
 
 
 def bare(cls: Any, **state: Any) -> Any:
