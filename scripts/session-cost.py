@@ -16,6 +16,11 @@
   on the slot it lands on: the request line parsed, the id's slot read, the request served where
   it landed. Its CPU per request beyond "off" is what each polling request of a Socket.IO
   session pays (its longer request line, which uvicorn parses too, included).
+* **Connections behind a PROXY-protocol balancer** ("proxied"): a launch with
+  ``--proxy-protocol`` (no session key), each connection opening with a PROXY v1 header, as
+  HAProxy's ``send-proxy`` writes it, that names the connection's own source. That is the client
+  the kernel routed by, so nothing moves: the figure is what reading the header and routing by it
+  cost a connection of one request, against "off" without a header.
 * **A move**: one launch with ``--session-key header:x-session``; the same client (on slot 0)
   sends requests of a session owned by slot 0 and of one owned by slot 1, alternating, one
   connection each; the difference of the two medians is what a move adds.
@@ -45,6 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -104,12 +110,22 @@ def pin_workers(launch: Launch, cpus: list[int]) -> None:
             os.sched_setaffinity(int(task.name), {cpu})
 
 
-def rate(loadgen: Path, launch: Launch, seconds: float, path: str) -> tuple[float, float]:
+def rate(loadgen: Path, launch: Launch, seconds: float, mode: Mode) -> tuple[float, float]:
     """(requests per second, worker CPU microseconds per request) of one loadgen run (on the
     CPUs this process may use: CPU 0 alone with ``--pin``)."""
     before = workers_cpu(launch.proc.pid)
     out = subprocess.run(
-        [str(loadgen), "127.0.0.1", str(launch.port), str(SOURCES), "32", str(seconds), "1", path],
+        [
+            str(loadgen),
+            *mode.loadgen,
+            "127.0.0.1",
+            str(launch.port),
+            str(SOURCES),
+            "32",
+            str(seconds),
+            "1",
+            mode.path,
+        ],
         capture_output=True,
         check=True,
     ).stdout
@@ -121,12 +137,22 @@ ENGINEIO = ("--session-key", "engineio")
 # Per load-generator source, an Engine.IO polling request of its own session, whose id (issued as
 # the workers issue them, under the launch's key) names the slot that source lands on.
 KEYED_PATHS = Path(tempfile.gettempdir()) / "ebpf-sticky-session-cost-paths"
-# Each mode's launch arguments and the path its load asks for.
+
+
+class Mode(NamedTuple):
+    launch: tuple[str, ...]  # the launch's arguments
+    path: str  # what its load asks for
+    loadgen: tuple[str, ...] = ()  # the load generator's options
+
+
 MODES = {
-    "off": ((), "/"),
-    "on": (ENGINEIO, "/"),
-    "keyed": (ENGINEIO, f"@{KEYED_PATHS}"),
-    "control": ((), "/"),
+    "off": Mode((), "/"),
+    "on": Mode(ENGINEIO, "/"),
+    "keyed": Mode(ENGINEIO, f"@{KEYED_PATHS}"),
+    # Each connection starts with a PROXY v1 header naming its own source: the client the kernel
+    # routed by, so every connection is on its client's slot.
+    "proxied": Mode(("--proxy-protocol", "--forwarded-allow-ips", "127.0.0.0/8"), "/", ("--proxy",)),
+    "control": Mode((), "/"),
 }
 SOURCES = 256
 
@@ -160,15 +186,15 @@ def rates(loadgen: Path, rounds: int, windows: int, seconds: float, pinned: list
         launches: dict[str, Launch] = {}
         try:
             for mode in modes:
-                launches[mode] = Launch(BENCH_APP, len(pinned) or 2, *MODES[mode][0])
+                launches[mode] = Launch(BENCH_APP, len(pinned) or 2, *MODES[mode].launch)
                 if pinned:
                     pin_workers(launches[mode], pinned)
             for mode, launch in launches.items():
-                rate(loadgen, launch, 2.0, MODES[mode][1])  # warm up
+                rate(loadgen, launch, 2.0, MODES[mode])  # warm up
             figures: Figures = {mode: [] for mode in modes}
             for w in range(windows):
                 for mode in modes if w % 2 == 0 else modes[::-1]:
-                    figures[mode].append(rate(loadgen, launches[mode], seconds, MODES[mode][1]))
+                    figures[mode].append(rate(loadgen, launches[mode], seconds, MODES[mode]))
             out.append(figures)
         finally:
             for launch in launches.values():
@@ -262,7 +288,7 @@ def main() -> int:
         "rate_off_median": round(statistics.median(f[0] for f in figures["off"])),
         "cpu_us_per_request_off_median": round(statistics.median(f[1] for f in figures["off"]), 1),
     }
-    for mode in ("on", "keyed", "control"):
+    for mode in ("on", "keyed", "proxied", "control"):
         # Requests per worker CPU second, X / off: the rate ratio with other tenants' load removed.
         cpu_ratios = _ratios(figures["off"], figures[mode], 1)
         result[mode] = {

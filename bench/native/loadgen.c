@@ -1,12 +1,13 @@
 // loadgen: new-connection HTTP load from many source addresses, for scripts/bench.
 //
-//   loadgen HOST PORT SOURCES CONCURRENCY SECONDS [REQUESTS_PER_CONNECTION [PATH | @FILE]]
+//   loadgen [--proxy] HOST PORT SOURCES CONCURRENCY SECONDS [REQUESTS_PER_CONNECTION [PATH | @FILE]]
 //
 // Keeps CONCURRENCY connections in flight; each binds the next source address (127.77.y.z, by
 // index, cycling through SOURCES of them), connects, sends REQUESTS_PER_CONNECTION (default 1)
 // GETs of PATH (default /; with @FILE, source i asks for line i of FILE) one after another
 // (keep-alive; the last says "Connection: close"), and records each response's latency and worker
-// id (the body's first integer). Responses need Content-Length. A source is sticky when every
+// id (the body's first integer). With --proxy, each connection's first write starts with a PROXY
+// protocol v1 header naming the connection's own addresses, as an L4 balancer that sends one would. Responses need Content-Length. A source is sticky when every
 // connection it made was answered by the same worker.
 // Prints one JSON object: completed, errors, latencies, per-worker counts, stickiness per source.
 // Connections still open DRAIN_SECONDS after the end (a SYN dropped by a full backlog is retried
@@ -76,10 +77,27 @@ static int cmp_u32(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
+// The first write of a connection with --proxy: a PROXY v1 header naming its own addresses, then
+// the request. Returns its length (0: the addresses could not be read).
+static int proxied_request(int fd, const char *request, int len, char *out, size_t size) {
+    struct sockaddr_in src, dst;
+    socklen_t src_len = sizeof src, dst_len = sizeof dst;
+    char src_ip[INET_ADDRSTRLEN], dst_ip[INET_ADDRSTRLEN];
+    if (getsockname(fd, (struct sockaddr *)&src, &src_len) || getpeername(fd, (struct sockaddr *)&dst, &dst_len))
+        return 0;
+    inet_ntop(AF_INET, &src.sin_addr, src_ip, sizeof src_ip);
+    inet_ntop(AF_INET, &dst.sin_addr, dst_ip, sizeof dst_ip);
+    return snprintf(out, size, "PROXY TCP4 %s %s %u %u\r\n%.*s", src_ip, dst_ip, ntohs(src.sin_port),
+                    ntohs(dst.sin_port), len, request);
+}
+
 int main(int argc, char **argv) {
+    int proxy = argc > 1 && strcmp(argv[1], "--proxy") == 0;
+    argv += proxy;
+    argc -= proxy;
     if (argc < 6) {
         fprintf(stderr,
-                "usage: loadgen HOST PORT SOURCES CONCURRENCY SECONDS "
+                "usage: loadgen [--proxy] HOST PORT SOURCES CONCURRENCY SECONDS "
                 "[REQUESTS_PER_CONNECTION [PATH | @FILE]]\n");
         return 2;
     }
@@ -189,8 +207,14 @@ int main(int argc, char **argv) {
                 failed = 1;
             } else if (events[e].events & EPOLLOUT) {
                 int last = k->sent + 1 >= per_conn, path = k->source % npaths;
+                const char *bytes = request[path][last];
                 ssize_t len = request_len[path][last];
-                if (write(k->fd, request[path][last], (size_t)len) != len) {
+                char with_header[MAX_PATH + 256];
+                if (proxy && k->sent == 0) {
+                    len = proxied_request(k->fd, bytes, (int)len, with_header, sizeof with_header);
+                    bytes = with_header;
+                }
+                if (len <= 0 || write(k->fd, bytes, (size_t)len) != len) {
                     failed = 1;
                 } else {
                     k->sent++;
