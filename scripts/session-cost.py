@@ -11,11 +11,11 @@
   method reads when nothing differs: the noise floor beside the figure. Compare the ratios of one
   run, not absolutes; the CPU ratio (requests per worker CPU second, X / off) is the one other
   tenants disturb least.
-* **Requests that carry their key** ("keyed"): a fourth launch like "on", loaded with Engine.IO
-  polling requests, each source's carrying an id the workers would have issued for its session
-  on the slot it lands on: the request line parsed, the id's slot read, the request served where
-  it landed. Its CPU per request beyond "off" is what each polling request of a Socket.IO
-  session pays (its longer request line, which uvicorn parses too, included).
+* **Requests that carry their key** ("keyed"): a launch like "on", loaded with Engine.IO polling
+  requests, each source's carrying an id the workers would have issued for its session on the
+  slot it lands on: the request line read, the id's slot checked, the request served where it
+  landed. It is read against "polls", a launch without ``--session-key`` loaded with the very
+  same requests (whose longer line costs uvicorn more than ``GET /``, with or without the layer).
 * **Connections behind a PROXY-protocol balancer** ("proxied"): a launch with
   ``--proxy-protocol`` (no session key), each connection opening with a PROXY v1 header, as
   HAProxy's ``send-proxy`` writes it, that names the connection's own source. That is the client
@@ -143,12 +143,14 @@ class Mode(NamedTuple):
     launch: tuple[str, ...]  # the launch's arguments
     path: str  # what its load asks for
     loadgen: tuple[str, ...] = ()  # the load generator's options
+    against: str = "off"  # the mode whose launch is the same but for the layer: ratios are to it
 
 
 MODES = {
     "off": Mode((), "/"),
     "on": Mode(ENGINEIO, "/"),
-    "keyed": Mode(ENGINEIO, f"@{KEYED_PATHS}"),
+    "polls": Mode((), f"@{KEYED_PATHS}"),
+    "keyed": Mode(ENGINEIO, f"@{KEYED_PATHS}", against="polls"),
     # Each connection starts with a PROXY v1 header naming its own source: the client the kernel
     # routed by, so every connection is on its client's slot.
     "proxied": Mode(("--proxy-protocol", "--forwarded-allow-ips", "127.0.0.0/8"), "/", ("--proxy",)),
@@ -288,24 +290,30 @@ def main() -> int:
         "rate_off_median": round(statistics.median(f[0] for f in figures["off"])),
         "cpu_us_per_request_off_median": round(statistics.median(f[1] for f in figures["off"]), 1),
     }
-    for mode in ("on", "keyed", "proxied", "control"):
-        # Requests per worker CPU second, X / off: the rate ratio with other tenants' load removed.
-        cpu_ratios = _ratios(figures["off"], figures[mode], 1)
+    for mode, spec in MODES.items():
+        if mode == "off":
+            continue
+        # Ratios to the mode's own baseline ("off", or "polls" for the keyed requests), window by
+        # window. Requests per worker CPU second, X / baseline: the rate ratio with other tenants'
+        # load removed.
+        base = spec.against
+        cpu_ratios = _ratios(figures[base], figures[mode], 1)
         result[mode] = {
+            "against": base,
             "rate_median": round(statistics.median(f[0] for f in figures[mode])),
-            "rate_ratio_median": _median_ratio(figures[mode], figures["off"], 0),
+            "rate_ratio_median": _median_ratio(figures[mode], figures[base], 0),
             "cpu_us_per_request_median": round(statistics.median(f[1] for f in figures[mode]), 1),
-            # What a request of this mode costs the workers beyond one of "off" (paired windows).
+            # What a request of this mode costs the workers beyond one of its baseline.
             "cpu_us_added_median": round(
-                statistics.median(x[1] - y[1] for x, y in zip(figures[mode], figures["off"], strict=True)), 2
+                statistics.median(x[1] - y[1] for x, y in zip(figures[mode], figures[base], strict=True)), 2
             ),
             "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
             "cpu_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(cpu_ratios, n=4)],
             # All windows together: each window weighed by its requests.
-            "cpu_ratio_total": round(_total(figures["off"]) / _total(figures[mode]), 3),
+            "cpu_ratio_total": round(_total(figures[base]) / _total(figures[mode]), 3),
             # Each round's median: how far launches alone move the figure.
-            "rate_ratio_by_round": [_median_ratio(one[mode], one["off"], 0) for one in rounds],
-            "cpu_ratio_by_round": [_median_ratio(one["off"], one[mode], 1) for one in rounds],
+            "rate_ratio_by_round": [_median_ratio(one[mode], one[base], 0) for one in rounds],
+            "cpu_ratio_by_round": [_median_ratio(one[base], one[mode], 1) for one in rounds],
         }
     result.update(move_cost(args.requests))
     print(json.dumps(result, indent=2))
