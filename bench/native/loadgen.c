@@ -6,9 +6,10 @@
 // index, cycling through SOURCES of them), connects, sends REQUESTS_PER_CONNECTION (default 1)
 // GETs of PATH (default /; with @FILE, source i asks for line i of FILE) one after another
 // (keep-alive; the last says "Connection: close"), and records each response's latency and worker
-// id (the body's first integer). With --proxy, each connection's first write starts with a PROXY
-// protocol v1 header naming the connection's own addresses, as an L4 balancer that sends one would. Responses need Content-Length. A source is sticky when every
-// connection it made was answered by the same worker.
+// id (the body's first integer). Responses need Content-Length. A source is sticky when every
+// connection it made was answered by the same worker. With --proxy, each connection's first write
+// starts with a PROXY protocol v1 header naming the connection's own addresses, as an L4 balancer
+// that sends one would.
 // Prints one JSON object: completed, errors, latencies, per-worker counts, stickiness per source.
 // Connections still open DRAIN_SECONDS after the end (a SYN dropped by a full backlog is retried
 // for over a minute) are closed and counted as errors, so a run always ends.

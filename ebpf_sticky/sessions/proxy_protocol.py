@@ -107,8 +107,12 @@ def parse_proxy_header(data: bytes) -> ProxyHeader | None:
             )
     else:
         v1 = _V1_TCP4.match(data)
-        if v1 is not None and int(v1[3]) <= 0xFFFF and int(v1[4]) <= 0xFFFF:
-            return ProxyHeader((v1[1].decode(), int(v1[3])), (v1[2].decode(), int(v1[4])), v1.end())
+        if v1 is not None:
+            source_port, destination_port = int(v1[3]), int(v1[4])
+            if source_port <= 0xFFFF and destination_port <= 0xFFFF:
+                return ProxyHeader(
+                    (v1[1].decode(), source_port), (v1[2].decode(), destination_port), v1.end()
+                )
     return _parse_header(data)
 
 
