@@ -16,11 +16,12 @@
   slot it lands on: the request line read, the id's slot checked, the request served where it
   landed. It is read against "polls", a launch without ``--session-key`` loaded with the very
   same requests (whose longer line costs uvicorn more than ``GET /``, with or without the layer).
-* **Connections behind a PROXY-protocol balancer** ("proxied"): a launch with
-  ``--proxy-protocol`` (no session key), each connection opening with a PROXY v1 header, as
-  HAProxy's ``send-proxy`` writes it, that names the connection's own source. That is the client
-  the kernel routed by, so nothing moves: the figure is what reading the header and routing by it
-  cost a connection of one request, against "off" without a header.
+* **Connections behind a PROXY-protocol balancer** ("proxied", "proxied-v2"): a launch with
+  ``--proxy-protocol`` (no session key), each connection opening with a PROXY header, v1 as
+  HAProxy's ``send-proxy`` writes it, v2 as its ``send-proxy-v2`` does, that names the
+  connection's own source. That is the client the kernel routed by, so nothing moves: the figure
+  is what reading the header and routing by it cost a connection of one request, against "off"
+  without a header.
 * **A move**: one launch with ``--session-key header:x-session``; the same client (on slot 0)
   sends requests of a session owned by slot 0 and of one owned by slot 1, alternating, one
   connection each; the difference of the two medians is what a move adds.
@@ -134,6 +135,7 @@ def rate(loadgen: Path, launch: Launch, seconds: float, mode: Mode) -> tuple[flo
 
 
 ENGINEIO = ("--session-key", "engineio")
+PROXIED = ("--proxy-protocol", "--forwarded-allow-ips", "127.0.0.0/8")
 # Per load-generator source, an Engine.IO polling request of its own session, whose id (issued as
 # the workers issue them, under the launch's key) names the slot that source lands on.
 KEYED_PATHS = Path(tempfile.gettempdir()) / "ebpf-sticky-session-cost-paths"
@@ -151,9 +153,10 @@ MODES = {
     "on": Mode(ENGINEIO, "/"),
     "polls": Mode((), f"@{KEYED_PATHS}"),
     "keyed": Mode(ENGINEIO, f"@{KEYED_PATHS}", against="polls"),
-    # Each connection starts with a PROXY v1 header naming its own source: the client the kernel
-    # routed by, so every connection is on its client's slot.
-    "proxied": Mode(("--proxy-protocol", "--forwarded-allow-ips", "127.0.0.0/8"), "/", ("--proxy",)),
+    # Each connection starts with a PROXY header (v1, v2) naming its own source: the client the
+    # kernel routed by, so every connection is on its client's slot.
+    "proxied": Mode(PROXIED, "/", ("--proxy",)),
+    "proxied-v2": Mode(PROXIED, "/", ("--proxy-v2",)),
     "control": Mode((), "/"),
 }
 SOURCES = 256

@@ -1,15 +1,15 @@
 // loadgen: new-connection HTTP load from many source addresses, for scripts/bench.
 //
-//   loadgen [--proxy] HOST PORT SOURCES CONCURRENCY SECONDS [REQUESTS_PER_CONNECTION [PATH | @FILE]]
+//   loadgen [--proxy | --proxy-v2] HOST PORT SOURCES CONCURRENCY SECONDS [REQUESTS_PER_CONNECTION [PATH | @FILE]]
 //
 // Keeps CONCURRENCY connections in flight; each binds the next source address (127.77.y.z, by
 // index, cycling through SOURCES of them), connects, sends REQUESTS_PER_CONNECTION (default 1)
 // GETs of PATH (default /; with @FILE, source i asks for line i of FILE) one after another
 // (keep-alive; the last says "Connection: close"), and records each response's latency and worker
 // id (the body's first integer). Responses need Content-Length. A source is sticky when every
-// connection it made was answered by the same worker. With --proxy, each connection's first write
-// starts with a PROXY protocol v1 header naming the connection's own addresses, as an L4 balancer
-// that sends one would.
+// connection it made was answered by the same worker. With --proxy (--proxy-v2), each connection's
+// first write starts with a PROXY protocol v1 (v2) header naming the connection's own addresses, as
+// an L4 balancer that sends one would (HAProxy's send-proxy, send-proxy-v2).
 // Prints one JSON object: completed, errors, latencies, per-worker counts, stickiness per source.
 // Connections still open DRAIN_SECONDS after the end (a SYN dropped by a full backlog is retried
 // for over a minute) are closed and counted as errors, so a run always ends.
@@ -78,14 +78,27 @@ static int cmp_u32(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-// The first write of a connection with --proxy: a PROXY v1 header naming its own addresses, then
-// the request. Returns its length (0: the addresses could not be read).
-static int proxied_request(int fd, const char *request, int len, char *out, size_t size) {
+// The first write of a connection with --proxy or --proxy-v2: a PROXY header of that version naming
+// its own addresses, then the request. Returns its length (0: the addresses could not be read).
+static int proxied_request(int version, int fd, const char *request, int len, char *out, size_t size) {
     struct sockaddr_in src, dst;
     socklen_t src_len = sizeof src, dst_len = sizeof dst;
     char src_ip[INET_ADDRSTRLEN], dst_ip[INET_ADDRSTRLEN];
     if (getsockname(fd, (struct sockaddr *)&src, &src_len) || getpeername(fd, (struct sockaddr *)&dst, &dst_len))
         return 0;
+    if (version == 2) {
+        // Signature, PROXY command, TCP over IPv4, 12 bytes of addresses (all in network order).
+        static const char head[16] = "\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c";
+        if (sizeof head + 12 + (size_t)len > size)
+            return 0;
+        memcpy(out, head, sizeof head);
+        memcpy(out + 16, &src.sin_addr, 4);
+        memcpy(out + 20, &dst.sin_addr, 4);
+        memcpy(out + 24, &src.sin_port, 2);
+        memcpy(out + 26, &dst.sin_port, 2);
+        memcpy(out + 28, request, (size_t)len);
+        return 28 + len;
+    }
     inet_ntop(AF_INET, &src.sin_addr, src_ip, sizeof src_ip);
     inet_ntop(AF_INET, &dst.sin_addr, dst_ip, sizeof dst_ip);
     return snprintf(out, size, "PROXY TCP4 %s %s %u %u\r\n%.*s", src_ip, dst_ip, ntohs(src.sin_port),
@@ -93,12 +106,15 @@ static int proxied_request(int fd, const char *request, int len, char *out, size
 }
 
 int main(int argc, char **argv) {
-    int proxy = argc > 1 && strcmp(argv[1], "--proxy") == 0;
-    argv += proxy;
-    argc -= proxy;
+    int proxy = 0;  // the PROXY header's version, if any
+    if (argc > 1 && (strcmp(argv[1], "--proxy") == 0 || strcmp(argv[1], "--proxy-v2") == 0)) {
+        proxy = strcmp(argv[1], "--proxy") == 0 ? 1 : 2;
+        argv++;
+        argc--;
+    }
     if (argc < 6) {
         fprintf(stderr,
-                "usage: loadgen [--proxy] HOST PORT SOURCES CONCURRENCY SECONDS "
+                "usage: loadgen [--proxy | --proxy-v2] HOST PORT SOURCES CONCURRENCY SECONDS "
                 "[REQUESTS_PER_CONNECTION [PATH | @FILE]]\n");
         return 2;
     }
@@ -212,7 +228,7 @@ int main(int argc, char **argv) {
                 ssize_t len = request_len[path][last];
                 char with_header[MAX_PATH + 256];
                 if (proxy && k->sent == 0) {
-                    len = proxied_request(k->fd, bytes, (int)len, with_header, sizeof with_header);
+                    len = proxied_request(proxy, k->fd, bytes, (int)len, with_header, sizeof with_header);
                     bytes = with_header;
                 }
                 if (len <= 0 || write(k->fd, bytes, (size_t)len) != len) {
