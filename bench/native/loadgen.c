@@ -83,7 +83,6 @@ static int cmp_u32(const void *a, const void *b) {
 static int proxied_request(int version, int fd, const char *request, int len, char *out, size_t size) {
     struct sockaddr_in src, dst;
     socklen_t src_len = sizeof src, dst_len = sizeof dst;
-    char src_ip[INET_ADDRSTRLEN], dst_ip[INET_ADDRSTRLEN];
     if (getsockname(fd, (struct sockaddr *)&src, &src_len) || getpeername(fd, (struct sockaddr *)&dst, &dst_len))
         return 0;
     if (version == 2) {
@@ -99,6 +98,7 @@ static int proxied_request(int version, int fd, const char *request, int len, ch
         memcpy(out + 28, request, (size_t)len);
         return 28 + len;
     }
+    char src_ip[INET_ADDRSTRLEN], dst_ip[INET_ADDRSTRLEN];
     inet_ntop(AF_INET, &src.sin_addr, src_ip, sizeof src_ip);
     inet_ntop(AF_INET, &dst.sin_addr, dst_ip, sizeof dst_ip);
     return snprintf(out, size, "PROXY TCP4 %s %s %u %u\r\n%.*s", src_ip, dst_ip, ntohs(src.sin_port),
@@ -107,11 +107,10 @@ static int proxied_request(int version, int fd, const char *request, int len, ch
 
 int main(int argc, char **argv) {
     int proxy = 0;  // the PROXY header's version, if any
-    if (argc > 1 && (strcmp(argv[1], "--proxy") == 0 || strcmp(argv[1], "--proxy-v2") == 0)) {
-        proxy = strcmp(argv[1], "--proxy") == 0 ? 1 : 2;
-        argv++;
-        argc--;
-    }
+    if (argc > 1)
+        proxy = strcmp(argv[1], "--proxy") == 0 ? 1 : strcmp(argv[1], "--proxy-v2") == 0 ? 2 : 0;
+    argv += proxy > 0;
+    argc -= proxy > 0;
     if (argc < 6) {
         fprintf(stderr,
                 "usage: loadgen [--proxy | --proxy-v2] HOST PORT SOURCES CONCURRENCY SECONDS "
