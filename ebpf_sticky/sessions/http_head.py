@@ -52,7 +52,8 @@ _TARGET = re.compile(target_class() + rb"+")
 _VERSION = re.compile(rb"HTTP/1\.[0-9]")
 # A field line: a token, a colon, then visible characters, spaces and tabs, never another control
 # byte (NUL, CR, ...). All the fields are checked by one match: a head is parsed per request.
-_FIELD = TOKEN_CLASS + rb"+:[\t\x20-\x7e\x80-\xff]*"
+FIELD_VALUE_CLASS = rb"[\t\x20-\x7e\x80-\xff]"
+_FIELD = TOKEN_CLASS + rb"+:" + FIELD_VALUE_CLASS + rb"*"
 _FIELDS = re.compile(_FIELD + rb"(?:\n" + _FIELD + rb")*")
 _LEADING_BLANK_LINES = re.compile(rb"(?:\r?\n)*")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})[ \r]")

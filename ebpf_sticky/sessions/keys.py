@@ -41,6 +41,8 @@ from typing import NamedTuple
 from ..errors import ConfigError
 from ..hashing import Address, parse_address
 from .http_head import (
+    FIELD_VALUE_CLASS,
+    MAX_HEAD,
     TOKEN_CLASS,
     RequestHead,
     cookie,
@@ -241,6 +243,47 @@ def line_pattern(specs: Sequence[KeySpec]) -> LinePattern | None:
 
 
 _UNRESERVED = re.compile(r"[-.0-9A-Z_a-z~]+")
+
+
+def field_reader(specs: Sequence[KeySpec]) -> Callable[[bytes], str | None]:
+    """How to read the first spec's key, when it is a header field's (``mcp``, ``header:NAME``),
+    from a whole head by one regex match instead of a parse: ``read(data)`` is the key that
+    ``extract_key(parse_request_head(data), specs, ...)`` finds, or ``None`` when not sure (ask the
+    parse). Every request of an MCP session carries its key, and the parse costs a serving worker
+    several times what the match does.
+
+    Being sure takes the head to be one the parse accepts, checked the way it checks it (a valid
+    request line, then field lines of a token, a colon and visible characters, each ended by CRLF
+    or LF, up to the first blank line within ``MAX_HEAD``), and the field to be the first of its
+    name: no earlier line names it, in any case. An empty value is not sure either, since the next
+    spec then decides.
+    """
+    spec = specs[0] if specs else None
+    if spec is None or spec.kind not in (KeyKind.MCP, KeyKind.HEADER):
+        return _unsure
+    name = b"(?i:" + re.escape((MCP_HEADER if spec.kind is KeyKind.MCP else spec.name).encode()) + b"):"
+    value = FIELD_VALUE_CLASS + b"*"
+    line = TOKEN_CLASS + rb"+:" + value + rb"\r?\n"
+    match = re.compile(
+        b"".join(
+            (
+                TOKEN_CLASS + rb"+ " + target_class() + rb"+ HTTP/1\.[0-9]\r?\n",
+                rb"(?:(?!" + name + rb")" + line + rb")*",
+                name + b"(" + value + rb")\r?\n",
+                rb"(?:" + line + rb")*\r?\n",
+            )
+        )
+    ).match
+
+    def read(data: bytes) -> str | None:
+        found = match(data, 0, MAX_HEAD)
+        return _bounded(found[1].decode("latin-1")) if found else None
+
+    return read
+
+
+def _unsure(data: bytes) -> None:
+    return None
 
 
 def _engineio_sid(head: RequestHead, path: str) -> str | None:

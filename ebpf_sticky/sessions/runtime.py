@@ -42,6 +42,7 @@ from .keys import (
     KeySpec,
     TrustedProxies,
     extract_key,
+    field_reader,
     learn_key,
     reads_fields,
 )
@@ -87,9 +88,11 @@ class Layer:
     # header named (if any) and the bytes read of them, kept here, not on the protocol instance.
     arriving: dict[AdoptedGate, tuple[Peer | None, bytes]] = field(default_factory=dict)
     # Derived from the specs once, for every request head: what it says of its key before any
-    # parse (``key_reader``), and whether finding one reads its fields (else its request line is
+    # parse (``key_reader``), the first spec's key read from a head's fields without a parse when
+    # sure (``field_reader``), and whether finding one reads its fields (else its request line is
     # all that is parsed).
     read_key: Callable[[bytes, int, int], object] = field(init=False)
+    read_field: Callable[[bytes], str | None] = field(init=False)
     reads_fields: bool = field(init=False)
     _address_slot: Callable[[str, int], int | None] = field(init=False, repr=False)
     # Whether ``trusted`` holds a peer, remembered (``ADDRESS_MEMO``).
@@ -97,6 +100,7 @@ class Layer:
 
     def __post_init__(self) -> None:
         self.read_key = key_reader(self.specs)
+        self.read_field = field_reader(self.specs)
         self.reads_fields = reads_fields(self.specs)
         self._address_slot = functools.lru_cache(maxsize=ADDRESS_MEMO)(self._hashed_address_slot)
         self.trusts = functools.lru_cache(maxsize=ADDRESS_MEMO)(self.trusted.__contains__)
@@ -364,8 +368,9 @@ class Gate(asyncio.Protocol):
         """``data`` starts with a whole head that may carry a key (``read_key`` said ``key`` of
         it): served by its owner."""
         layer = self.layer
-        if isinstance(key, str):  # the parse would find it: the first spec's, which decides
-            self.route(layer.owner_of_id(layer.specs[0], key, self.address_owner), data)
+        value = key if isinstance(key, str) else layer.read_field(data)
+        if value is not None:  # the parse would find it: the first spec's, which decides
+            self.route(layer.owner_of_id(layer.specs[0], value, self.address_owner), data)
             return
         try:
             head = parse_request_head(data, layer.reads_fields)

@@ -22,6 +22,7 @@ from ebpf_sticky.sessions.keys import (
     TrustedProxies,
     client_hop,
     extract_key,
+    field_reader,
     learn_key,
     line_pattern,
     parse_key_spec,
@@ -429,6 +430,97 @@ def test_no_line_pattern_when_a_key_is_read_from_fields() -> None:
     assert line_pattern([FORWARDED]) is None
     assert line_pattern([]) is None
     assert line_pattern([KeySpec(KeyKind.QUERY, "a+b")]) is None
+
+
+X_SESSION = KeySpec(KeyKind.HEADER, "x-session")
+field_specs = st.sampled_from(
+    [[MCP], [X_SESSION], [X_SESSION, ENGINEIO], [MCP, KeySpec(KeyKind.COOKIE, "s")], [FORWARDED, MCP]]
+)
+# Field lines, most of them right, some of the kinds the parse refuses or reads otherwise.
+field_names = st.sampled_from(
+    ["Host", "mcp-session-id", "Mcp-Session-Id", "x-session", "X-SESSION", "x-sessions", ""]
+)
+field_values = mostly(
+    " d18912dac23743c898450622d89bc280", "", " ", "\t a b \t", " \xa0x\x85", "x" * (MAX_KEY + 1)
+)
+odd_values = st.text(" \t\x00\r:abc\xa0\x85", max_size=6)
+odd_lines = st.tuples(
+    field_names, st.sampled_from([":", " :", ""]), odd_values, mostly("\r\n", "\n", "\r")
+).map("".join)
+right_lines = st.sampled_from(["Host: x\r\n", "Accept: */*\n", "X-Session-Id: 1\r\n"])
+
+
+def rarely(odd: st.SearchStrategy[str], common: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """``odd``'s one time in five, else ``common``'s."""
+    return st.tuples(st.integers(0, 4), odd, common).map(
+        lambda drawn: drawn[1] if drawn[0] == 0 else drawn[2]
+    )
+
+
+field_lines = rarely(odd_lines, right_lines)
+
+
+@settings(deadline=None, max_examples=1000)
+@given(
+    field_specs,
+    mostly("", "\r\n"),
+    mostly("POST /mcp HTTP/1.1", "POST /mcp HTTP/2", "POST  /mcp HTTP/1.1", "P\x00ST /mcp HTTP/1.1"),
+    mostly("\r\n", "\n", "\r"),
+    st.lists(field_lines, max_size=3),
+    mostly("", "x-other", "X-SESSION", "mcp-session-id"),
+    rarely(odd_values, field_values),
+    st.lists(field_lines, max_size=3),
+    mostly("\r\n", "\n", "", "X: y\r\n"),
+    st.sampled_from(["", "{}", "GET / HTTP/1.1\r\n\r\n"]),
+)
+def test_a_key_read_from_the_fields_is_the_one_the_parse_finds(
+    specs: list[KeySpec],
+    blank: str,
+    line: str,
+    newline: str,
+    before: list[str],
+    name: str,
+    key: str,
+    after: list[str],
+    end: str,
+    rest: str,
+) -> None:
+    # The key's field, named as the first spec names it ("") or otherwise.
+    name = name or (specs[0].name or "Mcp-Session-Id")
+    fields = [*before, f"{name}:{key}\r\n", *after]
+    data = (blank + line + newline + "".join(fields) + end + rest).encode("latin-1")
+    value = field_reader(specs)(data)
+    event("read" if value is not None else "parse")
+    if value is not None:
+        parsed = parse_request_head(data)
+        assert parsed is not None
+        assert extract_key(parsed, specs, "", NOBODY) == IdKey(value)
+
+
+def test_the_key_is_read_from_an_mcp_clients_fields() -> None:
+    # The official SDK's client (httpx), a tool call in an established session.
+    data = (
+        b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:8000\r\nAccept-Encoding: gzip, deflate\r\n"
+        b"Connection: keep-alive\r\nUser-Agent: python-httpx/0.28.1\r\n"
+        b"Accept: application/json, text/event-stream\r\ncontent-type: application/json\r\n"
+        b"mcp-session-id: d18912dac23743c898450622d89bc280\r\nmcp-protocol-version: 2025-06-18\r\n"
+        b"Content-Length: 150\r\n\r\n{"
+    )
+    assert field_reader([MCP])(data) == "d18912dac23743c898450622d89bc280"
+    assert field_reader([X_SESSION])(data.replace(b"mcp-session-id", b"X-Session")) == (
+        "d18912dac23743c898450622d89bc280"
+    )
+    # Unsure, so parsed: a field the parse refuses, a head too large to be one, no such field,
+    # and keys that are not a header field's.
+    for unsure in (
+        data.replace(b"Host:", b"Host :"),
+        data.replace(b"\r\n\r\n", b"\r\nX: " + b"x" * MAX_HEAD + b"\r\n\r\n"),
+        data.replace(b"mcp-session-id", b"x-other"),
+    ):
+        assert field_reader([MCP])(unsure) is None
+    assert field_reader([ENGINEIO, MCP])(data) is None
+    assert field_reader([FORWARDED])(data) is None
+    assert field_reader([])(data) is None
 
 
 # --------------------------------------------------------------------------------------- learning
