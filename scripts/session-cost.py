@@ -22,9 +22,11 @@
   connection's own source. That is the client the kernel routed by, so nothing moves: the figure
   is what reading the header and routing by it cost a connection of one request, against "off"
   without a header.
-* **A move**: one launch with ``--session-key header:x-session``; the same client (on slot 0)
-  sends requests of a session owned by slot 0 and of one owned by slot 1, alternating, one
-  connection each; the difference of the two medians is what a move adds.
+* **A move**: one launch with ``--session-key header:x-session``; clients on slot 0 send requests
+  of a session owned by slot 0 and of one owned by slot 1, alternating, one connection each; the
+  difference of the two medians is what a move adds. With ``--packages DIR...`` only this runs,
+  with a launch of each directory's ``ebpf_sticky`` (readable by the workers' user) loaded in
+  turn: two commits side by side.
 
 With ``--pin`` the load generator and the masters run on CPU 0 and each launch has a worker on
 each other CPU, pinned there (one worker on a 2-core machine): as where the clients are other
@@ -32,6 +34,7 @@ machines and a worker has its core to itself. Without it, two workers and the lo
 share all CPUs, and each worker's Python runs with caches the others have just used.
 
     scripts/session-cost.py [--pin] [--rounds N] [--windows N] [--seconds S] [--requests N]
+    scripts/session-cost.py --packages DIR [DIR ...] [--requests N]
     (needs root: BPF)
 """
 
@@ -68,11 +71,13 @@ SESSION_APP = ROOT / "tests" / "e2e" / "apps" / "session_app.py"
 
 
 class Launch:
-    def __init__(self, app: Path, workers: int, *extra: str) -> None:
+    def __init__(self, app: Path, workers: int, *extra: str, package: str = "") -> None:
+        """``package``: a directory holding the ``ebpf_sticky`` to launch (default: the installed one)."""
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log")  # noqa: SIM115
         argv = [sys.executable, "-m", "ebpf_sticky", "launch", str(app), "-w", str(workers),
                 "--bind", "127.0.0.1:0", "--hash-key", KEY, *extra]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=app.parent)
+        env = {**os.environ, "PYTHONPATH": package} if package else None
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, cwd=app.parent, env=env)
         end = time.monotonic() + 60
         while time.monotonic() < end:
             text = Path(self.log.name).read_text()
@@ -220,29 +225,45 @@ def request(port: int, source: str, session: str | None, path: str = "/") -> tup
         conn.close()
 
 
-def move_cost(requests: int) -> dict[str, float]:
+def move_cost(requests: int, packages: tuple[str, ...] = ("",)) -> dict[str, dict[str, float]]:
+    """p50 of a request of a session on the worker it lands on ("local"), of one on the other
+    worker ("moved"), and their difference, per package (a launch each, loaded in turn request
+    by request, the order reversed every other round)."""
     sources = [f"127.88.{i >> 8}.{i & 255}" for i in range(2, 400) if i & 255 not in (0, 255)]
     on = {s: slot_of(parse_address(s), SPEC, 2) for s in sources}
-    home = next(s for s in sources if on[s] == 0)
+    # Clients on slot 0, taken in turn: thousands of connections from one address would leave
+    # its ephemeral ports in TIME_WAIT, and the client's bind would search for a free one.
+    homes = [s for s in sources if on[s] == 0][:40]
     away = next(s for s in sources if on[s] == 1)
-    launch = Launch(SESSION_APP, 2, "--session-key", "header:x-session")
+    launches: dict[str, Launch] = {}
     try:
-        local = request(launch.port, home, None, "/login")[2]
-        remote = request(launch.port, away, None, "/login")[2]
-        times: dict[str, list[float]] = {"local": [], "moved": []}
+        for package in packages:
+            launches[package] = Launch(SESSION_APP, 2, "--session-key", "header:x-session", package=package)
+        ids = {
+            package: {
+                "local": request(launch.port, homes[0], None, "/login")[2],
+                "moved": request(launch.port, away, None, "/login")[2],
+            }
+            for package, launch in launches.items()
+        }
+        times: dict[tuple[str, str], list[float]] = {
+            (p, kind): [] for p in packages for kind in ("local", "moved")
+        }
         for i in range(requests * 2):
             kind = "local" if i % 2 == 0 else "moved"
-            seconds, slot, _ = request(launch.port, home, local if kind == "local" else remote)
-            assert slot == ("0" if kind == "local" else "1"), (kind, slot)
-            times[kind].append(seconds)
+            for package in packages if i % 4 < 2 else packages[::-1]:
+                port = launches[package].port
+                seconds, slot, _ = request(port, homes[i // 2 % len(homes)], ids[package][kind])
+                assert slot == ("0" if kind == "local" else "1"), (kind, slot)
+                times[package, kind].append(seconds)
     finally:
-        launch.close()
-    p50 = {kind: statistics.median(values) * 1e6 for kind, values in times.items()}
-    return {
-        "local_p50_us": p50["local"],
-        "moved_p50_us": p50["moved"],
-        "added_p50_us": p50["moved"] - p50["local"],
-    }
+        for launch in launches.values():
+            launch.close()
+    out = {}
+    for package in packages:
+        local, moved = (statistics.median(times[package, kind]) * 1e6 for kind in ("local", "moved"))
+        out[package] = {"local_p50_us": local, "moved_p50_us": moved, "added_p50_us": moved - local}
+    return out
 
 
 def _total(figures: list[tuple[float, float]]) -> float:
@@ -268,7 +289,16 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=15, help="per round")
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument(
+        "--packages",
+        nargs="+",
+        metavar="DIR",
+        help="only the move test, with a launch of each directory's ebpf_sticky side by side",
+    )
     args = parser.parse_args()
+    if args.packages:
+        print(json.dumps(move_cost(args.requests, tuple(args.packages)), indent=2))
+        return 0
     if importlib.util.find_spec("engineio") is None:
         # Without it a worker learns Engine.IO ids through an ASGI layer around the app, which
         # is not what a Socket.IO app's workers run.
@@ -318,7 +348,7 @@ def main() -> int:
             "rate_ratio_by_round": [_median_ratio(one[mode], one[base], 0) for one in rounds],
             "cpu_ratio_by_round": [_median_ratio(one[base], one[mode], 1) for one in rounds],
         }
-    result.update(move_cost(args.requests))
+    result.update(move_cost(args.requests)[""])
     print(json.dumps(result, indent=2))
     return 0
 
