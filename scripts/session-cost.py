@@ -228,7 +228,7 @@ def request(port: int, source: str, session: str | None, path: str = "/") -> tup
 def move_cost(requests: int, packages: tuple[str, ...] = ("",)) -> dict[str, dict[str, float]]:
     """p50 of a request of a session on the worker it lands on ("local"), of one on the other
     worker ("moved"), and their difference, per package (a launch each, loaded in turn request
-    by request, the order reversed every other round)."""
+    by request, the launches' order reversed after each local and moved pair)."""
     sources = [f"127.88.{i >> 8}.{i & 255}" for i in range(2, 400) if i & 255 not in (0, 255)]
     on = {s: slot_of(parse_address(s), SPEC, 2) for s in sources}
     # Clients on slot 0, taken in turn: thousands of connections from one address would leave
@@ -259,7 +259,7 @@ def move_cost(requests: int, packages: tuple[str, ...] = ("",)) -> dict[str, dic
     finally:
         for launch in launches.values():
             launch.close()
-    out = {}
+    out: dict[str, dict[str, float]] = {}
     for package in packages:
         local, moved = (statistics.median(times[package, kind]) * 1e6 for kind in ("local", "moved"))
         out[package] = {"local_p50_us": local, "moved_p50_us": moved, "added_p50_us": moved - local}
@@ -297,7 +297,8 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.packages:
-        print(json.dumps(move_cost(args.requests, tuple(args.packages)), indent=2))
+        packages = tuple(str(Path(package).resolve()) for package in args.packages)
+        print(json.dumps(move_cost(args.requests, packages), indent=2))
         return 0
     if importlib.util.find_spec("engineio") is None:
         # Without it a worker learns Engine.IO ids through an ASGI layer around the app, which
