@@ -48,15 +48,20 @@ def target_class(excluded: bytes = b"") -> bytes:
     return b"[" + b"".join(re.escape(bytes([byte])) for byte in allowed) + b"]"
 
 
-_TARGET = re.compile(target_class() + rb"+")
-_VERSION = re.compile(rb"HTTP/1\.[0-9]")
+# The parts of a head as regex source: what the parse checks, and what a match that must accept
+# exactly the heads the parse accepts (``keys``) is built of.
+VERSION = rb"HTTP/1\.[0-9]"
+REQUEST_LINE = TOKEN_CLASS + rb"+ " + target_class() + rb"+ " + VERSION  # before its line ending
 # A field line: a token, a colon, then visible characters, spaces and tabs, never another control
 # byte (NUL, CR, ...). All the fields are checked by one match: a head is parsed per request.
 FIELD_VALUE_CLASS = rb"[\t\x20-\x7e\x80-\xff]"
-_FIELD = TOKEN_CLASS + rb"+:" + FIELD_VALUE_CLASS + rb"*"
-_FIELDS = re.compile(_FIELD + rb"(?:\n" + _FIELD + rb")*")
+FIELD = TOKEN_CLASS + rb"+:" + FIELD_VALUE_CLASS + rb"*"
+
+_TARGET = re.compile(target_class() + rb"+")
+_VERSION = re.compile(VERSION)
+_FIELDS = re.compile(FIELD + rb"(?:\n" + FIELD + rb")*")
 _LEADING_BLANK_LINES = re.compile(rb"(?:\r?\n)*")
-_STATUS_LINE = re.compile(rb"HTTP/1\.[0-9] ([0-9]{3})[ \r]")
+_STATUS_LINE = re.compile(VERSION + rb" ([0-9]{3})[ \r]")
 
 
 class HeadError(ValueError):

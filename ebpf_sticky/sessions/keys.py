@@ -41,9 +41,12 @@ from typing import NamedTuple
 from ..errors import ConfigError
 from ..hashing import Address, parse_address
 from .http_head import (
+    FIELD,
     FIELD_VALUE_CLASS,
     MAX_HEAD,
+    REQUEST_LINE,
     TOKEN_CLASS,
+    VERSION,
     RequestHead,
     cookie,
     header,
@@ -235,7 +238,7 @@ def line_pattern(specs: Sequence[KeySpec]) -> LinePattern | None:
             (
                 TOKEN_CLASS + rb"+ (?:" + on_path + rb")\?",
                 rb"(?:" + target_class(b"#%") + rb"*&)?" + re.escape(name.encode()) + value,
-                rb"(?:[&#]" + target_class(b"%") + rb"*)? HTTP/1\.[0-9]\r?\n",
+                rb"(?:[&#]" + target_class(b"%") + rb"*)? " + VERSION + rb"\r?\n",
             )
         )
     )
@@ -262,14 +265,13 @@ def field_reader(specs: Sequence[KeySpec]) -> Callable[[bytes], str | None]:
     if spec is None or spec.kind not in (KeyKind.MCP, KeyKind.HEADER):
         return _unsure
     name = b"(?i:" + re.escape((MCP_HEADER if spec.kind is KeyKind.MCP else spec.name).encode()) + b"):"
-    value = FIELD_VALUE_CLASS + b"*"
-    line = TOKEN_CLASS + rb"+:" + value + rb"\r?\n"
+    line = FIELD + rb"\r?\n"
     match = re.compile(
         b"".join(
             (
-                TOKEN_CLASS + rb"+ " + target_class() + rb"+ HTTP/1\.[0-9]\r?\n",
+                REQUEST_LINE + rb"\r?\n",
                 rb"(?:(?!" + name + rb")" + line + rb")*",
-                name + b"(" + value + rb")\r?\n",
+                name + b"(" + FIELD_VALUE_CLASS + rb"*)\r?\n",
                 rb"(?:" + line + rb")*\r?\n",
             )
         )
