@@ -24,7 +24,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -228,28 +228,38 @@ class Layer:
             asyncio.get_running_loop().remove_reader(self.receiver.fileno())
 
     def _receive(self) -> None:
-        loop = asyncio.get_running_loop()
+        # One connection per call: the socket stays readable while more are queued, so each
+        # waits one turn of the loop behind the last (accepts and requests get their turns), and
+        # the last costs no empty read before it is served.
+        moved = handoff.receive(self.receiver, self.received)
+        if moved is None:
+            return
         assert self.make_protocol is not None
-        for _ in range(64):  # a bounded batch: accepts and requests get their turn
-            moved = handoff.receive(self.receiver, self.received)
-            if moved is None:
-                return
-            self.table.count(self.slot, "moved_in")
-            # Family named, not detected (two getsockopt calls); the loop makes it non-blocking.
-            sock = socket.socket(self.family, socket.SOCK_STREAM, 0, moved.fd)
-            protocol = self.make_protocol()
-            self.arriving[protocol] = (moved.client, moved.data)
-            loop.create_task(self._adopt(loop, protocol, sock))
+        self.table.count(self.slot, "moved_in")
+        # Family named, not detected (two getsockopt calls); the loop makes it non-blocking.
+        sock = socket.socket(self.family, socket.SOCK_STREAM, 0, moved.fd)
+        protocol = self.make_protocol()
+        self.arriving[protocol] = (moved.client, moved.data)
+        adopting = asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, sock)
+        self._adopt(adopting, protocol, sock)
 
-    async def _adopt(
-        self, loop: asyncio.AbstractEventLoop, protocol: AdoptedGate, sock: socket.socket
+    def _adopt(
+        self, adopting: Coroutine[Any, Any, object], protocol: AdoptedGate, sock: socket.socket
     ) -> None:
+        """Drives ``connect_accepted_socket`` as a task would, without one: its first step (the
+        transport made, ``connection_made`` called soon) runs now, not a turn of the loop later,
+        and the rest when the future it awaits is done. A moved request is served that much
+        sooner."""
         try:
-            await loop.connect_accepted_socket(lambda: protocol, sock)
-        except OSError as exc:  # the client went away while the connection was queued
+            awaited = adopting.send(None)
+        except StopIteration:
+            return
+        except (OSError, asyncio.CancelledError) as exc:  # the client went away while queued
             log.debug("a moved connection was gone: %s", exc)
             self.arriving.pop(protocol, None)
             sock.close()
+            return
+        awaited.add_done_callback(lambda _: self._adopt(adopting, protocol, sock))
 
 
 class Gate(asyncio.Protocol):
