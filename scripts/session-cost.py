@@ -24,9 +24,12 @@
   without a header.
 * **A move**: one launch with ``--session-key header:x-session``; clients on slot 0 send requests
   of a session owned by slot 0 and of one owned by slot 1, alternating, one connection each; the
-  difference of the two medians is what a move adds. With ``--packages DIR...`` only this runs,
-  with a launch of each directory's ``ebpf_sticky`` (readable by the workers' user) loaded in
-  turn: two commits side by side.
+  difference of the two medians is what a move adds. The workers' CPU time per request of
+  either kind tells what of that is their work; the rest is waiting, mostly for the owning worker
+  to wake, which the script measures beside it: a byte sent to another process and back, on one
+  CPU and across two. With ``--packages DIR...`` only these run, with a launch of each
+  directory's ``ebpf_sticky`` (readable by the workers' user) loaded in turn: two commits side by
+  side.
 
 With ``--pin`` the load generator and the masters run on CPU 0 and each launch has a worker on
 each other CPU, pinned there (one worker on a 2-core machine): as where the clients are other
@@ -48,6 +51,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -228,7 +232,10 @@ def request(port: int, source: str, session: str | None, path: str = "/") -> tup
 def move_cost(requests: int, packages: tuple[str, ...] = ("",)) -> dict[str, dict[str, float]]:
     """p50 of a request of a session on the worker it lands on ("local"), of one on the other
     worker ("moved"), and their difference, per package (a launch each, loaded in turn request
-    by request, the launches' order reversed after each local and moved pair)."""
+    by request, the launches' order reversed after each local and moved pair); and the CPU time
+    the two workers spent per request of each kind (read before and after each), and its
+    difference: what of a move is the workers' work, and what is waiting (for the owning worker to
+    wake, above all)."""
     sources = [f"127.88.{i >> 8}.{i & 255}" for i in range(2, 400) if i & 255 not in (0, 255)]
     on = {s: slot_of(parse_address(s), SPEC, 2) for s in sources}
     # Clients on slot 0, taken in turn: thousands of connections from one address would leave
@@ -246,14 +253,16 @@ def move_cost(requests: int, packages: tuple[str, ...] = ("",)) -> dict[str, dic
             }
             for package, launch in launches.items()
         }
-        times: dict[tuple[str, str], list[float]] = {
-            (p, kind): [] for p in packages for kind in ("local", "moved")
-        }
+        kinds = [(p, kind) for p in packages for kind in ("local", "moved")]
+        times: dict[tuple[str, str], list[float]] = {pk: [] for pk in kinds}
+        cpu = dict.fromkeys(kinds, 0.0)
         for i in range(requests * 2):
             kind = "local" if i % 2 == 0 else "moved"
             for package in packages if i % 4 < 2 else packages[::-1]:
-                port = launches[package].port
-                seconds, slot, _ = request(port, homes[i // 2 % len(homes)], ids[package][kind])
+                launch = launches[package]
+                began = workers_cpu(launch.proc.pid)
+                seconds, slot, _ = request(launch.port, homes[i // 2 % len(homes)], ids[package][kind])
+                cpu[package, kind] += workers_cpu(launch.proc.pid) - began
                 assert slot == ("0" if kind == "local" else "1"), (kind, slot)
                 times[package, kind].append(seconds)
     finally:
@@ -262,7 +271,53 @@ def move_cost(requests: int, packages: tuple[str, ...] = ("",)) -> dict[str, dic
     out: dict[str, dict[str, float]] = {}
     for package in packages:
         local, moved = (statistics.median(times[package, kind]) * 1e6 for kind in ("local", "moved"))
-        out[package] = {"local_p50_us": local, "moved_p50_us": moved, "added_p50_us": moved - local}
+        local_cpu, moved_cpu = (
+            cpu[package, kind] / len(times[package, kind]) * 1e6 for kind in ("local", "moved")
+        )
+        out[package] = {
+            "local_p50_us": local,
+            "moved_p50_us": moved,
+            "added_p50_us": moved - local,
+            "local_cpu_us": local_cpu,
+            "moved_cpu_us": moved_cpu,
+            "added_cpu_us": moved_cpu - local_cpu,
+        }
+    return out
+
+
+def wakeup_round_trip(cpus: tuple[int, int], trips: int = 3000) -> float:
+    """p50 µs of a byte sent over a unix socketpair to a process on ``cpus[1]``, which sends it
+    back, from one on ``cpus[0]``: what waking a process costs, on one CPU or across two."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    child = os.fork()
+    if child == 0:
+        os.sched_setaffinity(0, {cpus[1]})
+        while message := theirs.recv(1):
+            theirs.send(message)
+        os._exit(0)
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpus[0]})
+    try:
+        times = []
+        for _ in range(trips):
+            began = time.perf_counter_ns()
+            ours.send(b"x")
+            ours.recv(1)
+            times.append(time.perf_counter_ns() - began)
+    finally:
+        os.sched_setaffinity(0, allowed)
+        ours.send(b"")
+        os.waitpid(child, 0)
+        ours.close()
+        theirs.close()
+    return round(statistics.median(times) / 1000, 1)
+
+
+def wakeups() -> dict[str, float]:
+    cpus = sorted(os.sched_getaffinity(0))
+    out = {"one_cpu": wakeup_round_trip((cpus[-1], cpus[-1]))}
+    if len(cpus) > 1:
+        out["two_cpus"] = wakeup_round_trip((cpus[0], cpus[1]))
     return out
 
 
@@ -298,7 +353,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.packages:
         packages = tuple(str(Path(package).resolve()) for package in args.packages)
-        print(json.dumps(move_cost(args.requests, packages), indent=2))
+        print(json.dumps({**move_cost(args.requests, packages), "wakeup_round_trip_us": wakeups()}, indent=2))
         return 0
     if importlib.util.find_spec("engineio") is None:
         # Without it a worker learns Engine.IO ids through an ASGI layer around the app, which
@@ -350,6 +405,7 @@ def main() -> int:
             "cpu_ratio_by_round": [_median_ratio(one[base], one[mode], 1) for one in rounds],
         }
     result.update(move_cost(args.requests)[""])
+    result["wakeup_round_trip_us"] = wakeups()
     print(json.dumps(result, indent=2))
     return 0
 
