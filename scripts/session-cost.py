@@ -24,12 +24,11 @@
   without a header.
 * **A move**: one launch with ``--session-key header:x-session``; clients on slot 0 send requests
   of a session owned by slot 0 and of one owned by slot 1, alternating, one connection each; the
-  difference of the two medians is what a move adds. The workers' CPU time per request of
-  either kind tells what of that is their work; the rest is waiting, mostly for the owning worker
-  to wake, which the script measures beside it: a byte sent to another process and back, on one
-  CPU and across two. With ``--packages DIR...`` only these run, with a launch of each
-  directory's ``ebpf_sticky`` (readable by the workers' user) loaded in turn: two commits side by
-  side.
+  difference of the two medians is what a move adds. Beside them, the workers' CPU time per
+  request of either kind (how much of a move is their work), and what waking a process costs the
+  machine (a byte sent to another process and back, on one CPU and across two). With
+  ``--packages DIR...`` only these run, with a launch of each directory's ``ebpf_sticky``
+  (readable by the workers' user) loaded in turn: two commits side by side.
 
 With ``--pin`` the load generator and the masters run on CPU 0 and each launch has a worker on
 each other CPU, pinned there (one worker on a 2-core machine): as where the clients are other
@@ -234,8 +233,7 @@ def move_cost(requests: int, packages: tuple[str, ...] = ("",)) -> dict[str, dic
     worker ("moved"), and their difference, per package (a launch each, loaded in turn request
     by request, the launches' order reversed after each local and moved pair); and the CPU time
     the two workers spent per request of each kind (read before and after each), and its
-    difference: what of a move is the workers' work, and what is waiting (for the owning worker to
-    wake, above all)."""
+    difference: how much of what a move adds is the workers' work rather than waiting."""
     sources = [f"127.88.{i >> 8}.{i & 255}" for i in range(2, 400) if i & 255 not in (0, 255)]
     on = {s: slot_of(parse_address(s), SPEC, 2) for s in sources}
     # Clients on slot 0, taken in turn: thousands of connections from one address would leave
