@@ -351,6 +351,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.packages:
         packages = tuple(str(Path(package).resolve()) for package in args.packages)
+        if len(set(packages)) < len(packages):
+            # Launches and results are per directory: a second launch of one would never be closed.
+            parser.error("--packages: each directory once (to compare a tree with itself, copy it)")
         print(json.dumps({**move_cost(args.requests, packages), "wakeup_round_trip_us": wakeups()}, indent=2))
         return 0
     if importlib.util.find_spec("engineio") is None:
