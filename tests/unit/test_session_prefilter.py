@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from ebpf_sticky.sessions import prefilter
 from ebpf_sticky.sessions.http_head import HeadError, parse_request_head, parse_response_head
 from ebpf_sticky.sessions.keys import KeySpec, extract_key, learn_key, parse_key_spec, parse_trusted
 from ebpf_sticky.sessions.prefilter import creators, head_end, key_reader
@@ -51,6 +52,56 @@ def test_a_head_without_markers_has_no_key(
     found = extract_key(head, specs, "127.0.0.1", TRUSTED)
     if found is not None:
         assert key_reader(specs)(data, 0, len(data))
+
+
+pieces = st.sampled_from(
+    [b"GET / HTTP/1.1", b"sid=", b"session_hash=", b"%", b"=", b"&", b"\r\n", b"\n", b"\r",
+     b"Mcp-Session-Id: 1", b"x-session:", b"Cookie: a", b"x", b"\x00", b"\xff"]
+)  # fmt: skip
+
+
+@st.composite
+def heads(draw: st.DrawFn) -> bytes:
+    """A request head as the tests above build them, then maybe cut short, with pieces (markers,
+    line breaks, bytes no head holds) dropped in anywhere: well-formed and not."""
+    blank = draw(st.sampled_from(["", "\r\n", "\n"]))
+    headers = draw(st.lists(st.tuples(names, values), max_size=4))
+    data = bytearray(
+        (
+            f"{blank}GET {draw(targets)} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers) + "\r\n"
+        ).encode()
+    )
+    for piece in draw(st.lists(pieces, max_size=3)):
+        at = draw(st.integers(0, len(data)))
+        data[at:at] = piece
+    return bytes(data[: draw(st.integers(0, len(data)))] if draw(st.booleans()) else data)
+
+
+ENGINEIO, MCP = parse_key_spec("engineio"), parse_key_spec("mcp")
+
+
+@settings(max_examples=1000)
+@given(
+    st.one_of(heads(), st.lists(pieces, max_size=10).map(b"".join), st.binary(max_size=64)),
+    st.integers(0, 3),
+    st.integers(0, 120),
+    st.lists(st.sampled_from(SPECS), min_size=1, max_size=4),
+)
+@example(b"GET / HTTP/1.1\r\nMcp-Session-Id: 1\r\n\r\n", 0, 34, [ENGINEIO, MCP])  # a header key
+@example(b"GET /?a HTTP/1.1%\nx", 0, 19, [ENGINEIO])  # a marker that ends the line
+def test_the_c_search_answers_as_the_python_one(
+    data: bytes, start: int, end: int, specs: list[KeySpec]
+) -> None:
+    """Over any bytes and bounds: the same answer (a key read, a ``str``; else what its truth says:
+    no key, or "parse it")."""
+    assert prefilter.NATIVE, "the C search is not built here: scripts/test builds it in place"
+    native = key_reader(specs, native=True)(data, start, end)
+    python = key_reader(specs, native=False)(data, start, end)
+    assert answer(native) == answer(python)
+
+
+def answer(read: object) -> str | bool:
+    return read if isinstance(read, str) else bool(read)
 
 
 def test_markers_are_looked_for_only_where_a_key_can_be() -> None:

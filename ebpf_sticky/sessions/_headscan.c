@@ -1,0 +1,141 @@
+/* The request-line search of prefilter.key_reader, in C.
+ *
+ * Every request a worker serves with --session-key on passes through that search, and most find
+ * nothing. As a Python function it costs a serving worker one to three microseconds a request
+ * under load, most of it the function's frame rather than its byte searches. This one answers
+ * only what it is sure of, exactly as the Python function would: "no marker in the request line"
+ * (false, or what the header regex says of the rest). Everything else (a marker found, a blank
+ * line first, arguments out of the ordinary) is handed to the Python function itself, which stays
+ * the one definition of the answer and reads the key when there is one.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *needles; /* tuple of bytes: the markers looked for in the request line */
+    PyObject *fields;  /* the header regex's search, or None */
+    PyObject *read;    /* the Python function this one answers for */
+} LineSearch;
+
+/* No GC support: the three references are a tuple of bytes, a regex's bound method and a closure
+ * over neither this object nor anything that could hold it, so no cycle can run through it. */
+static void LineSearch_dealloc(LineSearch *self) {
+    Py_XDECREF(self->needles);
+    Py_XDECREF(self->fields);
+    Py_XDECREF(self->read);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int LineSearch_init(LineSearch *self, PyObject *args, PyObject *kwds) {
+    static char *keywords[] = {"needles", "fields", "read", NULL};
+    PyObject *needles, *fields, *read;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO:LineSearch", keywords, &PyTuple_Type, &needles,
+                                     &fields, &read))
+        return -1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(needles); i++) {
+        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(needles, i))) {
+            PyErr_SetString(PyExc_TypeError, "LineSearch: needles must be a tuple of bytes");
+            return -1;
+        }
+    }
+    if (fields != Py_None && !PyCallable_Check(fields)) {
+        PyErr_SetString(PyExc_TypeError, "LineSearch: fields must be callable or None");
+        return -1;
+    }
+    if (!PyCallable_Check(read)) {
+        PyErr_SetString(PyExc_TypeError, "LineSearch: read must be callable");
+        return -1;
+    }
+    Py_INCREF(needles);
+    Py_INCREF(fields);
+    Py_INCREF(read);
+    Py_XSETREF(self->needles, needles);
+    Py_XSETREF(self->fields, fields);
+    Py_XSETREF(self->read, read);
+    return 0;
+}
+
+/* A non-negative int argument, or -1 (not one: the Python function decides). */
+static Py_ssize_t index_of(PyObject *value) {
+    if (!PyLong_CheckExact(value))
+        return -1;
+    Py_ssize_t index = PyLong_AsSsize_t(value);
+    if (index == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    return index;
+}
+
+/* read(data, start, end): what prefilter's Python read(data, start, end) returns. */
+static PyObject *LineSearch_call(LineSearch *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyBytes_CheckExact(args[0]))
+        goto python;
+    const char *data = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t start = index_of(args[1]), end = index_of(args[2]);
+    if (start < 0 || end < start || start >= size)
+        goto python;
+    if (data[start] == '\r' || data[start] == '\n')
+        goto python; /* blank lines before the request line */
+    Py_ssize_t stop = end < size ? end : size;
+    const char *newline = memchr(data + start, '\n', (size_t)(stop - start));
+    Py_ssize_t line = newline ? newline - data : end; /* as the Python one: find's -1 -> end */
+    Py_ssize_t in_line = (line < size ? line : size) - start;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->needles); i++) {
+        PyObject *needle = PyTuple_GET_ITEM(self->needles, i);
+        if (memmem(data + start, (size_t)in_line, PyBytes_AS_STRING(needle), (size_t)PyBytes_GET_SIZE(needle)))
+            goto python; /* a marker: the Python function reads the key, or says "parse it" */
+    }
+    if (self->fields == Py_None)
+        Py_RETURN_FALSE;
+    PyObject *line_object = PyLong_FromSsize_t(line);
+    if (line_object == NULL)
+        return NULL;
+    PyObject *fields_args[] = {args[0], line_object, args[2]};
+    PyObject *found = PyObject_Vectorcall(self->fields, fields_args, 3, NULL);
+    Py_DECREF(line_object);
+    if (found == NULL)
+        return NULL;
+    int is_none = found == Py_None;
+    Py_DECREF(found);
+    return PyBool_FromLong(!is_none);
+python:
+    return PyObject_Vectorcall(self->read, args, (size_t)nargs, NULL);
+}
+
+static PyMethodDef LineSearch_methods[] = {
+    {"read", (PyCFunction)(void (*)(void))LineSearch_call, METH_FASTCALL,
+     "read(data, start, end): what the Python read it was made with returns."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LineSearchType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ebpf_sticky.sessions._headscan.LineSearch",
+    .tp_doc = "LineSearch(needles, fields, read): read's request-line search, in C.",
+    .tp_basicsize = sizeof(LineSearch),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)LineSearch_init,
+    .tp_dealloc = (destructor)LineSearch_dealloc,
+    .tp_methods = LineSearch_methods,
+};
+
+static struct PyModuleDef headscan = {
+    PyModuleDef_HEAD_INIT, .m_name = "_headscan", .m_doc = "prefilter.key_reader's search, in C.", .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__headscan(void) {
+    if (PyType_Ready(&LineSearchType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&headscan);
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(module, "LineSearch", (PyObject *)&LineSearchType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
