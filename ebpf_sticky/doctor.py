@@ -16,6 +16,7 @@ from .kernel import capabilities, syscalls
 from .kernel.cbpf import MAX_CBPF_SLOTS
 from .kernel.loaders import BCC_FIX, import_bcc
 from .kernel.router import Router
+from .sessions import prefilter
 
 MIN_KERNEL = (5, 14)
 
@@ -108,12 +109,25 @@ def check_migrate() -> Check:
     )
 
 
+def check_head_search() -> Check:
+    if prefilter.NATIVE:
+        return Check("session-key search", True, "in C", required=False)
+    return Check(
+        "session-key search",
+        False,
+        "in Python (built without a C compiler): --session-key costs each request about a microsecond more",
+        "reinstall with a C compiler and Python's headers at hand (Debian: gcc libc6-dev python3-dev)",
+        required=False,
+    )
+
+
 CHECKS: tuple[Callable[[], Check], ...] = (
     check_kernel,
     check_privileges,
     check_group,
     check_bcc,
     check_migrate,
+    check_head_search,
 )
 
 

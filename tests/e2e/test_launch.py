@@ -342,6 +342,7 @@ def test_doctor_says_launch_will_work() -> None:
     )
     assert proc.returncode == 0, proc.stdout
     assert "ok   sticky group: router native" in proc.stdout
+    assert "ok   session-key search: in C" in proc.stdout  # scripts/test builds it
     assert "launch will work" in proc.stdout
 
 
