@@ -76,6 +76,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "build", *RUNTIME, "--network", "none", "--layers=false", "--format", "docker", "-q", "-t", tag,
         "--build-arg", f"BASE={BASE_IMAGE}",
         "--build-arg", "PIP_OPTIONS=--no-index --find-links /wheels",
+        "--build-arg", "COMPILER=",  # no apt here: the image's head search is the Python one
         "-v", f"{wheels}:/wheels:ro",
         str(ROOT),
         timeout=300,

@@ -1,5 +1,6 @@
 """The wheel is complete: built from this tree and installed with its dependencies into a fresh
-venv without the system's site packages, it runs `ebpf-sticky --version` and carries its license."""
+venv without the system's site packages, it runs `ebpf-sticky --version`, carries its license and
+its C head search."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def test_the_wheel_installs_and_runs_in_a_bare_venv(tmp_path: Path) -> None:
     shutil.copytree(
         ROOT / "ebpf_sticky", source / "ebpf_sticky", ignore=shutil.ignore_patterns("__pycache__")
     )
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source)
     build: list[str | Path] = [
         sys.executable,
@@ -35,12 +36,14 @@ def test_the_wheel_installs_and_runs_in_a_bare_venv(tmp_path: Path) -> None:
     ]
     subprocess.run([*build, "-w", tmp_path, source], check=True, timeout=300)
     (wheel,) = tmp_path.glob("ebpf_sticky-*.whl")
-    assert wheel.name.startswith(f"ebpf_sticky-{ebpf_sticky.__version__}-py3-none-any")
+    # A C extension in it: the wheel is for this Python and platform.
+    assert wheel.name.startswith(f"ebpf_sticky-{ebpf_sticky.__version__}-cp3"), wheel.name
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         metadata = archive.read(f"ebpf_sticky-{ebpf_sticky.__version__}.dist-info/METADATA").decode()
     assert any(name.endswith(".dist-info/LICENSE") for name in names), names
     assert "ebpf_sticky/kernel/select.c" in names and "ebpf_sticky/py.typed" in names
+    assert any(name.startswith("ebpf_sticky/sessions/_headscan.") and name.endswith(".so") for name in names)
     assert "License: MIT" in metadata and "Classifier: License :: OSI Approved :: MIT License" in metadata
 
     env_dir = tmp_path / "venv"
@@ -57,6 +60,9 @@ def test_the_wheel_installs_and_runs_in_a_bare_venv(tmp_path: Path) -> None:
     ).stdout
     assert version.startswith(f"ebpf-sticky {ebpf_sticky.__version__} (uvicorn "), version
     assert "not installed" not in version
+    native = "from ebpf_sticky.sessions import prefilter; print(prefilter.NATIVE)"
+    built = subprocess.run([python, "-c", native], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert built.stdout == "True\n"  # the C head search, not its Python stand-in
     site = subprocess.run(
         [python, "-c", "import sys; print(sys.flags.no_site, [p for p in sys.path if 'dist-packages' in p])"],
         capture_output=True, text=True, check=True,
