@@ -333,6 +333,15 @@ def _median_ratio(a: list[tuple[float, float]], b: list[tuple[float, float]], fi
     return round(statistics.median(_ratios(a, b, field)), 3)
 
 
+def head_search() -> str:
+    """Which request-head search the launches' workers run: the C one, or the Python one of an
+    install made without a compiler (asked of the package they import, from where they start)."""
+    ask = "from ebpf_sticky.sessions import prefilter; print('C' if prefilter.NATIVE else 'Python')"
+    return subprocess.run(
+        [sys.executable, "-c", ask], capture_output=True, text=True, cwd=BENCH_APP.parent, check=True
+    ).stdout.strip()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -373,6 +382,7 @@ def main() -> int:
     os.sched_setaffinity(0, cpus)
     figures = {mode: [f for one in rounds for f in one[mode]] for mode in MODES}
     result: dict[str, object] = {
+        "head_search": head_search(),
         "pinned": bool(pinned),
         "rounds": args.rounds,
         "windows": args.windows,
