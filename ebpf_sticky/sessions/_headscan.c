@@ -71,6 +71,10 @@ static Py_ssize_t index_of(PyObject *value) {
 
 /* read(data, start, end): what prefilter's Python read(data, start, end) returns. */
 static PyObject *LineSearch_call(LineSearch *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (self->read == NULL) { /* made by __new__ alone: nothing to search with */
+        PyErr_SetString(PyExc_ValueError, "LineSearch: not initialised");
+        return NULL;
+    }
     if (nargs != 3 || !PyBytes_CheckExact(args[0]))
         goto python;
     const char *data = PyBytes_AS_STRING(args[0]);

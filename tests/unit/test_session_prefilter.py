@@ -100,6 +100,17 @@ def test_the_c_search_answers_as_the_python_one(
     assert answer(native) == answer(python)
 
 
+def test_the_c_search_refuses_what_it_cannot_search_with() -> None:
+    from ebpf_sticky.sessions._headscan import LineSearch
+
+    with pytest.raises(TypeError):
+        LineSearch((b"sid=", "%"), None, print)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        LineSearch((b"sid=",), 1, print)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not initialised"):
+        LineSearch.__new__(LineSearch).read(b"GET / HTTP/1.1\r\n", 0, 16)
+
+
 def answer(read: object) -> str | bool:
     return read if isinstance(read, str) else bool(read)
 
