@@ -34,6 +34,12 @@ static int LineSearch_init(LineSearch *self, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO:LineSearch", keywords, &PyTuple_Type, &needles,
                                      &fields, &read))
         return -1;
+    if (self->read != NULL) {
+        /* Made once: a read in progress borrows these references, which a second __init__ (run
+         * by code the regex or the Python read calls) would otherwise free under it. */
+        PyErr_SetString(PyExc_TypeError, "LineSearch: already initialised");
+        return -1;
+    }
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(needles); i++) {
         if (!PyBytes_CheckExact(PyTuple_GET_ITEM(needles, i))) {
             PyErr_SetString(PyExc_TypeError, "LineSearch: needles must be a tuple of bytes");
@@ -70,12 +76,12 @@ static Py_ssize_t index_of(PyObject *value) {
 }
 
 /* read(data, start, end): what prefilter's Python read(data, start, end) returns. */
-static PyObject *LineSearch_call(LineSearch *self, PyObject *const *args, Py_ssize_t nargs) {
+static PyObject *LineSearch_call(LineSearch *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     if (self->read == NULL) { /* made by __new__ alone: nothing to search with */
         PyErr_SetString(PyExc_ValueError, "LineSearch: not initialised");
         return NULL;
     }
-    if (nargs != 3 || !PyBytes_CheckExact(args[0]))
+    if (kwnames != NULL || nargs != 3 || !PyBytes_CheckExact(args[0]))
         goto python;
     const char *data = PyBytes_AS_STRING(args[0]);
     Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
@@ -107,11 +113,11 @@ static PyObject *LineSearch_call(LineSearch *self, PyObject *const *args, Py_ssi
     Py_DECREF(found);
     return PyBool_FromLong(!is_none);
 python:
-    return PyObject_Vectorcall(self->read, args, (size_t)nargs, NULL);
+    return PyObject_Vectorcall(self->read, args, (size_t)nargs, kwnames);
 }
 
 static PyMethodDef LineSearch_methods[] = {
-    {"read", (PyCFunction)(void (*)(void))LineSearch_call, METH_FASTCALL,
+    {"read", (PyCFunction)(void (*)(void))LineSearch_call, METH_FASTCALL | METH_KEYWORDS,
      "read(data, start, end): what the Python read it was made with returns."},
     {NULL, NULL, 0, NULL},
 };

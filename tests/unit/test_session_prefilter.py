@@ -110,6 +110,16 @@ def test_the_c_search_refuses_what_it_cannot_search_with() -> None:
         LineSearch((b"sid=",), 1, print)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not initialised"):
         LineSearch.__new__(LineSearch).read(b"GET / HTTP/1.1\r\n", 0, 16)
+    search = LineSearch((b"sid=",), None, print)
+    with pytest.raises(TypeError, match="already initialised"):
+        search.__init__((b"%",), None, print)  # type: ignore[misc]
+
+
+def test_the_c_search_hands_keyword_calls_to_the_python_one() -> None:
+    head = b"GET /socket.io/?EIO=4&sid=abc HTTP/1.1\r\n\r\n"
+    python = key_reader([ENGINEIO], native=False)
+    native = key_reader([ENGINEIO], native=True)
+    assert native(data=head, start=0, end=42) == python(data=head, start=0, end=42) == "abc"  # type: ignore[call-arg]
 
 
 def answer(read: object) -> str | bool:
