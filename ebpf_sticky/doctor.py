@@ -116,7 +116,8 @@ def check_head_search() -> Check:
         "session-key search",
         False,
         "in Python (built without a C compiler): --session-key costs each request about a microsecond more",
-        "reinstall with a C compiler and Python's headers at hand (Debian: gcc libc6-dev python3-dev)",
+        "reinstall with a C compiler and Python's headers at hand (Debian: gcc libc6-dev python3-dev),"
+        " with pip's --no-cache-dir so that a wheel built without them is not reused",
         required=False,
     )
 
