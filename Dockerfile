@@ -1,6 +1,7 @@
 # ebpf-sticky for containers: a small production image (no compiler: the native and cbpf routers
-# build their programs in Python; only the build stage compiles the C head search of --session-key). The master runs as PID 1 and drops every worker to the
-# unprivileged user `sticky`. Serve your app by building FROM this image:
+# build their programs in Python; only the build stage compiles the C head search of
+# --session-key). The master runs as PID 1 and drops every worker to the unprivileged user
+# `sticky`. Serve your app by building FROM this image:
 #   FROM ebpf-sticky
 #   COPY app.py /app/app.py
 # and run it with the privileges the router needs (docs/how-to/deploy-container.md):
