@@ -168,11 +168,30 @@ def rss_kib(pid: int) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _cpu_ticks() -> list[int]:
+    """The whole machine's CPU time so far, in clock ticks, by ``/proc/stat``'s first eight
+    fields: user, nice, system, idle, iowait, irq, softirq, steal."""
+    return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+
+
 def busy_seconds() -> float:
     """The whole machine's non-idle CPU time so far (kernel and softirq work included)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    fields = _cpu_ticks()
     idle = fields[3] + fields[4]
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def steal_ticks() -> tuple[int, int]:
+    """(stolen, all) clock ticks of the machine's CPUs so far. Stolen: time a vCPU had work and
+    the hypervisor ran another guest instead (a busy host); every wake-up of a worker waits for it."""
+    fields = _cpu_ticks()
+    return fields[7], sum(fields)
+
+
+def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Of the CPU time between two ``steal_ticks``, the per cent stolen."""
+    total = after[1] - before[1]
+    return round(100 * (after[0] - before[0]) / total, 2) if total else 0.0
 
 
 def children_cpu_seconds() -> float:

@@ -26,9 +26,11 @@
   of a session owned by slot 0 and of one owned by slot 1, alternating, one connection each; the
   difference of the two medians is what a move adds. Beside them, the workers' CPU time per
   request of either kind (how much of a move is their work), and what waking a process costs the
-  machine (a byte sent to another process and back, on one CPU and across two). With
-  ``--packages DIR...`` only these run, with a launch of each directory's ``ebpf_sticky``
-  (readable by the workers' user) loaded in turn: two commits side by side.
+  machine (a byte sent to another process and back, on one CPU and across two), and how busy the
+  host was: the share of the machine's CPU time the hypervisor gave other guests meanwhile
+  (``steal_percent``). With ``--packages DIR...`` only the move and these run, with a launch of
+  each directory's ``ebpf_sticky`` (readable by the workers' user) loaded in turn: two commits
+  side by side.
 
 With ``--pin`` the load generator and the masters run on CPU 0 and each launch has a worker on
 each other CPU, pinned there (one worker on a 2-core machine): as where the clients are other
@@ -62,7 +64,7 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import process_cpu_seconds  # noqa: E402
+from bench.common import process_cpu_seconds, steal_percent, steal_ticks  # noqa: E402
 from bench.sioload import source_address  # noqa: E402
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of  # noqa: E402
 from ebpf_sticky.sessions.ownership import issue_id, table_key_of  # noqa: E402
@@ -363,7 +365,10 @@ def main() -> int:
         if len(set(packages)) < len(packages):
             # Launches and results are per directory: a second launch of one would never be closed.
             parser.error("--packages: each directory once (to compare a tree with itself, copy it)")
-        print(json.dumps({**move_cost(args.requests, packages), "wakeup_round_trip_us": wakeups()}, indent=2))
+        before = steal_ticks()
+        moves = move_cost(args.requests, packages)
+        host = {"steal_percent": steal_percent(before, steal_ticks()), "wakeup_round_trip_us": wakeups()}
+        print(json.dumps({**moves, **host}, indent=2))
         return 0
     if importlib.util.find_spec("engineio") is None:
         # Without it a worker learns Engine.IO ids through an ASGI layer around the app, which
@@ -378,7 +383,9 @@ def main() -> int:
     loadgen = build_loadgen()
     if pinned:
         os.sched_setaffinity(0, cpus[:1])  # the launches' masters and the load generator inherit it
+    before = steal_ticks()
     rounds = rates(loadgen, args.rounds, args.windows, args.seconds, pinned)
+    steal = {"rates": steal_percent(before, steal_ticks())}
     os.sched_setaffinity(0, cpus)
     figures = {mode: [f for one in rounds for f in one[mode]] for mode in MODES}
     result: dict[str, object] = {
@@ -415,7 +422,9 @@ def main() -> int:
             "rate_ratio_by_round": [_median_ratio(one[mode], one[base], 0) for one in rounds],
             "cpu_ratio_by_round": [_median_ratio(one[base], one[mode], 1) for one in rounds],
         }
+    before = steal_ticks()
     result.update(move_cost(args.requests)[""])
+    result["steal_percent"] = {**steal, "move": steal_percent(before, steal_ticks())}
     result["wakeup_round_trip_us"] = wakeups()
     print(json.dumps(result, indent=2))
     return 0
