@@ -183,7 +183,7 @@ def busy_seconds() -> float:
 
 def steal_ticks() -> tuple[int, int]:
     """(stolen, all) clock ticks of the machine's CPUs so far. Stolen: time a vCPU had work and
-    the hypervisor ran another guest instead (a busy host); every wake-up of a worker waits for it."""
+    the hypervisor ran another guest instead (a busy host). A halted vCPU's wake-up is not in it."""
     fields = _cpu_ticks()
     return fields[7], sum(fields)
 
