@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 PACKAGE = Path(__file__).resolve().parent
 REPO = PACKAGE.parent
@@ -168,6 +168,9 @@ def rss_kib(pid: int) -> int:
     return int(match.group(1)) if match else 0
 
 
+T = TypeVar("T")
+
+
 def _cpu_ticks() -> list[int]:
     """The whole machine's CPU time so far, in clock ticks, by ``/proc/stat``'s first eight
     fields: user, nice, system, idle, iowait, irq, softirq, steal."""
@@ -181,17 +184,15 @@ def busy_seconds() -> float:
     return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def steal_ticks() -> tuple[int, int]:
-    """(stolen, all) clock ticks of the machine's CPUs so far. Stolen: time a vCPU had work and
-    the hypervisor ran another guest instead (a busy host). A halted vCPU's wake-up is not in it."""
-    fields = _cpu_ticks()
-    return fields[7], sum(fields)
-
-
-def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
-    """Of the CPU time between two ``steal_ticks``, the per cent stolen."""
-    total = after[1] - before[1]
-    return round(100 * (after[0] - before[0]) / total, 2) if total else 0.0
+def stolen_while(work: Callable[[], T]) -> tuple[T, float]:
+    """``work()``'s result, and the per cent of the machine's CPU time stolen while it ran: time a
+    vCPU had work and the hypervisor ran another guest instead (a busy host). A halted vCPU's
+    wake-up is not in it."""
+    before = _cpu_ticks()
+    result = work()
+    after = _cpu_ticks()
+    total = sum(after) - sum(before)
+    return result, round(100 * (after[7] - before[7]) / total, 2) if total else 0.0
 
 
 def children_cpu_seconds() -> float:

@@ -64,7 +64,7 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import process_cpu_seconds, steal_percent, steal_ticks  # noqa: E402
+from bench.common import process_cpu_seconds, stolen_while  # noqa: E402
 from bench.sioload import source_address  # noqa: E402
 from ebpf_sticky.hashing import HashSpec, parse_address, slot_of  # noqa: E402
 from ebpf_sticky.sessions.ownership import issue_id, table_key_of  # noqa: E402
@@ -365,10 +365,8 @@ def main() -> int:
         if len(set(packages)) < len(packages):
             # Launches and results are per directory: a second launch of one would never be closed.
             parser.error("--packages: each directory once (to compare a tree with itself, copy it)")
-        before = steal_ticks()
-        moves = move_cost(args.requests, packages)
-        host = {"steal_percent": steal_percent(before, steal_ticks()), "wakeup_round_trip_us": wakeups()}
-        print(json.dumps({**moves, **host}, indent=2))
+        moves, steal = stolen_while(lambda: move_cost(args.requests, packages))
+        print(json.dumps({**moves, "steal_percent": steal, "wakeup_round_trip_us": wakeups()}, indent=2))
         return 0
     if importlib.util.find_spec("engineio") is None:
         # Without it a worker learns Engine.IO ids through an ASGI layer around the app, which
@@ -383,9 +381,8 @@ def main() -> int:
     loadgen = build_loadgen()
     if pinned:
         os.sched_setaffinity(0, cpus[:1])  # the launches' masters and the load generator inherit it
-    before = steal_ticks()
-    rounds = rates(loadgen, args.rounds, args.windows, args.seconds, pinned)
-    steal = {"rates": steal_percent(before, steal_ticks())}
+    windows = (args.rounds, args.windows, args.seconds)
+    rounds, rates_steal = stolen_while(lambda: rates(loadgen, *windows, pinned))
     os.sched_setaffinity(0, cpus)
     figures = {mode: [f for one in rounds for f in one[mode]] for mode in MODES}
     result: dict[str, object] = {
@@ -422,9 +419,9 @@ def main() -> int:
             "rate_ratio_by_round": [_median_ratio(one[mode], one[base], 0) for one in rounds],
             "cpu_ratio_by_round": [_median_ratio(one[base], one[mode], 1) for one in rounds],
         }
-    before = steal_ticks()
-    result.update(move_cost(args.requests)[""])
-    result["steal_percent"] = {**steal, "move": steal_percent(before, steal_ticks())}
+    move, move_steal = stolen_while(lambda: move_cost(args.requests)[""])
+    result.update(move)
+    result["steal_percent"] = {"rates": rates_steal, "move": move_steal}
     result["wakeup_round_trip_us"] = wakeups()
     print(json.dumps(result, indent=2))
     return 0
