@@ -3,10 +3,11 @@
  * Every request a worker serves with --session-key on passes through that search, and most find
  * nothing. As a Python function it costs a serving worker one to three microseconds a request
  * under load, most of it the function's frame rather than its byte searches. This one answers
- * only what it is sure of, exactly as the Python function would: "no marker in the request line"
- * (false, or what the header regex says of the rest). Everything else (a marker found, a blank
- * line first, arguments out of the ordinary) is handed to the Python function itself, which stays
- * the one definition of the answer and reads the key when there is one.
+ * what it is sure of, exactly as the Python function would: "no marker in the request line"
+ * (false, or what the header regex says of the rest), and, given the line key (keys.line_pattern),
+ * the key that its regex reads from a line with a marker (every poll of an Engine.IO session),
+ * calling that same regex. Everything else (a blank line first, arguments out of the ordinary) is
+ * handed to the Python function itself, which stays the one definition of the answer.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -17,22 +18,28 @@ typedef struct {
     PyObject *needles; /* tuple of bytes: the markers looked for in the request line */
     PyObject *fields;  /* the header regex's search, or None */
     PyObject *read;    /* the Python function this one answers for */
+    PyObject *match;   /* the line key's regex match(data, start), or None */
+    PyObject *name;    /* the line key's parameter name (bytes), or None */
+    Py_ssize_t max_head; /* a head longer than this is not read by the line key */
 } LineSearch;
 
-/* No GC support: the three references are a tuple of bytes, a regex's bound method and a closure
+/* No GC support: the references are a tuple of bytes, bytes, regexes' bound methods and a closure
  * over neither this object nor anything that could hold it, so no cycle can run through it. */
 static void LineSearch_dealloc(LineSearch *self) {
     Py_XDECREF(self->needles);
     Py_XDECREF(self->fields);
     Py_XDECREF(self->read);
+    Py_XDECREF(self->match);
+    Py_XDECREF(self->name);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int LineSearch_init(LineSearch *self, PyObject *args, PyObject *kwds) {
-    static char *keywords[] = {"needles", "fields", "read", NULL};
-    PyObject *needles, *fields, *read;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO:LineSearch", keywords, &PyTuple_Type, &needles,
-                                     &fields, &read))
+    static char *keywords[] = {"needles", "fields", "read", "line_key", "max_head", NULL};
+    PyObject *needles, *fields, *read, *line_key = Py_None;
+    Py_ssize_t max_head = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO|On:LineSearch", keywords, &PyTuple_Type, &needles,
+                                     &fields, &read, &line_key, &max_head))
         return -1;
     if (self->read != NULL) {
         /* Made once: a read in progress borrows these references, which a second __init__ (run
@@ -54,12 +61,29 @@ static int LineSearch_init(LineSearch *self, PyObject *args, PyObject *kwds) {
         PyErr_SetString(PyExc_TypeError, "LineSearch: read must be callable");
         return -1;
     }
+    PyObject *match = Py_None, *name = Py_None;
+    if (line_key != Py_None) {
+        /* keys.LinePattern: (match, name), a name that is never empty. */
+        if (!PyTuple_Check(line_key) || PyTuple_GET_SIZE(line_key) != 2 ||
+            !PyCallable_Check(PyTuple_GET_ITEM(line_key, 0)) || !PyBytes_CheckExact(PyTuple_GET_ITEM(line_key, 1)) ||
+            PyBytes_GET_SIZE(PyTuple_GET_ITEM(line_key, 1)) == 0) {
+            PyErr_SetString(PyExc_TypeError, "LineSearch: line_key must be (match, name) or None");
+            return -1;
+        }
+        match = PyTuple_GET_ITEM(line_key, 0);
+        name = PyTuple_GET_ITEM(line_key, 1);
+    }
     Py_INCREF(needles);
     Py_INCREF(fields);
     Py_INCREF(read);
+    Py_INCREF(match);
+    Py_INCREF(name);
     Py_XSETREF(self->needles, needles);
     Py_XSETREF(self->fields, fields);
     Py_XSETREF(self->read, read);
+    Py_XSETREF(self->match, match);
+    Py_XSETREF(self->name, name);
+    self->max_head = max_head;
     return 0;
 }
 
@@ -73,6 +97,67 @@ static Py_ssize_t index_of(PyObject *value) {
         return -1;
     }
     return index;
+}
+
+static PyObject *END, *SPAN, *ONE; /* "end", "span" and 1: the match's methods and group */
+
+/* A Py_ssize_t from an int object that the regex module made, or -1 with an error set. */
+static Py_ssize_t take_index(PyObject *value) {
+    if (value == NULL)
+        return -1;
+    Py_ssize_t index = PyLong_AsSsize_t(value);
+    Py_DECREF(value);
+    return index;
+}
+
+/* The Python read's answer for a line that holds a marker, by the line key: the key its regex reads,
+ * when the name occurs once up to the match's end; else True ("parse it"). */
+static PyObject *read_line_key(LineSearch *self, PyObject *const *args, const char *data, Py_ssize_t size,
+                               Py_ssize_t start) {
+    if (size - start > self->max_head)
+        Py_RETURN_TRUE;
+    PyObject *found = PyObject_Vectorcall(self->match, args, 2, NULL); /* match(data, start) */
+    if (found == NULL)
+        return NULL;
+    if (found == Py_None) {
+        Py_DECREF(found);
+        Py_RETURN_TRUE;
+    }
+    PyObject *span_args[] = {found, ONE};
+    PyObject *span = PyObject_VectorcallMethod(SPAN, span_args, 2, NULL);
+    Py_ssize_t until = take_index(PyObject_VectorcallMethod(END, &found, 1, NULL));
+    Py_DECREF(found);
+    if (span == NULL || (until == -1 && PyErr_Occurred())) {
+        Py_XDECREF(span);
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(span) || PyTuple_GET_SIZE(span) != 2) {
+        Py_DECREF(span);
+        PyErr_SetString(PyExc_TypeError, "LineSearch: span(1) is not a pair");
+        return NULL;
+    }
+    Py_ssize_t from = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 0)), to = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 1));
+    Py_DECREF(span);
+    if ((from == -1 || to == -1) && PyErr_Occurred())
+        return NULL;
+    if (from < start || to < from || to > size || until < start || until > size) {
+        PyErr_SetString(PyExc_ValueError, "LineSearch: the line key matched outside the head");
+        return NULL;
+    }
+    /* data.count(name, start, until) == 1: occurrences that do not overlap, as bytes.count counts. */
+    const char *name = PyBytes_AS_STRING(self->name);
+    Py_ssize_t length = PyBytes_GET_SIZE(self->name), count = 0;
+    const char *at = data + start, *stop = data + until;
+    while (count < 2 && stop - at >= length) {
+        at = memmem(at, (size_t)(stop - at), name, (size_t)length);
+        if (at == NULL)
+            break;
+        count++;
+        at += length;
+    }
+    if (count != 1)
+        Py_RETURN_TRUE;
+    return PyUnicode_DecodeASCII(data + from, to - from, "strict");
 }
 
 /* read(data, start, end): what prefilter's Python read(data, start, end) returns. */
@@ -96,8 +181,11 @@ static PyObject *LineSearch_call(LineSearch *self, PyObject *const *args, Py_ssi
     Py_ssize_t in_line = (line < size ? line : size) - start;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->needles); i++) {
         PyObject *needle = PyTuple_GET_ITEM(self->needles, i);
-        if (memmem(data + start, (size_t)in_line, PyBytes_AS_STRING(needle), (size_t)PyBytes_GET_SIZE(needle)))
-            goto python; /* a marker: the Python function reads the key, or says "parse it" */
+        if (memmem(data + start, (size_t)in_line, PyBytes_AS_STRING(needle), (size_t)PyBytes_GET_SIZE(needle))) {
+            if (self->match == Py_None)
+                goto python; /* a marker and no line key: the Python function says "parse it" */
+            return read_line_key(self, args, data, size, start);
+        }
     }
     if (self->fields == Py_None)
         Py_RETURN_FALSE;
@@ -124,7 +212,7 @@ static PyMethodDef LineSearch_methods[] = {
 
 static PyTypeObject LineSearchType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ebpf_sticky.sessions._headscan.LineSearch",
-    .tp_doc = "LineSearch(needles, fields, read): read's request-line search, in C.",
+    .tp_doc = "LineSearch(needles, fields, read, line_key=None, max_head=0): read's request-line search, in C.",
     .tp_basicsize = sizeof(LineSearch),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
@@ -138,6 +226,12 @@ static struct PyModuleDef headscan = {
 };
 
 PyMODINIT_FUNC PyInit__headscan(void) {
+    if (END == NULL && (END = PyUnicode_InternFromString("end")) == NULL)
+        return NULL;
+    if (SPAN == NULL && (SPAN = PyUnicode_InternFromString("span")) == NULL)
+        return NULL;
+    if (ONE == NULL && (ONE = PyLong_FromLong(1)) == NULL)
+        return NULL;
     if (PyType_Ready(&LineSearchType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&headscan);

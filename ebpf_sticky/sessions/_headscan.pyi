@@ -1,3 +1,4 @@
+import re
 from collections.abc import Callable
 
 class LineSearch:
@@ -6,5 +7,7 @@ class LineSearch:
         needles: tuple[bytes, ...],
         fields: Callable[[bytes, int, int], object] | None,
         read: Callable[[bytes, int, int], object],
+        line_key: tuple[Callable[[bytes, int], re.Match[bytes] | None], bytes] | None = None,
+        max_head: int = 0,
     ) -> None: ...
     def read(self, data: bytes, start: int, end: int, /) -> object: ...

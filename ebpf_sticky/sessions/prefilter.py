@@ -11,8 +11,9 @@ same call reads the first one from it where it is sure to read what the parse wo
 poll's ``sid``). Pure.
 
 The request-line search runs in C where the package was built with a compiler (``_headscan``,
-``NATIVE``): for every request without a key, it answers as the Python function does, without
-the Python frame that is most of that function's cost in a serving worker.
+``NATIVE``): for every request without a key, and every one whose key is read from its request
+line, it answers as the Python function does, without the Python frame that is most of that
+function's cost in a serving worker.
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ def key_reader(specs: Sequence[KeySpec], native: bool = NATIVE) -> Callable[[byt
     here too, in the same call, spares an Engine.IO poll the calls of a parse (each Python frame
     costs a serving worker about a microsecond).
 
-    ``native``: with query keys, the C ``LineSearch`` in front of the Python reader, which it hands
-    every head it is not sure of (a marker in the line, a blank line first): the same answers.
+    ``native``: with query keys, the C ``LineSearch`` in front of the Python reader: it answers a
+    line without a marker, and reads the key of one with a marker by the same regex (``line_key``),
+    and hands the Python reader every head it is not sure of (a blank line first, a marker and no
+    line key): the same answers.
     """
     names: list[bytes] = []
     params: list[bytes] = []
@@ -96,7 +99,9 @@ def key_reader(specs: Sequence[KeySpec], native: bool = NATIVE) -> Callable[[byt
             return True
         return found[1].decode("ascii")
 
-    return LineSearch(needles, fields, read).read if native else read
+    if not native:
+        return read
+    return LineSearch(needles, fields, read, line_key, MAX_HEAD).read
 
 
 def _never(data: bytes, start: int, end: int) -> None:

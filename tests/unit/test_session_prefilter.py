@@ -7,7 +7,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ebpf_sticky.sessions import prefilter
-from ebpf_sticky.sessions.http_head import HeadError, parse_request_head, parse_response_head
+from ebpf_sticky.sessions.http_head import MAX_HEAD, HeadError, parse_request_head, parse_response_head
 from ebpf_sticky.sessions.keys import KeySpec, extract_key, learn_key, parse_key_spec, parse_trusted
 from ebpf_sticky.sessions.prefilter import creators, head_end, key_reader
 
@@ -90,6 +90,9 @@ ENGINEIO, MCP = parse_key_spec("engineio"), parse_key_spec("mcp")
 @example(b"GET / HTTP/1.1\r\nMcp-Session-Id: 1\r\n\r\n", 0, 34, [ENGINEIO, MCP])  # a header key
 @example(b"GET /?a HTTP/1.1%\nx", 0, 19, [ENGINEIO])  # a marker that ends the line
 @example(b"GET /?sid=1", 0, 10, [ENGINEIO])  # a marker that ends the bytes searched, no line break
+@example(b"GET /socket.io/?sid=ab HTTP/1.1\r\n\r\n", 0, 37, [ENGINEIO])  # the key, read in C
+@example(b"GET /socket.io/?sid=ab&sid=c HTTP/1.1\r\n\r\n", 0, 43, [ENGINEIO])  # its name twice
+@example(b"GET /socket.io/?x=sidsid&sid=ab HTTP/1.1\r\n\r\n", 0, 46, [ENGINEIO])  # inside a value
 def test_the_c_search_answers_as_the_python_one(
     data: bytes, start: int, end: int, specs: list[KeySpec]
 ) -> None:
@@ -113,6 +116,34 @@ def test_the_c_search_refuses_what_it_cannot_search_with() -> None:
     search = LineSearch((b"sid=",), None, print)
     with pytest.raises(TypeError, match="already initialised"):
         search.__init__((b"%",), None, print)  # type: ignore[misc]
+    for line_key in ((print,), (print, "sid"), (print, b""), (1, b"sid")):
+        with pytest.raises(TypeError, match="line_key"):
+            LineSearch((b"sid=",), None, print, line_key)  # type: ignore[arg-type]
+
+
+POLL = b"GET /socket.io/?EIO=4&transport=polling&sid=abc HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("in_c", [True, False])
+def test_the_c_search_reads_a_poll_key_itself(in_c: bool) -> None:
+    """An Engine.IO poll's key is read in C, the Python reader not called: every poll of a session
+    is spared its frame. Without the line key (the negative control), the Python reader is asked."""
+    from ebpf_sticky.sessions._headscan import LineSearch
+    from ebpf_sticky.sessions.keys import line_pattern
+
+    asked: list[bytes] = []
+
+    def python(data: bytes, start: int, end: int) -> object:
+        asked.append(data)
+        return key_reader([ENGINEIO], native=False)(data, start, end)
+
+    line_key = line_pattern([ENGINEIO]) if in_c else None
+    search = LineSearch((b"sid=", b"%"), None, python, line_key, MAX_HEAD)
+    assert search.read(POLL, 0, POLL.index(b"\r\n\r\n")) == "abc"
+    assert asked == ([] if in_c else [POLL])
+    # A head longer than MAX_HEAD is not read by the line key: "parse it", as in Python.
+    long = POLL[:-2] + b"X: " + b"y" * MAX_HEAD + b"\r\n\r\n"
+    assert search.read(long, 0, len(long) - 4) is True
 
 
 def test_the_c_search_hands_keyword_calls_to_the_python_one() -> None:
