@@ -28,9 +28,13 @@
   request of either kind (how much of a move is their work), and what waking a process costs the
   machine (a byte sent to another process and back, on one CPU and across two), and how busy the
   host was: the share of the machine's CPU time the hypervisor gave other guests meanwhile
-  (``steal_percent``). With ``--packages DIR...`` only the move and these run, with a launch of
-  each directory's ``ebpf_sticky`` (readable by the workers' user) loaded in turn: two commits
-  side by side.
+  (``steal_percent``).
+
+With ``--packages DIR...``, two commits side by side: launches of each directory's
+``ebpf_sticky`` (readable by the workers' user), loaded in turn, for the move and for the requests
+that pass the layer ("on", "keyed"); each directory after the first is read against the first,
+window by window (``vs_first``; with one directory, the move alone). The rates' rounds and
+windows are ``--rounds`` and ``--windows``.
 
 With ``--pin`` the load generator and the masters run on CPU 0 and each launch has a worker on
 each other CPU, pinned there (one worker on a 2-core machine): as where the clients are other
@@ -38,7 +42,7 @@ machines and a worker has its core to itself. Without it, two workers and the lo
 share all CPUs, and each worker's Python runs with caches the others have just used.
 
     scripts/session-cost.py [--pin] [--rounds N] [--windows N] [--seconds S] [--requests N]
-    scripts/session-cost.py --packages DIR [DIR ...] [--requests N]
+    scripts/session-cost.py --packages DIR [DIR ...] [--rounds N] [--windows N] [--requests N]
     (needs root: BPF)
 """
 
@@ -217,6 +221,56 @@ def rates(loadgen: Path, rounds: int, windows: int, seconds: float, pinned: list
     return out
 
 
+# The modes whose requests pass the layer: what a change to it can make cheaper or dearer.
+LAYER_MODES = ("on", "keyed")
+
+
+def package_rates(
+    loadgen: Path, packages: tuple[str, ...], rounds: int, windows: int, seconds: float
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per package after the first, per layer mode: its rate and worker CPU per request against the
+    first package's, window by window. Each package is a launch with ``--session-key engineio``
+    that serves both modes; as in ``rates``, fresh launches each round (the start order
+    alternating) and the load order reversed every other window. One package: nothing to read
+    against, no launch."""
+    if len(packages) < 2:
+        return {}
+    figures: dict[tuple[str, str], list[tuple[float, float]]] = {
+        (package, mode): [] for package in packages for mode in LAYER_MODES
+    }
+    for r in range(rounds):
+        order = packages if r % 2 == 0 else packages[::-1]
+        launches: dict[str, Launch] = {}
+        try:
+            for package in order:
+                launches[package] = Launch(BENCH_APP, 2, *ENGINEIO, package=package)
+            for launch in launches.values():
+                rate(loadgen, launch, 2.0, MODES["on"])  # warm up
+            for w in range(windows):
+                for package in order if w % 2 == 0 else order[::-1]:
+                    for mode in LAYER_MODES:
+                        figures[package, mode].append(rate(loadgen, launches[package], seconds, MODES[mode]))
+        finally:
+            for launch in launches.values():
+                launch.close()
+    first = packages[0]
+    return {
+        package: {
+            mode: {
+                "rate_ratio_median": _median_ratio(figures[package, mode], figures[first, mode], 0),
+                "cpu_us_added_median": round(
+                    statistics.median(
+                        x[1] - y[1] for x, y in zip(figures[package, mode], figures[first, mode], strict=True)
+                    ),
+                    2,
+                ),
+            }
+            for mode in LAYER_MODES
+        }
+        for package in packages[1:]
+    }
+
+
 def request(port: int, source: str, session: str | None, path: str = "/") -> tuple[float, str, str]:
     """(seconds, slot, x-session of the answer) of one request on its own connection."""
     began = time.perf_counter()
@@ -357,17 +411,9 @@ def main() -> int:
         "--packages",
         nargs="+",
         metavar="DIR",
-        help="only the move test, with a launch of each directory's ebpf_sticky side by side",
+        help="each directory's ebpf_sticky side by side: the move, and the layer's rates against the first",
     )
     args = parser.parse_args()
-    if args.packages:
-        packages = tuple(str(Path(package).resolve()) for package in args.packages)
-        if len(set(packages)) < len(packages):
-            # Launches and results are per directory: a second launch of one would never be closed.
-            parser.error("--packages: each directory once (to compare a tree with itself, copy it)")
-        moves, steal = stolen_while(lambda: move_cost(args.requests, packages))
-        print(json.dumps({**moves, "steal_percent": steal, "wakeup_round_trip_us": wakeups()}, indent=2))
-        return 0
     if importlib.util.find_spec("engineio") is None:
         # Without it a worker learns Engine.IO ids through an ASGI layer around the app, which
         # is not what a Socket.IO app's workers run.
@@ -379,6 +425,23 @@ def main() -> int:
         raise SystemExit("session-cost.py: --pin needs two CPUs")
     write_keyed_paths(len(pinned) or 2)
     loadgen = build_loadgen()
+    if args.packages:
+        packages = tuple(str(Path(package).resolve()) for package in args.packages)
+        if len(set(packages)) < len(packages):
+            # Launches and results are per directory: a second launch of one would never be closed.
+            parser.error("--packages: each directory once (to compare a tree with itself, copy it)")
+        if pinned:
+            parser.error("--packages: not with --pin (each launch has two workers)")
+        windows = (args.rounds, args.windows, args.seconds)
+        layer, rates_steal = stolen_while(lambda: package_rates(loadgen, packages, *windows))
+        moves, move_steal = stolen_while(lambda: move_cost(args.requests, packages))
+        out: dict[str, object] = {
+            package: {**move, **({"vs_first": layer[package]} if package in layer else {})}
+            for package, move in moves.items()
+        }
+        out["steal_percent"] = {"rates": rates_steal, "move": move_steal}
+        print(json.dumps({**out, "wakeup_round_trip_us": wakeups()}, indent=2))
+        return 0
     if pinned:
         os.sched_setaffinity(0, cpus[:1])  # the launches' masters and the load generator inherit it
     windows = (args.rounds, args.windows, args.seconds)
