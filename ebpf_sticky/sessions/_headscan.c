@@ -125,10 +125,14 @@ static PyObject *read_line_key(LineSearch *self, PyObject *const *args, const ch
     }
     PyObject *span_args[] = {found, ONE};
     PyObject *span = PyObject_VectorcallMethod(SPAN, span_args, 2, NULL);
+    if (span == NULL) {
+        Py_DECREF(found);
+        return NULL;
+    }
     Py_ssize_t until = take_index(PyObject_VectorcallMethod(END, &found, 1, NULL));
     Py_DECREF(found);
-    if (span == NULL || (until == -1 && PyErr_Occurred())) {
-        Py_XDECREF(span);
+    if (until == -1 && PyErr_Occurred()) {
+        Py_DECREF(span);
         return NULL;
     }
     if (!PyTuple_CheckExact(span) || PyTuple_GET_SIZE(span) != 2) {
@@ -136,14 +140,13 @@ static PyObject *read_line_key(LineSearch *self, PyObject *const *args, const ch
         PyErr_SetString(PyExc_TypeError, "LineSearch: span(1) is not a pair");
         return NULL;
     }
-    Py_ssize_t from = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 0)), to = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 1));
+    Py_ssize_t from = PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 0));
+    Py_ssize_t to = from == -1 && PyErr_Occurred() ? -1 : PyLong_AsSsize_t(PyTuple_GET_ITEM(span, 1));
     Py_DECREF(span);
-    if ((from == -1 || to == -1) && PyErr_Occurred())
+    if (to == -1 && PyErr_Occurred())
         return NULL;
-    if (from < start || to < from || to > size || until < start || until > size) {
-        PyErr_SetString(PyExc_ValueError, "LineSearch: the line key matched outside the head");
-        return NULL;
-    }
+    if (from < start || to < from || to > size || until < start || until > size)
+        Py_RETURN_TRUE; /* not where line_pattern's group and match can be: not sure, parse it */
     /* data.count(name, start, until) == 1: occurrences that do not overlap, as bytes.count counts. */
     const char *name = PyBytes_AS_STRING(self->name);
     Py_ssize_t length = PyBytes_GET_SIZE(self->name), count = 0;

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -151,6 +153,42 @@ def test_the_c_search_hands_keyword_calls_to_the_python_one() -> None:
     python = key_reader([ENGINEIO], native=False)
     native = key_reader([ENGINEIO], native=True)
     assert native(data=head, start=0, end=42) == python(data=head, start=0, end=42) == "abc"  # type: ignore[call-arg]
+
+
+class _OddMatch:
+    """A match object whose spans no regex of ``line_pattern`` gives."""
+
+    def __init__(self, group: object, end: int) -> None:
+        self.group, self.until = group, end
+
+    def span(self, group: int) -> object:
+        return self.group
+
+    def end(self) -> int:
+        return self.until
+
+
+def test_the_c_search_is_not_sure_of_a_match_outside_the_head() -> None:
+    """What the line key's match says is checked before its bytes are read: a group or an end
+    outside the head is "parse it", a match that fails is the caller's error."""
+    from ebpf_sticky.sessions._headscan import LineSearch
+
+    head = b"GET /?sid=abc HTTP/1.1\r\n\r\n"
+
+    def search(match: Callable[[bytes, int], object]) -> object:
+        return LineSearch((b"sid=",), None, print, (match, b"sid"), MAX_HEAD).read(head, 0, 22)  # type: ignore[arg-type]
+
+    assert search(lambda data, start: _OddMatch((10, 13), 20)) == "abc"  # the control: in the head
+    for odd in (_OddMatch((-1, -1), 20), _OddMatch((10, 13), 999), _OddMatch((13, 10), 20)):
+        assert search(lambda data, start, odd=odd: odd) is True  # type: ignore[misc]
+    with pytest.raises(TypeError, match="pair"):
+        search(lambda data, start: _OddMatch([10, 13], 20))
+
+    def failing(data: bytes, start: int) -> None:
+        raise RuntimeError("the regex failed")
+
+    with pytest.raises(RuntimeError, match="regex failed"):
+        search(failing)
 
 
 def answer(read: object) -> str | bool:
