@@ -6,8 +6,10 @@
  * what it is sure of, exactly as the Python function would: "no marker in the request line"
  * (false, or what the header regex says of the rest), and, given the line key (keys.line_pattern),
  * the key that its regex reads from a line with a marker (every poll of an Engine.IO session),
- * calling that same regex. Everything else (a blank line first, arguments out of the ordinary) is
- * handed to the Python function itself, which stays the one definition of the answer.
+ * calling that same regex. Everything else (a blank line first, a marker and no line key,
+ * arguments out of the ordinary) is handed to the Python function itself, which stays the one
+ * definition of the answer. (One difference, where no regex of line_pattern's can lead: a match
+ * whose group or end lies outside the head is "parse it" here, an exception there.)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -37,7 +39,7 @@ static void LineSearch_dealloc(LineSearch *self) {
 static int LineSearch_init(LineSearch *self, PyObject *args, PyObject *kwds) {
     static char *keywords[] = {"needles", "fields", "read", "line_key", "max_head", NULL};
     PyObject *needles, *fields, *read, *line_key = Py_None;
-    Py_ssize_t max_head = 0;
+    Py_ssize_t max_head = -1;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!OO|On:LineSearch", keywords, &PyTuple_Type, &needles,
                                      &fields, &read, &line_key, &max_head))
         return -1;
@@ -68,6 +70,11 @@ static int LineSearch_init(LineSearch *self, PyObject *args, PyObject *kwds) {
             !PyCallable_Check(PyTuple_GET_ITEM(line_key, 0)) || !PyBytes_CheckExact(PyTuple_GET_ITEM(line_key, 1)) ||
             PyBytes_GET_SIZE(PyTuple_GET_ITEM(line_key, 1)) == 0) {
             PyErr_SetString(PyExc_TypeError, "LineSearch: line_key must be (match, name) or None");
+            return -1;
+        }
+        if (max_head < 0) {
+            /* The Python read's MAX_HEAD, passed on: a default would be a second copy of it. */
+            PyErr_SetString(PyExc_TypeError, "LineSearch: line_key needs max_head >= 0");
             return -1;
         }
         match = PyTuple_GET_ITEM(line_key, 0);
@@ -215,7 +222,7 @@ static PyMethodDef LineSearch_methods[] = {
 
 static PyTypeObject LineSearchType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ebpf_sticky.sessions._headscan.LineSearch",
-    .tp_doc = "LineSearch(needles, fields, read, line_key=None, max_head=0): read's request-line search, in C.",
+    .tp_doc = "LineSearch(needles, fields, read, line_key=None, max_head=-1): read's request-line search, in C.",
     .tp_basicsize = sizeof(LineSearch),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,

@@ -8,6 +8,6 @@ class LineSearch:
         fields: Callable[[bytes, int, int], object] | None,
         read: Callable[[bytes, int, int], object],
         line_key: tuple[Callable[[bytes, int], re.Match[bytes] | None], bytes] | None = None,
-        max_head: int = 0,
+        max_head: int = -1,
     ) -> None: ...
     def read(self, data: bytes, start: int, end: int, /) -> object: ...

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from ebpf_sticky.sessions import prefilter
 from ebpf_sticky.sessions.http_head import MAX_HEAD, HeadError, parse_request_head, parse_response_head
-from ebpf_sticky.sessions.keys import KeySpec, extract_key, learn_key, parse_key_spec, parse_trusted
+from ebpf_sticky.sessions.keys import (
+    KeySpec,
+    extract_key,
+    learn_key,
+    line_pattern,
+    parse_key_spec,
+    parse_trusted,
+)
 from ebpf_sticky.sessions.prefilter import creators, head_end, key_reader
 
 SPECS = tuple(
@@ -92,9 +99,9 @@ ENGINEIO, MCP = parse_key_spec("engineio"), parse_key_spec("mcp")
 @example(b"GET / HTTP/1.1\r\nMcp-Session-Id: 1\r\n\r\n", 0, 34, [ENGINEIO, MCP])  # a header key
 @example(b"GET /?a HTTP/1.1%\nx", 0, 19, [ENGINEIO])  # a marker that ends the line
 @example(b"GET /?sid=1", 0, 10, [ENGINEIO])  # a marker that ends the bytes searched, no line break
-@example(b"GET /socket.io/?sid=ab HTTP/1.1\r\n\r\n", 0, 37, [ENGINEIO])  # the key, read in C
-@example(b"GET /socket.io/?sid=ab&sid=c HTTP/1.1\r\n\r\n", 0, 43, [ENGINEIO])  # its name twice
-@example(b"GET /socket.io/?x=sidsid&sid=ab HTTP/1.1\r\n\r\n", 0, 46, [ENGINEIO])  # inside a value
+@example(b"GET /socket.io/?sid=ab HTTP/1.1\r\n\r\n", 0, 35, [ENGINEIO])  # the key, read in C
+@example(b"GET /socket.io/?sid=ab&sid=c HTTP/1.1\r\n\r\n", 0, 41, [ENGINEIO])  # its name twice
+@example(b"GET /socket.io/?x=sidsid&sid=ab HTTP/1.1\r\n\r\n", 0, 44, [ENGINEIO])  # inside a value
 def test_the_c_search_answers_as_the_python_one(
     data: bytes, start: int, end: int, specs: list[KeySpec]
 ) -> None:
@@ -120,7 +127,23 @@ def test_the_c_search_refuses_what_it_cannot_search_with() -> None:
         search.__init__((b"%",), None, print)  # type: ignore[misc]
     for line_key in ((print,), (print, "sid"), (print, b""), (1, b"sid")):
         with pytest.raises(TypeError, match="line_key"):
-            LineSearch((b"sid=",), None, print, line_key)  # type: ignore[arg-type]
+            LineSearch((b"sid=",), None, print, line_key, MAX_HEAD)  # type: ignore[arg-type]
+    for max_head in ((), (-1,)):  # the Python read's MAX_HEAD, never a default of its own
+        with pytest.raises(TypeError, match="max_head"):
+            LineSearch((b"sid=",), None, print, (print, b"sid"), *max_head)
+
+
+@pytest.mark.parametrize("start", [0, 2])
+@pytest.mark.parametrize("beyond", [-1, 0, 1])
+def test_the_c_search_stops_reading_keys_where_the_python_one_does(start: int, beyond: int) -> None:
+    """A head of MAX_HEAD bytes from ``start`` has its key read; one byte more is "parse it", in C
+    as in Python (the property test's heads are far shorter)."""
+    line = b"\r\n"[:start] + b"GET /socket.io/?EIO=4&sid=abc HTTP/1.1\r\nX: "
+    data = line + b"y" * (MAX_HEAD + beyond - len(line) + start - 4) + b"\r\n\r\n"
+    assert len(data) - start == MAX_HEAD + beyond
+    native = key_reader([ENGINEIO], native=True)(data, start, len(data))
+    python = key_reader([ENGINEIO], native=False)(data, start, len(data))
+    assert answer(native) == answer(python) == ("abc" if beyond <= 0 else True)
 
 
 POLL = b"GET /socket.io/?EIO=4&transport=polling&sid=abc HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -131,7 +154,6 @@ def test_the_c_search_reads_a_poll_key_itself(in_c: bool) -> None:
     """An Engine.IO poll's key is read in C, the Python reader not called: every poll of a session
     is spared its frame. Without the line key (the negative control), the Python reader is asked."""
     from ebpf_sticky.sessions._headscan import LineSearch
-    from ebpf_sticky.sessions.keys import line_pattern
 
     asked: list[bytes] = []
 
@@ -153,6 +175,23 @@ def test_the_c_search_hands_keyword_calls_to_the_python_one() -> None:
     python = key_reader([ENGINEIO], native=False)
     native = key_reader([ENGINEIO], native=True)
     assert native(data=head, start=0, end=42) == python(data=head, start=0, end=42) == "abc"  # type: ignore[call-arg]
+
+
+def test_the_key_reader_gives_the_c_search_its_line_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ``key_reader`` builds reads an Engine.IO poll's key in C (else every answer would be
+    the same, only slower)."""
+    from ebpf_sticky.sessions import _headscan
+
+    made: list[tuple[object, ...]] = []
+
+    def recording(*args: object) -> object:
+        made.append(args)
+        return _headscan.LineSearch(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(prefilter, "LineSearch", recording)
+    key_reader([ENGINEIO], native=True)
+    ((_, _, _, line_key, max_head),) = made
+    assert line_key == line_pattern([ENGINEIO]) and max_head == MAX_HEAD
 
 
 class _OddMatch:
