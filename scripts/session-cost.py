@@ -33,8 +33,9 @@
 With ``--packages DIR...``, two commits side by side: launches of each directory's
 ``ebpf_sticky`` (readable by the workers' user), loaded in turn, for the move and for the requests
 that pass the layer ("on", "keyed"); each directory after the first is read against the first,
-window by window (``vs_first``; with one directory, the move alone). The rates' rounds and
-windows are ``--rounds`` and ``--windows``.
+window by window (``vs_first``; with one directory, the move alone). The rates' rounds, windows
+and window length are ``--rounds``, ``--windows`` and ``--seconds``; each directory's search
+(``head_search``: C, or Python where its extension is not built) is recorded.
 
 With ``--pin`` the load generator and the masters run on CPU 0 and each launch has a worker on
 each other CPU, pinned there (one worker on a 2-core machine): as where the clients are other
@@ -42,7 +43,7 @@ machines and a worker has its core to itself. Without it, two workers and the lo
 share all CPUs, and each worker's Python runs with caches the others have just used.
 
     scripts/session-cost.py [--pin] [--rounds N] [--windows N] [--seconds S] [--requests N]
-    scripts/session-cost.py --packages DIR [DIR ...] [--rounds N] [--windows N] [--requests N]
+    scripts/session-cost.py --packages DIR [DIR ...] [--rounds N] [--windows N] [--seconds S] [--requests N]
     (needs root: BPF)
 """
 
@@ -245,7 +246,8 @@ def package_rates(
             for package in order:
                 launches[package] = Launch(BENCH_APP, 2, *ENGINEIO, package=package)
             for launch in launches.values():
-                rate(loadgen, launch, 2.0, MODES["on"])  # warm up
+                for mode in LAYER_MODES:
+                    rate(loadgen, launch, 2.0, MODES[mode])  # warm up
             for w in range(windows):
                 for package in order if w % 2 == 0 else order[::-1]:
                     for mode in LAYER_MODES:
@@ -389,12 +391,14 @@ def _median_ratio(a: list[tuple[float, float]], b: list[tuple[float, float]], fi
     return round(statistics.median(_ratios(a, b, field)), 3)
 
 
-def head_search() -> str:
+def head_search(package: str = "") -> str:
     """Which request-head search the launches' workers run: the C one, or the Python one of an
-    install made without a compiler (asked of the package they import, from where they start)."""
+    install made without a compiler (asked of the package they import, from where they start:
+    ``package`` as ``Launch`` takes it)."""
     ask = "from ebpf_sticky.sessions import prefilter; print('C' if prefilter.NATIVE else 'Python')"
+    env = {**os.environ, "PYTHONPATH": package} if package else None
     return subprocess.run(
-        [sys.executable, "-c", ask], capture_output=True, text=True, cwd=BENCH_APP.parent, check=True
+        [sys.executable, "-c", ask], capture_output=True, text=True, cwd=BENCH_APP.parent, env=env, check=True
     ).stdout.strip()
 
 
@@ -435,11 +439,15 @@ def main() -> int:
         windows = (args.rounds, args.windows, args.seconds)
         layer, rates_steal = stolen_while(lambda: package_rates(loadgen, packages, *windows))
         moves, move_steal = stolen_while(lambda: move_cost(args.requests, packages))
-        out: dict[str, object] = {
-            package: {**move, **({"vs_first": layer[package]} if package in layer else {})}
-            for package, move in moves.items()
-        }
-        out["steal_percent"] = {"rates": rates_steal, "move": move_steal}
+        out: dict[str, object] = {}
+        for package, move in moves.items():
+            against = {"vs_first": layer[package]} if package in layer else {}
+            out[package] = {"head_search": head_search(package), **move, **against}
+        if layer:
+            out.update(rounds=args.rounds, windows=args.windows, seconds=args.seconds)
+            out["steal_percent"] = {"rates": rates_steal, "move": move_steal}
+        else:
+            out["steal_percent"] = {"move": move_steal}
         print(json.dumps({**out, "wakeup_round_trip_us": wakeups()}, indent=2))
         return 0
     if pinned:
