@@ -260,12 +260,7 @@ def package_rates(
         package: {
             mode: {
                 "rate_ratio_median": _median_ratio(figures[package, mode], figures[first, mode], 0),
-                "cpu_us_added_median": round(
-                    statistics.median(
-                        x[1] - y[1] for x, y in zip(figures[package, mode], figures[first, mode], strict=True)
-                    ),
-                    2,
-                ),
+                "cpu_us_added_median": _median_added(figures[package, mode], figures[first, mode]),
             }
             for mode in LAYER_MODES
         }
@@ -391,6 +386,11 @@ def _median_ratio(a: list[tuple[float, float]], b: list[tuple[float, float]], fi
     return round(statistics.median(_ratios(a, b, field)), 3)
 
 
+def _median_added(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """The median of a's CPU µs per request minus b's, over paired windows."""
+    return round(statistics.median(x[1] - y[1] for x, y in zip(a, b, strict=True)), 2)
+
+
 def head_search(package: str = "") -> str:
     """Which request-head search the launches' workers run: the C one, or the Python one of an
     install made without a compiler (asked of the package they import, from where they start:
@@ -429,6 +429,7 @@ def main() -> int:
         raise SystemExit("session-cost.py: --pin needs two CPUs")
     write_keyed_paths(len(pinned) or 2)
     loadgen = build_loadgen()
+    windows = (args.rounds, args.windows, args.seconds)
     if args.packages:
         packages = tuple(str(Path(package).resolve()) for package in args.packages)
         if len(set(packages)) < len(packages):
@@ -436,7 +437,6 @@ def main() -> int:
             parser.error("--packages: each directory once (to compare a tree with itself, copy it)")
         if pinned:
             parser.error("--packages: not with --pin (each launch has two workers)")
-        windows = (args.rounds, args.windows, args.seconds)
         layer, rates_steal = stolen_while(lambda: package_rates(loadgen, packages, *windows))
         moves, move_steal = stolen_while(lambda: move_cost(args.requests, packages))
         out: dict[str, object] = {}
@@ -452,7 +452,6 @@ def main() -> int:
         return 0
     if pinned:
         os.sched_setaffinity(0, cpus[:1])  # the launches' masters and the load generator inherit it
-    windows = (args.rounds, args.windows, args.seconds)
     rounds, rates_steal = stolen_while(lambda: rates(loadgen, *windows, pinned))
     os.sched_setaffinity(0, cpus)
     figures = {mode: [f for one in rounds for f in one[mode]] for mode in MODES}
@@ -479,9 +478,7 @@ def main() -> int:
             "rate_ratio_median": _median_ratio(figures[mode], figures[base], 0),
             "cpu_us_per_request_median": round(statistics.median(f[1] for f in figures[mode]), 1),
             # What a request of this mode costs the workers beyond one of its baseline.
-            "cpu_us_added_median": round(
-                statistics.median(x[1] - y[1] for x, y in zip(figures[mode], figures[base], strict=True)), 2
-            ),
+            "cpu_us_added_median": _median_added(figures[mode], figures[base]),
             "cpu_ratio_median": round(statistics.median(cpu_ratios), 3),
             "cpu_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(cpu_ratios, n=4)],
             # All windows together: each window weighed by its requests.
