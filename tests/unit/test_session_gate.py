@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import mmap
 import socket
+import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -26,6 +27,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ebpf_sticky.hashing import HashSpec, parse_address
+from ebpf_sticky.sessions import handoff
 from ebpf_sticky.sessions.http_head import parse_request_head
 from ebpf_sticky.sessions.keys import KeySpec, parse_key_spec, parse_trusted
 from ebpf_sticky.sessions.ownership import SessionTable, issue_id, table_size
@@ -132,6 +134,9 @@ class Fed(asyncio.Protocol):
 
     cycle = None  # uvicorn's: no request begun
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
     def data_received(self, data: bytes) -> None:
         self.fed = data
 
@@ -174,3 +179,42 @@ def test_a_head_served_at_once_is_one_the_whole_decision_serves_here(
     else:
         assert protocol.fed == head
         assert owner in (None, layer.slot)
+
+
+def test_a_handed_over_connection_is_served_by_a_protocol_made_before_it_came() -> None:
+    """A moved request's protocol is made before it arrives: when the worker starts receiving, and
+    then after each moved request has been fed; none is made on a moved request's path, and none
+    serves two connections. Real connections handed over a real socketpair, on asyncio's loop."""
+
+    async def moves(layer: Layer, sender: socket.socket) -> None:
+        made: list[Any] = []
+        adopted = gated(Fed, layer)[1]
+
+        def make() -> Any:
+            made.append(adopted())
+            return made[-1]
+
+        layer.make_protocol = make
+        layer.start_receiving()
+        assert made == [layer.spare]
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            for n in range(3):
+                with socket.create_connection(listener.getsockname()):
+                    accepted, _ = listener.accept()
+                    with accepted:
+                        handoff.send(sender, accepted.fileno(), None, REQUEST)
+                    deadline = time.monotonic() + 10
+                    while not any(getattr(protocol, "fed", None) for protocol in made[n:]):
+                        assert time.monotonic() < deadline, "the moved connection was not served"
+                        await asyncio.sleep(0)
+                    assert made[n].fed == REQUEST
+                    assert len(made) == n + 1  # served by the one made ahead; the next not yet made
+                    await asyncio.sleep(0)
+                    assert len(made) == n + 2 and layer.spare is made[n + 1]
+                    made[n].transport.close()
+        layer.stop_receiving()
+
+    receiver, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with receiver, sender:
+        receiver.setblocking(False)
+        asyncio.run(moves(layer_of((parse_key_spec("header:x-session"),), (receiver, sender)), sender))
