@@ -21,10 +21,12 @@ from typing import Any
 
 import h11
 import pytest
+import uvicorn
 from hypothesis import given
 from hypothesis import strategies as st
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from ebpf_sticky.hashing import HashSpec, parse_address
 from ebpf_sticky.sessions import handoff
@@ -218,3 +220,52 @@ def test_a_handed_over_connection_is_served_by_a_protocol_made_before_it_came() 
     with receiver, sender:
         receiver.setblocking(False)
         asyncio.run(moves(layer_of((parse_key_spec("header:x-session"),), (receiver, sender)), sender))
+
+
+@pytest.mark.parametrize("base", [HttpToolsProtocol, H11Protocol])
+def test_the_next_protocol_is_made_behind_the_moved_requests_app(base: type[asyncio.Protocol]) -> None:
+    """With uvicorn's own protocols, as a worker mixes them: the protocol for the next connection
+    handed over is made after the app's first step for this one, which answers the client first."""
+    events: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        events.append("app")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def move(layer: Layer, sender: socket.socket) -> None:
+        config = uvicorn.Config(app, lifespan="off", log_config=None)
+        config.load()
+        adopted = gated(accepting(base), layer)[1]
+        state = ServerState()
+
+        def make() -> Any:
+            events.append("made")
+            return adopted(config=config, server_state=state, app_state={})
+
+        layer.make_protocol = make
+        layer.start_receiving()
+        loop = asyncio.get_running_loop()
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            with socket.create_connection(listener.getsockname()) as client:
+                client.setblocking(False)
+                accepted, _ = listener.accept()
+                with accepted:
+                    handoff.send(sender, accepted.fileno(), None, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                response = await asyncio.wait_for(loop.sock_recv(client, 4096), 10)
+                assert response.startswith(b"HTTP/1.1 200")
+                deadline = time.monotonic() + 10
+                while len(events) < 3:
+                    assert time.monotonic() < deadline, events
+                    await asyncio.sleep(0)
+                assert events == ["made", "app", "made"]
+            deadline = time.monotonic() + 10
+            while state.connections:  # uvicorn closes its side once the client has
+                assert time.monotonic() < deadline, "the moved connection was never closed"
+                await asyncio.sleep(0.01)
+        layer.stop_receiving()
+
+    receiver, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with receiver, sender:
+        receiver.setblocking(False)
+        asyncio.run(move(layer_of((parse_key_spec("header:x-session"),), (receiver, sender)), sender))
