@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import mmap
 import socket
-import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -24,6 +23,7 @@ import pytest
 import uvicorn
 from hypothesis import given
 from hypothesis import strategies as st
+from support.sio_clients import wait_async
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -136,9 +136,6 @@ class Fed(asyncio.Protocol):
 
     cycle = None  # uvicorn's: no request begun
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
     def data_received(self, data: bytes) -> None:
         self.fed = data
 
@@ -183,49 +180,14 @@ def test_a_head_served_at_once_is_one_the_whole_decision_serves_here(
         assert owner in (None, layer.slot)
 
 
-def test_a_handed_over_connection_is_served_by_a_protocol_made_before_it_came() -> None:
-    """A moved request's protocol is made before it arrives: when the worker starts receiving, and
-    then after each moved request has been fed; none is made on a moved request's path, and none
-    serves two connections. Real connections handed over a real socketpair, on asyncio's loop."""
-
-    async def moves(layer: Layer, sender: socket.socket) -> None:
-        made: list[Any] = []
-        adopted = gated(Fed, layer)[1]
-
-        def make() -> Any:
-            made.append(adopted())
-            return made[-1]
-
-        layer.make_protocol = make
-        layer.start_receiving()
-        assert made == [layer.spare]
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            for n in range(3):
-                with socket.create_connection(listener.getsockname()):
-                    accepted, _ = listener.accept()
-                    with accepted:
-                        handoff.send(sender, accepted.fileno(), None, REQUEST)
-                    deadline = time.monotonic() + 10
-                    while not any(getattr(protocol, "fed", None) for protocol in made[n:]):
-                        assert time.monotonic() < deadline, "the moved connection was not served"
-                        await asyncio.sleep(0)
-                    assert made[n].fed == REQUEST
-                    assert len(made) == n + 1  # served by the one made ahead; the next not yet made
-                    await asyncio.sleep(0)
-                    assert len(made) == n + 2 and layer.spare is made[n + 1]
-                    made[n].transport.close()
-        layer.stop_receiving()
-
-    receiver, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    with receiver, sender:
-        receiver.setblocking(False)
-        asyncio.run(moves(layer_of((parse_key_spec("header:x-session"),), (receiver, sender)), sender))
-
-
 @pytest.mark.parametrize("base", [HttpToolsProtocol, H11Protocol])
-def test_the_next_protocol_is_made_behind_the_moved_requests_app(base: type[asyncio.Protocol]) -> None:
-    """With uvicorn's own protocols, as a worker mixes them: the protocol for the next connection
-    handed over is made after the app's first step for this one, which answers the client first."""
+def test_each_moved_connection_is_served_by_a_protocol_made_before_it_came(
+    base: type[asyncio.Protocol],
+) -> None:
+    """With uvicorn's own protocols, as a worker mixes them, and real connections handed over a
+    real socketpair: each moved request is served by a protocol made before it arrived (when the
+    worker starts receiving, then after the last moved request's app has taken its first step, so
+    that the app answers first), and no protocol serves two connections."""
     events: list[str] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
@@ -233,7 +195,7 @@ def test_the_next_protocol_is_made_behind_the_moved_requests_app(base: type[asyn
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    async def move(layer: Layer, sender: socket.socket) -> None:
+    async def moves(layer: Layer, sender: socket.socket) -> None:
         config = uvicorn.Config(app, lifespan="off", log_config=None)
         config.load()
         adopted = gated(accepting(base), layer)[1]
@@ -245,27 +207,24 @@ def test_the_next_protocol_is_made_behind_the_moved_requests_app(base: type[asyn
 
         layer.make_protocol = make
         layer.start_receiving()
+        assert events == ["made"]  # before any connection comes
         loop = asyncio.get_running_loop()
         with socket.create_server(("127.0.0.1", 0)) as listener:
-            with socket.create_connection(listener.getsockname()) as client:
-                client.setblocking(False)
-                accepted, _ = listener.accept()
-                with accepted:
-                    handoff.send(sender, accepted.fileno(), None, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-                response = await asyncio.wait_for(loop.sock_recv(client, 4096), 10)
-                assert response.startswith(b"HTTP/1.1 200")
-                deadline = time.monotonic() + 10
-                while len(events) < 3:
-                    assert time.monotonic() < deadline, events
-                    await asyncio.sleep(0)
-                assert events == ["made", "app", "made"]
-            deadline = time.monotonic() + 10
-            while state.connections:  # uvicorn closes its side once the client has
-                assert time.monotonic() < deadline, "the moved connection was never closed"
-                await asyncio.sleep(0.01)
+            for n in range(1, 4):
+                with socket.create_connection(listener.getsockname()) as client:
+                    client.setblocking(False)
+                    accepted, _ = listener.accept()
+                    with accepted:
+                        handoff.send(sender, accepted.fileno(), None, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                    response = await asyncio.wait_for(loop.sock_recv(client, 4096), 10)
+                    assert response.startswith(b"HTTP/1.1 200")
+                    await wait_async(lambda n=n: len(events) == 2 * n + 1, 10, "the next protocol")
+                # uvicorn closes its side once the client has
+                await wait_async(lambda: not state.connections, 10, "the moved connection closed")
         layer.stop_receiving()
+        assert events == ["made", "app"] * 3 + ["made"]
 
     receiver, sender = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     with receiver, sender:
         receiver.setblocking(False)
-        asyncio.run(move(layer_of((parse_key_spec("header:x-session"),), (receiver, sender)), sender))
+        asyncio.run(moves(layer_of((parse_key_spec("header:x-session"),), (receiver, sender)), sender))
